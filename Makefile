@@ -1,0 +1,42 @@
+# dicom-assets: two commands on a fresh machine.
+#   make demo   set up, build the demo dataset, start the Dagster UI + daemon
+#   make test   set up and run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= $(CURDIR)/.venv
+HOST ?= 127.0.0.1
+PORT ?= 3000
+DEMO_ROOT ?= $(CURDIR)/.demo/dataset
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export DICOM_ASSETS_CACHE ?= $(CURDIR)/.cache
+export PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: demo test setup samples bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dicom-assets needs Python >= 3.11 (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+setup: $(VENV)/.installed
+	@scripts/system-deps.sh
+
+samples: setup
+	$(VENV)/bin/dicom-assets fetch-samples
+
+demo: samples
+	$(VENV)/bin/dicom-assets demo-data $(DEMO_ROOT)
+	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@echo "Dagster UI: http://$(HOST):$(PORT)  (dataset root: $(DEMO_ROOT), instance: $(DAGSTER_HOME))"
+	DICOM_ASSETS_ROOT=$(DEMO_ROOT) $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+
+test: samples
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: samples
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .demo $(DAGSTER_HOME) .pytest_cache

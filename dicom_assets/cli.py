@@ -1,0 +1,110 @@
+"""``dicom-assets``: command-line helpers around the Dagster project.
+
+  dicom-assets fetch-samples            fetch the real scanner DICOM samples (cached)
+  dicom-assets demo-data ROOT           build the demo dataset root (3 participants x 2 sessions)
+  dicom-assets corpus OUT --files N     build a large visit of real-derived DICOMs (benchmarks)
+  dicom-assets check ROOT               validate global_config.json and the manifest
+  dicom-assets status ROOT              print tabular/curation_status.tsv, recomputed
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from .core.errors import DicomAssetsError
+
+
+def _samples(args):
+    from .core.samples import ensure_samples
+
+    return ensure_samples(args.cache, log=lambda m: print(m, file=sys.stderr))
+
+
+def cmd_fetch_samples(args) -> int:
+    s = _samples(args)
+    print(s.root)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from .core.demo import build_demo_dataset
+
+    root = Path(args.root)
+    if root.exists() and any(root.iterdir()):
+        if not args.force:
+            if (root / "global_config.json").exists():
+                print(f"{root}: demo dataset already there (use --force to rebuild)", file=sys.stderr)
+                return 0
+            print(f"{root}: exists and is not empty; refusing to write into it", file=sys.stderr)
+            return 2
+        shutil.rmtree(root)
+    build_demo_dataset(root, _samples(args), seed=args.seed, slices=args.slices)
+    print(root)
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    from .core.demo import build_corpus
+
+    out = build_corpus(args.out, _samples(args), n_files=args.files, file_kb=args.kb, seed=args.seed)
+    print(out)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .core.layout import Dataset
+
+    ds = Dataset.open(args.root)
+    print(f"{ds.layout.config_path}: ok ({ds.config.dataset_name}, study {ds.study}, "
+          f"sessions {', '.join(ds.config.sessions)})")
+    print(f"{ds.layout.manifest_path}: ok ({len(ds.manifest.visits)} visits, "
+          f"{len(ds.manifest.participants)} participants)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .core.curation import update_curation_status
+    from .core.layout import Dataset
+
+    path = update_curation_status(Dataset.open(args.root))
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dicom-assets", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", help="cache folder for the real DICOM samples ($DICOM_ASSETS_CACHE)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("fetch-samples", help="fetch the real DICOM samples from PyPI").set_defaults(fn=cmd_fetch_samples)
+    d = sub.add_parser("demo-data", help="build the demo dataset root")
+    d.add_argument("root")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--slices", type=int, default=8, help="slices per volume series")
+    d.add_argument("--force", action="store_true", help="rebuild an existing root")
+    d.set_defaults(fn=cmd_demo_data)
+    c = sub.add_parser("corpus", help="build a large visit for benchmarks")
+    c.add_argument("out")
+    c.add_argument("--files", type=int, default=2000)
+    c.add_argument("--kb", type=int, default=256, help="approximate file size in KiB")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(fn=cmd_corpus)
+    k = sub.add_parser("check", help="validate global_config.json and the manifest")
+    k.add_argument("root")
+    k.set_defaults(fn=cmd_check)
+    s = sub.add_parser("status", help="recompute and print the curation status")
+    s.add_argument("root")
+    s.set_defaults(fn=cmd_status)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except DicomAssetsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Scanner dumps in ``downloads/<session>/``: recognize items, match them to participants,
+and tell complete downloads from ones still arriving.
+
+An *item* is a ``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2`` file or a plain
+folder directly inside ``downloads/<session>/``. Its participant comes from its name,
+matched against the manifest after normalization (``QPN_001_MR.zip`` -> ``QPN001``), or
+from ``tabular/dicom_dir_map.tsv`` for names that follow no convention.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DownloadError
+from .ids import Visit, normalize_participant_id, normalize_session_id
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tgz", ".tar", ".zip")
+PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download")
+DONE_SUFFIX = ".done"
+
+
+def item_kind(name: str, is_dir: bool) -> str | None:
+    """'folder', 'zip', 'tar', ... or None when the entry is not a download item."""
+    low = name.lower()
+    if name.startswith("."):
+        return None
+    if is_dir:
+        return "folder"
+    for suf in ARCHIVE_SUFFIXES:
+        if low.endswith(suf):
+            return {".tgz": "tar.gz"}.get(suf, suf[1:])
+    return None
+
+
+def item_stem(name: str) -> str:
+    low = name.lower()
+    for suf in ARCHIVE_SUFFIXES:
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def is_partial_name(name: str) -> bool:
+    low = name.lower()
+    return any(low.endswith(s) for s in PARTIAL_SUFFIXES)
+
+
+def read_dicom_dir_map(path: Path) -> dict[tuple[str, str], str]:
+    """``participant_id  session_id  download`` (TSV) -> {(participant, session): name}."""
+    if not path.exists():
+        return {}
+    out: dict[tuple[str, str], str] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        need = {"participant_id", "session_id", "download"}
+        if reader.fieldnames is None or not need <= set(reader.fieldnames):
+            raise DownloadError(f"{path}: needs the tab-separated columns {', '.join(sorted(need))}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                key = (normalize_participant_id(row["participant_id"]), normalize_session_id(row["session_id"]))
+            except ValueError as exc:
+                raise DownloadError(f"{path}: line {line}: {exc}") from None
+            out[key] = row["download"].strip()
+    return out
+
+
+def match_participant(name: str, participants: set[str]) -> list[str]:
+    """Participants of the manifest an item name belongs to.
+
+    The normalized stem must equal a participant, or start with it and continue, in the
+    raw name, after a separator (``QPN_001_MR`` matches ``QPN001`` but not ``QPN0010``).
+    """
+    stem = item_stem(name)
+    if stem.lower().startswith("sub-"):
+        stem = stem[4:]
+    hits = []
+    for p in participants:
+        # walk the raw stem consuming p's characters, skipping separators
+        i = 0
+        k = 0
+        while i < len(stem) and k < len(p):
+            ch = stem[i]
+            if ch.isalnum():
+                if ch.lower() != p[k].lower():
+                    break
+                k += 1
+            i += 1
+        if k != len(p):
+            continue
+        rest = stem[i:]
+        if rest == "" or not rest[0].isalnum():
+            hits.append(p)
+    return sorted(hits)
+
+
+@dataclass(frozen=True)
+class DownloadItem:
+    path: Path
+    session: str
+    kind: str  # folder | zip | tar | tar.gz | tar.bz2
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def stem(self) -> str:
+        return item_stem(self.path.name)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What tells a download changed or is still growing."""
+
+    size: int
+    mtime_ns: int
+    files: int
+
+    def token(self) -> str:
+        return f"{self.size}:{self.mtime_ns}:{self.files}"
+
+
+def signature(path: Path) -> Signature:
+    st = path.stat()
+    if not path.is_dir():
+        return Signature(st.st_size, st.st_mtime_ns, 1)
+    size, mtime, files = 0, st.st_mtime_ns, 0
+    for dirpath, dirs, names in os.walk(path):
+        for d in dirs:
+            mtime = max(mtime, os.stat(os.path.join(dirpath, d), follow_symlinks=False).st_mtime_ns)
+        for n in names:
+            s = os.stat(os.path.join(dirpath, n), follow_symlinks=False)
+            size += s.st_size
+            mtime = max(mtime, s.st_mtime_ns)
+            files += 1
+    return Signature(size, mtime, files)
+
+
+@dataclass(frozen=True)
+class ScannedItem:
+    item: DownloadItem
+    visit: Visit | None
+    problem: str | None  # why no visit: unknown participant, ambiguous, partial name
+    done_marker: bool
+
+
+def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants: set[str],
+                   dir_map: dict[tuple[str, str], str] | None = None) -> list[ScannedItem]:
+    """Every item of every session folder, each with its visit or the reason it has none."""
+    dir_map = dir_map or {}
+    by_name = {(ses, name): p for (p, ses), name in dir_map.items()}
+    out: list[ScannedItem] = []
+    for ses in sessions:
+        folder = downloads_root / ses
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        names = {e.name for e in entries}
+        for e in sorted(entries, key=lambda e: e.name):
+            if e.name.endswith(DONE_SUFFIX) or e.is_symlink():
+                continue
+            if is_partial_name(e.name):
+                continue  # still being written by a browser/downloader
+            kind = item_kind(e.name, e.is_dir(follow_symlinks=False))
+            if kind is None:
+                continue
+            item = DownloadItem(Path(e.path), ses, kind)
+            done = (e.name + DONE_SUFFIX) in names
+            mapped = by_name.get((ses, e.name)) or by_name.get((ses, item.stem))
+            if mapped:
+                out.append(ScannedItem(item, Visit(mapped, ses), None, done))
+                continue
+            hits = match_participant(e.name, participants)
+            if len(hits) == 1:
+                out.append(ScannedItem(item, Visit(hits[0], ses), None, done))
+            elif not hits:
+                out.append(ScannedItem(item, None, f"'{ses}/{e.name}' matches no participant of the manifest "
+                                       "(add it to the manifest or map it in tabular/dicom_dir_map.tsv)", done))
+            else:
+                out.append(ScannedItem(item, None, f"'{ses}/{e.name}' matches several participants "
+                                       f"({', '.join(hits)}); map it in tabular/dicom_dir_map.tsv", done))
+    return out
+
+
+def items_for_visit(downloads_root: Path, visit: Visit, participants: set[str],
+                    dir_map: dict[tuple[str, str], str] | None = None) -> list[DownloadItem]:
+    """The downloads of one visit (usually one; a dump split in parts gives several)."""
+    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map)
+    return [s.item for s in scanned if s.visit == visit]
+
+
+_SAFE_COMPONENT = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def safe_folder_name(name: str) -> str:
+    """A folder name for an item's extraction that cannot escape or hide."""
+    out = _SAFE_COMPONENT.sub("_", name).strip(".") or "item"
+    return out

@@ -1,0 +1,29 @@
+"""Errors of the domain core. Every message names the file and the field at fault."""
+
+
+class DicomAssetsError(Exception):
+    """Base class of every error the project raises on purpose."""
+
+
+class ConfigError(DicomAssetsError):
+    """The global config file is missing, malformed or inconsistent."""
+
+
+class ManifestError(DicomAssetsError):
+    """The participant manifest is missing, malformed or inconsistent."""
+
+
+class VisitKeyError(DicomAssetsError, ValueError):
+    """A visit (partition) key is malformed or could escape a folder."""
+
+
+class UnsafeArchiveError(DicomAssetsError):
+    """An archive holds a member that would land outside its target, or is a bomb."""
+
+
+class DownloadError(DicomAssetsError):
+    """A download cannot be resolved to one visit or is not usable."""
+
+
+class SampleFetchError(DicomAssetsError):
+    """The real scanner DICOM samples could not be fetched from PyPI."""

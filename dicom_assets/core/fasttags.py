@@ -1,0 +1,202 @@
+"""A small, fast reader of the few header tags the archive steps need, from bytes in hand.
+
+The tarball and metadata steps already hold each file's first bytes (they copy or hash
+them), so parsing a dozen tags from those bytes avoids a second read and pydicom's full
+dataset machinery. It handles the common encodings (explicit and implicit VR little
+endian, and any encapsulated transfer syntax, whose data sets are explicit VR little
+endian) and skips sequences of undefined length. Anything else (big endian, deflate,
+preamble-less files, exotic character sets, a header longer than the bytes given) returns
+``None`` so the caller falls back to pydicom; tests check both readers agree on every
+real sample file.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pydicom
+
+# tag -> (keyword, kind)  kind: s = string, i = integer string, m = multi-valued string
+WANTED: dict[int, tuple[str, str]] = {
+    0x00080008: ("ImageType", "m"),
+    0x00080016: ("SOPClassUID", "s"),
+    0x00080018: ("SOPInstanceUID", "s"),
+    0x00080020: ("StudyDate", "s"),
+    0x00080021: ("SeriesDate", "s"),
+    0x00080022: ("AcquisitionDate", "s"),
+    0x00080030: ("StudyTime", "s"),
+    0x00080031: ("SeriesTime", "s"),
+    0x00080032: ("AcquisitionTime", "s"),
+    0x00080060: ("Modality", "s"),
+    0x00080070: ("Manufacturer", "s"),
+    0x0008103E: ("SeriesDescription", "s"),
+    0x00100020: ("PatientID", "s"),
+    0x00180023: ("MRAcquisitionType", "s"),
+    0x00181030: ("ProtocolName", "s"),
+    0x00189005: ("PulseSequenceName", "s"),
+    0x0020000D: ("StudyInstanceUID", "s"),
+    0x0020000E: ("SeriesInstanceUID", "s"),
+    0x00200011: ("SeriesNumber", "i"),
+}
+KEYWORDS = tuple(k for k, _ in WANTED.values())
+_LAST = max(WANTED)
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_FALLBACK_TS = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # explicit BE, deflated
+_UNDEFINED = 0xFFFFFFFF
+
+
+class _NeedFallback(Exception):
+    pass
+
+
+def _decode(raw: bytes, kind: str, utf8: bool):
+    text = raw.decode("utf-8" if utf8 else "latin-1").rstrip("\x00 ")
+    if kind == "m":
+        return [v.strip() for v in text.split("\\")] if text else None
+    text = text.strip()
+    if not text:
+        return None
+    if kind == "i":
+        try:
+            return int(text)
+        except ValueError:
+            return None
+    return text
+
+
+def _skip_undefined(buf: bytes, pos: int, implicit: bool) -> int:
+    """Skip a sequence of undefined length starting at pos (its first item); return the
+    position after its delimiter."""
+    n = len(buf)
+    while True:
+        if pos + 8 > n:
+            raise _NeedFallback
+        group, elem, length = struct.unpack_from("<HHI", buf, pos)
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):  # sequence delimiter
+            return pos
+        if (group, elem) != (0xFFFE, 0xE000):
+            raise _NeedFallback
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        # an item of undefined length: walk its elements until the item delimiter
+        while True:
+            if pos + 8 > n:
+                raise _NeedFallback
+            group, elem = struct.unpack_from("<HH", buf, pos)
+            if (group, elem) == (0xFFFE, 0xE00D):
+                pos += 8
+                break
+            pos, _tag, _vr, length, _vstart = _element(buf, pos, implicit)
+            if length == _UNDEFINED:
+                pos = _skip_undefined(buf, pos, implicit)
+            else:
+                pos += length
+
+
+def _element(buf: bytes, pos: int, implicit: bool):
+    """(position after header, tag, vr, length, value start)."""
+    if pos + 8 > len(buf):
+        raise _NeedFallback
+    group, elem = struct.unpack_from("<HH", buf, pos)
+    tag = (group << 16) | elem
+    if implicit or group == 0xFFFE:
+        (length,) = struct.unpack_from("<I", buf, pos + 4)
+        return pos + 8, tag, None, length, pos + 8
+    vr = buf[pos + 4: pos + 6]
+    if not (vr.isalpha() and vr.isupper()):
+        raise _NeedFallback  # not explicit VR after all (a malformed file): let pydicom guess
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise _NeedFallback
+        (length,) = struct.unpack_from("<I", buf, pos + 8)
+        return pos + 12, tag, vr, length, pos + 12
+    (length,) = struct.unpack_from("<H", buf, pos + 6)
+    return pos + 8, tag, vr, length, pos + 8
+
+
+def parse_tags(buf: bytes) -> dict | None:
+    """The WANTED tags from a DICOM file's leading bytes, or None to ask for pydicom."""
+    try:
+        return _parse(buf)
+    except (_NeedFallback, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _parse(buf: bytes) -> dict:
+    if len(buf) < 132 or buf[128:132] != b"DICM":
+        raise _NeedFallback
+    pos = 132
+    ts = None
+    # file meta: always explicit VR little endian, group 0002
+    while pos + 8 <= len(buf):
+        group = struct.unpack_from("<H", buf, pos)[0]
+        if group != 0x0002:
+            break
+        after, tag, _vr, length, vstart = _element(buf, pos, False)
+        if tag == 0x00020010:
+            ts = buf[vstart: vstart + length].decode("ascii", "replace").rstrip("\x00 ")
+        pos = after + length
+    if ts is None or ts in _FALLBACK_TS:
+        raise _NeedFallback
+    implicit = ts == _IMPLICIT_LE
+    out: dict = {k: None for k in KEYWORDS}
+    utf8 = False
+    while True:
+        if pos + 8 > len(buf):
+            raise _NeedFallback  # header continues past the bytes we were given
+        after, tag, _vr, length, vstart = _element(buf, pos, implicit)
+        if tag > _LAST:
+            return out
+        if tag == 0x00080005:  # Specific Character Set
+            cs = buf[vstart: vstart + length].decode("ascii", "replace").strip("\x00 ").upper()
+            if cs in ("", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6"):
+                utf8 = False
+            elif cs == "ISO_IR 192":
+                utf8 = True
+            else:
+                raise _NeedFallback  # other character sets: let pydicom decode
+        if length == _UNDEFINED:
+            pos = _skip_undefined(buf, after, implicit)
+            continue
+        if vstart + length > len(buf):
+            raise _NeedFallback
+        spec = WANTED.get(tag)
+        if spec is not None:
+            out[spec[0]] = _decode(buf[vstart: vstart + length], spec[1], utf8)
+        pos = vstart + length
+
+
+def _value(ds: pydicom.Dataset, kw: str, kind: str):
+    v = ds.get(kw)
+    if v is None or v == "":
+        return None
+    if kind == "m":
+        vals = list(v) if isinstance(v, (list, pydicom.multival.MultiValue)) else [v]
+        return [str(x).strip() for x in vals] or None
+    if kind == "i":
+        try:
+            return int(str(v).strip())
+        except ValueError:
+            return None
+    s = str(v).strip()
+    return s or None
+
+
+def read_tags_pydicom(fp) -> dict:
+    """The same tags read with pydicom (slower, handles every encoding)."""
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True,
+                         specific_tags=list(KEYWORDS) + ["SpecificCharacterSet"])
+    return {kw: _value(ds, kw, kind) for kw, kind in WANTED.values()}
+
+
+def read_tags(head: bytes, full=None) -> dict:
+    """Tags from leading bytes; falls back to pydicom on ``full`` (a path or file object
+    of the whole file) or, when not given, on the bytes in hand."""
+    tags = parse_tags(head)
+    if tags is not None:
+        return tags
+    return read_tags_pydicom(full if full is not None else io.BytesIO(head))

@@ -1,0 +1,134 @@
+"""The folder layout of a dataset root: the one place in the code that knows it.
+
+::
+
+    <root>/
+      global_config.json
+      tabular/demographics/mr_proc_manifest.csv     participant manifest
+      tabular/dicom_dir_map.tsv                     optional: visit -> download name
+      tabular/curation_status.tsv                   how far each visit got
+      downloads/<session>/<item>                    scanner dumps as delivered
+      scratch/raw_dicoms/<session>/<participant>/   extracted, messy inside
+      dicom/<session>/<participant>/                flat list of validated DICOMs
+      store/<study>/<visit>_dicom.tar               reproducible visit tarball
+      store/<study>/<visit>_metadata_tarball.json
+      store/<study>/<visit>_metadata_dicoms.json
+      datalad/<study>/<visit>/                      DataLad dataset of the visit
+      catalog/                                      browsable catalog
+      logs/                                         human-readable reports
+
+Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
+label (``ses-01``); the BIDS participant form ``sub-QPN001`` is only produced for a BIDS
+converter downstream (see docs/layout.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from .config import GlobalConfig, load_config
+from .ids import Visit
+from .manifest import Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).absolute())
+
+    # --- files describing the dataset -------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "global_config.json"
+
+    @property
+    def tabular_dir(self) -> Path:
+        return self.root / "tabular"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.tabular_dir / "demographics" / "mr_proc_manifest.csv"
+
+    @property
+    def dicom_dir_map_path(self) -> Path:
+        return self.tabular_dir / "dicom_dir_map.tsv"
+
+    @property
+    def curation_status_path(self) -> Path:
+        return self.tabular_dir / "curation_status.tsv"
+
+    # --- stage folders ----------------------------------------------------------------
+    @property
+    def downloads_root(self) -> Path:
+        return self.root / "downloads"
+
+    def downloads_dir(self, session: str) -> Path:
+        return self.downloads_root / session
+
+    def raw_dir(self, visit: Visit) -> Path:
+        return self.root / "scratch" / "raw_dicoms" / visit.session / visit.participant
+
+    def dicom_dir(self, visit: Visit) -> Path:
+        return self.root / "dicom" / visit.session / visit.participant
+
+    def store_dir(self, study: str) -> Path:
+        return self.root / "store" / study
+
+    def tarball_path(self, study: str, visit: Visit) -> Path:
+        return self.store_dir(study) / f"{visit.key}_dicom.tar"
+
+    def metadata_tarball_path(self, study: str, visit: Visit) -> Path:
+        return self.store_dir(study) / f"{visit.key}_metadata_tarball.json"
+
+    def metadata_dicoms_path(self, study: str, visit: Visit) -> Path:
+        return self.store_dir(study) / f"{visit.key}_metadata_dicoms.json"
+
+    def datalad_dir(self, study: str, visit: Visit) -> Path:
+        return self.root / "datalad" / study / visit.key
+
+    @property
+    def catalog_dir(self) -> Path:
+        return self.root / "catalog"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def organize_report_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "organize" / f"{visit.key}_files.tsv"
+
+    def extract_report_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "extract" / f"{visit.key}.json"
+
+    def qc_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "qc" / f"{visit.key}_montage.png"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset root with its validated config and manifest, loaded once."""
+
+    layout: DatasetLayout
+
+    @classmethod
+    def open(cls, root: Path | str) -> "Dataset":
+        ds = cls(DatasetLayout(Path(root)))
+        ds.config  # noqa: B018 - validate eagerly so errors surface at once
+        ds.manifest  # noqa: B018
+        return ds
+
+    @cached_property
+    def config(self) -> GlobalConfig:
+        return load_config(self.layout.config_path)
+
+    @cached_property
+    def manifest(self) -> Manifest:
+        return read_manifest(self.layout.manifest_path, sessions=self.config.sessions)
+
+    @property
+    def study(self) -> str:
+        return self.config.study_id

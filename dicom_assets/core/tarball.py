@@ -1,0 +1,271 @@
+"""The reproducible visit tarball: same DICOM content -> same bytes, on any machine.
+
+Format (written by this module, byte by byte, so no Python version can change it):
+
+* POSIX ustar headers; a pax extended header (``x``) only for a path longer than ustar
+  allows, whose bytes depend on the path alone;
+* members sorted by path under one top folder named after the visit, folder first;
+* uid/gid 0, uname/gname ``root``, mode 0644 (folders 0755), device fields empty;
+* mtime (integer seconds) = the file's own StudyDate+StudyTime, falling back to
+  AcquisitionDate/Time, then SeriesDate/Time, **interpreted as UTC** (the machine's time
+  zone never enters); fractional seconds are dropped; a date without a time is midnight;
+  files without any date get the latest DICOM time of the visit; folders too; a visit
+  without any date at all gets 0 (1970-01-01);
+* the archive ends with two zero blocks, padded to a 10240-byte record as GNU tar does.
+
+The file is written to a temporary file in the same folder, fsynced, then renamed over
+the previous tarball, which stays untouched until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from queue import Queue
+
+from .fasttags import read_tags
+
+BLOCK = 512
+RECORD = 10240
+HEAD_BYTES = 1 << 20  # header tags are parsed from the first MiB of each file
+_CHUNK = 1 << 20
+
+
+def dicom_datetime(tags: dict) -> int | None:
+    """Seconds since the epoch (UTC) from Study, else Acquisition, else Series date/time."""
+    for d_kw, t_kw in (("StudyDate", "StudyTime"), ("AcquisitionDate", "AcquisitionTime"),
+                       ("SeriesDate", "SeriesTime")):
+        ts = parse_da_tm(tags.get(d_kw), tags.get(t_kw))
+        if ts is not None:
+            return ts
+    return None
+
+
+def parse_da_tm(da: str | None, tm: str | None) -> int | None:
+    """DICOM DA (YYYYMMDD) + TM (HHMMSS.ffffff, HH:MM:SS, partial) -> UTC epoch seconds."""
+    if not da:
+        return None
+    da = da.strip().replace("-", "").replace(".", "")
+    if len(da) != 8 or not da.isdigit():
+        return None
+    hh = mm = ss = 0
+    if tm:
+        t = tm.strip().split(".")[0].replace(":", "")
+        if t.isdigit() and len(t) in (2, 4, 6):
+            hh = int(t[0:2])
+            mm = int(t[2:4]) if len(t) >= 4 else 0
+            ss = int(t[4:6]) if len(t) >= 6 else 0
+            if ss == 60:  # leap second, allowed by DICOM
+                ss = 59
+        # an invalid time keeps the date at midnight rather than failing
+    try:
+        dt = datetime(int(da[0:4]), int(da[4:6]), int(da[6:8]), hh, mm, ss, tzinfo=timezone.utc)
+    except ValueError:
+        try:
+            dt = datetime(int(da[0:4]), int(da[4:6]), int(da[6:8]), tzinfo=timezone.utc)
+        except ValueError:
+            return None
+    return int(dt.timestamp())
+
+
+def _octal(value: int, width: int) -> bytes:
+    s = format(value, "o").encode()
+    if len(s) > width - 1:
+        raise ValueError(f"{value} does not fit an octal field of {width} bytes")
+    return s.rjust(width - 1, b"0") + b"\x00"
+
+
+def _field(text: bytes, width: int) -> bytes:
+    return text[:width].ljust(width, b"\x00")
+
+
+def _split_ustar(path: bytes) -> tuple[bytes, bytes] | None:
+    if len(path) <= 100:
+        return b"", path
+    for i in range(len(path) - 1, 0, -1):
+        if path[i:i + 1] == b"/" and i <= 155 and len(path) - i - 1 <= 100:
+            return path[:i], path[i + 1:]
+    return None
+
+
+def _header(name: bytes, prefix: bytes, size: int, mtime: int, mode: int, typeflag: bytes) -> bytes:
+    h = bytearray(BLOCK)
+    h[0:100] = _field(name, 100)
+    h[100:108] = _octal(mode, 8)
+    h[108:116] = _octal(0, 8)
+    h[116:124] = _octal(0, 8)
+    h[124:136] = _octal(size, 12)
+    h[136:148] = _octal(max(0, mtime), 12)
+    h[148:156] = b" " * 8
+    h[156:157] = typeflag
+    h[257:263] = b"ustar\x00"
+    h[263:265] = b"00"
+    h[265:297] = _field(b"root", 32)
+    h[297:329] = _field(b"root", 32)
+    h[345:500] = _field(prefix, 155)
+    chksum = sum(h)
+    h[148:156] = format(chksum, "06o").encode() + b"\x00 "
+    return bytes(h)
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    n = len(body)
+    while True:
+        rec = str(n).encode() + body
+        if len(rec) == n:
+            return rec
+        n = len(rec)
+
+
+def member_headers(path: str, size: int, mtime: int, mode: int, typeflag: bytes) -> bytes:
+    """The header block(s) of one member: ustar, with a pax header for a too-long path."""
+    raw = path.encode("utf-8")
+    split = _split_ustar(raw) if raw.isascii() else None
+    if split is not None:
+        prefix, name = split
+        return _header(name, prefix, size, mtime, mode, typeflag)
+    pax = _pax_record("path", path)
+    out = _header(b"PaxHeader/" + raw[-80:].split(b"/")[-1][:80], b"", len(pax), mtime, 0o644, b"x")
+    out += pax + b"\x00" * (-len(pax) % BLOCK)
+    return out + _header(raw[:100], b"", size, mtime, mode, typeflag)
+
+
+@dataclass
+class Member:
+    source: Path
+    arcname: str  # path inside the tar
+    size: int
+    mtime: int | None  # from the file's DICOM header; None when it has no date
+
+
+@dataclass
+class TarballResult:
+    path: str
+    size: int
+    md5: str
+    sha256: str
+    members: int
+    dicoms_with_time: int
+    content_time: int  # latest DICOM time of the visit (UTC epoch seconds)
+
+
+class _Hasher:
+    """md5 and sha256 of everything written, each on its own thread (hashlib releases the
+    GIL on large buffers, so hashing overlaps the copying)."""
+
+    def __init__(self) -> None:
+        self.md5 = hashlib.md5()
+        self.sha256 = hashlib.sha256()
+        self._queues = [Queue(maxsize=64), Queue(maxsize=64)]
+        self._threads = [threading.Thread(target=self._run, args=(q, h), daemon=True)
+                         for q, h in zip(self._queues, (self.md5, self.sha256))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _run(q: Queue, h) -> None:
+        while True:
+            chunk = q.get()
+            if chunk is None:
+                return
+            h.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        for q in self._queues:
+            q.put(chunk)
+
+    def close(self) -> tuple[str, str]:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        return self.md5.hexdigest(), self.sha256.hexdigest()
+
+
+def scan_members(files: list[tuple[Path, str]]) -> list[Member]:
+    """Size and DICOM time of each (source, arcname); reads only each file's first MiB."""
+    members = []
+    for src, arc in files:
+        with open(src, "rb") as fh:  # follows symlinks: the content, not the link
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(HEAD_BYTES)
+            try:
+                fh.seek(0)
+                tags = read_tags(head, fh)
+                mtime = dicom_datetime(tags)
+            except Exception:
+                mtime = None  # not a DICOM we can date: gets the visit's latest time
+        members.append(Member(src, arc, size, mtime))
+    return members
+
+
+def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_after: int | None = None) -> TarballResult:
+    """Write the reproducible tarball of files (source path, path under ``top``) to dest.
+
+    ``fail_after`` raises after that many members (a test hook simulating a crash).
+    """
+    members = sorted(scan_members(files), key=lambda m: m.arcname)
+    times = [m.mtime for m in members if m.mtime is not None]
+    latest = max(times) if times else 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stray in dest.parent.glob(f".{dest.name}.tmp-*"):
+        stray.unlink(missing_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    hasher = _Hasher()
+    total = 0
+    try:
+        with open(tmp, "wb") as out:
+            def emit(b: bytes) -> None:
+                nonlocal total
+                out.write(b)
+                hasher.update(b)
+                total += len(b)
+
+            emit(member_headers(top.rstrip("/") + "/", 0, latest, 0o755, b"5"))
+            for i, m in enumerate(members):
+                if fail_after is not None and i == fail_after:
+                    raise RuntimeError(f"simulated crash after {i} members")
+                emit(member_headers(f"{top}/{m.arcname}", m.size, m.mtime if m.mtime is not None else latest,
+                                    0o644, b"0"))
+                copied = 0
+                with open(m.source, "rb") as fh:
+                    while True:
+                        chunk = fh.read(_CHUNK)
+                        if not chunk:
+                            break
+                        copied += len(chunk)
+                        if copied > m.size:
+                            raise RuntimeError(f"{m.source} grew while being archived")
+                        emit(chunk)
+                if copied != m.size:
+                    raise RuntimeError(f"{m.source} changed size while being archived ({m.size} -> {copied})")
+                if m.size % BLOCK:
+                    emit(b"\x00" * (BLOCK - m.size % BLOCK))
+            emit(b"\x00" * (2 * BLOCK))
+            if total % RECORD:
+                emit(b"\x00" * (RECORD - total % RECORD))
+            out.flush()
+            os.fsync(out.fileno())
+        md5, sha256 = hasher.close()
+        os.replace(tmp, dest)
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        hasher.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return TarballResult(str(dest), total, md5, sha256, len(members), len(times), latest)
+
+
+def organized_files(dicom_dir: Path) -> list[tuple[Path, str]]:
+    """The files of an organized visit folder as (path, name) pairs, sorted."""
+    return sorted((Path(e.path), e.name) for e in os.scandir(dicom_dir) if e.is_file())

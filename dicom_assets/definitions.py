@@ -1,0 +1,42 @@
+"""The one ``Definitions`` object of dicom-assets (loaded by workspace.yaml)."""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from .defs.archive import (
+    dicom_count_matches,
+    paths_exist_in_tarball,
+    tarball_md5_matches,
+    visit_metadata,
+    visit_tarball,
+)
+from .defs.ingest import build_downloads_sensor, organized_dicoms, raw_dicoms
+from .defs.partitions import visits_partitions
+from .defs.resources import DatasetResource, default_dataset_root
+
+CHAIN_ASSETS = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
+CHAIN_CHECKS = [tarball_md5_matches, dicom_count_matches, paths_exist_in_tarball]
+
+# one run per visit: every step of the chain, from the raw dump on
+visit_chain_job = define_asset_job(
+    "visit_chain",
+    selection=AssetSelection.assets(*CHAIN_ASSETS),
+    partitions_def=visits_partitions,
+    description="Run the whole chain for one visit (started by the downloads sensor).",
+)
+
+downloads_sensor = build_downloads_sensor(visit_chain_job)
+
+
+def build_definitions(root: str | None = None) -> Definitions:
+    return Definitions(
+        assets=CHAIN_ASSETS,
+        asset_checks=CHAIN_CHECKS,
+        jobs=[visit_chain_job],
+        sensors=[downloads_sensor],
+        resources={"dataset": DatasetResource(root=root or default_dataset_root())},
+    )
+
+
+defs = build_definitions()

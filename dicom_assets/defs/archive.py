@@ -1,0 +1,141 @@
+"""Archive: the reproducible ``visit_tarball`` and the ``visit_metadata`` JSON files."""
+
+
+import json
+from collections import Counter
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+
+from .. import __version__
+from ..core.curation import update_curation_status
+from ..core.metadata import describe_tarball, md5_file, tar_member_names, write_metadata
+from ..core.tarball import organized_files, write_tarball
+from .ingest import organized_dicoms
+from .partitions import visit_of, visits_partitions
+from .resources import DatasetResource
+from .ui import path, table
+
+
+@asset(
+    partitions_def=visits_partitions,
+    deps=[organized_dicoms],
+    group_name="archive",
+    kinds={"tar", "file"},
+    owners=["team:imaging"],
+    code_version="1",
+    description=(
+        "store/<study>/<visit>_dicom.tar: a byte-for-byte reproducible TAR of the visit's organized "
+        "DICOMs (sorted, root/root, 0644, mtimes from each DICOM's StudyDate/StudyTime in UTC)."
+    ),
+)
+def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
+    visit = visit_of(context)
+    ds = dataset.open()
+    lay = ds.layout
+    src = lay.dicom_dir(visit)
+    if not src.is_dir():
+        raise Failure(f"{src}: the organized DICOM folder of {visit.key} does not exist; "
+                      "materialize organized_dicoms first")
+    files = organized_files(src)
+    if not files:
+        raise Failure(f"{src}: no organized DICOM to archive for {visit.key}")
+    dest = lay.tarball_path(ds.study, visit)
+    result = write_tarball(files, dest, visit.key)
+    context.log.info(f"{dest}: {result.members} members, {result.size} bytes, sha256 {result.sha256}")
+    update_curation_status(ds)
+    return MaterializeResult(metadata={
+        "path": path(dest),
+        "size": MetadataValue.int(result.size),
+        "members": result.members,
+        "md5": result.md5,
+        "sha256": result.sha256,
+        "members_without_dicom_time": result.members - result.dicoms_with_time,
+    })
+
+
+@asset(
+    partitions_def=visits_partitions,
+    deps=[visit_tarball],
+    group_name="archive",
+    kinds={"json", "file"},
+    owners=["team:imaging"],
+    code_version="1",
+    description=(
+        "<visit>_metadata_tarball.json (size, md5, sha256, storepath, dspath, ...) and "
+        "<visit>_metadata_dicoms.json (per DICOM: path in the tar, md5, size, series tags), read from "
+        "the tarball itself in one streaming pass."
+    ),
+)
+def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
+    visit = visit_of(context)
+    ds = dataset.open()
+    lay = ds.layout
+    tar = lay.tarball_path(ds.study, visit)
+    if not tar.is_file():
+        raise Failure(f"{tar}: no tarball for {visit.key}; materialize visit_tarball first")
+    meta = describe_tarball(tar, visit=visit.key, study=ds.study, participant=visit.participant,
+                            session=visit.session, tool_version=__version__)
+    tj, dj = lay.metadata_tarball_path(ds.study, visit), lay.metadata_dicoms_path(ds.study, visit)
+    write_metadata(meta, tj, dj)
+    update_curation_status(ds)
+    series = Counter((d["SeriesNumber"], d["SeriesDescription"], d["Modality"], d["ProtocolName"])
+                     for d in meta.dicoms)
+    rows = [{"series_number": k[0], "series_description": k[1], "modality": k[2], "protocol_name": k[3],
+             "files": n} for k, n in sorted(series.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0))]
+    return MaterializeResult(metadata={
+        "dicoms": meta.tarball["dicoms"],
+        "members": meta.tarball["members"],
+        "md5": meta.tarball["md5"],
+        "sha256": meta.tarball["sha256"],
+        "content_time": meta.tarball["content_time"],
+        "series": table(rows, [("series_number", "int", "SeriesNumber"),
+                               ("series_description", "string", "SeriesDescription"),
+                               ("protocol_name", "string", "ProtocolName"), ("modality", "string", "Modality"),
+                               ("files", "int", "DICOMs in the tarball")]),
+        "metadata_tarball": path(tj),
+        "metadata_dicoms": path(dj),
+    })
+
+
+def _load(context, dataset: DatasetResource):
+    visit = visit_of(context)
+    ds = dataset.open()
+    lay = ds.layout
+    tar = lay.tarball_path(ds.study, visit)
+    tj = json.loads(lay.metadata_tarball_path(ds.study, visit).read_text())
+    dj = json.loads(lay.metadata_dicoms_path(ds.study, visit).read_text())
+    return ds, visit, tar, tj, dj
+
+
+@asset_check(asset=visit_metadata, blocking=True, description="the tarball's md5 equals the metadata's")
+def tarball_md5_matches(context: AssetCheckExecutionContext, dataset: DatasetResource) -> AssetCheckResult:
+    _ds, _visit, tar, tj, _dj = _load(context, dataset)
+    actual = md5_file(tar)
+    return AssetCheckResult(passed=actual == tj["md5"], metadata={"tarball_md5": actual, "metadata_md5": tj["md5"]})
+
+
+@asset_check(asset=visit_metadata, blocking=True,
+             description="the metadata lists as many DICOMs as organized_dicoms kept")
+def dicom_count_matches(context: AssetCheckExecutionContext, dataset: DatasetResource) -> AssetCheckResult:
+    ds, visit, _tar, tj, dj = _load(context, dataset)
+    kept = len(organized_files(ds.layout.dicom_dir(visit)))
+    return AssetCheckResult(passed=kept == tj["dicoms"] == len(dj),
+                            metadata={"kept": kept, "metadata_dicoms": tj["dicoms"], "listed": len(dj)})
+
+
+@asset_check(asset=visit_metadata, blocking=True, description="every path of the metadata exists in the tarball")
+def paths_exist_in_tarball(context: AssetCheckExecutionContext, dataset: DatasetResource) -> AssetCheckResult:
+    _ds, _visit, tar, _tj, dj = _load(context, dataset)
+    names = tar_member_names(tar)
+    missing = [d["path"] for d in dj if d["path"] not in names]
+    return AssetCheckResult(passed=not missing, metadata={"missing": len(missing),
+                                                          "examples": MetadataValue.json(missing[:20])})
