@@ -138,6 +138,17 @@ def rewrite_dicom(
     return buf.getvalue()
 
 
+def preambleless(data: bytes) -> bytes:
+    """The same data set written the way old exporters do: no preamble, no file meta,
+    implicit VR little endian."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.preamble = None
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    buf = io.BytesIO()
+    pydicom.filewriter.dcmwrite(buf, ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    return buf.getvalue()
+
+
 def _resize_pixels(ds: pydicom.Dataset, side: int, seed: int) -> None:
     """Scale a real image up (nearest neighbour) to side x side, with a small offset so
     scaled copies of one source differ; keeps the real anatomy, never zeros."""
@@ -204,21 +215,12 @@ def _visit_files(samples: Samples, spec: VisitSpec, seed: int, dataset: str, sli
     files[f"{folder}/IM9998"] = data[: len(data) * 2 // 3]
     # a preamble-less file (no 128-byte preamble, no file meta), as old exporters write
     src = next(iter(series_library(samples, slices)[2].sources))
-    ds = pydicom.dcmread(
-        io.BytesIO(
-            rewrite_dicom(
-                src, patient_id=spec.raw_participant, patient_name=f"{dataset}^{spec.raw_participant}",
-                study_uid=study_uid, series_uid=_uid(study_uid, 3, "series"),
-                sop_uid=_uid(study_uid, "nometa"), series_number=3, series_description="T1w_MPRAGE",
-                instance_number=9999, study_date=sdate, study_time=spec.study_time,
-            )
-        )
-    )
-    buf = io.BytesIO()
-    ds.preamble = None
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    pydicom.filewriter.dcmwrite(buf, ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
-    files[f"{folder}/IM9999"] = buf.getvalue()
+    files[f"{folder}/IM9999"] = preambleless(rewrite_dicom(
+        src, patient_id=spec.raw_participant, patient_name=f"{dataset}^{spec.raw_participant}",
+        study_uid=study_uid, series_uid=_uid(study_uid, 3, "series"),
+        sop_uid=_uid(study_uid, "nometa"), series_number=3, series_description="T1w_MPRAGE",
+        instance_number=9999, study_date=sdate, study_time=spec.study_time,
+    ))
     return files
 
 

@@ -283,15 +283,22 @@ def apply_rules(rec: FileRecord, rules: Rules) -> FileRecord:
     return rec
 
 
-def walk_files(root: Path):
-    """Every regular file (or link to one) under root, at any depth, sorted: (path, rel)."""
+def walk_files(root: Path, errors: list | None = None):
+    """Every regular file (or link to one) under root, at any depth, sorted: (path, rel).
+
+    A folder that cannot be listed is never skipped silently: it is appended to
+    ``errors`` as (relative folder path, reason).
+    """
     stack = [root]
     out = []
     while stack:
         d = stack.pop()
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError:
+        except OSError as exc:
+            if errors is not None:
+                rel = d.relative_to(root).as_posix() if d != root else "."
+                errors.append((rel + "/", exc.strerror or str(exc)))
             continue
         for e in entries:
             if e.is_dir(follow_symlinks=False):

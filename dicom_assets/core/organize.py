@@ -109,7 +109,11 @@ def classify_tree(source_dir: Path, rules: Rules) -> list[FileRecord]:
     records: list[FileRecord] = []
     by_sop: dict[str, FileRecord] = {}
     md5_cache: dict[str, str] = {}
-    for path, rel in walk_files(source_dir):
+    errors: list[tuple[str, str]] = []
+    files = walk_files(source_dir, errors)
+    for rel, why in errors:
+        records.append(FileRecord(source=rel, size=0).exclude("unreadable", f"folder cannot be listed: {why}"))
+    for path, rel in files:
         if path.name == "DICOMDIR" or path.name.upper() == "DICOMDIR":
             rec = read_record(path, rel)
             if rec.decision == KEPT:

@@ -5,19 +5,20 @@ import json
 from collections import Counter
 
 from dagster import (
-    AssetCheckExecutionContext,
     AssetCheckResult,
+    AssetCheckSpec,
+    AssetKey,
+    AssetRecordsFilter,
     AssetExecutionContext,
     Failure,
     MaterializeResult,
     MetadataValue,
     asset,
-    asset_check,
 )
 
 from .. import __version__
 from ..core.curation import update_curation_status
-from ..core.metadata import describe_tarball, md5_file, tar_member_names, write_metadata
+from ..core.metadata import describe_tarball, tar_member_names, write_metadata
 from ..core.tarball import organized_files, write_tarball
 from .ingest import organized_dicoms
 from .partitions import visit_of, visits_partitions
@@ -69,6 +70,14 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
     kinds={"json", "file"},
     owners=["team:imaging"],
     code_version="1",
+    check_specs=[
+        AssetCheckSpec("tarball_md5_matches", asset="visit_metadata", blocking=True,
+                       description="the tarball read now has the md5 visit_tarball recorded when writing it"),
+        AssetCheckSpec("dicom_count_matches", asset="visit_metadata", blocking=True,
+                       description="the metadata lists as many DICOMs as organized_dicoms kept"),
+        AssetCheckSpec("paths_exist_in_tarball", asset="visit_metadata", blocking=True,
+                       description="every path of the written metadata JSON exists in the tarball"),
+    ],
     description=(
         "<visit>_metadata_tarball.json (size, md5, sha256, storepath, dspath, ...) and "
         "<visit>_metadata_dicoms.json (per DICOM: path in the tar, md5, size, series tags), read from "
@@ -91,7 +100,8 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
                      for d in meta.dicoms)
     rows = [{"series_number": k[0], "series_description": k[1], "modality": k[2], "protocol_name": k[3],
              "files": n} for k, n in sorted(series.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0))]
-    return MaterializeResult(metadata={
+    checks = _metadata_checks(context, ds, visit, tar, tj, dj, meta.tarball)
+    return MaterializeResult(check_results=checks, metadata={
         "dicoms": meta.tarball["dicoms"],
         "members": meta.tarball["members"],
         "md5": meta.tarball["md5"],
@@ -106,36 +116,38 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
     })
 
 
-def _load(context, dataset: DatasetResource):
-    visit = visit_of(context)
-    ds = dataset.open()
-    lay = ds.layout
-    tar = lay.tarball_path(ds.study, visit)
-    tj = json.loads(lay.metadata_tarball_path(ds.study, visit).read_text())
-    dj = json.loads(lay.metadata_dicoms_path(ds.study, visit).read_text())
-    return ds, visit, tar, tj, dj
+def _recorded_tarball_md5(context, visit_key: str) -> str | None:
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("visit_tarball"), asset_partitions=[visit_key]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    value = records[0].asset_materialization.metadata.get("md5")
+    return value.value if value is not None else None
 
 
-@asset_check(asset=visit_metadata, blocking=True, description="the tarball's md5 equals the metadata's")
-def tarball_md5_matches(context: AssetCheckExecutionContext, dataset: DatasetResource) -> AssetCheckResult:
-    _ds, _visit, tar, tj, _dj = _load(context, dataset)
-    actual = md5_file(tar)
-    return AssetCheckResult(passed=actual == tj["md5"], metadata={"tarball_md5": actual, "metadata_md5": tj["md5"]})
-
-
-@asset_check(asset=visit_metadata, blocking=True,
-             description="the metadata lists as many DICOMs as organized_dicoms kept")
-def dicom_count_matches(context: AssetCheckExecutionContext, dataset: DatasetResource) -> AssetCheckResult:
-    ds, visit, _tar, tj, dj = _load(context, dataset)
+def _metadata_checks(context, ds, visit, tar, tj_path, dj_path, tarball_meta) -> list[AssetCheckResult]:
+    recorded = _recorded_tarball_md5(context, visit.key)
+    actual = tarball_meta["md5"]
+    written_tj = json.loads(tj_path.read_text())
+    written_dj = json.loads(dj_path.read_text())
     kept = len(organized_files(ds.layout.dicom_dir(visit)))
-    return AssetCheckResult(passed=kept == tj["dicoms"] == len(dj),
-                            metadata={"kept": kept, "metadata_dicoms": tj["dicoms"], "listed": len(dj)})
-
-
-@asset_check(asset=visit_metadata, blocking=True, description="every path of the metadata exists in the tarball")
-def paths_exist_in_tarball(context: AssetCheckExecutionContext, dataset: DatasetResource) -> AssetCheckResult:
-    _ds, _visit, tar, _tj, dj = _load(context, dataset)
     names = tar_member_names(tar)
-    missing = [d["path"] for d in dj if d["path"] not in names]
-    return AssetCheckResult(passed=not missing, metadata={"missing": len(missing),
-                                                          "examples": MetadataValue.json(missing[:20])})
+    missing = [d["path"] for d in written_dj if d["path"] not in names]
+    return [
+        AssetCheckResult(
+            check_name="tarball_md5_matches", passed=recorded is not None and recorded == actual == written_tj["md5"],
+            metadata={"tarball_md5_now": actual, "md5_when_written": recorded or "(no record)",
+                      "metadata_md5": written_tj["md5"]},
+            description=None if recorded == actual else
+            "the tarball changed since visit_tarball wrote it: re-materialize visit_tarball",
+        ),
+        AssetCheckResult(
+            check_name="dicom_count_matches", passed=kept == written_tj["dicoms"] == len(written_dj),
+            metadata={"kept": kept, "metadata_dicoms": written_tj["dicoms"], "listed": len(written_dj)},
+        ),
+        AssetCheckResult(
+            check_name="paths_exist_in_tarball", passed=not missing,
+            metadata={"missing": len(missing), "examples": MetadataValue.json(missing[:20])},
+        ),
+    ]

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from dicom_assets.core.config import load_config
+from dicom_assets.core.errors import ConfigError
+
+GOOD = {"dataset_name": "demo", "study_id": "QPN", "sessions": ["ses-01", "02"], "xnat_project": "QPN_X",
+        "exclude_series": {"Exclude": ["Localizers", "AAHEAD"]}, "organize_mode": "copy"}
+
+
+def write(tmp_path, data):
+    p = tmp_path / "global_config.json"
+    p.write_text(data if isinstance(data, str) else json.dumps(data))
+    return p
+
+
+def test_good_config_loads_and_normalizes(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.sessions == ("ses-01", "ses-02")
+    assert cfg.exclude_series == ("Localizers", "AAHEAD")
+    assert cfg.organize_mode == "copy"
+    assert cfg.limits["max_members"] > 0
+
+
+def test_exclude_as_plain_list(tmp_path):
+    cfg = load_config(write(tmp_path, {**GOOD, "exclude_series": ["MoCoSeries"]}))
+    assert cfg.exclude_series == ("MoCoSeries",)
+
+
+def test_missing_file_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="global_config.json: global config file not found"):
+        load_config(tmp_path / "global_config.json")
+
+
+def test_malformed_json_names_line(tmp_path):
+    p = write(tmp_path, '{"dataset_name": "x",\n "study_id": }')
+    with pytest.raises(ConfigError, match=r"global_config.json: not valid JSON \(line 2"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"colour": "blue"}, "unknown field(s) 'colour'"),
+    ({"sessions": ["ses-01", "01"]}, "field 'sessions' lists session 'ses-01' twice"),
+    ({"sessions": []}, "field 'sessions' must be a non-empty list"),
+    ({"study_id": "a/b"}, "field 'study_id'"),
+    ({"organize_mode": "move"}, "field 'organize_mode' must be one of symlink, copy"),
+    ({"exclude_series": {"Include": ["x"]}}, "field 'exclude_series' as an object must have exactly the key 'Exclude'"),
+    ({"exclude_series": "Localizers"}, "field 'exclude_series' must be a list"),
+    ({"limits": {"max_members": -1}}, "field 'limits.max_members' must be a positive integer"),
+    ({"limits": {"max_size": 1}}, "unknown field 'limits.max_size'"),
+    ({"session_label_pattern": "{subject}"}, "field 'session_label_pattern'"),
+    ({"xnat_project": "has space"}, "field 'xnat_project'"),
+])
+def test_each_bad_field_is_named(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {**GOOD, **change}))
+    assert message in str(err.value)
+    assert "global_config.json" in str(err.value)
+
+
+def test_missing_required_field(tmp_path):
+    data = dict(GOOD)
+    del data["study_id"]
+    with pytest.raises(ConfigError, match="required field 'study_id' is missing"):
+        load_config(write(tmp_path, data))
+
+
+def test_top_level_must_be_object(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a JSON object"):
+        load_config(write(tmp_path, "[1, 2]"))

@@ -1,0 +1,187 @@
+"""Organize: every file of a messy raw tree classified from its header, with a reason."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_assets.core.demo import preambleless, rewrite_dicom
+from dicom_assets.core.dicomscan import REASONS, Rules
+from dicom_assets.core.organize import organize_visit
+
+RULES = Rules(exclude_series=("Localizers", "AAHEAD"))
+
+
+def ident(i, series=3, study="1.2.3.4", patient="P1", desc="T1w", sop=None):
+    return dict(patient_id=patient, patient_name="x^y", study_uid=study, series_uid=f"{study}.{series}",
+                sop_uid=sop or f"{study}.{series}.{i}", series_number=series, series_description=desc,
+                instance_number=i, study_date="20240304", study_time="101010.5")
+
+
+@pytest.fixture
+def t1_sources(samples):
+    return sorted((samples.xnat_case001 / "scans").glob("5_*/DICOM/*.dcm"))[:6]
+
+
+def write(root: Path, rel: str, data: bytes) -> Path:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def by_source(result):
+    return {r.source: r for r in result.records}
+
+
+def test_messy_tree_every_case_has_its_reason(samples, t1_sources, tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "dicom" / "P1"
+    pf = samples.pydicom_files
+    # two series whose files share names (IM0001 ...) in different folders
+    for i, src in enumerate(t1_sources[:3], 1):
+        write(raw, f"dump/s3/IM{i:04d}", rewrite_dicom(src, **ident(i, 3)))
+    for i, src in enumerate(t1_sources[3:], 1):
+        write(raw, f"dump/s4/IM{i:04d}", rewrite_dicom(src, **ident(i, 4, desc="T2w")))
+    good = rewrite_dicom(t1_sources[0], **ident(9, 3))
+    write(raw, "dump/s3/IM0009", good)
+    write(raw, "dump/s3/IM0009_cut", good[: len(good) // 2])  # truncated (same SOP, excluded first)
+    write(raw, "dump/copy/IM0009", good)  # identical duplicate
+    other = rewrite_dicom(t1_sources[1], **ident(9, 3))  # same SOP UID, other bytes
+    write(raw, "dump/zz/IM0009", other)
+    write(raw, "dump/empty.dcm", b"")
+    write(raw, "dump/notes.dcm", b"this is a text file named .dcm\n" * 20)
+    write(raw, "dump/DICOMDIR", (pf / "dicomdirtests" / "DICOMDIR").read_bytes())
+    write(raw, "dump/nometa", preambleless(rewrite_dicom(t1_sources[4], **ident(77, 3))))  # no preamble
+    shutil.copy(pf / "no_meta.dcm", raw / "dump" / "no_meta_mangled")  # pydicom's: a stray byte first
+    shutil.copy(pf / "dicomdirtests/98892003/MR700/4467", raw / "dump" / "derived")  # DERIVED\SECONDARY
+    shutil.copy(pf / "MR_truncated.dcm", raw / "dump" / "MR_truncated.dcm")
+    shutil.copy(samples.heudiconv_data / "Phoenix/99+PhoenixDocument/99+PhoenixDocument+00001.dcm", raw / "dump" / "report")
+    write(raw, "dump/Localizers_3pl/IM0001", rewrite_dicom(t1_sources[0], **ident(1, 1, desc="scout")))
+    write(raw, "dump/s2/IM0001", rewrite_dicom(t1_sources[0], **ident(1, 2, desc="AAHEAD_Scout_64ch")))
+    write(raw, "dump/s3/._IM0001", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    shutil.copy(samples.nibabel_data / "siemens_dwi_0.dcm.gz", raw / "dump" / "dwi.dcm.gz")
+    # ImageType with DERIVED as a later value (the old scripts checked only the first one)
+    write(raw, "dump/s5/IM0001", rewrite_dicom(t1_sources[2], **ident(1, 5, desc="MPR"),
+                                                 image_type=("ORIGINAL", "PRIMARY", "DERIVED")))
+
+    result = organize_visit("P1_ses-01", raw, out, RULES, report_path=tmp_path / "report.tsv")
+    r = by_source(result)
+    assert r["dump/s3/IM0001"].reason == "kept"
+    assert r["dump/s3/IM0009_cut"].reason == "unreadable" and "truncated" in r["dump/s3/IM0009_cut"].detail
+    assert r["dump/copy/IM0009"].reason == "kept"  # sorted first: dump/copy < dump/s3
+    assert r["dump/s3/IM0009"].reason == "duplicate"
+    assert r["dump/zz/IM0009"].reason == "duplicate_conflict"
+    assert r["dump/empty.dcm"].reason == "not_dicom" and r["dump/empty.dcm"].detail == "empty file"
+    assert r["dump/notes.dcm"].reason == "not_dicom"
+    assert r["dump/DICOMDIR"].reason == "no_pixel_data" and "DICOMDIR" in r["dump/DICOMDIR"].detail
+    assert r["dump/nometa"].reason == "kept"  # preamble-less files are DICOM too
+    assert r["dump/no_meta_mangled"].reason == "not_dicom"
+    assert r["dump/derived"].reason == "derived"
+    assert r["dump/MR_truncated.dcm"].reason == "unreadable"
+    assert r["dump/report"].reason == "no_pixel_data" and "Structured Report" in r["dump/report"].detail
+    assert r["dump/Localizers_3pl/IM0001"].reason == "excluded_series"  # by folder name
+    assert r["dump/s2/IM0001"].reason == "excluded_series"  # by series description
+    assert r["dump/s3/._IM0001"].reason == "not_dicom"
+    assert r["dump/dwi.dcm.gz"].reason == "not_dicom" and "gzip" in r["dump/dwi.dcm.gz"].detail
+    assert r["dump/s5/IM0001"].reason == "derived"
+    assert all(rec.reason in ("kept", *REASONS) for rec in result.records)
+    assert len(result.conflicts) == 1
+
+    # flat, unique, stable names; relative symlinks that resolve to the right bytes
+    names = sorted(os.listdir(out))
+    assert len(names) == len(result.kept) == 8
+    for rec in result.kept:
+        link = out / rec.dest
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        assert link.read_bytes() == (raw / rec.source).read_bytes()
+        assert rec.dest == f"{rec.sop_instance_uid}.dcm"
+    # the report lists every file with its reason
+    lines = (tmp_path / "report.tsv").read_text().splitlines()
+    assert lines[0].startswith("source\tdecision\treason")
+    assert len(lines) == 1 + len(result.records)
+
+
+def test_ge_session_without_dates_and_odd_folder_names(samples, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(samples.xnat_case001, raw / "Case001")  # folders with spaces and ':'
+    result = organize_visit("C_ses-01", raw, tmp_path / "dicom", Rules(("LOCALIZER",)))
+    counts = result.counts()
+    assert counts["kept"] == 324 - 29 - 3  # both SAG LOCALIZER series excluded
+    assert counts["excluded_series"] == 32
+    assert not result.mixed
+
+
+def test_rerun_is_idempotent_and_atomic(samples, t1_sources, tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "dicom" / "P1"
+    for i, src in enumerate(t1_sources, 1):
+        write(raw, f"s/IM{i}", rewrite_dicom(src, **ident(i)))
+    first = organize_visit("P1_ses-01", raw, out, RULES)
+    listing = sorted((p.name, os.readlink(p)) for p in out.iterdir())
+    (out / "stale.dcm").write_text("left over from a crash")
+    second = organize_visit("P1_ses-01", raw, out, RULES)
+    assert sorted((p.name, os.readlink(p)) for p in out.iterdir()) == listing
+    assert [r.dest for r in first.kept] == [r.dest for r in second.kept]
+    assert [p.name for p in out.parent.iterdir()] == ["P1"]  # no staging left behind
+
+
+def test_copy_mode_and_moving_the_root(samples, t1_sources, tmp_path):
+    root = tmp_path / "a"
+    raw, out = root / "raw", root / "dicom" / "P1"
+    for i, src in enumerate(t1_sources[:2], 1):
+        write(raw, f"s/IM{i}", rewrite_dicom(src, **ident(i)))
+    organize_visit("P1_ses-01", raw, out, RULES, mode="symlink")
+    moved = tmp_path / "b"
+    shutil.move(root, moved)  # relative links survive a move of the dataset root
+    assert all(p.read_bytes()[128:132] == b"DICM" for p in (moved / "dicom" / "P1").iterdir())
+    res = organize_visit("P1_ses-01", moved / "raw", moved / "copy", RULES, mode="copy")
+    assert all(not (moved / "copy" / r.dest).is_symlink() for r in res.kept)
+
+
+def test_mixed_visit_is_flagged(t1_sources, tmp_path):
+    raw = tmp_path / "raw"
+    write(raw, "a/IM1", rewrite_dicom(t1_sources[0], **ident(1, study="1.2.3.4", patient="P1")))
+    write(raw, "b/IM1", rewrite_dicom(t1_sources[1], **ident(1, study="1.2.3.5", patient="P2")))
+    result = organize_visit("P1_ses-01", raw, tmp_path / "out", RULES)
+    assert result.mixed and result.patient_ids == ["P1", "P2"] and len(result.study_uids) == 2
+
+
+def test_missing_raw_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="materialize raw_dicoms first"):
+        organize_visit("P1_ses-01", tmp_path / "nope", tmp_path / "out", RULES)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
+                    reason="needs root and setpriv to read as an unprivileged user")
+def test_unreadable_permission_is_reported_not_fatal(t1_sources):
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="dicom-assets-perm-", dir="/tmp"))
+    raw = top / "raw"
+    write(raw, "s/IM1", rewrite_dicom(t1_sources[0], **ident(1)))
+    locked = write(raw, "s/IM2", rewrite_dicom(t1_sources[1], **ident(2)))
+    locked.chmod(0o000)
+    (raw / "t").mkdir()
+    (raw / "t").chmod(0o700)  # a folder the reader cannot list
+    for p in (top, raw, raw / "s"):
+        p.chmod(0o755)
+    (raw / "s" / "IM1").chmod(0o644)
+    code = (
+        "import sys, json; from pathlib import Path\n"
+        "from dicom_assets.core.organize import classify_tree\n"
+        "from dicom_assets.core.dicomscan import Rules\n"
+        "recs = classify_tree(Path(sys.argv[1]), Rules())\n"
+        "print(json.dumps({r.source: [r.reason, r.detail] for r in recs}))\n"
+    )
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code,
+                           str(raw)], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    import json
+    out = json.loads(proc.stdout)
+    shutil.rmtree(top)
+    assert out["s/IM2"] == ["unreadable", "permission denied"]
+    assert out["s/IM1"][0] == "kept"
+    assert out["t/"] == ["unreadable", "folder cannot be listed: Permission denied"]

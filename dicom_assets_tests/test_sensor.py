@@ -1,0 +1,127 @@
+"""The downloads sensor on a real Dagster instance: new complete downloads -> partitions
+and runs; growing, partial and unknown downloads -> nothing, with a reason."""
+
+import json
+import os
+import shutil
+
+import pytest
+from dagster import SensorResult, SkipReason, build_sensor_context
+
+from dicom_assets.definitions import downloads_sensor
+from dicom_assets.defs.resources import DatasetResource
+
+
+class Ticker:
+    def __init__(self, instance, root):
+        self.instance, self.cursor = instance, None
+        self.resources = {"dataset": DatasetResource(root=str(root))}
+
+    def tick(self):
+        ctx = build_sensor_context(instance=self.instance, cursor=self.cursor, resources=self.resources)
+        result = downloads_sensor(ctx)
+        if isinstance(result, SensorResult):
+            self.cursor = result.cursor or self.cursor
+            for req in result.dynamic_partitions_requests or []:
+                self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        return result
+
+
+def requests(result):
+    return result.run_requests or [] if isinstance(result, SensorResult) else []
+
+
+def skip_text(result):
+    if isinstance(result, SkipReason):
+        return result.skip_message
+    return result.skip_reason.skip_message if result.skip_reason else ""
+
+
+def test_new_downloads_wait_one_tick_then_run_once(instance, demo_root):
+    t = Ticker(instance, demo_root)
+    first = t.tick()
+    assert not requests(first)
+    assert "still arriving or not yet stable" in skip_text(first)
+    second = t.tick()
+    reqs = requests(second)
+    assert sorted(r.partition_key for r in reqs) == ["QPN001_ses-01", "QPN001_ses-02", "QPN002_ses-01",
+                                                      "QPN002_ses-02", "QPN003_ses-01", "QPN003_ses-02"]
+    assert set(instance.get_dynamic_partitions("visits")) == {r.partition_key for r in reqs}
+    for r in reqs:
+        assert r.tags["dicom_assets/visit"] == r.partition_key
+        assert r.run_key.startswith(r.tags["dicom_assets/download"] + ":")
+    assert not requests(t.tick())  # unchanged downloads never run again
+
+
+def test_growing_download_is_not_taken(instance, demo_root):
+    t = Ticker(instance, demo_root)
+    t.tick(), t.tick()
+    item = demo_root / "downloads" / "ses-01" / "QPN_004_MR.zip"
+    item.write_bytes(b"PK\x03\x04" + b"\0" * 1000)  # a download arriving
+    assert not requests(t.tick())
+    with open(item, "ab") as fh:
+        fh.write(b"\0" * 1000)  # still growing at the next tick
+    assert not requests(t.tick())
+    reqs = requests(t.tick())  # stable for a whole tick: taken
+    assert [r.partition_key for r in reqs] == ["QPN004_ses-01"]
+
+
+def test_partial_names_are_ignored_and_done_marker_is_immediate(instance, demo_root):
+    t = Ticker(instance, demo_root)
+    t.tick(), t.tick()
+    ses = demo_root / "downloads" / "ses-02"
+    (ses / "QPN_004_MR.zip.part").write_bytes(b"x" * 100)
+    (ses / "QPN_004_MR.zip.crdownload").write_bytes(b"x" * 100)
+    assert not requests(t.tick()) and not requests(t.tick())
+    shutil.copy(demo_root / "downloads/ses-01/QPN_001_MR.zip", ses / "QPN_004_MR.zip")
+    (ses / "QPN_004_MR.zip.done").touch()
+    assert [r.partition_key for r in requests(t.tick())] == ["QPN004_ses-02"]
+
+
+def test_unknown_participant_is_reported_not_guessed(instance, demo_root):
+    t = Ticker(instance, demo_root)
+    t.tick(), t.tick()
+    shutil.copy(demo_root / "downloads/ses-01/QPN_001_MR.zip", demo_root / "downloads/ses-01/XYZ_999.zip")
+    r1, r2 = t.tick(), t.tick()
+    assert not requests(r1) and not requests(r2)
+    assert "'ses-01/XYZ_999.zip' matches no participant of the manifest" in skip_text(r2)
+    assert "XYZ999_ses-01" not in instance.get_dynamic_partitions("visits")
+
+
+def test_redelivered_download_runs_again(instance, demo_root):
+    t = Ticker(instance, demo_root)
+    t.tick()
+    first = {r.partition_key: r.run_key for r in requests(t.tick())}
+    item = demo_root / "downloads/ses-01/QPN_001_MR.zip"
+    st = item.stat()
+    os.utime(item, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the site re-delivered it
+    t.tick()
+    again = requests(t.tick())
+    assert [r.partition_key for r in again] == ["QPN001_ses-01"]
+    assert again[0].run_key != first["QPN001_ses-01"]
+
+
+def test_folder_download_still_being_copied(instance, demo_root):
+    t = Ticker(instance, demo_root)
+    t.tick(), t.tick()
+    folder = demo_root / "downloads/ses-02/QPN_004"
+    (folder / "s1").mkdir(parents=True)
+    (folder / "s1" / "IM1").write_bytes(b"1")
+    t.tick()
+    (folder / "s1" / "IM2").write_bytes(b"2")  # a copy in progress
+    assert not requests(t.tick())
+    assert [r.partition_key for r in requests(t.tick())] == ["QPN004_ses-02"]
+
+
+def test_broken_config_is_a_skip_with_the_reason(instance, demo_root):
+    (demo_root / "global_config.json").write_text("{")
+    result = Ticker(instance, demo_root).tick()
+    assert "dataset not usable" in skip_text(result) and "global_config.json" in skip_text(result)
+
+
+def test_cursor_is_compact_json(instance, demo_root):
+    t = Ticker(instance, demo_root)
+    t.tick(), t.tick()
+    data = json.loads(t.cursor)
+    assert set(data) == {"pending", "submitted", "reported"} and len(data["submitted"]) == 6
+    assert data["pending"] == {}
