@@ -125,3 +125,14 @@ def test_cursor_is_compact_json(instance, demo_root):
     data = json.loads(t.cursor)
     assert set(data) == {"pending", "submitted", "reported"} and len(data["submitted"]) == 6
     assert data["pending"] == {}
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("QPN_001_MR.zip", ["QPN001"]), ("QPN001.tar.gz", ["QPN001"]), ("sub-QPN_001", ["QPN001"]),
+    ("QPN_0010_MR.zip", ["QPN0010"]), ("qpn-001 scan.tgz", ["QPN001"]), ("QPN_00_1.zip", ["QPN001"]),
+    ("QPN_0011.zip", []), ("XQPN_001.zip", []),
+])
+def test_item_names_match_participants_at_a_boundary(name, expected):
+    from dicom_assets.core.downloads import match_participant
+
+    assert match_participant(name, {"QPN001", "QPN0010", "QPN002"}) == expected

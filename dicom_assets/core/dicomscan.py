@@ -35,6 +35,8 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from .fasttags import scan_header
+
 KEPT = "kept"
 REASONS = (
     "not_dicom",
@@ -204,16 +206,61 @@ class Rules:
     derived_series_markers: tuple[str, ...] = ("MoCoSeries",)
 
 
-def read_record(path: Path, rel: str) -> FileRecord:
-    """Read one file's header and classify it on its own (no duplicate check yet)."""
+HEAD_BYTES = 64 << 10
+
+
+def _encapsulated_end_ok(fp, size: int) -> bool:
+    fp.seek(max(0, size - 256))
+    return _SEQ_DELIM in fp.read()
+
+
+def _fast_record(rec: FileRecord, scan, fp, size: int) -> FileRecord:
+    t = scan.tags
+    rec.sop_class_uid = t["SOPClassUID"] or scan.media_sop_class
+    rec.sop_instance_uid = t["SOPInstanceUID"]
+    rec.series_instance_uid = t["SeriesInstanceUID"]
+    rec.study_instance_uid = t["StudyInstanceUID"]
+    rec.patient_id = t["PatientID"]
+    rec.series_number = t["SeriesNumber"]
+    rec.series_description = t["SeriesDescription"]
+    rec.protocol_name = t["ProtocolName"]
+    rec.modality = t["Modality"]
+    rec.image_type = list(t["ImageType"] or [])
+    if scan.has_pixels:
+        if scan.pixel_length == 0xFFFFFFFF:
+            if not _encapsulated_end_ok(fp, size):
+                return rec.exclude("unreadable", "compressed pixel data has no end (file truncated)")
+        elif scan.pixel_value_start + scan.pixel_length > size:
+            return rec.exclude("unreadable", f"pixel data declares {scan.pixel_length} bytes but the file ends "
+                                             f"{scan.pixel_value_start + scan.pixel_length - size} bytes early (truncated)")
+    return _classify_object(rec, scan.has_pixels)
+
+
+def _classify_object(rec: FileRecord, has_pixels: bool) -> FileRecord:
+    kind = non_image_kind(rec.sop_class_uid)
+    if kind:
+        return rec.exclude("no_pixel_data", f"non-image object: {kind} ({rec.sop_class_uid})")
+    if not has_pixels:
+        return rec.exclude("no_pixel_data", "no pixel data element")
+    return rec
+
+
+def read_record(path: Path, rel: str, force_pydicom: bool = False) -> FileRecord:
+    """Read one file's header and classify it on its own (no duplicate check yet).
+
+    The fast reader (``fasttags.scan_header``) handles the common encodings from the first
+    64 KiB; anything else goes through pydicom. Both give the same record (tested)."""
     try:
         size = os.stat(path).st_size
         with open(path, "rb") as fp:
-            head = fp.read(132)
+            head = fp.read(HEAD_BYTES)
             rec = FileRecord(source=rel, size=size)
             problem = sniff(path, head, size)
             if problem:
                 return rec.exclude("not_dicom", problem)
+            scan = None if force_pydicom else scan_header(head, size)
+            if scan is not None:
+                return _fast_record(rec, scan, fp, size)
             fp.seek(0)
             try:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
@@ -238,19 +285,15 @@ def read_record(path: Path, rel: str) -> FileRecord:
         rec.protocol_name = _first(ds.get("ProtocolName"))
         rec.modality = _first(ds.get("Modality"))
         it = ds.get("ImageType")
-        rec.image_type = [str(v) for v in it] if isinstance(it, (list, pydicom.multival.MultiValue)) else ([str(it)] if it else [])
+        rec.image_type = ([str(v).strip() for v in it] if isinstance(it, (list, pydicom.multival.MultiValue))
+                          else ([str(it).strip()] if it else []))
     except Exception as exc:  # a value that cannot be decoded is a corrupt header
         return rec.exclude("unreadable", f"header values cannot be decoded: {type(exc).__name__}: {exc}"[:300])
     if len(ds) == 0 and not rec.sop_class_uid:
         return rec.exclude("not_dicom", "no DICOM elements could be read")
     if trunc:
         return rec.exclude("unreadable", trunc)
-    kind = non_image_kind(sop_class)
-    if kind:
-        return rec.exclude("no_pixel_data", f"non-image object: {kind} ({sop_class})")
-    if not has_pixels:
-        return rec.exclude("no_pixel_data", "no pixel data element")
-    return rec
+    return _classify_object(rec, has_pixels)
 
 
 def apply_rules(rec: FileRecord, rules: Rules) -> FileRecord:

@@ -68,33 +68,54 @@ def read_dicom_dir_map(path: Path) -> dict[tuple[str, str], str]:
     return out
 
 
-def match_participant(name: str, participants: set[str]) -> list[str]:
+def _consumes(stem: str, participant: str) -> int | None:
+    """Index in the raw stem right after the participant's characters (separators skipped),
+    or None when the stem does not start with the participant."""
+    i = k = 0
+    while i < len(stem) and k < len(participant):
+        ch = stem[i]
+        if ch.isalnum():
+            if ch.lower() != participant[k].lower():
+                return None
+            k += 1
+        i += 1
+    return i if k == len(participant) else None
+
+
+def match_participant(name: str, participants: set[str] | frozenset[str]) -> list[str]:
     """Participants of the manifest an item name belongs to.
 
     The normalized stem must equal a participant, or start with it and continue, in the
     raw name, after a separator (``QPN_001_MR`` matches ``QPN001`` but not ``QPN0010``).
+    Costs one set look-up per prefix of the stem, whatever the size of the manifest.
     """
     stem = item_stem(name)
     if stem.lower().startswith("sub-"):
         stem = stem[4:]
+    norm = "".join(ch for ch in stem if ch.isalnum())
+    lowered = _lower_index(participants)
     hits = []
+    for n in range(1, len(norm) + 1):
+        for p in lowered.get(norm[:n].lower(), ()):
+            end = _consumes(stem, p)
+            if end is not None and (end == len(stem) or not stem[end].isalnum()):
+                hits.append(p)
+    return sorted(set(hits))
+
+
+_INDEX_CACHE: dict[int, tuple[object, dict[str, list[str]]]] = {}
+
+
+def _lower_index(participants) -> dict[str, list[str]]:
+    cached = _INDEX_CACHE.get(id(participants))
+    if cached is not None and cached[0] is participants:
+        return cached[1]
+    index: dict[str, list[str]] = {}
     for p in participants:
-        # walk the raw stem consuming p's characters, skipping separators
-        i = 0
-        k = 0
-        while i < len(stem) and k < len(p):
-            ch = stem[i]
-            if ch.isalnum():
-                if ch.lower() != p[k].lower():
-                    break
-                k += 1
-            i += 1
-        if k != len(p):
-            continue
-        rest = stem[i:]
-        if rest == "" or not rest[0].isalnum():
-            hits.append(p)
-    return sorted(hits)
+        index.setdefault(p.lower(), []).append(p)
+    _INDEX_CACHE.clear()
+    _INDEX_CACHE[id(participants)] = (participants, index)
+    return index
 
 
 @dataclass(frozen=True)

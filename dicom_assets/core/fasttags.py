@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 
 import pydicom
 
@@ -118,19 +119,47 @@ def _element(buf: bytes, pos: int, implicit: bool):
     return pos + 8, tag, vr, length, pos + 8
 
 
-def parse_tags(buf: bytes) -> dict | None:
-    """The WANTED tags from a DICOM file's leading bytes, or None to ask for pydicom."""
+DATE_TAGS_END = 0x00080032  # AcquisitionTime: the last tag the tarball's mtimes need
+
+
+def parse_tags(buf: bytes, last: int = _LAST) -> dict | None:
+    """The WANTED tags (up to tag ``last``) from a DICOM file's leading bytes, or None to
+    ask for pydicom."""
     try:
-        return _parse(buf)
+        return _parse(buf, last)
     except (_NeedFallback, struct.error, UnicodeDecodeError):
         return None
 
 
-def _parse(buf: bytes) -> dict:
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+@dataclass
+class HeaderScan:
+    """What organize needs of a file, read up to its pixel data."""
+
+    tags: dict
+    media_sop_class: str | None
+    has_pixels: bool
+    pixel_value_start: int = 0
+    pixel_length: int = 0  # 0xFFFFFFFF: encapsulated (compressed) frames
+
+
+def scan_header(buf: bytes, file_size: int) -> HeaderScan | None:
+    """Parse every element up to the pixel data (decoding only WANTED tags); None asks
+    for pydicom (unusual encodings, or a header longer than buf)."""
+    try:
+        return _parse(buf, None, file_size)
+    except (_NeedFallback, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _parse(buf: bytes, last: int | None = _LAST, file_size: int | None = None):
     if len(buf) < 132 or buf[128:132] != b"DICM":
         raise _NeedFallback
     pos = 132
     ts = None
+    media_sop = None
     # file meta: always explicit VR little endian, group 0002
     while pos + 8 <= len(buf):
         group = struct.unpack_from("<H", buf, pos)[0]
@@ -139,17 +168,24 @@ def _parse(buf: bytes) -> dict:
         after, tag, _vr, length, vstart = _element(buf, pos, False)
         if tag == 0x00020010:
             ts = buf[vstart: vstart + length].decode("ascii", "replace").rstrip("\x00 ")
+        elif tag == 0x00020002:
+            media_sop = buf[vstart: vstart + length].decode("ascii", "replace").rstrip("\x00 ") or None
         pos = after + length
     if ts is None or ts in _FALLBACK_TS:
         raise _NeedFallback
     implicit = ts == _IMPLICIT_LE
     out: dict = {k: None for k in KEYWORDS}
     utf8 = False
+    whole = file_size is not None and len(buf) >= file_size
     while True:
         if pos + 8 > len(buf):
+            if last is None and whole and pos == len(buf):
+                return HeaderScan(out, media_sop, False)  # the file ends without pixel data
             raise _NeedFallback  # header continues past the bytes we were given
         after, tag, _vr, length, vstart = _element(buf, pos, implicit)
-        if tag > _LAST:
+        if last is None and tag in PIXEL_TAGS:
+            return HeaderScan(out, media_sop, True, vstart, length)
+        if last is not None and tag > last:
             return out
         if tag == 0x00080005:  # Specific Character Set
             cs = buf[vstart: vstart + length].decode("ascii", "replace").strip("\x00 ").upper()
@@ -193,10 +229,10 @@ def read_tags_pydicom(fp) -> dict:
     return {kw: _value(ds, kw, kind) for kw, kind in WANTED.values()}
 
 
-def read_tags(head: bytes, full=None) -> dict:
+def read_tags(head: bytes, full=None, last: int = _LAST) -> dict:
     """Tags from leading bytes; falls back to pydicom on ``full`` (a path or file object
     of the whole file) or, when not given, on the bytes in hand."""
-    tags = parse_tags(head)
+    tags = parse_tags(head, last)
     if tags is not None:
         return tags
     return read_tags_pydicom(full if full is not None else io.BytesIO(head))

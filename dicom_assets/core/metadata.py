@@ -9,17 +9,20 @@ carry no wall-clock time, so they are as reproducible as the tarball. Schemas:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
+import tarfile  # only to list member names in checks
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .fasttags import KEYWORDS, read_tags
-from .tarball import HEAD_BYTES, _Hasher
+from .tarball import BLOCK, _Hasher
+
+ZERO_BLOCK = bytes(BLOCK)
+
+HEAD_BYTES = 1 << 20
 
 DICOM_FIELDS = (
     "SeriesDescription",
@@ -40,36 +43,59 @@ assert set(DICOM_FIELDS) <= set(KEYWORDS)
 _CHUNK = 1 << 20
 
 
-class _HashingReader(io.RawIOBase):
-    """A file wrapper feeding every byte read to md5 and sha256 (on worker threads)."""
+class TarFormatError(ValueError):
+    pass
 
-    def __init__(self, fh):
-        self.fh = fh
-        self.hasher = _Hasher()
-        self.size = 0
 
-    def readable(self) -> bool:
-        return True
+def _read_exact(fh, n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise TarFormatError(f"tarball ends early ({len(data)} of {n} bytes)")
+    return data
 
-    def readinto(self, b) -> int:
-        n = self.fh.readinto(b)
-        if n:
-            self.hasher.update(bytes(b[:n]))
-            self.size += n
-        return n
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.fh.read(n)
+def _num(field: bytes) -> int:
+    text = field.rstrip(b"\x00 ").strip()
+    return int(text, 8) if text else 0
+
+
+def iter_tar(fh, on_bytes):
+    """Stream a POSIX (ustar/pax/GNU long name) tarball: yield (name, size, mtime, typeflag,
+    data) per member, and hand every byte read, headers included, to on_bytes. One read of
+    each block, no copies: the archive's own digests and the members' come from the same bytes."""
+    long_name: str | None = None
+    while True:
+        hdr = fh.read(BLOCK)
+        if not hdr:
+            return
+        if len(hdr) != BLOCK:
+            raise TarFormatError("tarball ends inside a header")
+        on_bytes(hdr)
+        if hdr == ZERO_BLOCK:
+            return
+        stored = _num(hdr[148:156])
+        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise TarFormatError("bad tar header checksum: not a tarball, or a damaged one")
+        size, mtime, typeflag = _num(hdr[124:136]), _num(hdr[136:148]), hdr[156:157]
+        padded = size + (-size % BLOCK)
+        data = _read_exact(fh, padded) if padded else b""
         if data:
-            self.hasher.update(data)
-            self.size += len(data)
-        return data
-
-    def drain(self) -> tuple[str, str, int]:
-        while self.read(_CHUNK):
-            pass
-        md5, sha = self.hasher.close()
-        return md5, sha, self.size
+            on_bytes(data)
+        if typeflag in (b"x", b"L"):
+            if typeflag == b"L":
+                long_name = data[:size].rstrip(b"\x00").decode("utf-8")
+            else:
+                for rec in data[:size].decode("utf-8").splitlines():
+                    _len, _, kv = rec.partition(" ")
+                    key, _, value = kv.partition("=")
+                    if key == "path":
+                        long_name = value
+            continue
+        name = hdr[0:100].rstrip(b"\x00")
+        prefix = hdr[345:500].rstrip(b"\x00") if hdr[257:262] == b"ustar" else b""
+        path = long_name or (prefix + b"/" + name if prefix else name).decode("utf-8")
+        long_name = None
+        yield path, size, mtime, typeflag, memoryview(data)[:size]
 
 
 @dataclass
@@ -88,21 +114,22 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
     dicoms: list[dict] = []
     members = 0
     latest = 0
-    with open(tar_path, "rb", buffering=0) as raw:
-        reader = _HashingReader(raw)
-        buffered = io.BufferedReader(reader, buffer_size=_CHUNK)
-        with tarfile.open(fileobj=buffered, mode="r|") as tf:
-            for m in tf:
-                if not m.isfile():
+    hasher = _Hasher(("md5", "sha256"))
+    size = 0
+
+    def on_bytes(b: bytes) -> None:
+        nonlocal size
+        size += len(b)
+        hasher.update(b)
+
+    try:
+        with open(tar_path, "rb", buffering=0) as fh:
+            for name, msize, mtime, typeflag, data in iter_tar(fh, on_bytes):
+                if typeflag not in (b"0", b"\x00"):
                     continue
                 members += 1
-                fh = tf.extractfile(m)
-                h = hashlib.md5()
-                head = fh.read(HEAD_BYTES)
-                h.update(head)
-                for chunk in iter(lambda: fh.read(_CHUNK), b""):
-                    h.update(chunk)
-                latest = max(latest, int(m.mtime))
+                latest = max(latest, mtime)
+                head = bytes(data[:HEAD_BYTES])
                 tags: dict | None = None
                 if _looks_dicom(head) or head[:4] in (b"\x08\x00\x05\x00", b"\x08\x00\x08\x00"):
                     try:
@@ -111,10 +138,16 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                         tags = {k: None for k in KEYWORDS}
                 if tags is None:
                     continue  # a non-DICOM member is counted but not described
-                rec = {"path": m.name, "md5": h.hexdigest(), "size": m.size}
+                rec = {"path": name, "md5": hashlib.md5(data).hexdigest(), "size": msize}
                 rec.update({k: tags.get(k) for k in DICOM_FIELDS})
                 dicoms.append(rec)
-        md5, sha256, size = reader.drain()
+            while True:  # the record padding after the end blocks belongs to the file too
+                rest = fh.read(_CHUNK)
+                if not rest:
+                    break
+                on_bytes(rest)
+    finally:
+        md5, sha256 = hasher.close()
     dicoms.sort(key=lambda r: r["path"])
     tarball = {
         "visit": visit,

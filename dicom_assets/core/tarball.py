@@ -28,11 +28,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from queue import Queue
 
-from .fasttags import read_tags
+from .fasttags import DATE_TAGS_END, read_tags
 
 BLOCK = 512
 RECORD = 10240
-HEAD_BYTES = 1 << 20  # header tags are parsed from the first MiB of each file
+HEAD_BYTES = 64 << 10  # header tags are parsed from the first 64 KiB (pydicom beyond that)
 _CHUNK = 1 << 20
 
 
@@ -148,7 +148,6 @@ class Member:
 class TarballResult:
     path: str
     size: int
-    md5: str
     sha256: str
     members: int
     dicoms_with_time: int
@@ -156,15 +155,14 @@ class TarballResult:
 
 
 class _Hasher:
-    """md5 and sha256 of everything written, each on its own thread (hashlib releases the
-    GIL on large buffers, so hashing overlaps the copying)."""
+    """Digests of a byte stream, each on its own thread (hashlib releases the GIL on large
+    buffers, so hashing overlaps the copying)."""
 
-    def __init__(self) -> None:
-        self.md5 = hashlib.md5()
-        self.sha256 = hashlib.sha256()
-        self._queues = [Queue(maxsize=64), Queue(maxsize=64)]
+    def __init__(self, names: tuple[str, ...] = ("md5", "sha256")) -> None:
+        self.hashes = [hashlib.new(n) for n in names]
+        self._queues = [Queue(maxsize=64) for _ in names]
         self._threads = [threading.Thread(target=self._run, args=(q, h), daemon=True)
-                         for q, h in zip(self._queues, (self.md5, self.sha256))]
+                         for q, h in zip(self._queues, self.hashes)]
         for t in self._threads:
             t.start()
 
@@ -180,12 +178,12 @@ class _Hasher:
         for q in self._queues:
             q.put(chunk)
 
-    def close(self) -> tuple[str, str]:
+    def close(self) -> tuple[str, ...]:
         for q in self._queues:
             q.put(None)
         for t in self._threads:
             t.join()
-        return self.md5.hexdigest(), self.sha256.hexdigest()
+        return tuple(h.hexdigest() for h in self.hashes)
 
 
 def scan_members(files: list[tuple[Path, str]]) -> list[Member]:
@@ -197,7 +195,7 @@ def scan_members(files: list[tuple[Path, str]]) -> list[Member]:
             head = fh.read(HEAD_BYTES)
             try:
                 fh.seek(0)
-                tags = read_tags(head, fh)
+                tags = read_tags(head, fh, last=DATE_TAGS_END)
                 mtime = dicom_datetime(tags)
             except Exception:
                 mtime = None  # not a DICOM we can date: gets the visit's latest time
@@ -217,24 +215,34 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
     for stray in dest.parent.glob(f".{dest.name}.tmp-*"):
         stray.unlink(missing_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    hasher = _Hasher()
+    hasher = _Hasher(("sha256",))  # md5 comes with the metadata pass, which reads it anyway
     total = 0
     try:
-        with open(tmp, "wb") as out:
-            def emit(b: bytes) -> None:
+        with open(tmp, "wb", buffering=0) as out:
+            def emit(*parts: bytes) -> None:
+                """Write parts with one writev (no concatenation copy), retrying short writes."""
                 nonlocal total
-                out.write(b)
-                hasher.update(b)
-                total += len(b)
+                views = [memoryview(p) for p in parts if p]
+                while views:
+                    n = os.writev(out.fileno(), views)
+                    while views and n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    if views and n:
+                        views[0] = views[0][n:]
+                for p in parts:
+                    if p:
+                        hasher.update(p)
+                        total += len(p)
 
             emit(member_headers(top.rstrip("/") + "/", 0, latest, 0o755, b"5"))
             for i, m in enumerate(members):
                 if fail_after is not None and i == fail_after:
                     raise RuntimeError(f"simulated crash after {i} members")
-                emit(member_headers(f"{top}/{m.arcname}", m.size, m.mtime if m.mtime is not None else latest,
-                                    0o644, b"0"))
+                header = member_headers(f"{top}/{m.arcname}", m.size, m.mtime if m.mtime is not None else latest,
+                                        0o644, b"0")
                 copied = 0
-                with open(m.source, "rb") as fh:
+                with open(m.source, "rb", buffering=0) as fh:
                     while True:
                         chunk = fh.read(_CHUNK)
                         if not chunk:
@@ -242,17 +250,16 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
                         copied += len(chunk)
                         if copied > m.size:
                             raise RuntimeError(f"{m.source} grew while being archived")
-                        emit(chunk)
+                        emit(header, chunk)
+                        header = b""
                 if copied != m.size:
                     raise RuntimeError(f"{m.source} changed size while being archived ({m.size} -> {copied})")
-                if m.size % BLOCK:
-                    emit(b"\x00" * (BLOCK - m.size % BLOCK))
+                emit(header, b"\x00" * (-m.size % BLOCK))
             emit(b"\x00" * (2 * BLOCK))
             if total % RECORD:
                 emit(b"\x00" * (RECORD - total % RECORD))
-            out.flush()
             os.fsync(out.fileno())
-        md5, sha256 = hasher.close()
+        (sha256,) = hasher.close()
         os.replace(tmp, dest)
         dir_fd = os.open(dest.parent, os.O_RDONLY)
         try:
@@ -263,7 +270,7 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
         hasher.close()
         tmp.unlink(missing_ok=True)
         raise
-    return TarballResult(str(dest), total, md5, sha256, len(members), len(times), latest)
+    return TarballResult(str(dest), total, sha256, len(members), len(times), latest)
 
 
 def organized_files(dicom_dir: Path) -> list[tuple[Path, str]]:

@@ -57,7 +57,6 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
         "path": path(dest),
         "size": MetadataValue.int(result.size),
         "members": result.members,
-        "md5": result.md5,
         "sha256": result.sha256,
         "members_without_dicom_time": result.members - result.dicoms_with_time,
     })
@@ -71,8 +70,9 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
     owners=["team:imaging"],
     code_version="1",
     check_specs=[
-        AssetCheckSpec("tarball_md5_matches", asset="visit_metadata", blocking=True,
-                       description="the tarball read now has the md5 visit_tarball recorded when writing it"),
+        AssetCheckSpec("tarball_unchanged", asset="visit_metadata", blocking=True,
+                       description="the tarball described (md5, sha256) is the one visit_tarball wrote: "
+                                   "same sha256 as recorded when writing it"),
         AssetCheckSpec("dicom_count_matches", asset="visit_metadata", blocking=True,
                        description="the metadata lists as many DICOMs as organized_dicoms kept"),
         AssetCheckSpec("paths_exist_in_tarball", asset="visit_metadata", blocking=True,
@@ -116,19 +116,19 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
     })
 
 
-def _recorded_tarball_md5(context, visit_key: str) -> str | None:
+def _recorded_tarball_sha256(context, visit_key: str) -> str | None:
     records = context.instance.fetch_materializations(
         AssetRecordsFilter(asset_key=AssetKey("visit_tarball"), asset_partitions=[visit_key]), limit=1
     ).records
     if not records or records[0].asset_materialization is None:
         return None
-    value = records[0].asset_materialization.metadata.get("md5")
+    value = records[0].asset_materialization.metadata.get("sha256")
     return value.value if value is not None else None
 
 
 def _metadata_checks(context, ds, visit, tar, tj_path, dj_path, tarball_meta) -> list[AssetCheckResult]:
-    recorded = _recorded_tarball_md5(context, visit.key)
-    actual = tarball_meta["md5"]
+    recorded = _recorded_tarball_sha256(context, visit.key)
+    actual = tarball_meta["sha256"]
     written_tj = json.loads(tj_path.read_text())
     written_dj = json.loads(dj_path.read_text())
     kept = len(organized_files(ds.layout.dicom_dir(visit)))
@@ -136,9 +136,9 @@ def _metadata_checks(context, ds, visit, tar, tj_path, dj_path, tarball_meta) ->
     missing = [d["path"] for d in written_dj if d["path"] not in names]
     return [
         AssetCheckResult(
-            check_name="tarball_md5_matches", passed=recorded is not None and recorded == actual == written_tj["md5"],
-            metadata={"tarball_md5_now": actual, "md5_when_written": recorded or "(no record)",
-                      "metadata_md5": written_tj["md5"]},
+            check_name="tarball_unchanged", passed=recorded is not None and recorded == actual == written_tj["sha256"],
+            metadata={"tarball_sha256_now": actual, "sha256_when_written": recorded or "(no record)",
+                      "metadata_sha256": written_tj["sha256"], "metadata_md5": written_tj["md5"]},
             description=None if recorded == actual else
             "the tarball changed since visit_tarball wrote it: re-materialize visit_tarball",
         ),

@@ -227,8 +227,9 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
             reason.append(f"{len(problems)} download(s) not matched: {problems[0]}")
         return SensorResult(skip_reason=SkipReason("; ".join(reason) or "no new complete download"),
                             cursor=cursor)
-    context.log.info(f"{len(run_requests)} complete download(s): " +
-                     ", ".join(r.partition_key for r in run_requests))
+    shown = ", ".join(r.partition_key for r in run_requests[:20])
+    more = f" and {len(run_requests) - 20} more" if len(run_requests) > 20 else ""
+    context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}")
     return SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[visits_partitions.build_add_request(new_keys)] if new_keys else [],

@@ -1,0 +1,186 @@
+"""dicom-assets benchmark suite: one command, a table, a JSON file of results.
+
+    make bench                      # 2,000 files x 256 KiB (default)
+    .venv/bin/python bench/run.py --files 500 --kb 256 --sensor-items 10000
+
+Each stage's core function is timed against its floor on the same files, warm cache:
+
+* organize        vs  a bare pydicom ``dcmread(stop_before_pixels=True)`` of every file
+* visit tarball   vs  GNU ``tar -chf`` of the same files, then ``sync`` of the tar file
+                      (the tarball step fsyncs before its atomic rename; GNU tar does not)
+* visit metadata  vs  ``md5sum`` of the same files
+* sensor tick     over N download items (two ticks: the second one takes them)
+
+Peak memory is Python's (tracemalloc) for each stage. Not a test: numbers vary by machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pydicom  # noqa: E402
+
+from dicom_assets import __version__  # noqa: E402
+from dicom_assets.core.demo import build_corpus  # noqa: E402
+from dicom_assets.core.dicomscan import Rules  # noqa: E402
+from dicom_assets.core.metadata import describe_tarball  # noqa: E402
+from dicom_assets.core.organize import organize_visit  # noqa: E402
+from dicom_assets.core.samples import ensure_samples  # noqa: E402
+from dicom_assets.core.tarball import organized_files, write_tarball  # noqa: E402
+
+
+def best_of(n, fn):
+    """Fastest of n runs (warm cache), with the peak Python memory of the first."""
+    times, peak, result = [], 0, None
+    for i in range(n):
+        if i == 0:
+            tracemalloc.start()
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    return min(times), peak, result
+
+
+def run_cmd(cmd, **kw):
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - t
+
+
+def best_cmd(n, cmd, **kw):
+    return min(run_cmd(cmd, **kw) for _ in range(n))
+
+
+def sensor_bench(items: int, work: Path) -> dict:
+    from dagster import SensorResult, build_sensor_context, instance_for_test
+
+    from dicom_assets.definitions import downloads_sensor
+    from dicom_assets.defs.resources import DatasetResource
+
+    root = work / "sensor_root"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "tabular" / "demographics").mkdir(parents=True)
+    (root / "global_config.json").write_text(json.dumps(
+        {"dataset_name": "bench", "study_id": "B", "sessions": ["ses-01", "ses-02"]}))
+    rows = ["participant_id,session_id"]
+    dl = root / "downloads"
+    for ses in ("ses-01", "ses-02"):
+        (dl / ses).mkdir(parents=True)
+    for i in range(items):
+        ses = "ses-01" if i % 2 == 0 else "ses-02"
+        rows.append(f"P_{i:05d},{ses}")
+        (dl / ses / f"P_{i:05d}_MR.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    (root / "tabular" / "demographics" / "mr_proc_manifest.csv").write_text("\n".join(rows) + "\n")
+    res = {"dataset": DatasetResource(root=str(root))}
+    out = {}
+    with instance_for_test() as inst:
+        cursor = None
+        for label in ("first tick (all new)", "second tick (all stable: run requests)", "third tick (nothing new)"):
+            ctx = build_sensor_context(instance=inst, cursor=cursor, resources=res)
+            t = time.perf_counter()
+            r = downloads_sensor(ctx)
+            out[label] = time.perf_counter() - t
+            if isinstance(r, SensorResult):
+                cursor = r.cursor
+                out[label + " requests"] = len(r.run_requests or [])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=2000)
+    ap.add_argument("--kb", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--sensor-items", type=int, default=10000)
+    ap.add_argument("--work", help="work folder (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the corpus for another run")
+    args = ap.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="dicom-assets-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    samples = ensure_samples(os.environ.get("DICOM_ASSETS_CACHE"))
+    corpus = work / f"corpus_{args.files}x{args.kb}"
+    if not corpus.exists():
+        print(f"building corpus: {args.files} files x {args.kb} KiB in {corpus} ...", file=sys.stderr)
+        build_corpus(corpus, samples, n_files=args.files, file_kb=args.kb)
+    files = sorted(p for p in corpus.rglob("*") if p.is_file())
+    total_mb = sum(p.stat().st_size for p in files) / 1e6
+    rows = []
+
+    def row(stage, seconds, floor_name, floor_seconds, peak):
+        rows.append({"stage": stage, "seconds": seconds, "files_per_s": len(files) / seconds,
+                     "mb_per_s": total_mb / seconds, "floor": floor_name, "floor_seconds": floor_seconds,
+                     "ratio_to_floor": seconds / floor_seconds if floor_seconds else None,
+                     "peak_python_mb": peak / 1e6})
+
+    # warm the page cache
+    for p in files:
+        p.read_bytes()
+
+    # organize vs pydicom header read
+    def pydicom_floor():
+        for p in files:
+            pydicom.dcmread(p, stop_before_pixels=True)
+    floor, _, _ = best_of(args.repeat, pydicom_floor)
+    org_dir = work / "dicom" / "BENCH"
+    t, peak, _ = best_of(args.repeat, lambda: organize_visit("BENCH_ses-01", corpus, org_dir, Rules()))
+    row("organize", t, "pydicom stop_before_pixels", floor, peak)
+
+    # tarball vs GNU tar (dereferencing the organized symlinks, as the tarball does), followed by
+    # a sync of the file: the tarball step fsyncs before its atomic rename, so the floor does too
+    tar_out = work / "gnu.tar"
+    floor = best_cmd(args.repeat, ["sh", "-c", 'tar -chf "$1" -C "$2" "$3" && sync "$1"', "sh", str(tar_out),
+                                   str(org_dir.parent), org_dir.name])
+    dest = work / "store" / "BENCH_ses-01_dicom.tar"
+    t, peak, res = best_of(args.repeat, lambda: write_tarball(organized_files(org_dir), dest, "BENCH_ses-01"))
+    row("visit_tarball", t, "GNU tar -chf + sync", floor, peak)
+
+    # metadata vs md5sum of the same files
+    floor = best_cmd(args.repeat, ["md5sum", *map(str, files)])
+    t, peak, _ = best_of(args.repeat, lambda: describe_tarball(dest, visit="BENCH_ses-01", study="B",
+                                                               participant="BENCH", session="ses-01",
+                                                               tool_version=__version__))
+    row("visit_metadata", t, "md5sum", floor, peak)
+
+    sensor = sensor_bench(args.sensor_items, work) if args.sensor_items else {}
+
+    print(f"\ndicom-assets {__version__} benchmark: {len(files)} files, {total_mb:.0f} MB, {os.cpu_count()} cores\n")
+    hdr = f"{'stage':<16}{'seconds':>9}{'files/s':>10}{'MB/s':>9}  {'floor':<28}{'floor s':>9}{'ratio':>7}{'peak MB':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['stage']:<16}{r['seconds']:>9.3f}{r['files_per_s']:>10.0f}{r['mb_per_s']:>9.0f}  "
+              f"{r['floor']:<28}{r['floor_seconds']:>9.3f}{r['ratio_to_floor']:>7.2f}{r['peak_python_mb']:>9.1f}")
+    if sensor:
+        print(f"\nsensor over {args.sensor_items} download items:")
+        for k, v in sensor.items():
+            print(f"  {k:<45} {v:.3f} s" if isinstance(v, float) else f"  {k:<45} {v}")
+    results = {"version": __version__, "files": len(files), "mb": total_mb, "cores": os.cpu_count(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": rows, "sensor": sensor}
+    out = REPO / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults: {path}")
+    if not args.keep and not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
