@@ -116,3 +116,16 @@ def test_unsafe_download_fails_with_clear_message(instance, demo_root):
     failure = next(ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE")
     assert "points outside the target" in failure.event_specific_data.error.message
     assert not (demo_root.parent / "escape.dcm").exists()
+
+
+def test_two_dumps_for_one_visit_are_both_kept(instance, demo_root):
+    """A visit exported in two parts: both are extracted, identical files de-duplicated."""
+    ses = demo_root / "downloads" / "ses-01"
+    shutil.copy(ses / "QPN_001_MR.zip", ses / "QPN_001_part2.zip")
+    result = run_chain(instance, demo_root, VISIT)
+    raw = metadata_of(result, "raw_dicoms")
+    assert [r.data["item"].rsplit("/", 1)[-1] for r in raw["downloads"].records] == ["QPN_001_MR.zip",
+                                                                                  "QPN_001_part2.zip"]
+    org = metadata_of(result, "organized_dicoms")
+    assert org["excluded_duplicate"] == org["kept"]  # every DICOM of part 2 is a copy of part 1
+    assert checks_of(result)["no_conflicting_duplicates"] is True
