@@ -33,6 +33,8 @@ def test_visit_runs_through_the_chain(instance, demo_root):
     assert org["excluded_no_pixel_data"] == 2  # DICOMDIR, Phoenix report
     assert org["excluded_excluded_series"] == 5  # Localizers, AAHEAD scout
     assert org["kept"] == len(os.listdir(lay.dicom_dir(v)))
+    assert "data:image/png;base64," in org["qc_montage"]
+    assert org["qc_montage_png"] == str(lay.qc_path(v)) and lay.qc_path(v).stat().st_size > 10000
     series = org["series"].records
     assert {r.data["series_description"] for r in series} >= {"T1w_MPRAGE", "Localizers", "rsfMRI_mosaic"}
     assert sum(r.data["files"] for r in series) == org["kept"]

@@ -102,6 +102,7 @@ class FileRecord:
     study_instance_uid: str | None = None
     patient_id: str | None = None
     series_number: int | None = None
+    instance_number: int | None = None
     series_description: str | None = None
     protocol_name: str | None = None
     modality: str | None = None
@@ -222,6 +223,7 @@ def _fast_record(rec: FileRecord, scan, fp, size: int) -> FileRecord:
     rec.study_instance_uid = t["StudyInstanceUID"]
     rec.patient_id = t["PatientID"]
     rec.series_number = t["SeriesNumber"]
+    rec.instance_number = t["InstanceNumber"]
     rec.series_description = t["SeriesDescription"]
     rec.protocol_name = t["ProtocolName"]
     rec.modality = t["Modality"]
@@ -281,6 +283,7 @@ def read_record(path: Path, rel: str, force_pydicom: bool = False) -> FileRecord
         rec.study_instance_uid = _first(ds.get("StudyInstanceUID"))
         rec.patient_id = _first(ds.get("PatientID"))
         rec.series_number = _int(ds.get("SeriesNumber"))
+        rec.instance_number = _int(ds.get("InstanceNumber"))
         rec.series_description = _first(ds.get("SeriesDescription"))
         rec.protocol_name = _first(ds.get("ProtocolName"))
         rec.modality = _first(ds.get("Modality"))

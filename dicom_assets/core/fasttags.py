@@ -39,6 +39,7 @@ WANTED: dict[int, tuple[str, str]] = {
     0x0020000D: ("StudyInstanceUID", "s"),
     0x0020000E: ("SeriesInstanceUID", "s"),
     0x00200011: ("SeriesNumber", "i"),
+    0x00200013: ("InstanceNumber", "i"),
 }
 KEYWORDS = tuple(k for k, _ in WANTED.values())
 _LAST = max(WANTED)

@@ -26,9 +26,10 @@ from ..core.downloads import items_for_visit, read_dicom_dir_map, scan_downloads
 from ..core.errors import DicomAssetsError
 from ..core.extract import ExtractLimits, extract_visit
 from ..core.organize import excluded_summary, organize_visit, series_rows
+from ..core.qc import build_montage, middle_images
 from .partitions import VISITS_PARTITION_NAME, visit_of, visits_partitions
 from .resources import DatasetResource
-from .ui import SERIES_COLUMNS, path, table
+from .ui import SERIES_COLUMNS, path, qc_markdown, table
 
 VISIT_TAG = "dicom_assets/visit"
 DOWNLOAD_TAG = "dicom_assets/download"
@@ -147,8 +148,12 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
     context.log.info(f"{visit.key}: {len(result.records)} files found, {counts['kept']} kept, "
                      f"{len(result.excluded)} excluded " +
                      ", ".join(f"{k}={v}" for k, v in counts.items() if v and k != "kept"))
+    montage = build_montage(middle_images(result.kept, lay.dicom_dir(visit)), lay.qc_path(visit))
+    for note in montage.notes:
+        context.log.warning(f"QC montage: {note}")
     update_curation_status(ds)
     metadata = {
+        "qc_montage": qc_markdown(montage, visit.key),
         "found": len(result.records),
         "kept": counts["kept"],
         "excluded": len(result.excluded),
@@ -163,6 +168,8 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
         "path": path(lay.dicom_dir(visit)),
         "report": path(report_path),
     }
+    if montage.path is not None:
+        metadata["qc_montage_png"] = path(montage.path)
     return MaterializeResult(metadata=metadata, check_results=_organize_checks(result, cfg.mixed_visit_policy))
 
 

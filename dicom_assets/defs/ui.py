@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
@@ -36,3 +37,14 @@ SERIES_COLUMNS = [
     ("files", "int", "DICOMs kept"),
     ("excluded", "int", "files of this series excluded"),
 ]
+
+
+def qc_markdown(montage, title: str) -> MetadataValue:
+    """The QC montage inlined as a PNG data URI in markdown, so the UI shows the picture."""
+    if montage.path is None:
+        return MetadataValue.md(f"**QC montage of {title}**: {'; '.join(montage.notes) or 'nothing to show'}")
+    data = base64.b64encode(Path(montage.path).read_bytes()).decode()
+    lines = [f"**QC montage of {title}**: middle image of each kept series ({montage.tiles})", "",
+             f"![QC montage of {title}](data:image/png;base64,{data})"]
+    lines += [f"- {n}" for n in montage.notes]
+    return MetadataValue.md("\n".join(lines))
