@@ -34,7 +34,7 @@ from .ui import path, table
     owners=["team:imaging"],
     code_version="1",
     description=(
-        "store/<study>/<visit>_dicom.tar: a byte-for-byte reproducible TAR of the visit's organized "
+        "`store/<study>/<visit>_dicom.tar`: a byte-for-byte reproducible TAR of the visit's organized "
         "DICOMs (sorted, root/root, 0644, mtimes from each DICOM's StudyDate/StudyTime in UTC)."
     ),
 )
@@ -79,8 +79,8 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
                        description="every path of the written metadata JSON exists in the tarball"),
     ],
     description=(
-        "<visit>_metadata_tarball.json (size, md5, sha256, storepath, dspath, ...) and "
-        "<visit>_metadata_dicoms.json (per DICOM: path in the tar, md5, size, series tags), read from "
+        "`<visit>_metadata_tarball.json` (size, md5, sha256, storepath, dspath, ...) and "
+        "`<visit>_metadata_dicoms.json` (per DICOM: path in the tar, md5, size, series tags), read from "
         "the tarball itself in one streaming pass."
     ),
 )

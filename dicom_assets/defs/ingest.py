@@ -42,8 +42,8 @@ DOWNLOAD_TAG = "dicom_assets/download"
     owners=["team:imaging"],
     code_version="1",
     description=(
-        "The visit's scanner dump(s) from downloads/<session>/, extracted safely into "
-        "scratch/raw_dicoms/<session>/<participant>/ (no path escapes, bounded size, atomic swap; "
+        "The visit's scanner dump(s) from `downloads/<session>/`, extracted safely into "
+        "`scratch/raw_dicoms/<session>/<participant>/` (no path escapes, bounded size, atomic swap; "
         "downloads are never moved or changed)."
     ),
 )
@@ -120,8 +120,9 @@ def _organize_checks(result, policy: str) -> list[AssetCheckResult]:
     code_version="1",
     description=(
         "Every file of the raw dump classified (kept, or excluded with a reason) from its header "
-        "alone; the kept DICOMs laid out flat in dicom/<session>/<participant>/ as "
-        "<SOPInstanceUID>.dcm (relative symlinks by default). Report: logs/organize/<visit>_files.tsv."
+        "alone; the kept DICOMs laid out flat in `dicom/<session>/<participant>/` as "
+        "`<SOPInstanceUID>.dcm` (relative symlinks by default). Report: `logs/organize/<visit>_files.tsv`. "
+        "Metadata: counts per reason, series table, excluded files, QC montage."
     ),
     check_specs=[
         AssetCheckSpec("has_kept_dicoms", asset="organized_dicoms", blocking=True,
