@@ -13,7 +13,6 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
 from .. import __version__
@@ -21,18 +20,15 @@ from ..core.curation import update_curation_status
 from ..core.metadata import describe_tarball, tar_member_names, write_metadata
 from ..core.tarball import organized_files, write_tarball
 from .ingest import organized_dicoms
-from .partitions import visit_of, visits_partitions
+from .partitions import visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import path, table
 
 
-@asset(
-    partitions_def=visits_partitions,
-    deps=[organized_dicoms],
-    group_name="archive",
+@visit_asset(
+    group="archive",
     kinds={"tar", "file"},
-    owners=["team:imaging"],
-    code_version="1",
+    deps=[organized_dicoms],
     description=(
         "`store/<study>/<visit>_dicom.tar`: a byte-for-byte reproducible TAR of the visit's organized "
         "DICOMs (sorted, root/root, 0644, mtimes from each DICOM's StudyDate/StudyTime in UTC)."
@@ -62,13 +58,10 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
     })
 
 
-@asset(
-    partitions_def=visits_partitions,
-    deps=[visit_tarball],
-    group_name="archive",
+@visit_asset(
+    group="archive",
     kinds={"json", "file"},
-    owners=["team:imaging"],
-    code_version="1",
+    deps=[visit_tarball],
     check_specs=[
         AssetCheckSpec("tarball_unchanged", asset="visit_metadata", blocking=True,
                        description="the tarball described (md5, sha256) is the one visit_tarball wrote: "

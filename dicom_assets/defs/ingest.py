@@ -16,7 +16,6 @@ from dagster import (
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
-    asset,
     sensor,
 )
 
@@ -27,7 +26,7 @@ from ..core.errors import DicomAssetsError
 from ..core.extract import ExtractLimits, extract_visit
 from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.qc import build_montage, middle_images
-from .partitions import VISITS_PARTITION_NAME, visit_of, visits_partitions
+from .partitions import VISITS_PARTITION_NAME, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import SERIES_COLUMNS, path, qc_markdown, table
 
@@ -35,12 +34,9 @@ VISIT_TAG = "dicom_assets/visit"
 DOWNLOAD_TAG = "dicom_assets/download"
 
 
-@asset(
-    partitions_def=visits_partitions,
-    group_name="ingest",
+@visit_asset(
+    group="ingest",
     kinds={"dicom", "file"},
-    owners=["team:imaging"],
-    code_version="1",
     description=(
         "The visit's scanner dump(s) from `downloads/<session>/`, extracted safely into "
         "`scratch/raw_dicoms/<session>/<participant>/` (no path escapes, bounded size, atomic swap; "
@@ -111,13 +107,10 @@ def _organize_checks(result, policy: str) -> list[AssetCheckResult]:
     ]
 
 
-@asset(
-    partitions_def=visits_partitions,
-    deps=[raw_dicoms],
-    group_name="ingest",
+@visit_asset(
+    group="ingest",
     kinds={"dicom", "file"},
-    owners=["team:imaging"],
-    code_version="1",
+    deps=[raw_dicoms],
     description=(
         "Every file of the raw dump classified (kept, or excluded with a reason) from its header "
         "alone; the kept DICOMs laid out flat in `dicom/<session>/<participant>/` as "

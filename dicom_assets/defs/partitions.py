@@ -6,7 +6,7 @@ session), and a grid would show cells for visits that do not exist, which a "bac
 missing" would then try to run. See docs/decisions.md.
 """
 
-from dagster import DynamicPartitionsDefinition
+from dagster import DynamicPartitionsDefinition, asset
 
 from ..core.ids import Visit, parse_visit_key
 
@@ -17,3 +17,12 @@ visits_partitions = DynamicPartitionsDefinition(name=VISITS_PARTITION_NAME)
 def visit_of(context) -> Visit:
     """The visit of an asset execution context, validated."""
     return parse_visit_key(context.partition_key)
+
+
+OWNERS = ["team:imaging"]
+
+
+def visit_asset(*, group: str, kinds: set[str], code_version: str = "1", **kwargs):
+    """``@asset`` for a step of the visit chain: partitioned by visit, owned, grouped by stage."""
+    return asset(partitions_def=visits_partitions, group_name=group, kinds=kinds, owners=OWNERS,
+                 code_version=code_version, **kwargs)
