@@ -27,10 +27,7 @@ samples: setup
 	$(VENV)/bin/dicom-assets fetch-samples
 
 demo: samples
-	$(VENV)/bin/dicom-assets demo-data $(DEMO_ROOT)
-	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-	@echo "Dagster UI: http://$(HOST):$(PORT)  (dataset root: $(DEMO_ROOT), instance: $(DAGSTER_HOME))"
-	DICOM_ASSETS_ROOT=$(DEMO_ROOT) $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+	VENV=$(VENV) DEMO_ROOT=$(DEMO_ROOT) HOST=$(HOST) PORT=$(PORT) scripts/demo.sh
 
 test: samples
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

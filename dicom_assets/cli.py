@@ -5,6 +5,7 @@
   dicom-assets corpus OUT --files N     build a large visit of real-derived DICOMs (benchmarks)
   dicom-assets check ROOT               validate global_config.json and the manifest
   dicom-assets status ROOT              print tabular/curation_status.tsv, recomputed
+  dicom-assets xnat-test-server         run the XNAT-compatible test server (demo, tests)
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_xnat_test_server(args) -> int:
+    import os
+
+    from .testing.xnat_server import serve_forever
+
+    password = os.environ.get(args.password_env)
+    if not password:
+        print(f"error: set the password in ${args.password_env}", file=sys.stderr)
+        return 2
+    serve_forever(_samples(args).xnat_schemas, args.host, args.port, args.user, password)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dicom-assets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="recompute and print the curation status")
     s.add_argument("root")
     s.set_defaults(fn=cmd_status)
+    x = sub.add_parser("xnat-test-server", help="run the XNAT-compatible test server on loopback")
+    x.add_argument("--host", default="127.0.0.1")
+    x.add_argument("--port", type=int, default=8080)
+    x.add_argument("--user", default="demo")
+    x.add_argument("--password-env", default="XNAT_PASSWORD",
+                   help="environment variable holding the password (never a command-line argument)")
+    x.set_defaults(fn=cmd_xnat_test_server)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

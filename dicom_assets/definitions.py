@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from .defs.archive import visit_metadata, visit_tarball
 from .defs.ingest import build_downloads_sensor, organized_dicoms, raw_dicoms
+from .defs.publish import xnat_resource_from_env, xnat_session
 from .defs.resources import DatasetResource, default_dataset_root
 
-CHAIN_ASSETS = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
+CHAIN_ASSETS = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata, xnat_session]
+# the sensor's run covers the chain up to XNAT when an XNAT is configured (XNAT_HOST set)
+LOCAL_CHAIN = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
 CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 
 # one run per visit: every step of the chain, from the raw dump on
 visit_chain_job = define_asset_job(
     "visit_chain",
-    selection=AssetSelection.assets(*CHAIN_ASSETS),
+    selection=AssetSelection.assets(*(CHAIN_ASSETS if os.environ.get("XNAT_HOST") else LOCAL_CHAIN)),
     description="Run the whole chain for one visit (started by the downloads sensor).",
 )
 
@@ -27,7 +32,7 @@ def build_definitions(root: str | None = None) -> Definitions:
         asset_checks=CHAIN_CHECKS,
         jobs=[visit_chain_job],
         sensors=[downloads_sensor],
-        resources={"dataset": DatasetResource(root=root or default_dataset_root())},
+        resources={"dataset": DatasetResource(root=root or default_dataset_root()), "xnat": xnat_resource_from_env()},
     )
 
 

@@ -2,17 +2,21 @@
 
 from dagster import AssetSelection, materialize
 
-from dicom_assets.definitions import CHAIN_ASSETS, CHAIN_CHECKS
+from dicom_assets.definitions import CHAIN_ASSETS, CHAIN_CHECKS, LOCAL_CHAIN
 from dicom_assets.defs.resources import DatasetResource
 
 
-def run_chain(instance, root, visit, selection=None, raise_on_error=True):
+def run_chain(instance, root, visit, selection=None, raise_on_error=True, xnat=None):
+    """Materialize the chain of one visit (up to XNAT when an XnatResource is given)."""
     if visit not in instance.get_dynamic_partitions("visits"):
         instance.add_dynamic_partitions("visits", [visit])
+    resources = {"dataset": DatasetResource(root=str(root))}
+    if xnat is not None:
+        resources["xnat"] = xnat
     return materialize(
-        CHAIN_ASSETS + CHAIN_CHECKS,
+        (CHAIN_ASSETS if xnat is not None else LOCAL_CHAIN) + CHAIN_CHECKS,
         partition_key=visit,
-        resources={"dataset": DatasetResource(root=str(root))},
+        resources=resources,
         instance=instance,
         selection=selection,
         raise_on_error=raise_on_error,

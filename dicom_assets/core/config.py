@@ -50,6 +50,7 @@ class GlobalConfig:
     derived_series_markers: tuple[str, ...] = ("MoCoSeries",)
     mixed_visit_policy: str = "fail"
     session_label_pattern: str = "{participant}_{session}"
+    xnat_duplicate_policy: str = "fail"
     limits: dict = field(default_factory=lambda: dict(_DEFAULT_LIMITS))
     source: str = ""
 
@@ -73,6 +74,7 @@ _FIELDS = {
     "derived_series_markers",
     "mixed_visit_policy",
     "session_label_pattern",
+    "xnat_duplicate_policy",
     "limits",
 }
 _REQUIRED = ("dataset_name", "study_id", "sessions")
@@ -176,6 +178,10 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
                 "{participant} and {session}"
             )
         kw["session_label_pattern"] = pat
+    if "xnat_duplicate_policy" in data:
+        if data["xnat_duplicate_policy"] not in ("skip", "append", "fail"):
+            raise ConfigError(f"{path}: field 'xnat_duplicate_policy' must be one of skip, append, fail")
+        kw["xnat_duplicate_policy"] = data["xnat_duplicate_policy"]
     limits = dict(_DEFAULT_LIMITS)
     if "limits" in data:
         given = data["limits"]

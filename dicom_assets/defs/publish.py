@@ -1,0 +1,138 @@
+"""Publish: the ``xnat_session`` asset and the XNAT connection resource."""
+
+import json
+import os
+from contextlib import contextmanager
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Backoff,
+    ConfigurableResource,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RetryPolicy,
+)
+from pydantic import Field
+
+from ..core.curation import update_curation_status, xnat_marker_path
+from ..core.xnat_upload import (
+    XnatAuthError,
+    XnatError,
+    XnatTransientError,
+    classify_error,
+    expected_scans,
+    load_dicoms_json,
+    select_files,
+    upload_visit,
+)
+from .archive import visit_metadata
+from .ingest import organized_dicoms
+from .partitions import visit_asset, visit_of
+from .resources import DatasetResource
+from .ui import path, table
+
+
+class XnatResource(ConfigurableResource):
+    """The site's XNAT: URL, user and password from environment variables (never logged)."""
+
+    server: str = Field(description="XNAT base URL, e.g. https://xnat.example.org (XNAT_HOST)")
+    user: str = Field(description="XNAT user (XNAT_USER)")
+    password: str = Field(description="XNAT password (XNAT_PASSWORD)")
+    verify: bool = Field(default=True, description="verify TLS certificates")
+    timeout: int = Field(default=600, description="seconds before an upload request times out")
+
+    @contextmanager
+    def connect(self):
+        import xnat
+
+        try:
+            session = xnat.connect(self.server, user=self.user, password=self.password, verify=self.verify,
+                                   loglevel="ERROR", default_timeout=self.timeout)
+        except Exception as exc:
+            raise classify_error(exc, self.server) from None
+        try:
+            yield session
+        finally:
+            try:
+                session.disconnect()
+            except Exception:
+                pass
+
+
+def xnat_resource_from_env() -> XnatResource:
+    from dagster import EnvVar
+
+    return XnatResource(server=EnvVar("XNAT_HOST"), user=EnvVar("XNAT_USER"), password=EnvVar("XNAT_PASSWORD"),
+                        verify=os.environ.get("XNAT_VERIFY", "true").lower() != "false")
+
+
+@visit_asset(
+    group="publish",
+    kinds={"xnat"},
+    deps=[organized_dicoms, visit_metadata],
+    pool="xnat_upload",
+    retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL),
+    check_specs=[AssetCheckSpec("scans_match_series", asset="xnat_session", blocking=True,
+                                description="the scans XNAT reports (series number, file count) are the "
+                                            "visit's kept, non-excluded series")],
+    description=(
+        "The visit uploaded to the XNAT project of `global_config.json` (created when missing): subject = "
+        "participant, session label from `session_label_pattern`; excluded series are not sent; re-runs do "
+        "not duplicate; the metadata JSON files are attached as resource `METADATA`."
+    ),
+)
+def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat: XnatResource) -> MaterializeResult:
+    visit = visit_of(context)
+    ds = dataset.open()
+    cfg, lay = ds.config, ds.layout
+    if not cfg.xnat_project:
+        raise Failure(f"{lay.config_path}: no 'xnat_project' set; cannot upload {visit.key}", allow_retries=False)
+    dj = lay.metadata_dicoms_path(ds.study, visit)
+    if not dj.is_file():
+        raise Failure(f"{dj}: no metadata for {visit.key}; materialize visit_metadata first", allow_retries=False)
+    files, excluded = select_files(load_dicoms_json(dj), lay.dicom_dir(visit), cfg.exclude_series)
+    label = cfg.session_label_pattern.format(participant=visit.participant, session=visit.session)
+    try:
+        with xnat.connect() as session:
+            result = upload_visit(
+                session, server=xnat.server, project=cfg.xnat_project, subject=visit.participant,
+                session_label=label, files=files, excluded=excluded,
+                metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
+                policy=cfg.xnat_duplicate_policy, workdir=lay.root / "scratch", log=context.log.info)
+    except XnatAuthError as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    except XnatTransientError:
+        raise  # retried by the RetryPolicy
+    except XnatError as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    marker = xnat_marker_path(ds, visit.key)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    url = f"{xnat.server.rstrip('/')}{result.session_uri}"
+    marker.write_text(json.dumps({"project": result.project, "subject": result.subject,
+                                  "session_label": result.session_label, "uri": result.session_uri,
+                                  "status": result.status, "files_sent": result.files_sent}, indent=2) + "\n")
+    update_curation_status(ds)
+    want = expected_scans(files)
+    have = {s["scan"]: s["files"] for s in result.scans}
+    context.log.info(f"{visit.key}: {result.status} as {cfg.xnat_project}/{visit.participant}/{label}")
+    return MaterializeResult(
+        metadata={
+            "status": result.status,
+            "xnat_session": MetadataValue.url(url),
+            "project": result.project,
+            "session_label": result.session_label,
+            "files_sent": result.files_sent,
+            "bytes_sent": MetadataValue.int(result.bytes_sent),
+            "scans": table([{"scan": k, "files": v, "expected": want.get(k, 0)} for k, v in sorted(have.items())],
+                           [("scan", "string", "scan id (SeriesNumber)"), ("files", "int", "files on XNAT"),
+                            ("expected", "int", "kept, non-excluded files")]),
+            "excluded_series_files": len(excluded),
+            "marker": path(marker),
+        },
+        check_results=[AssetCheckResult(check_name="scans_match_series", passed=have == want,
+                                        metadata={"on_xnat": MetadataValue.json(have),
+                                                  "expected": MetadataValue.json(want)})],
+    )
