@@ -5,6 +5,8 @@
   dicom-assets corpus OUT --files N     build a large visit of real-derived DICOMs (benchmarks)
   dicom-assets check ROOT               validate global_config.json and the manifest
   dicom-assets status ROOT              print tabular/curation_status.tsv, recomputed
+  dicom-assets xnat-upload ROOT --project P [--config exclusions.json]
+                                        upload a <subject>/<session>/ tree (classic script layout)
   dicom-assets xnat-test-server         run the XNAT-compatible test server (demo, tests)
 """
 
@@ -75,6 +77,55 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_xnat_upload(args) -> int:
+    """Upload a classic <root>/<subject>/<session>/ tree through the same code as the asset."""
+    import os
+
+    import xnat as xnatpy
+
+    from .core.dicomscan import Rules
+    from .core.organize import classify_tree
+    from .core.xnat_upload import (
+        XnatError,
+        classic_tree_sessions,
+        classify_error,
+        files_from_records,
+        read_exclusions,
+        upload_visit,
+    )
+
+    server = args.server or os.environ.get("XNAT_HOST")
+    user, password = os.environ.get("XNAT_USER"), os.environ.get("XNAT_PASSWORD")
+    if not (server and user and password):
+        print("error: set XNAT_HOST (or --server), XNAT_USER and XNAT_PASSWORD", file=sys.stderr)
+        return 2
+    exclude = read_exclusions(args.config)
+    try:
+        session = xnatpy.connect(server, user=user, password=password, loglevel="ERROR",
+                                 verify=not args.no_verify)
+    except Exception as exc:
+        print(f"error: {classify_error(exc, server)}", file=sys.stderr)
+        return 1
+    failures = 0
+    try:
+        for subject, label, folder in classic_tree_sessions(Path(args.root)):
+            records = classify_tree(folder, Rules(exclude_series=exclude))
+            files = files_from_records(records, folder)
+            skipped = [{"path": r.source, "reason": r.reason} for r in records if r.decision != "kept"]
+            try:
+                res = upload_visit(session, server=server, project=args.project, subject=subject,
+                                   session_label=label, files=files, excluded=skipped, metadata_files=[],
+                                   policy=args.policy)
+                print(f"{subject}/{label}: {res.status}, {res.files_sent} files sent, "
+                      f"{len(skipped)} files left out, scans {', '.join(s['scan'] for s in res.scans)}")
+            except XnatError as exc:
+                failures += 1
+                print(f"{subject}/{label}: FAILED: {exc}", file=sys.stderr)
+    finally:
+        session.disconnect()
+    return 1 if failures else 0
+
+
 def cmd_xnat_test_server(args) -> int:
     import os
 
@@ -112,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="recompute and print the curation status")
     s.add_argument("root")
     s.set_defaults(fn=cmd_status)
+    u = sub.add_parser("xnat-upload", help="upload a <root>/<subject>/<session>/ tree to XNAT")
+    u.add_argument("root")
+    u.add_argument("--project", required=True)
+    u.add_argument("--config", type=Path, help='exclusions file: {"Exclude": ["Localizers", ...]}')
+    u.add_argument("--server", help="XNAT URL (default $XNAT_HOST); user and password from $XNAT_USER/$XNAT_PASSWORD")
+    u.add_argument("--policy", choices=("skip", "append", "fail"), default="fail",
+                   help="when the session exists with other content")
+    u.add_argument("--no-verify", action="store_true", help="do not verify TLS certificates")
+    u.set_defaults(fn=cmd_xnat_upload)
     x = sub.add_parser("xnat-test-server", help="run the XNAT-compatible test server on loopback")
     x.add_argument("--host", default="127.0.0.1")
     x.add_argument("--port", type=int, default=8080)

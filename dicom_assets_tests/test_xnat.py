@@ -9,7 +9,7 @@ import pytest
 from dagster import EnvVar
 
 from dicom_assets.defs.publish import XnatResource
-from dicom_assets.testing.xnat_server import XnatTestServer
+from dicom_assets.testing.xnat_server import Project, XnatTestServer
 
 from .helpers import AssetSelection, checks_of, metadata_of, run_chain
 
@@ -163,3 +163,30 @@ def test_xnat_down_is_reported_clearly(instance, demo_root):
     messages = list(chain(failure.event_specific_data.error))
     assert any("XNAT at http://127.0.0.1:9 is unavailable or failed" in m for m in messages), messages
     assert sum(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events) == 3
+
+
+def test_classic_tree_upload_cli(samples, server, password, tmp_path, monkeypatch, capsys):
+    """A site migrating from the classic script: <root>/<subject>/<session>/<series folders>."""
+    import shutil
+
+    from dicom_assets.cli import main
+
+    tree = tmp_path / "tree"
+    shutil.copytree(samples.xnat_case001 / "scans", tree / "Case001" / "Case001_MR1")
+    (tree / "Case001" / "Case001_MR1" / "notes.txt").write_text("not a DICOM, never sent")
+    excl = tmp_path / "exclusions.json"
+    excl.write_text(json.dumps({"Exclude": ["LOCALIZER"]}))
+    server.projects["MIGR"] = Project("MIGR", "MIGR")  # an existing project of the site
+    monkeypatch.setenv("XNAT_USER", USER)
+    monkeypatch.setenv("XNAT_PASSWORD", password)
+    code = main(["xnat-upload", str(tree), "--project", "MIGR", "--config", str(excl), "--server", server.url])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    exp = server.projects["MIGR"].subjects["Case001"].experiments["Case001_MR1"]
+    assert {k: len(v.files) for k, v in exp.scans.items()} == {"2": 20, "3": 20, "5": 60, "6": 60, "7": 60, "8": 20,
+                                                               "9": 32, "10": 20}
+    assert "Case001/Case001_MR1: uploaded, 292 files sent" in out
+    assert password not in out
+    # a second run sends nothing
+    assert main(["xnat-upload", str(tree), "--project", "MIGR", "--config", str(excl), "--server", server.url]) == 0
+    assert "already_archived" in capsys.readouterr().out and server.imports == 1

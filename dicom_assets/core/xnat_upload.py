@@ -234,3 +234,27 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
         raise
     except Exception as exc:
         raise classify_error(exc, server) from None
+
+
+def files_from_records(records, root: Path) -> list[UploadFile]:
+    """Kept organize records (of a folder tree) as files to send."""
+    return [UploadFile(root / r.source, f"{r.sop_instance_uid}.dcm", r.sop_instance_uid or "", r.series_number,
+                       r.series_description) for r in records if r.decision == "kept"]
+
+
+def classic_tree_sessions(root: Path):
+    """``<root>/<subject>/<session>/...``, the tree of the classic upload script: (subject, session, folder)."""
+    for subj in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for ses in sorted(p for p in subj.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            yield subj.name, ses.name, ses
+
+
+def read_exclusions(path: Path | None) -> tuple[str, ...]:
+    """``{"Exclude": ["Localizers", ...]}`` (the classic script's file) or a plain list."""
+    if path is None:
+        return ()
+    data = json.loads(Path(path).read_text())
+    values = data.get("Exclude") if isinstance(data, dict) else data
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise XnatError(f"{path}: expected {{\"Exclude\": [\"substring\", ...]}}")
+    return tuple(values)
