@@ -7,6 +7,7 @@ VENV ?= $(CURDIR)/.venv
 HOST ?= 127.0.0.1
 PORT ?= 3000
 DEMO_ROOT ?= $(CURDIR)/.demo/dataset
+DAGSTER_YAML ?= dagster.yaml
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DICOM_ASSETS_CACHE ?= $(CURDIR)/.cache
 export PATH := $(VENV)/bin:$(PATH)
@@ -27,7 +28,7 @@ samples: setup
 	$(VENV)/bin/dicom-assets fetch-samples
 
 demo: samples
-	VENV=$(VENV) DEMO_ROOT=$(DEMO_ROOT) HOST=$(HOST) PORT=$(PORT) scripts/demo.sh
+	VENV=$(VENV) DEMO_ROOT=$(DEMO_ROOT) HOST=$(HOST) PORT=$(PORT) DAGSTER_YAML=$(DAGSTER_YAML) scripts/demo.sh
 
 test: samples
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

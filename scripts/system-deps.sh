@@ -4,10 +4,12 @@
 # tests that need a missing program skip with that reason.
 #   git       DataLad / git-annex
 #   chromium  the end-to-end browser test of the Dagster UI
+#   postgresql  the scale-out storage test (a throwaway cluster in a temporary folder)
 set -uo pipefail
 need=()
 command -v git >/dev/null 2>&1 || need+=(git)
 [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1 || need+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 ((${#need[@]})) || exit 0
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "installing system packages: ${need[*]}" >&2
