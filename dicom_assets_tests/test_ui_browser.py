@@ -121,7 +121,7 @@ def test_site_manager_sees_the_chain_and_launches_a_visit(dagster_dev, monkeypat
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     xnat_markers = root / "logs" / "xnat"
     # no click: the daemon's sensor takes the three dumps and runs the chain for each, up to XNAT
-    wait_for(lambda: len(list(xnat_markers.glob("*.json"))) == 3, 480, "the sensor's runs to reach XNAT for 3 visits",
+    wait_for(lambda: len(list(xnat_markers.glob("*.json"))) == 3, 600, "the sensor's runs to reach XNAT for 3 visits",
              log=dagster_dev["log"])
     wait_for(lambda: all(s in ("SUCCESS", "FAILURE", "CANCELED") for _, s, _ in runs_of(home)), 120, "runs to finish")
     sensor_runs = runs_of(home)
@@ -176,19 +176,27 @@ def test_site_manager_sees_the_chain_and_launches_a_visit(dagster_dev, monkeypat
         page.keyboard.press("Escape")
 
         # launch one visit's tarball from the UI
+        def ui_runs():
+            return [r for r in runs_of(home) if r[2].get("dagster/partition") == "QPN002_ses-01"
+                    and "dagster/sensor_name" not in r[2]]
+
         goto("/assets/visit_tarball")
         page.get_by_role("button", name="Materialize…").first.click()
         page.get_by_text("Select a partition or create one").click()
-        page.get_by_text("QPN002_ses-01", exact=True).first.click()
+        page.get_by_placeholder("Filter partitions").fill("QPN002_ses-01")
+        page.locator(".dagster-portal").get_by_text("QPN002_ses-01", exact=True).filter(visible=True).first.click()
         page.keyboard.press("Escape")
+        dismiss_prompt()
         page.get_by_role("button", name="Launch 1 run").click()
+        # keep the page open until the launch reached the instance
+        wait_for(lambda: bool(ui_runs()), 90, "the UI's launch request to create a run")
+        shot(page, "launched")
         browser.close()
 
     def ui_run_done():
-        ui = [r for r in runs_of(home) if r[2].get("dagster/partition") == "QPN002_ses-01"
-              and "dagster/sensor_name" not in r[2]]
+        ui = ui_runs()
         return bool(ui) and ui[0][1] in ("SUCCESS", "FAILURE")
 
     wait_for(ui_run_done, 240, "the run launched from the UI")
-    ui_runs = [r for r in runs_of(home) if "dagster/sensor_name" not in r[2]]
-    assert [s for _, s, _ in ui_runs] == ["SUCCESS"]
+    manual = [r for r in runs_of(home) if "dagster/sensor_name" not in r[2]]
+    assert [s for _, s, _ in manual] == ["SUCCESS"]
