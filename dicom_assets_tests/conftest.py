@@ -43,3 +43,23 @@ def demo_root(pristine_demo, tmp_path) -> Path:
 def instance():
     with instance_for_test() as inst:
         yield inst
+
+
+_FAULTS: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        if "faults" in report.keywords:
+            _FAULTS[report.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The tally of fault-injection cases (bad input, failing services), as the team reads it."""
+    if not _FAULTS:
+        return
+    outcomes: dict[str, int] = {}
+    for outcome in _FAULTS.values():
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    terminalreporter.write_sep("-", "fault-injection cases")
+    terminalreporter.write_line(f"{len(_FAULTS)} cases: " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())))

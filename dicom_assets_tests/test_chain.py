@@ -5,6 +5,8 @@ import hashlib
 import os
 import shutil
 
+import pytest
+
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import DatasetLayout
 
@@ -82,6 +84,7 @@ def test_copied_dataset_root_gives_identical_archive(instance, demo_root, tmp_pa
     assert a.metadata_dicoms_path("QPN", v).read_bytes() == b.metadata_dicoms_path("QPN", v).read_bytes()
 
 
+@pytest.mark.faults
 def test_checks_fail_on_a_tampered_tarball(instance, demo_root):
     run_chain(instance, demo_root, VISIT)
     tar = DatasetLayout(demo_root).tarball_path("QPN", Visit("QPN001", "ses-01"))
@@ -97,6 +100,7 @@ def test_checks_fail_on_a_tampered_tarball(instance, demo_root):
     assert all(checks_of(result).values())
 
 
+@pytest.mark.faults
 def test_visit_with_nothing_to_keep_fails_its_blocking_check(instance, demo_root):
     ses = demo_root / "downloads" / "ses-01"
     (ses / "QPN_004").mkdir()
@@ -108,6 +112,7 @@ def test_visit_with_nothing_to_keep_fails_its_blocking_check(instance, demo_root
     assert "visit_tarball" not in materialized  # the blocking check stopped the chain
 
 
+@pytest.mark.faults
 def test_unsafe_download_fails_with_clear_message(instance, demo_root):
     import zipfile
 
@@ -120,6 +125,7 @@ def test_unsafe_download_fails_with_clear_message(instance, demo_root):
     assert not (demo_root.parent / "escape.dcm").exists()
 
 
+@pytest.mark.faults
 def test_two_dumps_for_one_visit_are_both_kept(instance, demo_root):
     """A visit exported in two parts: both are extracted, identical files de-duplicated."""
     ses = demo_root / "downloads" / "ses-01"

@@ -28,11 +28,13 @@ def test_exclude_as_plain_list(tmp_path):
     assert cfg.exclude_series == ("MoCoSeries",)
 
 
+@pytest.mark.faults
 def test_missing_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="global_config.json: global config file not found"):
         load_config(tmp_path / "global_config.json")
 
 
+@pytest.mark.faults
 def test_malformed_json_names_line(tmp_path):
     p = write(tmp_path, '{"dataset_name": "x",\n "study_id": }')
     with pytest.raises(ConfigError, match=r"global_config.json: not valid JSON \(line 2"):
@@ -52,6 +54,7 @@ def test_malformed_json_names_line(tmp_path):
     ({"session_label_pattern": "{subject}"}, "field 'session_label_pattern'"),
     ({"xnat_project": "has space"}, "field 'xnat_project'"),
 ])
+@pytest.mark.faults
 def test_each_bad_field_is_named(tmp_path, change, message):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, {**GOOD, **change}))
@@ -59,6 +62,7 @@ def test_each_bad_field_is_named(tmp_path, change, message):
     assert "global_config.json" in str(err.value)
 
 
+@pytest.mark.faults
 def test_missing_required_field(tmp_path):
     data = dict(GOOD)
     del data["study_id"]
@@ -66,6 +70,7 @@ def test_missing_required_field(tmp_path):
         load_config(write(tmp_path, data))
 
 
+@pytest.mark.faults
 def test_top_level_must_be_object(tmp_path):
     with pytest.raises(ConfigError, match="top level must be a JSON object"):
         load_config(write(tmp_path, "[1, 2]"))

@@ -20,6 +20,7 @@ def test_manifest_normalizes_ids(tmp_path):
     assert not m.has_visit(Visit("MNI7", "ses-02"))
 
 
+@pytest.mark.faults
 def test_two_ids_normalizing_alike_is_an_error(tmp_path):
     p = write(tmp_path, "participant_id,session_id\nQPN_001,ses-01\nQPN-001,ses-01\n")
     with pytest.raises(ManifestError, match=r"ids 'QPN-001', 'QPN_001' all normalize to 'QPN001'|"
@@ -27,27 +28,32 @@ def test_two_ids_normalizing_alike_is_an_error(tmp_path):
         read_manifest(p)
 
 
+@pytest.mark.faults
 def test_missing_column(tmp_path):
     with pytest.raises(ManifestError, match="missing column\\(s\\) session_id"):
         read_manifest(write(tmp_path, "participant_id,visit\nA,1\n"))
 
 
+@pytest.mark.faults
 def test_missing_file(tmp_path):
     with pytest.raises(ManifestError, match="participant manifest not found"):
         read_manifest(tmp_path / "nope.csv")
 
 
+@pytest.mark.faults
 def test_unknown_session_names_line(tmp_path):
     p = write(tmp_path, "participant_id,session_id\nA,ses-01\nB,ses-09\n")
     with pytest.raises(ManifestError, match="line 3: column 'session_id': session 'ses-09' is not one of"):
         read_manifest(p, sessions=("ses-01",))
 
 
+@pytest.mark.faults
 def test_empty_participant_names_line(tmp_path):
     with pytest.raises(ManifestError, match="line 2: column 'participant_id'"):
         read_manifest(write(tmp_path, "participant_id,session_id\n__,ses-01\n"))
 
 
+@pytest.mark.faults
 def test_duplicate_visit(tmp_path):
     with pytest.raises(ManifestError, match="listed more than once"):
         read_manifest(write(tmp_path, "participant_id,session_id\nA,ses-01\nA,01\n"))

@@ -38,6 +38,7 @@ def by_source(result):
     return {r.source: r for r in result.records}
 
 
+@pytest.mark.faults
 def test_messy_tree_every_case_has_its_reason(samples, t1_sources, tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "dicom" / "P1"
     pf = samples.pydicom_files
@@ -141,6 +142,7 @@ def test_copy_mode_and_moving_the_root(samples, t1_sources, tmp_path):
     assert all(not (moved / "copy" / r.dest).is_symlink() for r in res.kept)
 
 
+@pytest.mark.faults
 def test_mixed_visit_is_flagged(t1_sources, tmp_path):
     raw = tmp_path / "raw"
     write(raw, "a/IM1", rewrite_dicom(t1_sources[0], **ident(1, study="1.2.3.4", patient="P1")))
@@ -149,6 +151,7 @@ def test_mixed_visit_is_flagged(t1_sources, tmp_path):
     assert result.mixed and result.patient_ids == ["P1", "P2"] and len(result.study_uids) == 2
 
 
+@pytest.mark.faults
 def test_missing_raw_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="materialize raw_dicoms first"):
         organize_visit("P1_ses-01", tmp_path / "nope", tmp_path / "out", RULES)
@@ -156,6 +159,7 @@ def test_missing_raw_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
                     reason="needs root and setpriv to read as an unprivileged user")
+@pytest.mark.faults
 def test_unreadable_permission_is_reported_not_fatal(t1_sources):
     import tempfile
 

@@ -53,6 +53,7 @@ def test_new_downloads_wait_one_tick_then_run_once(instance, demo_root):
     assert not requests(t.tick())  # unchanged downloads never run again
 
 
+@pytest.mark.faults
 def test_growing_download_is_not_taken(instance, demo_root):
     t = Ticker(instance, demo_root)
     t.tick(), t.tick()
@@ -66,6 +67,7 @@ def test_growing_download_is_not_taken(instance, demo_root):
     assert [r.partition_key for r in reqs] == ["QPN004_ses-01"]
 
 
+@pytest.mark.faults
 def test_partial_names_are_ignored_and_done_marker_is_immediate(instance, demo_root):
     t = Ticker(instance, demo_root)
     t.tick(), t.tick()
@@ -78,6 +80,7 @@ def test_partial_names_are_ignored_and_done_marker_is_immediate(instance, demo_r
     assert [r.partition_key for r in requests(t.tick())] == ["QPN004_ses-02"]
 
 
+@pytest.mark.faults
 def test_unknown_participant_is_reported_not_guessed(instance, demo_root):
     t = Ticker(instance, demo_root)
     t.tick(), t.tick()
@@ -101,6 +104,7 @@ def test_redelivered_download_runs_again(instance, demo_root):
     assert again[0].run_key != first["QPN001_ses-01"]
 
 
+@pytest.mark.faults
 def test_folder_download_still_being_copied(instance, demo_root):
     t = Ticker(instance, demo_root)
     t.tick(), t.tick()
@@ -113,6 +117,7 @@ def test_folder_download_still_being_copied(instance, demo_root):
     assert [r.partition_key for r in requests(t.tick())] == ["QPN004_ses-02"]
 
 
+@pytest.mark.faults
 def test_broken_config_is_a_skip_with_the_reason(instance, demo_root):
     (demo_root / "global_config.json").write_text("{")
     result = Ticker(instance, demo_root).tick()

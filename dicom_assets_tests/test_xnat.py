@@ -74,6 +74,7 @@ def test_visit_arrives_in_xnat_and_rerun_does_not_duplicate(instance, demo_root,
     assert server.prearchive == {}
 
 
+@pytest.mark.faults
 def test_503_on_first_attempt_is_retried(instance, demo_root, server, xnat_res):
     run_chain(instance, demo_root, VISIT)
     server.inject("/data/services/import", "503")
@@ -84,6 +85,7 @@ def test_503_on_first_attempt_is_retried(instance, demo_root, server, xnat_res):
     assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
 
 
+@pytest.mark.faults
 def test_dropped_connection_mid_upload_leaves_no_half_session(instance, demo_root, server, xnat_res):
     run_chain(instance, demo_root, VISIT)
     server.inject("/data/services/import", "drop")
@@ -94,6 +96,7 @@ def test_dropped_connection_mid_upload_leaves_no_half_session(instance, demo_roo
     assert {k: len(s.files) for k, s in exps["QPN001_ses-01"].scans.items()} == kept_series(demo_root)
 
 
+@pytest.mark.faults
 def test_wrong_password_fails_at_once_with_a_clear_message(instance, demo_root, server, monkeypatch, capsys):
     run_chain(instance, demo_root, VISIT)
     monkeypatch.setenv("XNAT_USER", USER)
@@ -121,6 +124,7 @@ def test_password_never_reaches_logs_or_event_log(instance, demo_root, server, x
     assert password not in (demo_root / "logs/xnat/QPN001_ses-01.json").read_text()
 
 
+@pytest.mark.faults
 def test_no_right_to_create_the_project(instance, demo_root, samples, tmp_path, password, monkeypatch):
     srv = XnatTestServer(samples.xnat_schemas, USER, password, can_create_projects=False,
                          storage=tmp_path / "s").start()
@@ -134,6 +138,7 @@ def test_no_right_to_create_the_project(instance, demo_root, samples, tmp_path, 
         srv.stop()
 
 
+@pytest.mark.faults
 def test_existing_session_with_other_content_follows_the_policy(instance, demo_root, server, xnat_res):
     run_chain(instance, demo_root, VISIT, xnat=xnat_res)
     exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
@@ -150,6 +155,7 @@ def test_existing_session_with_other_content_follows_the_policy(instance, demo_r
     assert checks_of(result)["scans_match_series"] is True
 
 
+@pytest.mark.faults
 def test_xnat_down_is_reported_clearly(instance, demo_root):
     run_chain(instance, demo_root, VISIT)
     res = XnatResource(server="http://127.0.0.1:9", user=USER, password="x", timeout=5)

@@ -183,18 +183,17 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
         overwrite = None
         if existing is not None:
             have = scan_counts(existing)
+
+            def unchanged(status: str, why: str) -> UploadResult:
+                result.status, result.session_uri = status, existing.uri
+                result.scans = [{"scan": k, "files": v} for k, v in sorted(have.items())]
+                log(f"{session_label} {why}: nothing sent")
+                return result
+
             if have == expected:
-                result.status = "already_archived"
-                result.session_uri = existing.uri
-                result.scans = [{"scan": k, "files": v} for k, v in sorted(have.items())]
-                log(f"{session_label} is already archived in {project} with the same files: nothing sent")
-                return result
+                return unchanged("already_archived", f"is already archived in {project} with the same files")
             if policy == "skip":
-                result.status = "skipped_existing"
-                result.session_uri = existing.uri
-                result.scans = [{"scan": k, "files": v} for k, v in sorted(have.items())]
-                log(f"{session_label} exists in {project} with other content; policy 'skip': nothing sent")
-                return result
+                return unchanged("skipped_existing", f"exists in {project} with other content; policy 'skip'")
             if policy == "fail":
                 raise XnatError(
                     f"session {session_label} already exists in XNAT project {project} with different content "
