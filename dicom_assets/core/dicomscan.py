@@ -35,7 +35,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .fasttags import scan_header
+from .fasttags import LONG_VRS, PIXEL_TAGS, HeaderScan, scan_header, tags_from_dataset
 
 KEPT = "kept"
 REASONS = (
@@ -67,8 +67,6 @@ NON_IMAGE_SOP_PREFIXES: dict[str, str] = {
 }
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
-PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 _SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 HEADER_TAGS = (
@@ -126,7 +124,7 @@ def _looks_like_preambleless(head: bytes) -> bool:
     return False
 
 
-def sniff(path: Path, head: bytes, size: int) -> str | None:
+def sniff(head: bytes, size: int) -> str | None:
     """None when the file may be DICOM, else the reason detail for 'not_dicom'."""
     if size == 0:
         return "empty file"
@@ -139,54 +137,26 @@ def sniff(path: Path, head: bytes, size: int) -> str | None:
     return "no DICM marker and no DICOM header at the start of the file"
 
 
-def _pixel_data_problem(fp, ds: pydicom.Dataset, size: int) -> tuple[bool, str | None]:
-    """(has_pixel_data, truncation problem) from the element where the header read stopped."""
+def _pixel_element(fp, ds: pydicom.Dataset) -> tuple[bool, int, int | None]:
+    """(has pixel data, value start, declared length) at the element where pydicom stopped."""
     pos = fp.tell()
     head = fp.read(12)
     if len(head) < 8:
-        return False, None
+        return False, 0, 0
     implicit, little = getattr(ds, "original_encoding", (False, True))
     if implicit is None:
         implicit, little = False, True
     end = "<" if little is not False else ">"
     group, elem = struct.unpack(end + "HH", head[:4])
-    tag = (group << 16) | elem
-    if tag not in PIXEL_TAGS:
-        return False, None
+    if (group << 16) | elem not in PIXEL_TAGS:
+        return False, 0, 0
     if implicit:
-        (length,) = struct.unpack(end + "I", head[4:8])
-        value_start = pos + 8
-    elif head[4:6] in _LONG_VRS:
+        return True, pos + 8, struct.unpack(end + "I", head[4:8])[0]
+    if head[4:6] in LONG_VRS:
         if len(head) < 12:
-            return True, "pixel data header is cut short"
-        (length,) = struct.unpack(end + "I", head[8:12])
-        value_start = pos + 12
-    else:
-        (length,) = struct.unpack(end + "H", head[6:8])
-        value_start = pos + 8
-    if length == 0xFFFFFFFF:  # encapsulated (compressed) frames end with a sequence delimiter
-        fp.seek(max(0, size - 256))
-        if _SEQ_DELIM not in fp.read():
-            return True, "compressed pixel data has no end (file truncated)"
-        return True, None
-    if value_start + length > size:
-        return True, (f"pixel data declares {length} bytes but the file ends "
-                      f"{value_start + length - size} bytes early (truncated)")
-    return True, None
-
-
-def _first(value) -> str | None:
-    if value is None:
-        return None
-    s = str(value).strip()
-    return s or None
-
-
-def _int(value) -> int | None:
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        return None
+            return True, 0, None
+        return True, pos + 12, struct.unpack(end + "I", head[8:12])[0]
+    return True, pos + 8, struct.unpack(end + "H", head[6:8])[0]
 
 
 def non_image_kind(sop_class: str | None) -> str | None:
@@ -210,12 +180,23 @@ class Rules:
 HEAD_BYTES = 64 << 10
 
 
-def _encapsulated_end_ok(fp, size: int) -> bool:
-    fp.seek(max(0, size - 256))
-    return _SEQ_DELIM in fp.read()
+def _truncation(scan: HeaderScan, fp, size: int) -> str | None:
+    """Why the pixel data is cut short, or None: checked from the declared length alone."""
+    if not scan.has_pixels:
+        return None
+    if scan.pixel_length is None:
+        return "pixel data header is cut short"
+    if scan.pixel_length == 0xFFFFFFFF:  # encapsulated frames end with a sequence delimiter
+        fp.seek(max(0, size - 256))
+        return None if _SEQ_DELIM in fp.read() else "compressed pixel data has no end (file truncated)"
+    missing = scan.pixel_value_start + scan.pixel_length - size
+    if missing > 0:
+        return f"pixel data declares {scan.pixel_length} bytes but the file ends {missing} bytes early (truncated)"
+    return None
 
 
-def _fast_record(rec: FileRecord, scan, fp, size: int) -> FileRecord:
+def _record_from_scan(rec: FileRecord, scan: HeaderScan, fp, size: int) -> FileRecord:
+    """One way from header tags to a record, whichever reader produced them."""
     t = scan.tags
     rec.sop_class_uid = t["SOPClassUID"] or scan.media_sop_class
     rec.sop_instance_uid = t["SOPInstanceUID"]
@@ -228,13 +209,9 @@ def _fast_record(rec: FileRecord, scan, fp, size: int) -> FileRecord:
     rec.protocol_name = t["ProtocolName"]
     rec.modality = t["Modality"]
     rec.image_type = list(t["ImageType"] or [])
-    if scan.has_pixels:
-        if scan.pixel_length == 0xFFFFFFFF:
-            if not _encapsulated_end_ok(fp, size):
-                return rec.exclude("unreadable", "compressed pixel data has no end (file truncated)")
-        elif scan.pixel_value_start + scan.pixel_length > size:
-            return rec.exclude("unreadable", f"pixel data declares {scan.pixel_length} bytes but the file ends "
-                                             f"{scan.pixel_value_start + scan.pixel_length - size} bytes early (truncated)")
+    problem = _truncation(scan, fp, size)
+    if problem:
+        return rec.exclude("unreadable", problem)
     return _classify_object(rec, scan.has_pixels)
 
 
@@ -247,6 +224,26 @@ def _classify_object(rec: FileRecord, has_pixels: bool) -> FileRecord:
     return rec
 
 
+def _pydicom_scan(fp, rec: FileRecord) -> HeaderScan | FileRecord:
+    """The header through pydicom (any encoding), or the record excluded with the reason."""
+    fp.seek(0)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
+            struct.error, NotImplementedError) as exc:
+        return rec.exclude("unreadable", f"header cannot be parsed: {type(exc).__name__}: {exc}"[:300])
+    has_pixels, start, length = _pixel_element(fp, ds)
+    try:
+        tags = tags_from_dataset(ds)
+    except Exception as exc:  # a value that cannot be decoded is a corrupt header
+        return rec.exclude("unreadable", f"header values cannot be decoded: {type(exc).__name__}: {exc}"[:300])
+    meta = getattr(ds, "file_meta", None)
+    media = str(meta.get("MediaStorageSOPClassUID", "") or "").strip() or None if meta else None
+    if len(ds) == 0 and not (tags["SOPClassUID"] or media):
+        return rec.exclude("not_dicom", "no DICOM elements could be read")
+    return HeaderScan(tags, media, has_pixels, start, length)
+
+
 def read_record(path: Path, rel: str, force_pydicom: bool = False) -> FileRecord:
     """Read one file's header and classify it on its own (no duplicate check yet).
 
@@ -257,46 +254,19 @@ def read_record(path: Path, rel: str, force_pydicom: bool = False) -> FileRecord
         with open(path, "rb") as fp:
             head = fp.read(HEAD_BYTES)
             rec = FileRecord(source=rel, size=size)
-            problem = sniff(path, head, size)
+            problem = sniff(head, size)
             if problem:
                 return rec.exclude("not_dicom", problem)
             scan = None if force_pydicom else scan_header(head, size)
-            if scan is not None:
-                return _fast_record(rec, scan, fp, size)
-            fp.seek(0)
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-            except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
-                    struct.error, NotImplementedError) as exc:
-                return rec.exclude("unreadable", f"header cannot be parsed: {type(exc).__name__}: {exc}"[:300])
-            has_pixels, trunc = _pixel_data_problem(fp, ds, size)
+            if scan is None:
+                scan = _pydicom_scan(fp, rec)
+                if isinstance(scan, FileRecord):
+                    return scan  # excluded: the header could not be read
+            return _record_from_scan(rec, scan, fp, size)
     except PermissionError:
         return FileRecord(source=rel, size=0).exclude("unreadable", "permission denied")
     except OSError as exc:
         return FileRecord(source=rel, size=0).exclude("unreadable", f"cannot read: {exc.strerror}")
-    try:
-        meta = getattr(ds, "file_meta", None)
-        sop_class = _first(ds.get("SOPClassUID")) or _first(meta.get("MediaStorageSOPClassUID") if meta else None)
-        rec.sop_class_uid = sop_class
-        rec.sop_instance_uid = _first(ds.get("SOPInstanceUID"))
-        rec.series_instance_uid = _first(ds.get("SeriesInstanceUID"))
-        rec.study_instance_uid = _first(ds.get("StudyInstanceUID"))
-        rec.patient_id = _first(ds.get("PatientID"))
-        rec.series_number = _int(ds.get("SeriesNumber"))
-        rec.instance_number = _int(ds.get("InstanceNumber"))
-        rec.series_description = _first(ds.get("SeriesDescription"))
-        rec.protocol_name = _first(ds.get("ProtocolName"))
-        rec.modality = _first(ds.get("Modality"))
-        it = ds.get("ImageType")
-        rec.image_type = ([str(v).strip() for v in it] if isinstance(it, (list, pydicom.multival.MultiValue))
-                          else ([str(it).strip()] if it else []))
-    except Exception as exc:  # a value that cannot be decoded is a corrupt header
-        return rec.exclude("unreadable", f"header values cannot be decoded: {type(exc).__name__}: {exc}"[:300])
-    if len(ds) == 0 and not rec.sop_class_uid:
-        return rec.exclude("not_dicom", "no DICOM elements could be read")
-    if trunc:
-        return rec.exclude("unreadable", trunc)
-    return _classify_object(rec, has_pixels)
 
 
 def apply_rules(rec: FileRecord, rules: Rules) -> FileRecord:

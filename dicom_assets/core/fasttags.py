@@ -43,7 +43,7 @@ WANTED: dict[int, tuple[str, str]] = {
 }
 KEYWORDS = tuple(k for k, _ in WANTED.values())
 _LAST = max(WANTED)
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
+LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _FALLBACK_TS = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # explicit BE, deflated
 _UNDEFINED = 0xFFFFFFFF
@@ -111,7 +111,7 @@ def _element(buf: bytes, pos: int, implicit: bool):
     vr = buf[pos + 4: pos + 6]
     if not (vr.isalpha() and vr.isupper()):
         raise _NeedFallback  # not explicit VR after all (a malformed file): let pydicom guess
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         if pos + 12 > len(buf):
             raise _NeedFallback
         (length,) = struct.unpack_from("<I", buf, pos + 8)
@@ -143,7 +143,7 @@ class HeaderScan:
     media_sop_class: str | None
     has_pixels: bool
     pixel_value_start: int = 0
-    pixel_length: int = 0  # 0xFFFFFFFF: encapsulated (compressed) frames
+    pixel_length: int | None = 0  # 0xFFFFFFFF: encapsulated frames; None: element header cut short
 
 
 def scan_header(buf: bytes, file_size: int) -> HeaderScan | None:
@@ -223,11 +223,16 @@ def _value(ds: pydicom.Dataset, kw: str, kind: str):
     return s or None
 
 
+def tags_from_dataset(ds: pydicom.Dataset) -> dict:
+    """The WANTED tags of a pydicom data set, in the fast reader's forms."""
+    return {kw: _value(ds, kw, kind) for kw, kind in WANTED.values()}
+
+
 def read_tags_pydicom(fp) -> dict:
     """The same tags read with pydicom (slower, handles every encoding)."""
     ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True,
                          specific_tags=list(KEYWORDS) + ["SpecificCharacterSet"])
-    return {kw: _value(ds, kw, kind) for kw, kind in WANTED.values()}
+    return tags_from_dataset(ds)
 
 
 def read_tags(head: bytes, full=None, last: int = _LAST) -> dict:
