@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile  # only to list member names in checks
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -102,6 +101,7 @@ def iter_tar(fh, on_bytes):
 class VisitMetadata:
     tarball: dict
     dicoms: list[dict]
+    member_names: set[str]  # every regular file of the tarball, as read in the same pass
 
 
 def _looks_dicom(head: bytes) -> bool:
@@ -112,6 +112,7 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                      tool_version: str) -> VisitMetadata:
     """Read the tarball once: per-member md5/size/tags and the whole file's md5/sha256."""
     dicoms: list[dict] = []
+    names: set[str] = set()
     members = 0
     latest = 0
     hasher = _Hasher(("md5", "sha256"))
@@ -128,6 +129,7 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                 if typeflag not in (b"0", b"\x00"):
                     continue
                 members += 1
+                names.add(name)
                 latest = max(latest, mtime)
                 head = bytes(data[:HEAD_BYTES])
                 tags: dict | None = None
@@ -165,7 +167,7 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
         "tool": "dicom-assets",
         "tool_version": tool_version,
     }
-    return VisitMetadata(tarball, dicoms)
+    return VisitMetadata(tarball, dicoms, names)
 
 
 def dump_json(obj) -> bytes:
@@ -189,16 +191,3 @@ def write_json_atomic(path: Path, obj) -> None:
 def write_metadata(meta: VisitMetadata, tarball_json: Path, dicoms_json: Path) -> None:
     write_json_atomic(dicoms_json, meta.dicoms)
     write_json_atomic(tarball_json, meta.tarball)
-
-
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tar_member_names(path: Path) -> set[str]:
-    with tarfile.open(path, "r:") as tf:
-        return {m.name for m in tf.getmembers() if m.isfile()}

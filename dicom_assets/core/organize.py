@@ -114,17 +114,14 @@ def classify_tree(source_dir: Path, rules: Rules) -> list[FileRecord]:
     for rel, why in errors:
         records.append(FileRecord(source=rel, size=0).exclude("unreadable", f"folder cannot be listed: {why}"))
     for path, rel in files:
-        if path.name == "DICOMDIR" or path.name.upper() == "DICOMDIR":
-            rec = read_record(path, rel)
-            if rec.decision == KEPT:
-                rec.exclude("no_pixel_data", "DICOMDIR (media directory), not an image")
-            records.append(rec)
-            continue
+        # DICOMDIR files need no special case: their SOP class is a non-image one
         rec = apply_rules(read_record(path, rel), rules)
         if rec.decision == KEPT:
             first = by_sop.get(rec.sop_instance_uid)
             if first is not None:
-                a = md5_cache.setdefault(first.source, _md5(source_dir / first.source))
+                if first.source not in md5_cache:
+                    md5_cache[first.source] = _md5(source_dir / first.source)
+                a = md5_cache[first.source]
                 b = _md5(path)
                 if a == b:
                     rec.exclude("duplicate", f"same SOPInstanceUID and bytes as {first.source}")

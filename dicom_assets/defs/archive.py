@@ -17,7 +17,7 @@ from dagster import (
 
 from .. import __version__
 from ..core.curation import update_curation_status
-from ..core.metadata import describe_tarball, tar_member_names, write_metadata
+from ..core.metadata import describe_tarball, write_metadata
 from ..core.tarball import organized_files, write_tarball
 from .ingest import organized_dicoms
 from .partitions import visit_asset, visit_of, visits_partitions
@@ -93,7 +93,7 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
                      for d in meta.dicoms)
     rows = [{"series_number": k[0], "series_description": k[1], "modality": k[2], "protocol_name": k[3],
              "files": n} for k, n in sorted(series.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0))]
-    checks = _metadata_checks(context, ds, visit, tar, tj, dj, meta.tarball)
+    checks = _metadata_checks(context, ds, visit, tj, dj, meta)
     return MaterializeResult(check_results=checks, metadata={
         "dicoms": meta.tarball["dicoms"],
         "members": meta.tarball["members"],
@@ -119,14 +119,13 @@ def _recorded_tarball_sha256(context, visit_key: str) -> str | None:
     return value.value if value is not None else None
 
 
-def _metadata_checks(context, ds, visit, tar, tj_path, dj_path, tarball_meta) -> list[AssetCheckResult]:
+def _metadata_checks(context, ds, visit, tj_path, dj_path, meta) -> list[AssetCheckResult]:
     recorded = _recorded_tarball_sha256(context, visit.key)
-    actual = tarball_meta["sha256"]
+    actual = meta.tarball["sha256"]
     written_tj = json.loads(tj_path.read_text())
     written_dj = json.loads(dj_path.read_text())
     kept = len(organized_files(ds.layout.dicom_dir(visit)))
-    names = tar_member_names(tar)
-    missing = [d["path"] for d in written_dj if d["path"] not in names]
+    missing = [d["path"] for d in written_dj if d["path"] not in meta.member_names]
     return [
         AssetCheckResult(
             check_name="tarball_unchanged", passed=recorded is not None and recorded == actual == written_tj["sha256"],
