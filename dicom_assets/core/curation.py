@@ -11,7 +11,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .downloads import items_for_visit, read_dicom_dir_map
+from .downloads import read_dicom_dir_map, scan_downloads
 from .layout import Dataset
 
 COLUMNS = ("participant_id", "session_id", "visit", "in_downloads", "in_raw_dicoms", "in_organized",
@@ -34,13 +34,15 @@ def compute_status(dataset: Dataset) -> list[dict]:
     lay, study = dataset.layout, dataset.study
     participants = set(dataset.manifest.participants)
     dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
+    # one scan of downloads/ for all visits, not one per visit
+    downloaded = {s.visit for s in scan_downloads(lay.downloads_root, dataset.config.sessions, participants, dir_map)}
     rows = []
     for visit, raw_id in zip(dataset.manifest.visits, dataset.manifest.table["participant_id"]):
         rows.append({
             "participant_id": raw_id,
             "session_id": visit.session,
             "visit": visit.key,
-            "in_downloads": bool(items_for_visit(lay.downloads_root, visit, participants, dir_map)),
+            "in_downloads": visit in downloaded,
             "in_raw_dicoms": _nonempty_dir(lay.raw_dir(visit)),
             "in_organized": _nonempty_dir(lay.dicom_dir(visit)),
             "in_store": lay.tarball_path(study, visit).is_file()

@@ -82,40 +82,34 @@ def _consumes(stem: str, participant: str) -> int | None:
     return i if k == len(participant) else None
 
 
-def match_participant(name: str, participants: set[str] | frozenset[str]) -> list[str]:
+def participant_index(participants) -> dict[str, list[str]]:
+    """Lower-cased participant id -> participants: built once per scan of the downloads."""
+    index: dict[str, list[str]] = {}
+    for p in participants:
+        index.setdefault(p.lower(), []).append(p)
+    return index
+
+
+def match_participant(name: str, participants, index: dict[str, list[str]] | None = None) -> list[str]:
     """Participants of the manifest an item name belongs to.
 
     The normalized stem must equal a participant, or start with it and continue, in the
     raw name, after a separator (``QPN_001_MR`` matches ``QPN001`` but not ``QPN0010``).
-    Costs one set look-up per prefix of the stem, whatever the size of the manifest.
+    With a prebuilt ``index`` it costs one look-up per prefix of the stem, whatever the size
+    of the manifest.
     """
+    index = index if index is not None else participant_index(participants)
     stem = item_stem(name)
     if stem.lower().startswith("sub-"):
         stem = stem[4:]
     norm = "".join(ch for ch in stem if ch.isalnum())
-    lowered = _lower_index(participants)
     hits = []
     for n in range(1, len(norm) + 1):
-        for p in lowered.get(norm[:n].lower(), ()):
+        for p in index.get(norm[:n].lower(), ()):
             end = _consumes(stem, p)
             if end is not None and (end == len(stem) or not stem[end].isalnum()):
                 hits.append(p)
     return sorted(set(hits))
-
-
-_INDEX_CACHE: dict[int, tuple[object, dict[str, list[str]]]] = {}
-
-
-def _lower_index(participants) -> dict[str, list[str]]:
-    cached = _INDEX_CACHE.get(id(participants))
-    if cached is not None and cached[0] is participants:
-        return cached[1]
-    index: dict[str, list[str]] = {}
-    for p in participants:
-        index.setdefault(p.lower(), []).append(p)
-    _INDEX_CACHE.clear()
-    _INDEX_CACHE[id(participants)] = (participants, index)
-    return index
 
 
 @dataclass(frozen=True)
@@ -174,6 +168,7 @@ def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants
     """Every item of every session folder, each with its visit or the reason it has none."""
     dir_map = dir_map or {}
     by_name = {(ses, name): p for (p, ses), name in dir_map.items()}
+    index = participant_index(participants)
     out: list[ScannedItem] = []
     for ses in sessions:
         folder = downloads_root / ses
@@ -196,7 +191,7 @@ def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants
             if mapped:
                 out.append(ScannedItem(item, Visit(mapped, ses), None, done))
                 continue
-            hits = match_participant(e.name, participants)
+            hits = match_participant(e.name, participants, index)
             if len(hits) == 1:
                 out.append(ScannedItem(item, Visit(hits[0], ses), None, done))
             elif not hits:

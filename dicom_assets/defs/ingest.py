@@ -177,7 +177,7 @@ def _load_cursor(raw: str | None) -> dict:
             "reported": data.get("reported", {})}
 
 
-def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource, job_name: str | None = None):
+def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource):
     """One tick: new complete downloads -> new visit partitions + one run each."""
     try:
         ds = dataset.open()
@@ -212,7 +212,6 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
         run_requests.append(RunRequest(
             run_key=f"{rel}:{token}",
             partition_key=visit,
-            job_name=job_name,
             tags={VISIT_TAG: visit, DOWNLOAD_TAG: rel},
         ))
         submitted[rel] = token
