@@ -101,12 +101,66 @@ def sensor_bench(items: int, work: Path) -> dict:
     return out
 
 
+def datalad_bench(work: Path, tarball: Path, vmeta, peer: str) -> dict:
+    """Index one visit's tarball (first build, re-run, linearity at 1/4 and 1/2 of the files), and
+    the peer tool, `datalad addurls`, registering the same member URLs."""
+    from dicom_assets.core.datalad_index import archive_locator, index_visit, members_from_metadata, tarball_key, tool_env
+
+    store = tarball.parent
+    out: dict = {}
+    n = len(vmeta.dicoms)
+    for frac in (4, 2, 1):
+        sub = vmeta.dicoms[: n // frac]
+        ds = work / "datalad" / f"BENCH_{frac}"
+        shutil.rmtree(ds, ignore_errors=True)
+        t0 = time.perf_counter()
+        res = index_visit(ds, visit="BENCH_ses-01", study=store.name, tarball_meta=vmeta.tarball, dicoms_meta=sub,
+                          store_dir=store, deposit=frac == 1)
+        total = time.perf_counter() - t0
+        idx = res.timings["index"]
+        out[f"index {len(sub)} files: seconds"] = idx
+        if frac == 1:
+            out["index files/s"] = len(sub) / idx
+            out["index share in git-annex processes %"] = 100 * res.timings.get("git_annex", 0) / idx
+            out["create (datalad create + 2 initremote) s"] = res.timings.get("create", 0.0)
+            out["deposit to the store (datalad-annex push) s"] = res.timings.get("deposit", 0.0)
+            out["first build, total s"] = total
+            t0 = time.perf_counter()
+            index_visit(ds, visit="BENCH_ses-01", study=store.name, tarball_meta=vmeta.tarball, dicoms_meta=sub,
+                        store_dir=store)
+            out["re-run, same tarball s"] = time.perf_counter() - t0
+    if peer != "none":
+        members = members_from_metadata(vmeta.dicoms)
+        akey = tarball_key(int(vmeta.tarball["size"]), vmeta.tarball["md5"])
+        table = work / "addurls.csv"
+        ds = work / "datalad" / "PEER"
+        shutil.rmtree(ds, ignore_errors=True)
+        env = tool_env()
+        subprocess.run(["datalad", "-l", "error", "create", str(ds)], check=True, env=env, capture_output=True)
+        for name in ("uncurl", "archivist"):
+            subprocess.run(["git", "annex", "initremote", name, "type=external", f"externaltype={name}",
+                            "encryption=none"], cwd=ds, check=True, env=env, capture_output=True)
+        cmd = ["datalad", "-l", "error", "addurls", "--key", "MD5-s{size}--{md5}", "--fast"]
+        table.write_text("url,path,size,md5,SeriesNumber\n" + "".join(
+            f"{archive_locator(akey, m)},{m.path},{m.size},{m.md5},{m.tags.get('SeriesNumber', '')}\n"
+            for m in members))
+        if peer == "fast":
+            cmd += ["--exclude-autometa", "*"]
+        t0 = time.perf_counter()
+        subprocess.run([*cmd, str(table), "{url}", "{path}"], cwd=ds, check=True, env=env, capture_output=True)
+        out[f"peer: datalad addurls ({peer}) s"] = time.perf_counter() - t0
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--kb", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sensor-items", type=int, default=10000)
+    ap.add_argument("--datalad", type=int, default=1, help="0 skips the DataLad stage")
+    ap.add_argument("--datalad-peer", choices=["none", "fast", "full"], default="fast",
+                    help="peer: `datalad addurls` without (fast) or with (full, slow) per-file metadata")
     ap.add_argument("--work", help="work folder (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus for another run")
     args = ap.parse_args()
@@ -152,10 +206,12 @@ def main() -> int:
 
     # metadata vs md5sum of the same files
     floor = best_cmd(args.repeat, ["md5sum", *map(str, files)])
-    t, peak, _ = best_of(args.repeat, lambda: describe_tarball(dest, visit="BENCH_ses-01", study="B",
-                                                               participant="BENCH", session="ses-01",
-                                                               tool_version=__version__))
+    t, peak, vmeta = best_of(args.repeat, lambda: describe_tarball(dest, visit="BENCH_ses-01", study="B",
+                                                                   participant="BENCH", session="ses-01",
+                                                                   tool_version=__version__))
     row("visit_metadata", t, "md5sum", floor, peak)
+
+    datalad = datalad_bench(work, dest, vmeta, args.datalad_peer) if args.datalad else {}
 
     sensor = sensor_bench(args.sensor_items, work) if args.sensor_items else {}
 
@@ -166,12 +222,17 @@ def main() -> int:
     for r in rows:
         print(f"{r['stage']:<16}{r['seconds']:>9.3f}{r['files_per_s']:>10.0f}{r['mb_per_s']:>9.0f}  "
               f"{r['floor']:<28}{r['floor_seconds']:>9.3f}{r['ratio_to_floor']:>7.2f}{r['peak_python_mb']:>9.1f}")
+    if datalad:
+        print(f"\ndatalad_dataset (one visit, {len(vmeta.dicoms)} DICOMs; index = create + record + commit):")
+        for k, v in datalad.items():
+            print(f"  {k:<45} {v:.2f}" if isinstance(v, float) else f"  {k:<45} {v}")
     if sensor:
         print(f"\nsensor over {args.sensor_items} download items:")
         for k, v in sensor.items():
             print(f"  {k:<45} {v:.3f} s" if isinstance(v, float) else f"  {k:<45} {v}")
     results = {"version": __version__, "files": len(files), "mb": total_mb, "cores": os.cpu_count(),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": rows, "sensor": sensor}
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": rows, "sensor": sensor,
+               "datalad": datalad}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

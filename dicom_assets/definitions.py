@@ -8,12 +8,14 @@ from dagster import AssetSelection, Definitions, define_asset_job
 
 from .defs.archive import visit_metadata, visit_tarball
 from .defs.ingest import build_downloads_sensor, organized_dicoms, raw_dicoms
-from .defs.publish import xnat_resource_from_env, xnat_session
+from .defs.publish import datalad_dataset, visit_catalog, xnat_resource_from_env, xnat_session
 from .defs.resources import DatasetResource, default_dataset_root
 
-CHAIN_ASSETS = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata, xnat_session]
+ARCHIVE_CHAIN = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
+INDEX_ASSETS = [datalad_dataset, visit_catalog]
 # the sensor's run covers the chain up to XNAT when an XNAT is configured (XNAT_HOST set)
-LOCAL_CHAIN = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
+LOCAL_CHAIN = ARCHIVE_CHAIN + INDEX_ASSETS
+CHAIN_ASSETS = LOCAL_CHAIN + [xnat_session]
 CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 
 # one run per visit: every step of the chain, from the raw dump on

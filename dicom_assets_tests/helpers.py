@@ -1,26 +1,44 @@
-"""Test helpers: materialize the chain of one visit on a real instance."""
+"""Test helpers: materialize the chain of one visit on a real instance; ports and the browser."""
+
+import shutil
+import socket
 
 from dagster import AssetSelection, materialize
 
-from dicom_assets.definitions import CHAIN_ASSETS, CHAIN_CHECKS, LOCAL_CHAIN
+from dicom_assets.definitions import ARCHIVE_CHAIN, CHAIN_CHECKS, INDEX_ASSETS
+from dicom_assets.defs.publish import xnat_session
 from dicom_assets.defs.resources import DatasetResource
 
 
-def run_chain(instance, root, visit, selection=None, raise_on_error=True, xnat=None):
-    """Materialize the chain of one visit (up to XNAT when an XnatResource is given)."""
+def run_chain(instance, root, visit, selection=None, raise_on_error=True, xnat=None, datalad=False):
+    """Materialize the chain of one visit: the archive stages, plus the DataLad dataset and
+    catalog when ``datalad``, plus XNAT when an XnatResource is given."""
     if visit not in instance.get_dynamic_partitions("visits"):
         instance.add_dynamic_partitions("visits", [visit])
     resources = {"dataset": DatasetResource(root=str(root))}
     if xnat is not None:
         resources["xnat"] = xnat
     return materialize(
-        (CHAIN_ASSETS if xnat is not None else LOCAL_CHAIN) + CHAIN_CHECKS,
+        ARCHIVE_CHAIN + (INDEX_ASSETS if datalad else []) + ([xnat_session] if xnat is not None else [])
+        + CHAIN_CHECKS,
         partition_key=visit,
         resources=resources,
         instance=instance,
         selection=selection,
         raise_on_error=raise_on_error,
     )
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# the flags this closed network needs (no background connections to Google's hosts)
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def metadata_of(result, asset_name):

@@ -6,7 +6,6 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,15 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from .helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(cmd, **kw):
@@ -55,7 +49,7 @@ def postgres():
         shutil.chown(pwfile, "postgres", "postgres")
     _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "dagster", "--pwfile", str(pwfile),
                   "--auth=scram-sha-256", "-E", "UTF8"])
-    port = _free_port()
+    port = free_port()
     _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(top / "server.log"), "-w", "-o",
                   f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"])
     try:

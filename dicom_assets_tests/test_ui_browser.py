@@ -9,7 +9,6 @@ DICOM_ASSETS_UPDATE_SCREENSHOTS=1, for the README)."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,20 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from .helpers import BROWSER_ARGS, CHROMIUM, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.browser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout, what, proc=None, log=None):

@@ -5,11 +5,14 @@
 #   git       DataLad / git-annex
 #   chromium  the end-to-end browser test of the Dagster UI
 #   postgresql  the scale-out storage test (a throwaway cluster in a temporary folder)
+#   p7zip-full  7z, which DataLad's legacy archive remote (datalad-archives) needs; the
+#               archivist remote used by default reads tarballs natively
 set -uo pipefail
 need=()
 command -v git >/dev/null 2>&1 || need+=(git)
 [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1 || need+=(chromium)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
 ((${#need[@]})) || exit 0
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "installing system packages: ${need[*]}" >&2

@@ -26,6 +26,9 @@ from .ids import normalize_session_id
 
 ORGANIZE_MODES = ("symlink", "copy")
 MIXED_VISIT_POLICIES = ("fail", "warn")
+XNAT_DUPLICATE_POLICIES = ("skip", "append", "fail")
+_CHOICES = {"organize_mode": ORGANIZE_MODES, "mixed_visit_policy": MIXED_VISIT_POLICIES,
+            "xnat_duplicate_policy": XNAT_DUPLICATE_POLICIES}
 
 _DEFAULT_LIMITS = {
     # refuse archives whose extracted size or member count exceeds these (zip bombs)
@@ -51,6 +54,8 @@ class GlobalConfig:
     mixed_visit_policy: str = "fail"
     session_label_pattern: str = "{participant}_{session}"
     xnat_duplicate_policy: str = "fail"
+    # base URL under which clones of the DataLad datasets reach store/ (default: its file:// URL)
+    datalad_store_url: str | None = None
     limits: dict = field(default_factory=lambda: dict(_DEFAULT_LIMITS))
     source: str = ""
 
@@ -75,6 +80,7 @@ _FIELDS = {
     "mixed_visit_policy",
     "session_label_pattern",
     "xnat_duplicate_policy",
+    "datalad_store_url",
     "limits",
 }
 _REQUIRED = ("dataset_name", "study_id", "sessions")
@@ -148,24 +154,16 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
     for name in ("exclude_series", "derived_series_markers"):
         if name in data:
             kw[name] = _str_list(path, name, data[name])
-    if "organize_mode" in data:
-        if data["organize_mode"] not in ORGANIZE_MODES:
-            raise ConfigError(
-                f"{path}: field 'organize_mode' must be one of {', '.join(ORGANIZE_MODES)}, "
-                f"not {data['organize_mode']!r}"
-            )
-        kw["organize_mode"] = data["organize_mode"]
+    for name, choices in _CHOICES.items():
+        if name in data:
+            if data[name] not in choices:
+                raise ConfigError(f"{path}: field '{name}' must be one of {', '.join(choices)}, "
+                                  f"not {data[name]!r}")
+            kw[name] = data[name]
     if "exclude_derived" in data:
         if not isinstance(data["exclude_derived"], bool):
             raise ConfigError(f"{path}: field 'exclude_derived' must be true or false")
         kw["exclude_derived"] = data["exclude_derived"]
-    if "mixed_visit_policy" in data:
-        if data["mixed_visit_policy"] not in MIXED_VISIT_POLICIES:
-            raise ConfigError(
-                f"{path}: field 'mixed_visit_policy' must be one of "
-                f"{', '.join(MIXED_VISIT_POLICIES)}"
-            )
-        kw["mixed_visit_policy"] = data["mixed_visit_policy"]
     if "session_label_pattern" in data:
         pat = data["session_label_pattern"]
         try:
@@ -178,10 +176,12 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
                 "{participant} and {session}"
             )
         kw["session_label_pattern"] = pat
-    if "xnat_duplicate_policy" in data:
-        if data["xnat_duplicate_policy"] not in ("skip", "append", "fail"):
-            raise ConfigError(f"{path}: field 'xnat_duplicate_policy' must be one of skip, append, fail")
-        kw["xnat_duplicate_policy"] = data["xnat_duplicate_policy"]
+    if data.get("datalad_store_url") is not None:
+        url = data["datalad_store_url"]
+        if not isinstance(url, str) or not re.match(r"^(https?|file)://[^\s&#?]+$", url):
+            raise ConfigError(f"{path}: field 'datalad_store_url' must be an http(s):// or file:// URL "
+                              "without spaces, '&', '#' or '?' (the base URL of store/)")
+        kw["datalad_store_url"] = url.rstrip("/")
     limits = dict(_DEFAULT_LIMITS)
     if "limits" in data:
         given = data["limits"]

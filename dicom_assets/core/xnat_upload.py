@@ -19,9 +19,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import XNAT_DUPLICATE_POLICIES
 from .errors import DicomAssetsError
 
-POLICIES = ("skip", "append", "fail")
+POLICIES = XNAT_DUPLICATE_POLICIES
 
 
 class XnatError(DicomAssetsError):

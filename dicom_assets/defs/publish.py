@@ -1,4 +1,5 @@
-"""Publish: the ``xnat_session`` asset and the XNAT connection resource."""
+"""Publish: the ``datalad_dataset`` and ``visit_catalog`` assets, the ``xnat_session`` asset and
+the XNAT connection resource."""
 
 import json
 import os
@@ -17,6 +18,8 @@ from dagster import (
 )
 from pydantic import Field
 
+from ..core.catalog import update_catalog
+from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.curation import update_curation_status, xnat_marker_path
 from ..core.xnat_upload import (
     XnatAuthError,
@@ -33,6 +36,73 @@ from .ingest import organized_dicoms
 from .partitions import visit_asset, visit_of
 from .resources import DatasetResource
 from .ui import path, table
+
+
+@visit_asset(
+    group="publish",
+    kinds={"datalad", "git"},
+    deps=[visit_metadata],
+    description=(
+        "`datalad/<study>/<visit>/`: a DataLad dataset indexing every DICOM of the visit tarball without "
+        "copying it (md5 keys from the metadata JSON, `dl+archive:` URLs into the tarball claimed by "
+        "datalad-next's archivist, the tarball's store URL claimed by uncurl), with the series tags as "
+        "git-annex metadata; deposited beside the tarball as `<visit>_XDLRA--refs`/`--repo-export` so it "
+        "can be cloned from the store. Same tarball: HEAD unchanged; new tarball: one new commit."
+    ),
+)
+def datalad_dataset(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
+    visit = visit_of(context)
+    ds = dataset.open()
+    lay = ds.layout
+    tj, dj = lay.metadata_tarball_path(ds.study, visit), lay.metadata_dicoms_path(ds.study, visit)
+    for p in (tj, dj):
+        if not p.is_file():
+            raise Failure(f"{p}: no metadata for {visit.key}; materialize visit_metadata first")
+    try:
+        res = index_visit(lay.datalad_dir(ds.study, visit), visit=visit.key, study=ds.study,
+                          tarball_meta=json.loads(tj.read_text()), dicoms_meta=json.loads(dj.read_text()),
+                          store_dir=lay.store_dir(ds.study), store_base_url=ds.config.datalad_store_url)
+    except DataladError as exc:
+        raise Failure(str(exc)) from None
+    update_curation_status(ds)
+    t = res.timings
+    context.log.info(f"{res.path}: {'new commit' if res.changed else 'unchanged'} {res.commit[:12]}, "
+                     f"{res.files} DICOMs in {t.get('index', 0):.1f} s (git-annex {t.get('git_annex', 0):.1f} s), "
+                     f"deposit {t.get('deposit', 0):.1f} s")
+    return MaterializeResult(metadata={
+        "path": path(res.path),
+        "dataset_id": res.dataset_id,
+        "version": res.commit,
+        "changed": res.changed,
+        "files": res.files,
+        "tarball_key": res.tarball_key,
+        "clone": MetadataValue.md(f"```\ndatalad clone '{res.clone_url}' {visit.key}\n```"),
+        "deposit": MetadataValue.json(res.deposit),
+        "series": table(res.series, [("series", "string", "view folder (git annex view series=*)"),
+                                     ("SeriesDescription", "string", ""), ("ProtocolName", "string", ""),
+                                     ("Modality", "string", ""), ("files", "int", "DICOMs")]),
+        "seconds": MetadataValue.json({k: round(v, 2) for k, v in t.items()}),
+    })
+
+
+@visit_asset(
+    group="publish",
+    kinds={"html"},
+    deps=[datalad_dataset],
+    description=("`catalog/index.html`: a static page listing the visits' DataLad datasets (id, version, "
+                 "clone command) and their series; one entry per visit, replaced in place on re-runs."),
+)
+def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
+    visit = visit_of(context)
+    ds = dataset.open()
+    try:
+        entry = catalog_entry(ds.layout.datalad_dir(ds.study, visit))
+    except DataladError as exc:
+        raise Failure(f"{exc}; materialize datalad_dataset first") from None
+    entry.update(participant=visit.participant, session=visit.session, study=ds.study)
+    page = update_catalog(ds.layout.catalog_dir, entry)
+    return MaterializeResult(metadata={"page": path(page), "dataset_id": entry["dataset_id"],
+                                       "version": entry["version"]})
 
 
 class XnatResource(ConfigurableResource):

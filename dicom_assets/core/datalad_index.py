@@ -1,0 +1,344 @@
+"""A DataLad dataset per visit that indexes the DICOMs inside the visit tarball.
+
+Nothing is copied: every DICOM is an annexed file whose key is its md5-based key
+(``MD5-s<size>--<md5>``, taken from ``<visit>_metadata_dicoms.json``), and whose content
+git-annex knows how to obtain:
+
+- the tarball key (``MD5E-s<size>--<md5>.tar``) has the tarball's store location as URL,
+  claimed by datalad-next's ``uncurl`` special remote (``file://`` or ``http(s)://``);
+- each DICOM key has a ``dl+archive:<tarball key>#path=<member>&size=<n>&atype=tar`` URL,
+  claimed by datalad-next's ``archivist`` special remote, which fetches the tarball through
+  ``uncurl`` and extracts the member.
+
+Both special remotes are initialized with ``autoenable=true``, so a plain ``datalad clone``
+of the dataset (from its folder, or from the deposit in the store) can ``datalad get`` any
+DICOM with no further setup. Everything is recorded with git-annex's batch commands (one
+process per kind of record, not one per file).
+
+The dataset is also deposited in the store beside the tarball, in the exported form of
+datalad-next's ``datalad-annex::`` Git remote helper (``<visit>_XDLRA--refs`` and
+``<visit>_XDLRA--repo-export``), so it can be cloned from the store alone.
+
+Re-indexing the same tarball leaves HEAD as it is; a new tarball gives one new commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DicomAssetsError
+
+# git-annex metadata fields attached to every DICOM key (from the metadata JSON)
+TAG_FIELDS = ("SeriesDescription", "SeriesNumber", "Modality", "ProtocolName")
+# a combined field for the series view: `git annex view series=*`
+SERIES_FIELD = "series"
+SOURCE_FILE = ".dicom_assets/source.json"
+REMOTES = ("uncurl", "archivist")
+_UNSAFE_MEMBER = re.compile(r"[&#\n\r]")
+
+
+class DataladError(DicomAssetsError):
+    """A git / git-annex / DataLad step failed; the message names the command and its output."""
+
+
+@dataclass(frozen=True)
+class Member:
+    path: str
+    md5: str
+    size: int
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"MD5-s{self.size}--{self.md5}"
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    path: Path
+    dataset_id: str
+    commit: str
+    changed: bool
+    files: int
+    tarball_key: str
+    tarball_url: str
+    clone_url: str
+    deposit: list[str]
+    series: list[dict]
+    # seconds per step (create, record, deposit) and the share spent in git-annex processes
+    timings: dict = field(default_factory=dict)
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for git / git-annex / DataLad calls.
+
+    PyPI's git-annex and datalad-next's special remotes live in the interpreter's ``bin/``,
+    which is not on PATH in every process (Dagster run workers, cron): prepend it. A
+    machine with no Git identity gets one for the commits of the index (an existing one
+    is never overridden).
+    """
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    if not (env.get("GIT_AUTHOR_EMAIL") or _git_identity(env)):
+        env.setdefault("GIT_AUTHOR_NAME", "dicom-assets")
+        env.setdefault("GIT_AUTHOR_EMAIL", "dicom-assets@localhost")
+        env.setdefault("GIT_COMMITTER_NAME", "dicom-assets")
+        env.setdefault("GIT_COMMITTER_EMAIL", "dicom-assets@localhost")
+    return env
+
+
+def _git_identity(env) -> bool:
+    try:
+        out = subprocess.run(["git", "config", "--get", "user.email"], env=env, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise DataladError("git is not installed: DataLad datasets need git (Debian package git)") from e
+    return bool(out.stdout.strip())
+
+
+def tarball_key(size: int, md5: str) -> str:
+    return f"MD5E-s{size}--{md5}.tar"
+
+
+def archive_locator(tar_key: str, member: Member) -> str:
+    return f"dl+archive:{tar_key}#path={member.path}&size={member.size}&atype=tar"
+
+
+def series_label(number, description) -> str:
+    """``004_T2w_PD`` for the series view (path-safe)."""
+    desc = re.sub(r"[^A-Za-z0-9._-]+", "_", str(description or "")).strip("_") or "unnamed"
+    try:
+        num = f"{int(number):03d}"
+    except (TypeError, ValueError):
+        num = "000"
+    return f"{num}_{desc}"
+
+
+def members_from_metadata(dicoms: list[dict]) -> list[Member]:
+    out = []
+    for rec in dicoms:
+        path = rec["path"]
+        if _UNSAFE_MEMBER.search(path) or path.startswith("/") or ".." in path.split("/"):
+            raise DataladError(f"{path!r}: a tar member path with '&', '#', a line break, '..' or a leading "
+                               "'/' cannot be indexed as a dl+archive: URL")
+        tags = {f: str(rec[f]) for f in TAG_FIELDS if rec.get(f) not in (None, "")}
+        tags[SERIES_FIELD] = series_label(rec.get("SeriesNumber"), rec.get("SeriesDescription"))
+        out.append(Member(path, rec["md5"], int(rec["size"]), tags))
+    return out
+
+
+def store_urls(store_base_url: str, study: str, visit: str) -> tuple[str, str]:
+    """(tarball URL, ``datalad-annex::`` clone URL of the deposit) under a store base URL."""
+    base = store_base_url.rstrip("/")
+    tar_url = f"{base}/{study}/{visit}_dicom.tar"
+    # `{{annex_key}}`: the doubled braces survive the helper's own URL-placeholder expansion
+    clone = (f"datalad-annex::?type=external&externaltype=uncurl"
+             f"&url={base}/{study}/{visit}_{{{{annex_key}}}}&encryption=none")
+    return tar_url, clone
+
+
+class _Runner:
+    """Runs git / git-annex in one dataset and times the git-annex share."""
+
+    def __init__(self, path: Path, env: dict[str, str], timings: dict):
+        self.path, self.env, self.timings = path, env, timings
+        self.last_stderr = ""
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        t0 = time.perf_counter()
+        try:
+            out = subprocess.run(list(args), cwd=self.path, env=self.env, input=input, capture_output=True,
+                                 text=True)
+        except FileNotFoundError as e:
+            raise DataladError(f"{args[0]} is not installed or not on PATH ({e})") from e
+        finally:
+            if os.environ.get("DICOM_ASSETS_TRACE"):
+                print(f"{time.perf_counter() - t0:7.3f}s {' '.join(args[:3])}", file=sys.stderr)
+            if args[:2] == ("git", "annex"):
+                self.timings["git_annex"] = self.timings.get("git_annex", 0.0) + time.perf_counter() - t0
+        self.last_stderr = out.stderr.strip()
+        if check and out.returncode != 0:
+            raise DataladError(f"`{' '.join(args[:4])}` failed in {self.path} (exit {out.returncode}): "
+                               f"{(out.stderr or out.stdout).strip()[-2000:]}")
+        return out.stdout
+
+    def batch(self, *args: str, lines: list[str]) -> list[dict]:
+        """One git-annex ``--batch --json`` process for all lines; every line must succeed."""
+        if not lines:
+            return []
+        out = self.run("git", "annex", *args, "--batch", "--json", "--json-error-messages",
+                       input="".join(line + "\n" for line in lines), check=False)
+        results = []
+        for x in out.splitlines():
+            try:
+                results.append(json.loads(x))
+            except ValueError:
+                pass  # a non-JSON line (a crash message) leaves the count short, reported below
+        failed = [r for r in results if not r.get("success")]
+        if failed or len(results) != len(lines):
+            first = failed[0] if failed else {}
+            raise DataladError(f"git annex {args[0]} in {self.path}: {len(failed)} of {len(lines)} records failed "
+                               f"({len(results)} answers); first: {first.get('input')} "
+                               f"{' '.join(first.get('error-messages', []))} {self.last_stderr[-1000:]}".strip())
+        return results
+
+
+def _create(path: Path, env: dict[str, str], description: str, timings: dict) -> None:
+    """A new DataLad dataset with the uncurl and archivist special remotes (autoenabled)."""
+    _Runner(path.parent, env, timings).run(str(Path(sys.executable).parent / "datalad"), "-l", "error", "create",
+                                           "--description", description, path.name)
+    r = _Runner(path, env, timings)
+    for name in REMOTES:
+        r.run("git", "annex", "initremote", name, "type=external", f"externaltype={name}",
+              "encryption=none", "autoenable=true")
+    # a clone reaches the tarball through uncurl; git-annex's own web remote is never asked
+    r.run("git", "config", "annex.security.allowed-url-schemes", "http https file")
+
+
+def _dataset_id(path: Path, env) -> str:
+    out = subprocess.run(["git", "config", "-f", str(path / ".datalad" / "config"), "datalad.dataset.id"],
+                         capture_output=True, text=True, env=env)
+    return out.stdout.strip()
+
+
+def _read_source(path: Path) -> dict:
+    try:
+        return json.loads((path / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dict, dicoms_meta: list[dict],
+                store_dir: Path, store_base_url: str | None = None, deposit: bool = True) -> IndexResult:
+    """Create or update the DataLad dataset of one visit from its metadata JSON files.
+
+    ``store_dir`` is the folder holding the tarball (the deposit is written there);
+    ``store_base_url`` the URL under which clones reach the store (default: its
+    ``file://`` URL). The DICOMs are never read: the metadata JSON is the source.
+    """
+    env = tool_env()
+    dataset_path = Path(dataset_path)
+    members = members_from_metadata(dicoms_meta)
+    size, md5 = int(tarball_meta["size"]), tarball_meta["md5"]
+    tar_key = tarball_key(size, md5)
+    base = store_base_url or Path(store_dir).parent.resolve().as_uri()
+    tar_url, clone_url = store_urls(base, study, visit)
+    tar_path = tarball_meta.get("dspath") or f"icf/{visit}_dicom.tar"
+    source = {"visit": visit, "tarball_key": tar_key, "tarball_path": tar_path, "tarball_url": tar_url, "clone_url": clone_url,
+              "files": len(members), "sha256": tarball_meta.get("sha256"), "series": _series(members)}
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if not (dataset_path / ".datalad" / "config").is_file():
+        # built aside and renamed: a crash never leaves a half-made dataset in place
+        staging = dataset_path.with_name(f".{dataset_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _create(staging, env, f"dicom-assets index of {visit}", timings)
+            timings["create"] = time.perf_counter() - t0
+            _record(_Runner(staging, env, timings), members, tar_key, tar_url, source,
+                    message=f"Index {visit}: {len(members)} DICOMs in {tar_key}")
+            if dataset_path.exists():
+                shutil.rmtree(dataset_path)
+            staging.rename(dataset_path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        changed = True
+    else:
+        runner = _Runner(dataset_path, env, timings)
+        runner.run("git", "reset", "-q", "--hard", "HEAD")  # an interrupted update leaves staged changes
+        changed = _read_source(dataset_path) != source
+        if changed:
+            _record(runner, members, tar_key, tar_url, source,
+                    message=f"Re-index {visit}: {len(members)} DICOMs in {tar_key}", update=True)
+    timings["index"] = time.perf_counter() - t0
+    runner = _Runner(dataset_path, env, timings)
+    t1 = time.perf_counter()
+    deposited = _deposit(runner, store_dir, visit, force=changed) if deposit else []
+    timings["deposit"] = time.perf_counter() - t1
+    return IndexResult(
+        path=dataset_path, dataset_id=_dataset_id(dataset_path, env),
+        commit=runner.run("git", "rev-parse", "HEAD").strip(), changed=changed, files=len(members),
+        tarball_key=tar_key, tarball_url=tar_url, clone_url=clone_url, deposit=deposited,
+        series=_series(members), timings=timings,
+    )
+
+
+def _record(r: _Runner, members: list[Member], tar_key: str, tar_url: str, source: dict, *, message: str,
+            update: bool = False) -> None:
+    # --remote: the claiming remote is known, git-annex need not ask each special remote per URL
+    jobs = [("registerurl", "--remote", "uncurl", [f"{tar_key} {tar_url}"]),
+            ("registerurl", "--remote", "archivist", [f"{m.key} {archive_locator(tar_key, m)}" for m in members]),
+            ("metadata", [json.dumps({"key": m.key, "fields": {k: [v] for k, v in m.tags.items()}})
+                          for m in members])]
+    if update:
+        # the previous tarball's files leave the index and the work tree; fromkey puts back what
+        # the new tarball has (unchanged files come back identical: the commit shows only changes)
+        ours = [p for p in r.run("git", "ls-files", "-z").split("\0")
+                if p and not p.startswith((".datalad/", ".dicom_assets/")) and p != ".gitattributes"]
+        for i in range(0, len(ours), 500):
+            r.run("git", "rm", "-q", "--", *ours[i:i + 500])
+    # the tarball itself is a file of the dataset too (`datalad get` of the whole visit at once)
+    jobs.append(("fromkey", "--force", [f"{tar_key} {source['tarball_path']}"] + [f"{m.key} {m.path}"
+                                                                                for m in members]))
+    # one batch process per kind of record, one after the other: run side by side they take
+    # as long, git-annex serializing their journal writes (measured, bench/run.py)
+    for *args, lines in jobs:
+        r.batch(*args, lines=lines)
+    src = r.path / SOURCE_FILE
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+    r.run("git", "-c", "annex.largefiles=nothing", "add", SOURCE_FILE)
+    r.run("git", "commit", "-q", "-m", message)
+
+
+def _deposit(r: _Runner, store_dir: Path, visit: str, force: bool) -> list[str]:
+    """Push HEAD and the git-annex branch to the store in datalad-annex's exported form.
+
+    The push always goes to the local store folder (``file://``); clones may use the
+    ``store_base_url`` equivalent, which serves the same files.
+    """
+    store_dir = Path(store_dir)
+    files = [store_dir / f"{visit}_XDLRA--refs", store_dir / f"{visit}_XDLRA--repo-export"]
+    if not force and all(f.is_file() for f in files):
+        return [str(f) for f in files]
+    _, local_url = store_urls(store_dir.parent.resolve().as_uri(), store_dir.name, visit)
+    branch = r.run("git", "symbolic-ref", "--short", "HEAD").strip()
+    r.run("git", "push", "-q", "--force", local_url, f"{branch}:refs/heads/{branch}", "git-annex:refs/heads/git-annex")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataladError(f"the deposit of {visit} did not write {', '.join(missing)}")
+    return [str(f) for f in files]
+
+
+def catalog_entry(dataset_path: Path) -> dict:
+    """What the catalog shows of a visit's dataset: its own id and version, and what it indexes."""
+    dataset_path = Path(dataset_path)
+    source = _read_source(dataset_path)
+    if not source:
+        raise DataladError(f"{dataset_path}: not a dataset made by dicom-assets (no {SOURCE_FILE})")
+    env = tool_env()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dataset_path, capture_output=True, text=True, env=env)
+    updated = subprocess.run(["git", "log", "-1", "--format=%cI"], cwd=dataset_path, capture_output=True, text=True,
+                             env=env)
+    return {**source, "dataset_id": _dataset_id(dataset_path, env), "version": head.stdout.strip(),
+            "updated": updated.stdout.strip()}
+
+
+def _series(members: list[Member]) -> list[dict]:
+    by: dict[str, dict] = {}
+    for m in members:
+        s = by.setdefault(m.tags[SERIES_FIELD], {"series": m.tags[SERIES_FIELD], "files": 0,
+                                                 **{f: m.tags.get(f, "") for f in TAG_FIELDS}})
+        s["files"] += 1
+    return sorted(by.values(), key=lambda s: s["series"])
