@@ -66,6 +66,11 @@ class DatasetLayout:
     def downloads_root(self) -> Path:
         return self.root / "downloads"
 
+    @property
+    def tcia_root(self) -> Path:
+        """``downloads/tcia/``: TCIA manifests, and per manifest its series and resolved CSV."""
+        return self.downloads_root / "tcia"
+
     def downloads_dir(self, session: str) -> Path:
         return self.downloads_root / session
 
