@@ -10,6 +10,7 @@ from .defs.archive import visit_metadata, visit_tarball
 from .defs.ingest import build_downloads_sensor, organized_dicoms, raw_dicoms
 from .defs.publish import datalad_dataset, visit_catalog, xnat_resource_from_env, xnat_session
 from .defs.resources import DatasetResource, default_dataset_root
+from .defs.tcia import build_tcia_sensor, tcia_job, tcia_resource_from_env, tcia_series
 
 ARCHIVE_CHAIN = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
 INDEX_ASSETS = [datalad_dataset, visit_catalog]
@@ -26,15 +27,17 @@ visit_chain_job = define_asset_job(
 )
 
 downloads_sensor = build_downloads_sensor(visit_chain_job)
+tcia_sensor = build_tcia_sensor(visit_chain_job)
 
 
 def build_definitions(root: str | None = None) -> Definitions:
     return Definitions(
-        assets=CHAIN_ASSETS,
+        assets=CHAIN_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
-        jobs=[visit_chain_job],
-        sensors=[downloads_sensor],
-        resources={"dataset": DatasetResource(root=root or default_dataset_root()), "xnat": xnat_resource_from_env()},
+        jobs=[visit_chain_job, tcia_job],
+        sensors=[downloads_sensor, tcia_sensor],
+        resources={"dataset": DatasetResource(root=root or default_dataset_root()), "xnat": xnat_resource_from_env(),
+                   "tcia": tcia_resource_from_env()},
     )
 
 

@@ -131,3 +131,67 @@ def test_unknown_series_is_reported_and_the_rest_goes_on(nbia, collection, tmp_p
     assert res[unknown].status == "missing" and "unknown" in res[unknown].message
     assert all(res[u].status == "downloaded" for u in uids)
     assert len(group_visits(list(res.values()))) == 4
+
+
+def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples, collection, instance, tmp_path,
+                                                              monkeypatch):
+    """Drop a .tcia manifest; the sensor and the jobs it starts take it to XNAT, no click."""
+    from dagster import SensorResult, build_sensor_context, materialize
+
+    from dicom_assets.definitions import CHAIN_ASSETS, tcia_sensor
+    from dicom_assets.defs.publish import XnatResource
+    from dicom_assets.defs.resources import DatasetResource
+    from dicom_assets.defs.tcia import TciaResource, tcia_series
+    from dicom_assets.testing.xnat_server import XnatTestServer
+
+    xsrv = XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=tmp_path / "xnat").start()
+    try:
+        with NbiaTestServer(series=dict(collection)) as nbia:
+            tcia_dir = demo_root / "downloads" / "tcia"
+            tcia_dir.mkdir(parents=True)
+            unknown = "1.2.826.0.1.3680043.8.498.424242"
+            text = manifest_text([*collection, unknown], nbia.url, crlf=True)
+            (tcia_dir / "demo-basket.tcia").write_bytes(text.encode())
+            resources = {"dataset": DatasetResource(root=str(demo_root)),
+                         "tcia": TciaResource(api_url=nbia.url, backoff=0.01),
+                         "xnat": XnatResource(server=xsrv.url, user="admin", password="pw")}
+            cursor = None
+
+            def tick():
+                nonlocal cursor
+                result = tcia_sensor(build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+                if isinstance(result, SensorResult):
+                    cursor = result.cursor or cursor
+                    for req in result.dynamic_partitions_requests or []:
+                        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+                    return result.run_requests or []
+                return []
+
+            assert tick() == []  # seen once: waits for the manifest to settle
+            reqs = tick()
+            assert [(r.job_name, r.partition_key) for r in reqs] == [("tcia_download", "demo-basket")]
+            assert materialize([tcia_series], partition_key="demo-basket", resources=resources,
+                               instance=instance).success
+            reqs = tick()
+            visits = sorted(r.partition_key for r in reqs)
+            assert visits == ["TCIAA_ses-01", "TCIAB_ses-01", "TCIAB_ses-02", "TCIAB_ses-03"]
+            assert {r.job_name for r in reqs} == {"visit_chain"}
+            for v in visits:  # what the daemon would run for each request
+                assert materialize(CHAIN_ASSETS, partition_key=v, resources=resources, instance=instance).success
+            assert tick() == []  # nothing twice
+    finally:
+        xsrv.stop()
+    # the original manifest untouched, the resolved one beside the visits
+    assert (tcia_dir / "demo-basket.tcia").read_bytes() == text.encode()
+    rows = read_resolved(tcia_dir / "demo-basket" / "resolved.csv")
+    assert {r["SeriesInstanceUID"] for r in rows} == set(collection)  # the unknown series reported, not kept
+    # XNAT: subject = PatientID, sessions labelled the XNAT-TCIA way, every series with its files
+    project = xsrv.projects["QPN_DEMO"]
+    assert sorted(project.subjects) == ["TCIA-A", "TCIA-B"]
+    assert sorted(project.subjects["TCIA-B"].experiments) == ["TCIA-B", "TCIA-B_01", "TCIA-B_02"]
+    assert sorted(project.subjects["TCIA-A"].experiments) == ["TCIA-A"]
+    for uid, s in collection.items():
+        label = next(r["session_label"] for r in rows if r["SeriesInstanceUID"] == uid)
+        exp = project.subjects[s.info["PatientID"]].experiments[label]
+        assert len(exp.scans[s.info["SeriesNumber"]].files) == s.info["ImageCount"]
+    assert sorted(project.resources["TCIA"]) == ["demo-basket.tcia", "resolved.csv"]

@@ -167,10 +167,21 @@ def remove_prearchive_leftovers(session, project: str, label: str) -> int:
     return removed
 
 
+def attach_files(owner, label: str, paths: list[Path]) -> None:
+    """Upload files into a resource folder of a project or an experiment (created when missing)."""
+    resource = owner.resources.get(label) if label in owner.resources else owner.create_resource(label)
+    for f in paths:
+        resource.upload(str(f), Path(f).name, overwrite=True)
+
+
 def upload_visit(session, *, server: str, project: str, subject: str, session_label: str,
                  files: list[UploadFile], excluded: list[dict], metadata_files: list[Path],
-                 policy: str = "fail", workdir: Path | None = None, log=lambda m: None) -> UploadResult:
-    """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages."""
+                 policy: str = "fail", workdir: Path | None = None, log=lambda m: None,
+                 project_files: dict[str, list[Path]] | None = None) -> UploadResult:
+    """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages.
+
+    ``project_files`` (resource label -> files) are attached to the project itself, e.g. the
+    TCIA manifests a visit came from (re-attaching overwrites, never duplicates)."""
     if policy not in POLICIES:
         raise ValueError(f"duplicate policy must be one of {POLICIES}")
     if not files:
@@ -180,6 +191,8 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
     try:
         if ensure_project(session, project):
             log(f"created XNAT project {project}")
+        for label, paths in (project_files or {}).items():
+            attach_files(session.projects[project], label, paths)
         existing = find_experiment(session, project, subject, session_label)
         overwrite = None
         if existing is not None:
@@ -223,9 +236,7 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
             raise XnatError(f"XNAT accepted the upload but session {session_label} is not in project {project}")
         result.session_uri = exp.uri
         if metadata_files:
-            resource = exp.resources.get("METADATA") if "METADATA" in exp.resources else exp.create_resource("METADATA")
-            for f in metadata_files:
-                resource.upload(str(f), f.name, overwrite=True)
+            attach_files(exp, "METADATA", metadata_files)
         session.clearcache()
         exp = find_experiment(session, project, subject, session_label)
         result.scans = [{"scan": k, "files": v} for k, v in sorted(scan_counts(exp).items())]

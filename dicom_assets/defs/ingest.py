@@ -21,10 +21,11 @@ from dagster import (
 
 from ..core.curation import update_curation_status
 from ..core.dicomscan import Rules
-from ..core.downloads import items_for_visit, read_dicom_dir_map, scan_downloads, signature
+from ..core.downloads import DownloadItem, items_for_visit, read_dicom_dir_map, scan_downloads, signature
 from ..core.errors import DicomAssetsError
 from ..core.extract import ExtractLimits, extract_visit
 from ..core.organize import excluded_summary, organize_visit, series_rows
+from ..core.tcia import find_visit as find_tcia_visit
 from ..core.qc import build_montage, middle_images
 from .partitions import VISITS_PARTITION_NAME, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
@@ -46,11 +47,19 @@ DOWNLOAD_TAG = "dicom_assets/download"
 def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
     visit = visit_of(context)
     ds = dataset.open()
-    if not ds.manifest.has_visit(visit):
-        raise Failure(f"visit {visit.key} is not in the manifest {ds.layout.manifest_path}")
     lay = ds.layout
-    items = items_for_visit(lay.downloads_root, visit, set(ds.manifest.participants),
-                            read_dicom_dir_map(lay.dicom_dir_map_path))
+    tcia = find_tcia_visit(lay.tcia_root, visit.key)
+    if tcia is not None:  # a visit of a TCIA manifest: its series zips are the dump
+        missing = [z for z in tcia.zips if not z.is_file()]
+        if missing:
+            raise Failure(f"TCIA visit {visit.key}: {len(missing)} series zip(s) missing, first {missing[0]}; "
+                          "materialize tcia_series of its manifest again")
+        items = [DownloadItem(z, visit.session, "zip") for z in tcia.zips]
+    elif not ds.manifest.has_visit(visit):
+        raise Failure(f"visit {visit.key} is not in the manifest {ds.layout.manifest_path}")
+    else:
+        items = items_for_visit(lay.downloads_root, visit, set(ds.manifest.participants),
+                                read_dicom_dir_map(lay.dicom_dir_map_path))
     if not items:
         raise Failure(
             f"no download for visit {visit.key} in {lay.downloads_dir(visit.session)} "

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from ..core.catalog import update_catalog
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
+from ..core.tcia import find_visit as find_tcia_visit
 from ..core.curation import update_curation_status, xnat_marker_path
 from ..core.xnat_upload import (
     XnatAuthError,
@@ -165,10 +166,15 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
         raise Failure(f"{dj}: no metadata for {visit.key}; materialize visit_metadata first", allow_retries=False)
     files, excluded = select_files(load_dicoms_json(dj), lay.dicom_dir(visit), cfg.exclude_series)
     label = cfg.session_label_pattern.format(participant=visit.participant, session=visit.session)
+    subject, project_files = visit.participant, None
+    tcia = find_tcia_visit(lay.tcia_root, visit.key)
+    if tcia is not None:  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
+        subject, label = tcia.patient_id, tcia.session_label
+        project_files = {"TCIA": [tcia.manifest, tcia.resolved]}
     try:
         with xnat.connect() as session:
             result = upload_visit(
-                session, server=xnat.server, project=cfg.xnat_project, subject=visit.participant,
+                session, server=xnat.server, project=cfg.xnat_project, subject=subject, project_files=project_files,
                 session_label=label, files=files, excluded=excluded,
                 metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
                 policy=cfg.xnat_duplicate_policy, workdir=lay.root / "scratch", log=context.log.info)
@@ -187,7 +193,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     update_curation_status(ds)
     want = expected_scans(files)
     have = {s["scan"]: s["files"] for s in result.scans}
-    context.log.info(f"{visit.key}: {result.status} as {cfg.xnat_project}/{visit.participant}/{label}")
+    context.log.info(f"{visit.key}: {result.status} as {cfg.xnat_project}/{subject}/{label}")
     return MaterializeResult(
         metadata={
             "status": result.status,

@@ -76,6 +76,7 @@ class Project:
     id: str
     name: str
     subjects: dict[str, Subject] = field(default_factory=dict)  # label -> subject
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> name -> path
 
 
 @dataclass
@@ -395,6 +396,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send(200, "")
                 p = self._project(pid)
                 return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.id, "name": p.name}))
+            if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "resources":
+                p = self._project(parts[1])
+                return self._resources(method, p.resources, parts[2:], x.storage / p.id / "RESOURCES",
+                                       f"/data/projects/{p.id}", body)
             if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "subjects":
                 p = self._project(parts[1])
                 if len(parts) == 3:
@@ -494,45 +499,49 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, _result_set([{"xnat_abstractresource_id": "DICOM", "label": "DICOM",
                                                      "element_name": "xnat:resourceCatalog", "category": "scans",
                                                      "file_count": str(len(scan.files)), "format": "DICOM"}]))
+        if rest and rest[0] == "resources":
+            return self._resources(method, exp.resources, rest, self.xnat.storage / exp.project / exp.label / "RESOURCES",
+                                   f"/data/experiments/{exp.id}", body)
+        raise _HttpError(404, "Not found")
+
+    def _resources(self, method: str, resources: dict, rest: list[str], folder, uri: str, body: bytes) -> None:
+        """Resource folders of an experiment or a project: list, create, upload, download."""
         if rest == ["resources"]:
             return self._send(200, _result_set([
                 # as XNAT: no ID/URI columns, the id is xnat_abstractresource_id, the type element_name
                 {"xnat_abstractresource_id": label, "label": label, "element_name": "xnat:resourceCatalog",
                  "category": "resources", "file_count": str(len(files)), "format": ""}
-                for label, files in exp.resources.items()]))
-        if len(rest) >= 2 and rest[0] == "resources":
-            label = rest[1]
-            if len(rest) == 2:
-                if method == "PUT":
-                    exp.resources.setdefault(label, {})
-                    return self._send(200, "")
-                if label not in exp.resources:
-                    raise _HttpError(404, f"Resource {label} not found")
-                return self._send(200, _item("xnat:resourceCatalog", {
-                    "xnat_abstractresource_id": label, "label": label}))
-            if rest[2:] == ["files"]:
-                files = exp.resources.get(label)
-                if files is None:
-                    raise _HttpError(404, f"Resource {label} not found")
-                return self._send(200, _result_set([
-                    {"Name": n, "Size": str(Path(p).stat().st_size), "URI": f"/data/experiments/{exp.id}/resources/{label}/files/{n}"}
-                    for n, p in sorted(files.items())]))
-            if len(rest) == 4 and rest[2] == "files":
-                name = rest[3]
-                if method in ("PUT", "POST"):
-                    folder = self.xnat.storage / exp.project / exp.label / "RESOURCES" / label
-                    folder.mkdir(parents=True, exist_ok=True)
-                    data = body
-                    ctype = self.headers.get("Content-Type", "")
-                    if ctype.startswith("multipart/form-data"):
-                        data = _first_multipart_part(body, ctype)
-                    (folder / name).write_bytes(data)
-                    exp.resources.setdefault(label, {})[name] = str(folder / name)
-                    return self._send(200, "")
-                path = exp.resources.get(label, {}).get(name)
-                if path is None:
-                    raise _HttpError(404, f"File {name} not found")
-                return self._send(200, Path(path).read_bytes(), "application/octet-stream")
+                for label, files in resources.items()]))
+        label = rest[1]
+        if len(rest) == 2:
+            if method == "PUT":
+                resources.setdefault(label, {})
+                return self._send(200, "")
+            if label not in resources:
+                raise _HttpError(404, f"Resource {label} not found")
+            return self._send(200, _item("xnat:resourceCatalog", {"xnat_abstractresource_id": label, "label": label}))
+        if rest[2:] == ["files"]:
+            files = resources.get(label)
+            if files is None:
+                raise _HttpError(404, f"Resource {label} not found")
+            return self._send(200, _result_set([
+                {"Name": n, "Size": str(Path(p).stat().st_size), "URI": f"{uri}/resources/{label}/files/{n}"}
+                for n, p in sorted(files.items())]))
+        if len(rest) == 4 and rest[2] == "files":
+            name = rest[3]
+            if method in ("PUT", "POST"):
+                (folder / label).mkdir(parents=True, exist_ok=True)
+                data = body
+                ctype = self.headers.get("Content-Type", "")
+                if ctype.startswith("multipart/form-data"):
+                    data = _first_multipart_part(data, ctype)
+                (folder / label / name).write_bytes(data)
+                resources.setdefault(label, {})[name] = str(folder / label / name)
+                return self._send(200, "")
+            path = resources.get(label, {}).get(name)
+            if path is None:
+                raise _HttpError(404, f"File {name} not found")
+            return self._send(200, Path(path).read_bytes(), "application/octet-stream")
         raise _HttpError(404, "Not found")
 
     # the import service

@@ -1,0 +1,190 @@
+"""TCIA manifests as a second source of visits: ``tcia_series`` and the ``tcia_sensor``.
+
+A manifest dropped into ``downloads/tcia/`` becomes a ``tcia_manifests`` partition; its
+``tcia_series`` run downloads the series (resumable), groups them into visits and writes
+``downloads/tcia/<name>/resolved.csv``; the sensor then adds those visits to the ``visits``
+partitions and runs the same chain as for scanner dumps (``raw_dicoms`` takes the series
+zips as the visit's dump; ``xnat_session`` uses the TCIA session label).
+"""
+
+import json
+import os
+
+from dagster import (
+    AssetExecutionContext,
+    Backoff,
+    ConfigurableResource,
+    DefaultSensorStatus,
+    DynamicPartitionsDefinition,
+    Failure,
+    MaterializeResult,
+    RetryPolicy,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    asset,
+    define_asset_job,
+    sensor,
+)
+from pydantic import Field
+
+from ..core.downloads import signature
+from ..core.errors import DicomAssetsError
+from ..core.tcia import (
+    DEFAULT_API,
+    NbiaClient,
+    download_series,
+    group_visits,
+    manifest_name,
+    manifests,
+    parse_manifest,
+    read_resolved,
+    resolved_path,
+    series_dir,
+    write_resolved,
+)
+from .ingest import VISIT_TAG
+from .partitions import OWNERS, VISITS_PARTITION_NAME, visits_partitions
+from .resources import DatasetResource
+from .ui import path, table
+
+TCIA_PARTITION_NAME = "tcia_manifests"
+tcia_manifests = DynamicPartitionsDefinition(name=TCIA_PARTITION_NAME)
+
+
+class TciaResource(ConfigurableResource):
+    """The NBIA REST API that serves TCIA's series (public v1 endpoints by default)."""
+
+    api_url: str = Field(default=DEFAULT_API, description="NBIA API base URL (TCIA_API_URL)")
+    workers: int = Field(default=2, description="series downloaded in parallel")
+    retries: int = Field(default=4, description="retries of a failing request, with exponential backoff")
+    backoff: float = Field(default=1.0, description="seconds before the first retry")
+
+    def client(self) -> NbiaClient:
+        return NbiaClient(self.api_url, retries=self.retries, backoff=self.backoff)
+
+
+def tcia_resource_from_env() -> TciaResource:
+    return TciaResource(api_url=os.environ.get("TCIA_API_URL", DEFAULT_API))
+
+
+@asset(
+    partitions_def=tcia_manifests,
+    group_name="tcia",
+    kinds={"tcia", "zip"},
+    owners=OWNERS,
+    retry_policy=RetryPolicy(max_retries=2, delay=5, backoff=Backoff.EXPONENTIAL),
+    description=(
+        "The series of a TCIA manifest (`downloads/tcia/<name>.tcia` or `.csv`), downloaded through the NBIA "
+        "API into `downloads/tcia/<name>/series/` (verified, resumable), grouped into visits (one per "
+        "PatientID and StudyInstanceUID, labelled `<PatientID>`, `<PatientID>_01`, ... by study date) in "
+        "`downloads/tcia/<name>/resolved.csv`."
+    ),
+)
+def tcia_series(context: AssetExecutionContext, dataset: DatasetResource, tcia: TciaResource) -> MaterializeResult:
+    name = context.partition_key
+    lay = dataset.open().layout
+    found = [m for m in manifests(lay.tcia_root) if manifest_name(m) == name]
+    if not found:
+        raise Failure(f"no manifest named {name!r} in {lay.tcia_root}", allow_retries=False)
+    try:
+        manifest = parse_manifest(found[0])
+    except DicomAssetsError as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    results = download_series(tcia.client(), manifest.series, series_dir(lay.tcia_root, name), workers=tcia.workers,
+                              log=context.log.info)
+    failed = [r for r in results if r.status == "failed"]
+    missing = [r for r in results if r.status == "missing"]
+    for r in missing:
+        context.log.warning(f"series {r.uid}: {r.message}; the other series go on")
+    series_table = table([vars(r) for r in results], [
+        ("uid", "string", "SeriesInstanceUID"), ("status", "string", "downloaded, cached, missing, failed"),
+        ("files", "int", "DICOMs"), ("PatientID", "string", ""), ("StudyInstanceUID", "string", ""),
+        ("message", "string", "")])
+    if failed:
+        # the verified series stay on disk: the retry downloads only these
+        raise Failure(f"{len(failed)} of {len(results)} series of {name} could not be downloaded; first: "
+                      f"{failed[0].uid}: {failed[0].message}", metadata={"series": series_table})
+    visits = group_visits(results)
+    out = resolved_path(lay.tcia_root, name)
+    write_resolved(out, visits)
+    context.log.info(f"{name}: {len(visits)} visit(s) from {len(results) - len(missing)} series -> {out}")
+    return MaterializeResult(metadata={
+        "manifest": path(found[0]),
+        "resolved": path(out),
+        "series": series_table,
+        "visits": table([{"visit": v.visit, "session_label": v.session_label, "PatientID": v.patient_id,
+                          "series": len(v.series)} for v in visits],
+                        [("visit", "string", ""), ("session_label", "string", "XNAT session label"),
+                         ("PatientID", "string", ""), ("series", "int", "")]),
+        "downloaded": sum(r.status == "downloaded" for r in results),
+        "cached": sum(r.status == "cached" for r in results),
+        "missing": len(missing),
+    })
+
+
+tcia_job = define_asset_job("tcia_download", selection=[tcia_series],
+                            description="Download and group the series of one TCIA manifest.")
+
+
+def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, chain_job_name: str):
+    """New stable manifests -> tcia_download runs; new resolved visits -> chain runs."""
+    try:
+        lay = dataset.open().layout
+    except DicomAssetsError as exc:
+        return SkipReason(f"dataset not usable: {exc}")
+    try:
+        cursor = json.loads(context.cursor) if context.cursor else {}
+    except json.JSONDecodeError:
+        cursor = {}
+    pending, submitted, visits_done = cursor.get("pending", {}), cursor.get("submitted", {}), cursor.get("visits", {})
+    new_pending, requests, new_manifests, new_visits = {}, [], [], []
+    for m in manifests(lay.tcia_root):
+        name = manifest_name(m)
+        token = signature(m).token()
+        if submitted.get(name) != token:
+            if pending.get(name) != token:
+                new_pending[name] = token  # wait one tick: size and mtime must settle
+                continue
+            requests.append(RunRequest(run_key=f"tcia:{name}:{token}", partition_key=name, job_name=tcia_job.name))
+            new_manifests.append(name)
+            submitted[name] = token
+        res = resolved_path(lay.tcia_root, name)
+        if res.is_file():
+            rtoken = signature(res).token()
+            for row in {r["visit"]: r for r in read_resolved(res)}.values():
+                key = f"{name}/{row['visit']}"
+                if visits_done.get(key) == rtoken:
+                    continue
+                visits_done[key] = rtoken
+                new_visits.append(row["visit"])
+                requests.append(RunRequest(run_key=f"tcia:{key}:{rtoken}", partition_key=row["visit"],
+                                           job_name=chain_job_name, tags={VISIT_TAG: row["visit"]}))
+    cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "visits": visits_done}, sort_keys=True)
+    if not requests:
+        return SensorResult(skip_reason=SkipReason(
+            f"{len(new_pending)} manifest(s) not yet stable" if new_pending else "no new TCIA manifest or visit"),
+            cursor=cursor_out)
+    existing_m = set(context.instance.get_dynamic_partitions(TCIA_PARTITION_NAME))
+    existing_v = set(context.instance.get_dynamic_partitions(VISITS_PARTITION_NAME))
+    adds = []
+    if set(new_manifests) - existing_m:
+        adds.append(tcia_manifests.build_add_request(sorted(set(new_manifests) - existing_m)))
+    if set(new_visits) - existing_v:
+        adds.append(visits_partitions.build_add_request(sorted(set(new_visits) - existing_v)))
+    context.log.info(f"TCIA: {len(new_manifests)} manifest run(s), {len(new_visits)} visit run(s)")
+    return SensorResult(run_requests=requests, dynamic_partitions_requests=adds, cursor=cursor_out)
+
+
+def build_tcia_sensor(chain_job, minimum_interval_seconds: int = 10):
+    @sensor(name="tcia_sensor", jobs=[tcia_job, chain_job], minimum_interval_seconds=minimum_interval_seconds,
+            default_status=DefaultSensorStatus.RUNNING,
+            description=("Watches downloads/tcia/ for TCIA manifests (.tcia or .csv): a new or changed manifest "
+                         "gets a tcia_download run; each visit it resolves gets a run of the chain."))
+    def tcia_sensor(context: SensorEvaluationContext, dataset: DatasetResource):
+        return evaluate_tcia(context, dataset, chain_job.name)
+
+    return tcia_sensor
+
+
