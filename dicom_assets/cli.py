@@ -8,6 +8,7 @@
   dicom-assets xnat-upload ROOT --project P [--config exclusions.json]
                                         upload a <subject>/<session>/ tree (classic script layout)
   dicom-assets xnat-test-server         run the XNAT-compatible test server (demo, tests)
+  dicom-assets nbia-test-server         run the NBIA-compatible (TCIA) test server (demo, tests)
 """
 
 from __future__ import annotations
@@ -139,6 +140,27 @@ def cmd_xnat_test_server(args) -> int:
     return 0
 
 
+def cmd_nbia_test_server(args) -> int:
+    import time
+
+    from .testing.nbia_server import NbiaTestServer, build_collection, manifest_text
+
+    collection = build_collection(_samples(args), {"TCIA-A": 1, "TCIA-B": 3})
+    with NbiaTestServer(series=collection, host=args.host, port=args.port) as server:
+        print(f"NBIA test server: {server.url} ({len(collection)} series)", file=sys.stderr, flush=True)
+        if args.manifest_out:
+            out = Path(args.manifest_out)
+            text = manifest_text(list(collection), server.url)
+            if not out.is_file() or out.read_text() != text:  # unchanged: the sensor sees no new manifest
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_name(f".{out.name}.tmp")
+                tmp.write_text(text)
+                tmp.replace(out)
+            print(f"manifest: {out}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dicom-assets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--password-env", default="XNAT_PASSWORD",
                    help="environment variable holding the password (never a command-line argument)")
     x.set_defaults(fn=cmd_xnat_test_server)
+    n = sub.add_parser("nbia-test-server", help="run the NBIA-compatible (TCIA) test server on loopback")
+    n.add_argument("--host", default="127.0.0.1")
+    n.add_argument("--port", type=int, default=8089)
+    n.add_argument("--manifest-out", help="write a .tcia manifest of the served series here")
+    n.set_defaults(fn=cmd_nbia_test_server)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

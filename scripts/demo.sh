@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo: a demo dataset root, the XNAT-compatible test server on loopback (standing in for
-# the site's XNAT), and `dagster dev` (webserver + daemon). Ctrl-C stops everything.
+# the site's XNAT), the NBIA-compatible test server (standing in for TCIA, with a .tcia manifest
+# dropped into downloads/tcia/), and `dagster dev` (webserver + daemon). Ctrl-C stops everything.
 set -euo pipefail
-VENV=${VENV:?}; DEMO_ROOT=${DEMO_ROOT:?}; HOST=${HOST:-127.0.0.1}; PORT=${PORT:-3000}; XNAT_PORT=${XNAT_PORT:-8088}
+VENV=${VENV:?}; DEMO_ROOT=${DEMO_ROOT:?}; HOST=${HOST:-127.0.0.1}; PORT=${PORT:-3000}; XNAT_PORT=${XNAT_PORT:-8088}; NBIA_PORT=${NBIA_PORT:-8089}
 "$VENV/bin/dicom-assets" demo-data "$DEMO_ROOT"
 mkdir -p "$DAGSTER_HOME" && cp "${DAGSTER_YAML:-dagster.yaml}" "$DAGSTER_HOME/dagster.yaml"
 export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
@@ -10,7 +11,11 @@ export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
 export XNAT_PASSWORD="${XNAT_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
 "$VENV/bin/dicom-assets" xnat-test-server --port "$XNAT_PORT" --user "$XNAT_USER" &
 XNAT_PID=$!
-trap 'kill $XNAT_PID 2>/dev/null || true' EXIT
+export TCIA_API_URL="http://127.0.0.1:$NBIA_PORT/nbia-api/services/v1"
+"$VENV/bin/dicom-assets" nbia-test-server --port "$NBIA_PORT" --manifest-out "$DEMO_ROOT/downloads/tcia/demo-basket.tcia" &
+NBIA_PID=$!
+trap 'kill $XNAT_PID $NBIA_PID 2>/dev/null || true' EXIT
 echo "XNAT test server: $XNAT_HOST (user $XNAT_USER)"
+echo "TCIA (NBIA) test server: $TCIA_API_URL"
 echo "Dagster UI: http://$HOST:$PORT  (dataset root: $DEMO_ROOT, instance: $DAGSTER_HOME)"
 DICOM_ASSETS_ROOT="$DEMO_ROOT" "$VENV/bin/dagster" dev -w workspace.yaml -h "$HOST" -p "$PORT"
