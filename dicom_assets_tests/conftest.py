@@ -46,12 +46,38 @@ def instance():
 
 
 _FAULTS: dict[str, str] = {}
+_GUARDED: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _downloads_untouched(request):
+    """In every fault case on a demo root: no file of downloads/ is modified or deleted.
+
+    The digest is taken before the test body (after the fixtures built the root); files the
+    test itself adds (a bad dump, a manifest, downloaded series) are not compared. A case that
+    must change a download (a re-delivery) says so with ``@pytest.mark.changes_downloads``.
+    """
+    if (request.node.get_closest_marker("faults") is None or "demo_root" not in request.fixturenames
+            or request.node.get_closest_marker("changes_downloads") is not None):
+        yield
+        return
+    from dicom_assets.core.demo import tree_digest
+
+    downloads = request.getfixturevalue("demo_root") / "downloads"
+    before = tree_digest(downloads)
+    yield
+    after = tree_digest(downloads)
+    changed = sorted(p for p in before if after.get(p) != before[p])
+    assert not changed, f"the fault case modified or deleted input files in {downloads}: {changed[:5]}"
+    _GUARDED.add(request.node.nodeid)
 
 
 def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         if "faults" in report.keywords:
             _FAULTS[report.nodeid] = report.outcome
+            if "checks_inputs" in report.keywords and report.outcome == "passed":
+                _GUARDED.add(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -63,3 +89,6 @@ def pytest_terminal_summary(terminalreporter):
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     terminalreporter.write_sep("-", "fault-injection cases")
     terminalreporter.write_line(f"{len(_FAULTS)} cases: " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())))
+    guarded = len(_GUARDED & set(_FAULTS))
+    terminalreporter.write_line(f"{guarded} of them checked their inputs unchanged (sha256 of every download of "
+                                "the dataset root, or of the archive under test, before and after)")

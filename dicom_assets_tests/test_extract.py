@@ -15,7 +15,8 @@ from dicom_assets.core.downloads import DownloadItem
 from dicom_assets.core.errors import UnsafeArchiveError
 from dicom_assets.core.extract import ExtractLimits, extract_visit
 
-pytestmark = pytest.mark.faults
+# every refusal compares the archive's sha256 before and after (assert_refused)
+pytestmark = [pytest.mark.faults, pytest.mark.checks_inputs]
 
 
 def sha(path: Path) -> str:

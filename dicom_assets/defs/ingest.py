@@ -8,7 +8,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    DefaultSensorStatus,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -27,7 +26,7 @@ from ..core.extract import ExtractLimits, extract_visit
 from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.tcia import find_visit as find_tcia_visit
 from ..core.qc import build_montage, middle_images
-from .partitions import VISITS_PARTITION_NAME, visit_asset, visit_of, visits_partitions
+from .partitions import sensor_default_status, VISITS_PARTITION_NAME, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import SERIES_COLUMNS, path, qc_markdown, table
 
@@ -66,7 +65,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
             f"(expected a .zip, .tar, .tar.gz, .tar.bz2 or folder named after participant "
             f"{ds.manifest.raw_participant_id(visit.participant)!r})"
         )
-    if len(items) > 1:
+    if len(items) > 1 and tcia is None:  # a TCIA visit is one zip per series by design
         context.log.warning(
             f"{len(items)} downloads for visit {visit.key}: "
             + ", ".join(i.name for i in items) + "; each is extracted into its own sub-folder"
@@ -251,7 +250,7 @@ def build_downloads_sensor(job, minimum_interval_seconds: int = 10):
         name="downloads_sensor",
         job=job,
         minimum_interval_seconds=minimum_interval_seconds,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=sensor_default_status(),
         description=(
             "Watches downloads/<session>/ for complete scanner dumps (size and mtime unchanged over two "
             "ticks, or a <item>.done marker), adds their visit partitions and runs the chain for each "

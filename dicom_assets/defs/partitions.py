@@ -6,7 +6,9 @@ session), and a grid would show cells for visits that do not exist, which a "bac
 missing" would then try to run. See docs/decisions.md.
 """
 
-from dagster import DynamicPartitionsDefinition, asset
+import os
+
+from dagster import DefaultSensorStatus, DynamicPartitionsDefinition, asset
 
 from ..core.ids import Visit, parse_visit_key
 
@@ -26,3 +28,9 @@ def visit_asset(*, group: str, kinds: set[str], code_version: str = "1", **kwarg
     """``@asset`` for a step of the visit chain: partitioned by visit, owned, grouped by stage."""
     return asset(partitions_def=visits_partitions, group_name=group, kinds=kinds, owners=OWNERS,
                  code_version=code_version, **kwargs)
+
+
+def sensor_default_status() -> DefaultSensorStatus:
+    """Sensors run from the start, unless ``DICOM_ASSETS_SENSORS=off`` (e.g. to backfill by hand)."""
+    off = os.environ.get("DICOM_ASSETS_SENSORS", "").lower() in ("off", "0", "false", "stopped")
+    return DefaultSensorStatus.STOPPED if off else DefaultSensorStatus.RUNNING

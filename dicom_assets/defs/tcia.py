@@ -14,7 +14,6 @@ from dagster import (
     AssetExecutionContext,
     Backoff,
     ConfigurableResource,
-    DefaultSensorStatus,
     DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
@@ -45,7 +44,7 @@ from ..core.tcia import (
     write_resolved,
 )
 from .ingest import VISIT_TAG
-from .partitions import OWNERS, VISITS_PARTITION_NAME, visits_partitions
+from .partitions import sensor_default_status, OWNERS, VISITS_PARTITION_NAME, visits_partitions
 from .resources import DatasetResource
 from .ui import path, table
 
@@ -179,7 +178,7 @@ def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, ch
 
 def build_tcia_sensor(chain_job, minimum_interval_seconds: int = 10):
     @sensor(name="tcia_sensor", jobs=[tcia_job, chain_job], minimum_interval_seconds=minimum_interval_seconds,
-            default_status=DefaultSensorStatus.RUNNING,
+            default_status=sensor_default_status(),
             description=("Watches downloads/tcia/ for TCIA manifests (.tcia or .csv): a new or changed manifest "
                          "gets a tcia_download run; each visit it resolves gets a run of the chain."))
     def tcia_sensor(context: SensorEvaluationContext, dataset: DatasetResource):

@@ -108,6 +108,7 @@ class XnatTestServer:
         self.imports = 0
         self.active_imports = 0
         self.max_concurrent_imports = 0
+        self.import_seconds = 0.0  # time each import takes (tests of upload concurrency)
         self._counter = 0
         handler = type("Handler", (_Handler,), {"xnat": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
@@ -552,6 +553,8 @@ class _Handler(BaseHTTPRequestHandler):
             x.active_imports += 1
             x.max_concurrent_imports = max(x.max_concurrent_imports, x.active_imports)
         try:
+            if x.import_seconds:  # a slow archive, so that concurrent uploads overlap visibly
+                time.sleep(x.import_seconds)
             if q.get("import-handler", "DICOM-zip") not in ("DICOM-zip", "gradual-DICOM", "SI"):
                 raise _HttpError(400, f"Unknown import handler {q.get('import-handler')}")
             project = q.get("project")

@@ -1,0 +1,146 @@
+"""Scale: a backfill of 50 visits through a real daemon (`dagster dev`: webserver, daemon,
+queued run coordinator, the repository's dagster.yaml), launched twice the way the UI launches it
+(the GraphQL `launchPartitionBackfill` mutation), as a user clicking twice: two runs per visit. The promises checked:
+
+- never two runs of the same visit at once (run records: start/end intervals per partition);
+- never more runs at once than `max_concurrent_runs`;
+- never more XNAT uploads at once than the `xnat_upload` pool allows (the XNAT test server
+  counts concurrent imports, each made slow on purpose so that overlaps would show);
+- every visit ends on XNAT.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .helpers import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+N_PARTICIPANTS = 25  # x 2 sessions = 50 visits
+ASSETS = ["raw_dicoms", "organized_dicoms", "visit_tarball", "visit_metadata", "xnat_session"]
+
+pytestmark = pytest.mark.scale
+
+
+def graphql(port: int, query: str, variables: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", method="POST",
+                                 data=json.dumps({"query": query, "variables": variables}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out = json.loads(r.read())
+    assert "errors" not in out, out
+    return out["data"]
+
+
+LAUNCH = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+  }
+}"""
+
+
+def _wait(predicate, timeout: float, what: str, log: Path):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{log.read_text()[-3000:]}")
+
+
+def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path):
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from dicom_assets.core.demo import build_demo_dataset
+    from dicom_assets.testing.xnat_server import XnatTestServer
+
+    root = build_demo_dataset(tmp_path / "dataset", samples, slices=2,
+                              participants=tuple(f"BF_{i:03d}" for i in range(N_PARTICIPANTS)),
+                              extra_manifest_participants=())
+    visits = sorted(f"BF{i:03d}_{s}" for i in range(N_PARTICIPANTS) for s in ("ses-01", "ses-02"))
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    limits = yaml.safe_load((REPO / "dagster.yaml").read_text())["concurrency"]
+    max_runs, pool_limit = limits["runs"]["max_concurrent_runs"], limits["pools"]["default_limit"]
+
+    xnat = XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=tmp_path / "xnat").start()
+    xnat.import_seconds = 2.0  # every upload takes a while: overlapping uploads would show
+    port = free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DICOM_ASSETS_ROOT": str(root), "XNAT_HOST": xnat.url,
+           "XNAT_USER": "admin", "XNAT_PASSWORD": "pw",
+           "DICOM_ASSETS_SENSORS": "off", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = tmp_path / "dagster-dev.log"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def up():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+                    return True
+            except OSError:
+                return False
+        _wait(up, 180, "the Dagster webserver", log)
+        instance = DagsterInstance.from_config(str(home))
+        instance.add_dynamic_partitions("visits", visits)
+        # two backfills of the same 50 visits, as a user clicking twice: 100 runs, 2 per visit
+        ids = []
+        for _ in range(2):
+            launched = graphql(port, LAUNCH, {"params": {
+                "partitionNames": visits, "fromFailure": False,
+                "assetSelection": [{"path": [a]} for a in ASSETS],
+            }})["launchPartitionBackfill"]
+            assert launched["__typename"] == "LaunchBackfillSuccess", launched
+            ids.append(launched["backfillId"])
+
+        def finished():
+            parts = [{r.tags.get("dagster/partition") for r in instance.get_runs(RunsFilter(tags={"dagster/backfill": b}))
+                      if r.is_finished} for b in ids]
+            return all(len(p) == len(visits) for p in parts) and all(r.is_finished for r in instance.get_runs())
+        _wait(finished, 1500, "both backfills to finish", log)
+        records = instance.get_run_records()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        xnat.stop()
+
+    chain_runs = [r for r in records if r.dagster_run.tags.get("dagster/partition") in visits]
+    failed = [r.dagster_run.run_id for r in chain_runs if r.dagster_run.status != DagsterRunStatus.SUCCESS]
+    assert not failed, f"{len(failed)} runs failed; see {log}"
+    # both backfills ran each visit: the limits had something to hold back
+    by_visit: dict[str, list] = {}
+    for r in chain_runs:
+        by_visit.setdefault(r.dagster_run.tags["dagster/partition"], []).append((r.start_time, r.end_time))
+    assert sorted(by_visit) == visits
+    assert all(len(v) >= 2 for v in by_visit.values())
+    for visit, spans in by_visit.items():
+        spans.sort()
+        for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
+            assert s2 >= e1, f"two runs of {visit} overlapped"
+    events = sorted([(r.start_time, 1) for r in chain_runs] + [(r.end_time, -1) for r in chain_runs])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak <= max_runs
+    assert xnat.max_concurrent_imports <= pool_limit
+    assert xnat.max_concurrent_imports >= 1
+    project = xnat.projects["QPN_DEMO"]
+    assert len([e for s in project.subjects.values() for e in s.experiments]) == len(visits)
