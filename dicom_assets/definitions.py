@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from dagster import AssetSelection, Definitions, define_asset_job
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, multiprocess_executor
 
 from .defs.archive import visit_metadata, visit_tarball
 from .defs.ingest import build_downloads_sensor, organized_dicoms, raw_dicoms
@@ -30,8 +30,18 @@ downloads_sensor = build_downloads_sensor(visit_chain_job)
 tcia_sensor = build_tcia_sensor(visit_chain_job)
 
 
+def default_executor():
+    """Each step in its own process (the default), or ``DICOM_ASSETS_EXECUTOR=in_process``: one
+    process per run, which saves a Python start per step on small servers (the chain is linear)."""
+    choice = os.environ.get("DICOM_ASSETS_EXECUTOR", "multiprocess")
+    if choice not in ("multiprocess", "in_process"):
+        raise ValueError(f"DICOM_ASSETS_EXECUTOR must be multiprocess or in_process, not {choice!r}")
+    return in_process_executor if choice == "in_process" else multiprocess_executor
+
+
 def build_definitions(root: str | None = None) -> Definitions:
     return Definitions(
+        executor=default_executor(),
         assets=CHAIN_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
         jobs=[visit_chain_job, tcia_job],
