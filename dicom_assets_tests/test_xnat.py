@@ -75,14 +75,31 @@ def test_visit_arrives_in_xnat_and_rerun_does_not_duplicate(instance, demo_root,
 
 
 @pytest.mark.faults
-def test_503_on_first_attempt_is_retried(instance, demo_root, server, xnat_res):
+@pytest.mark.parametrize("status", ["500", "503"])
+def test_server_error_on_first_attempt_is_retried(instance, demo_root, server, xnat_res, status):
     run_chain(instance, demo_root, VISIT)
-    server.inject("/data/services/import", "503")
+    server.inject("/data/services/import", status)
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     assert result.success and metadata_of(result, "xnat_session")["status"] == "uploaded"
     assert sum(1 for m, p in server.requests if p == "/data/services/import") == 2  # refused, then retried
     assert server.imports == 1
     assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+
+
+@pytest.mark.faults
+def test_timeout_is_retried_without_a_duplicate_session(instance, demo_root, server, password, monkeypatch):
+    """XNAT answers too late (it still archives the first upload): the retry finds the session
+    complete and sends nothing again."""
+    run_chain(instance, demo_root, VISIT)
+    server.slow_seconds = 1.5  # archived at ~2 s; the retry (2 s delay) looks after that
+    server.inject("/data/services/import", "slow")
+    res = XnatResource(server=server.url, user=USER, password=password, timeout=1)
+    result = run_chain(instance, demo_root, VISIT, xnat=res, selection=only_xnat())
+    assert result.success
+    assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+    exps = server.projects["QPN_DEMO"].subjects["QPN001"].experiments
+    assert list(exps) == ["QPN001_ses-01"]
+    assert {k: len(s.files) for k, s in exps["QPN001_ses-01"].scans.items()} == kept_series(demo_root)
 
 
 @pytest.mark.faults

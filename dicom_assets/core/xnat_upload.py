@@ -221,6 +221,9 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
             try:
                 session.services.import_(zpath, project=project, subject=subject, experiment=session_label,
                                          import_handler="DICOM-zip", overwrite=overwrite, destination="/archive",
+                                         # xnatpy sends uploads with no timeout unless given one: a
+                                         # hanging XNAT would hold the run (and a pool slot) forever
+                                         timeout=getattr(session, "request_timeout", None),
                                          content_type="application/zip", ignore_unparsable=True,
                                          direct_archive=True)
             except Exception:
