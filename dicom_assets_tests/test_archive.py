@@ -144,6 +144,61 @@ def test_crash_mid_write_keeps_the_previous_tarball(visit_dir, tmp_path):
     assert sorted(p.name for p in dest.parent.iterdir()) == ["V_dicom.tar"]
 
 
+@pytest.mark.faults
+def test_disk_full_during_tar_is_clear_and_keeps_the_previous_tarball(visit_dir, tmp_path, monkeypatch):
+    import errno
+
+    from dicom_assets.core import tarball as tarball_mod
+
+    dest = tmp_path / "store" / "V_dicom.tar"
+    first = write_tarball(organized_files(visit_dir), dest, "V")
+    inputs = {p.name: sha(p) for p in visit_dir.iterdir()}
+    calls = {"n": 0}
+    real = os.writev
+
+    def full_disk(fd, views):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the disk fills up after a few writes
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, views)
+
+    monkeypatch.setattr(tarball_mod.os, "writev", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_tarball(organized_files(visit_dir), dest, "V")
+    monkeypatch.undo()
+    assert sha(dest) == first.sha256  # the previous tarball is intact
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["V_dicom.tar"]  # no partial file left
+    assert {p.name: sha(p) for p in visit_dir.iterdir()} == inputs  # inputs untouched
+    assert write_tarball(organized_files(visit_dir), dest, "V").sha256 == first.sha256  # space back: same bytes
+
+
+@pytest.mark.faults
+def test_process_killed_mid_tarball_loses_nothing(visit_dir, tmp_path):
+    """A real SIGKILL in the middle of writing (no Python cleanup runs): the previous tarball
+    stays, the stray temporary file is removed by the next run, which gives the same bytes."""
+    dest = tmp_path / "store" / "V_dicom.tar"
+    first = write_tarball(organized_files(visit_dir), dest, "V")
+    child = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from dicom_assets.core import tarball as t\n"
+        "real, n = os.writev, [0]\n"
+        "def dying(fd, views):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(fd, views)\n"
+        "t.os.writev = dying\n"
+        "t.write_tarball(t.organized_files(Path(sys.argv[1])), Path(sys.argv[2]), 'V')\n")
+    proc = subprocess.run([sys.executable, "-c", child, str(visit_dir), str(dest)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    strays = [p.name for p in dest.parent.iterdir() if p.name != "V_dicom.tar"]
+    assert strays and all(n.startswith(".V_dicom.tar.tmp-") for n in strays)
+    assert sha(dest) == first.sha256
+    again = write_tarball(organized_files(visit_dir), dest, "V")
+    assert again.sha256 == first.sha256
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["V_dicom.tar"]
+
+
 def test_long_paths_use_a_deterministic_pax_header(tmp_path):
     d = tmp_path / "org"
     d.mkdir()
