@@ -113,6 +113,19 @@ def test_clone_from_the_dataset_folder_and_series_view(indexed, tmp_path):
     assert folders == expected
 
 
+def test_study_superdataset_holds_the_visit_as_a_subdataset(indexed, tmp_path):
+    root, meta, dicoms = indexed
+    sup = root / "datalad" / "QPN"
+    recorded = sh("git", "ls-tree", "HEAD", VISIT, cwd=sup).stdout.split()
+    assert recorded[:1] == ["160000"] and recorded[2] == meta["version"]  # a gitlink at the visit's HEAD
+    clone = tmp_path / "study"
+    datalad("clone", str(sup), str(clone), cwd=tmp_path)
+    datalad("get", "-n", VISIT, cwd=clone)  # install the visit's dataset, no content
+    first = sorted(dicoms)[0]
+    datalad("get", f"{VISIT}/{first}", cwd=clone)
+    assert md5(clone / VISIT / first) == dicoms[first]["md5"]
+
+
 def test_rerun_keeps_head_and_a_new_tarball_gives_one_commit(indexed, tmp_path):
     root, meta, dicoms = indexed
     ds = root / "datalad" / "QPN" / VISIT

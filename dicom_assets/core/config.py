@@ -56,6 +56,8 @@ class GlobalConfig:
     xnat_duplicate_policy: str = "fail"
     # base URL under which clones of the DataLad datasets reach store/ (default: its file:// URL)
     datalad_store_url: str | None = None
+    # datalad/<study>/ as a DataLad superdataset of all visits (each visit a subdataset)
+    datalad_superdataset: bool = True
     limits: dict = field(default_factory=lambda: dict(_DEFAULT_LIMITS))
     source: str = ""
 
@@ -81,6 +83,7 @@ _FIELDS = {
     "session_label_pattern",
     "xnat_duplicate_policy",
     "datalad_store_url",
+    "datalad_superdataset",
     "limits",
 }
 _REQUIRED = ("dataset_name", "study_id", "sessions")
@@ -160,10 +163,11 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
                 raise ConfigError(f"{path}: field '{name}' must be one of {', '.join(choices)}, "
                                   f"not {data[name]!r}")
             kw[name] = data[name]
-    if "exclude_derived" in data:
-        if not isinstance(data["exclude_derived"], bool):
-            raise ConfigError(f"{path}: field 'exclude_derived' must be true or false")
-        kw["exclude_derived"] = data["exclude_derived"]
+    for name in ("exclude_derived", "datalad_superdataset"):
+        if name in data:
+            if not isinstance(data[name], bool):
+                raise ConfigError(f"{path}: field '{name}' must be true or false")
+            kw[name] = data[name]
     if "session_label_pattern" in data:
         pat = data["session_label_pattern"]
         try:

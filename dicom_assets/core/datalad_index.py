@@ -219,12 +219,15 @@ def _read_source(path: Path) -> dict:
 
 
 def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dict, dicoms_meta: list[dict],
-                store_dir: Path, store_base_url: str | None = None, deposit: bool = True) -> IndexResult:
+                store_dir: Path, store_base_url: str | None = None, deposit: bool = True,
+                superdataset: bool = False) -> IndexResult:
     """Create or update the DataLad dataset of one visit from its metadata JSON files.
 
     ``store_dir`` is the folder holding the tarball (the deposit is written there);
     ``store_base_url`` the URL under which clones reach the store (default: its
-    ``file://`` URL). The DICOMs are never read: the metadata JSON is the source.
+    ``file://`` URL). The DICOMs are never read: the metadata JSON is the source. With
+    ``superdataset``, the dataset's parent folder (``datalad/<study>/``) is a DataLad dataset of
+    all visits, each registered as a subdataset at its current version.
     """
     env = tool_env()
     dataset_path = Path(dataset_path)
@@ -266,6 +269,10 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     t1 = time.perf_counter()
     deposited = _deposit(runner, store_dir, visit, force=changed) if deposit else []
     timings["deposit"] = time.perf_counter() - t1
+    if superdataset:
+        t2 = time.perf_counter()
+        register_in_superdataset(dataset_path, env, timings)
+        timings["superdataset"] = time.perf_counter() - t2
     return IndexResult(
         path=dataset_path, dataset_id=_dataset_id(dataset_path, env),
         commit=runner.run("git", "rev-parse", "HEAD").strip(), changed=changed, files=len(members),
@@ -300,6 +307,26 @@ def _record(r: _Runner, members: list[Member], tar_key: str, tar_url: str, sourc
     src.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
     r.run("git", "-c", "annex.largefiles=nothing", "add", SOURCE_FILE)
     r.run("git", "commit", "-q", "-m", message)
+
+
+def register_in_superdataset(dataset_path: Path, env: dict[str, str], timings: dict) -> None:
+    """Record the visit dataset's HEAD in the study's superdataset (created on first use).
+
+    Runs of different visits may finish at once: one at a time, under a file lock beside the
+    superdataset. A super commit is made only when the subdataset's recorded version changes.
+    """
+    import fcntl
+
+    sup = dataset_path.parent
+    datalad_bin = str(Path(sys.executable).parent / "datalad")
+    with open(sup.parent / f".{sup.name}.superdataset.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = _Runner(sup, env, timings)
+        if not (sup / ".datalad" / "config").is_file():
+            r.run(datalad_bin, "-l", "error", "create", "--force", "--description",
+                  f"dicom-assets: all visits of {sup.name}", ".")
+        r.run(datalad_bin, "-l", "error", "save", "-d", ".", "-m", f"Record {dataset_path.name}",
+              dataset_path.name)
 
 
 def _deposit(r: _Runner, store_dir: Path, visit: str, force: bool) -> list[str]:

@@ -62,7 +62,8 @@ def datalad_dataset(context: AssetExecutionContext, dataset: DatasetResource) ->
     try:
         res = index_visit(lay.datalad_dir(ds.study, visit), visit=visit.key, study=ds.study,
                           tarball_meta=json.loads(tj.read_text()), dicoms_meta=json.loads(dj.read_text()),
-                          store_dir=lay.store_dir(ds.study), store_base_url=ds.config.datalad_store_url)
+                          store_dir=lay.store_dir(ds.study), store_base_url=ds.config.datalad_store_url,
+                          superdataset=ds.config.datalad_superdataset)
     except DataladError as exc:
         raise Failure(str(exc)) from None
     update_curation_status(ds)
