@@ -266,4 +266,4 @@ def test_catalog_renders_visits_and_series_in_chromium(indexed, tmp_path):
     for d in dicoms.values():
         assert d["SeriesDescription"] in text
     assert meta["dataset_id"] in text
-    assert text.count(f"datalad clone '") == 2
+    assert text.count("datalad clone '") == 2

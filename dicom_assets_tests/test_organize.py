@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from dicom_assets.core.demo import preambleless, rewrite_dicom

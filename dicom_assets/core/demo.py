@@ -15,7 +15,6 @@ import io
 import json
 import os
 import random
-import shutil
 import tarfile
 import zipfile
 from dataclasses import dataclass

@@ -39,7 +39,6 @@ from .errors import DicomAssetsError
 from .ids import normalize_participant_id
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-HEADER_KEYS = ("downloadServerUrl", "includeAnnotation", "noOfrRetry", "databasketId", "manifestVersion")
 LIST_KEY = "ListOfSeriesToDownload"
 DEFAULT_API = "https://services.cancerimagingarchive.net/nbia-api/services/v1"
 RESOLVED_COLUMNS = ("SeriesInstanceUID", "PatientID", "StudyInstanceUID", "visit", "session_label")

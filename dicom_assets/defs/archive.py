@@ -20,7 +20,7 @@ from ..core.curation import update_curation_status
 from ..core.metadata import describe_tarball, write_metadata
 from ..core.tarball import organized_files, write_tarball
 from .ingest import organized_dicoms
-from .partitions import visit_asset, visit_of, visits_partitions
+from .partitions import visit_asset, visit_of
 from .resources import DatasetResource
 from .ui import path, table
 
