@@ -143,6 +143,7 @@ def cmd_xnat_test_server(args) -> int:
 def cmd_nbia_test_server(args) -> int:
     import time
 
+    from .core.fsutil import atomic_write
     from .testing.nbia_server import NbiaTestServer, build_collection, manifest_text
 
     collection = build_collection(_samples(args), {"TCIA-A": 1, "TCIA-B": 3})
@@ -152,10 +153,8 @@ def cmd_nbia_test_server(args) -> int:
             out = Path(args.manifest_out)
             text = manifest_text(list(collection), server.url)
             if not out.is_file() or out.read_text() != text:  # unchanged: the sensor sees no new manifest
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f".{out.name}.tmp")
-                tmp.write_text(text)
-                tmp.replace(out)
+                with atomic_write(out) as fh:
+                    fh.write(text)
             print(f"manifest: {out}", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)

@@ -10,34 +10,19 @@ file) shows it.
 
 from __future__ import annotations
 
-import fcntl
 import html
 import json
-import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
+
+from .fsutil import atomic_write, file_lock
 
 ENTRY_DIR = "visits"
 PAGE = "index.html"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _locked(catalog_dir: Path):
-    catalog_dir.mkdir(parents=True, exist_ok=True)
-    with open(catalog_dir / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path, encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def entry_path(catalog_dir: Path, visit: str) -> Path:
@@ -57,10 +42,10 @@ def read_entries(catalog_dir: Path) -> list[dict]:
 def update_catalog(catalog_dir: Path | str, entry: dict) -> Path:
     """Write (or replace) one visit's entry and re-render the page; returns the page path."""
     catalog_dir = Path(catalog_dir)
-    with _locked(catalog_dir):
-        _atomic_write(entry_path(catalog_dir, entry["visit"]), json.dumps(entry, indent=2, sort_keys=True) + "\n")
+    with file_lock(catalog_dir / ".lock"):
+        _write_text(entry_path(catalog_dir, entry["visit"]), json.dumps(entry, indent=2, sort_keys=True) + "\n")
         page = catalog_dir / PAGE
-        _atomic_write(page, render(read_entries(catalog_dir)))
+        _write_text(page, render(read_entries(catalog_dir)))
     return page
 
 

@@ -6,12 +6,11 @@ the files), written atomically under a lock so concurrent runs cannot interleave
 from __future__ import annotations
 
 import csv
-import fcntl
 import os
-import uuid
 from pathlib import Path
 
 from .downloads import read_dicom_dir_map, scan_downloads
+from .fsutil import atomic_write, file_lock
 from .layout import Dataset
 
 COLUMNS = ("participant_id", "session_id", "visit", "in_downloads", "in_raw_dicoms", "in_organized",
@@ -56,16 +55,11 @@ def compute_status(dataset: Dataset) -> list[dict]:
 
 def update_curation_status(dataset: Dataset) -> Path:
     path = dataset.layout.curation_status_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(".curation_status.lock")
-    with open(lock, "w") as lf:
-        fcntl.flock(lf, fcntl.LOCK_EX)
+    with file_lock(path.with_name(".curation_status.lock")):
         rows = compute_status(dataset)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        with atomic_write(path, newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
             w.writeheader()
             for r in rows:
                 w.writerow({k: (str(v).lower() if isinstance(v, bool) else v) for k, v in r.items()})
-        os.replace(tmp, path)
     return path

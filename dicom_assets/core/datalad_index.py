@@ -31,11 +31,11 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DicomAssetsError
+from .fsutil import file_lock, temp_sibling
 
 # git-annex metadata fields attached to every DICOM key (from the metadata JSON)
 TAG_FIELDS = ("SeriesDescription", "SeriesNumber", "Modality", "ProtocolName")
@@ -244,7 +244,7 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     t0 = time.perf_counter()
     if not (dataset_path / ".datalad" / "config").is_file():
         # built aside and renamed: a crash never leaves a half-made dataset in place
-        staging = dataset_path.with_name(f".{dataset_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        staging = temp_sibling(dataset_path)
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             _create(staging, env, f"dicom-assets index of {visit}", timings)
@@ -315,12 +315,9 @@ def register_in_superdataset(dataset_path: Path, env: dict[str, str], timings: d
     Runs of different visits may finish at once: one at a time, under a file lock beside the
     superdataset. A super commit is made only when the subdataset's recorded version changes.
     """
-    import fcntl
-
     sup = dataset_path.parent
     datalad_bin = str(Path(sys.executable).parent / "datalad")
-    with open(sup.parent / f".{sup.name}.superdataset.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(sup.parent / f".{sup.name}.superdataset.lock"):
         r = _Runner(sup, env, timings)
         if not (sup / ".datalad" / "config").is_file():
             r.run(datalad_bin, "-l", "error", "create", "--force", "--description",

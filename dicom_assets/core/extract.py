@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from .downloads import DownloadItem, safe_folder_name
 from .errors import UnsafeArchiveError
+from .fsutil import temp_sibling
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
@@ -309,7 +310,7 @@ def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits
         raise UnsafeArchiveError(f"no download to extract into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     _cleanup_strays(target.parent, target.name)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = temp_sibling(target)
     staging.mkdir()
     report = ExtractReport(target=str(target))
     try:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .fasttags import KEYWORDS, read_tags
+from .fsutil import atomic_write
 from .tarball import BLOCK, _Hasher
 
 ZERO_BLOCK = bytes(BLOCK)
@@ -175,17 +174,8 @@ def dump_json(obj) -> bytes:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(dump_json(obj))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb", fsync=True) as fh:
+        fh.write(dump_json(obj))
 
 
 def write_metadata(meta: VisitMetadata, tarball_json: Path, dicoms_json: Path) -> None:

@@ -14,13 +14,13 @@ import hashlib
 import os
 import re
 import shutil
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dicomscan import KEPT, REASONS, FileRecord, Rules, apply_rules, read_record, walk_files
 from .extract import replace_dir_atomically
+from .fsutil import atomic_write, temp_sibling
 
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.]")
 
@@ -145,7 +145,7 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
     result = OrganizeResult(visit, str(source_dir), str(dest_dir), mode)
     result.records = classify_tree(source_dir, rules)
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest_dir.with_name(f".{dest_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = temp_sibling(dest_dir)
     staging.mkdir()
     try:
         for rec in result.kept:
@@ -172,14 +172,11 @@ REPORT_COLUMNS = ("source", "decision", "reason", "detail", "series_number", "se
 
 
 def write_report(result: OrganizeResult, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path, newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, delimiter="\t", lineterminator="\n")
         w.writerow(REPORT_COLUMNS)
         for r in result.records:
             w.writerow(["" if getattr(r, c) is None else getattr(r, c) for c in REPORT_COLUMNS])
-    os.replace(tmp, path)
 
 
 def series_rows(result: OrganizeResult) -> list[dict]:

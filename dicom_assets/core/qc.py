@@ -14,6 +14,8 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
+from .fsutil import atomic_write
+
 TILE = 160
 LABEL_H = 18
 COLUMNS = 4
@@ -90,10 +92,8 @@ def build_montage(series: list[SeriesImage], out: Path) -> MontageResult:
     sheet = Image.new("L", (cols * TILE, rows * (TILE + LABEL_H)), 0)
     for i, t in enumerate(tiles):
         sheet.paste(t, ((i % cols) * TILE, (i // cols) * (TILE + LABEL_H)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    sheet.save(tmp, format="PNG", optimize=True)
-    tmp.replace(out)
+    with atomic_write(out, "wb") as fh:
+        sheet.save(fh, format="PNG", optimize=True)
     return MontageResult(out, len(tiles), notes)
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from queue import Queue
 
 from .fasttags import DATE_TAGS_END, read_tags
+from .fsutil import temp_sibling
 
 BLOCK = 512
 RECORD = 10240
@@ -214,7 +214,7 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stray in dest.parent.glob(f".{dest.name}.tmp-*"):
         stray.unlink(missing_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(dest)  # written with writev, fsynced, renamed below (not atomic_write: the dir fsync)
     hasher = _Hasher(("sha256",))  # md5 comes with the metadata pass, which reads it anyway
     total = 0
     try:

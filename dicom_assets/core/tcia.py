@@ -23,19 +23,18 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import DicomAssetsError
+from .fsutil import atomic_write
 from .ids import normalize_participant_id
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -226,9 +225,8 @@ def download_series(client: NbiaClient, uids, series_dir: Path, *, workers: int 
         except (TciaDownloadError, zipfile.BadZipFile, ValueError) as exc:
             log(f"series {uid}: {exc}")
             return SeriesResult(uid, "failed", message=str(exc))
-        tmp = zpath.with_name(f".{zpath.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, zpath)
+        with atomic_write(zpath, "wb") as fh:
+            fh.write(data)
         res = SeriesResult(uid, "downloaded", n, "", **hdr)
         rec.write_text(json.dumps({**asdict(res), "size": len(data)}, indent=2) + "\n")
         log(f"series {uid}: {n} files")
@@ -276,12 +274,10 @@ def group_visits(results: list[SeriesResult]) -> list[TciaVisit]:
 def write_resolved(path: Path, visits: list[TciaVisit]) -> None:
     rows = [{"SeriesInstanceUID": s, "PatientID": v.patient_id, "StudyInstanceUID": v.study_uid, "visit": v.visit,
              "session_label": v.session_label} for v in visits for s in v.series]
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with tmp.open("w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=RESOLVED_COLUMNS)
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["visit"], r["SeriesInstanceUID"])))
-    os.replace(tmp, path)
 
 
 def read_resolved(path: Path) -> list[dict]:
