@@ -162,8 +162,6 @@ class _Runner:
         except FileNotFoundError as e:
             raise DataladError(f"{args[0]} is not installed or not on PATH ({e})") from e
         finally:
-            if os.environ.get("DICOM_ASSETS_TRACE"):
-                print(f"{time.perf_counter() - t0:7.3f}s {' '.join(args[:3])}", file=sys.stderr)
             if args[:2] == ("git", "annex"):
                 self.timings["git_annex"] = self.timings.get("git_annex", 0.0) + time.perf_counter() - t0
         self.last_stderr = out.stderr.strip()
@@ -205,10 +203,8 @@ def _create(path: Path, env: dict[str, str], description: str, timings: dict) ->
     r.run("git", "config", "annex.security.allowed-url-schemes", "http https file")
 
 
-def _dataset_id(path: Path, env) -> str:
-    out = subprocess.run(["git", "config", "-f", str(path / ".datalad" / "config"), "datalad.dataset.id"],
-                         capture_output=True, text=True, env=env)
-    return out.stdout.strip()
+def _dataset_id(r: "_Runner") -> str:
+    return r.run("git", "config", "-f", str(r.path / ".datalad" / "config"), "datalad.dataset.id").strip()
 
 
 def _read_source(path: Path) -> dict:
@@ -234,8 +230,8 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     members = members_from_metadata(dicoms_meta)
     size, md5 = int(tarball_meta["size"]), tarball_meta["md5"]
     tar_key = tarball_key(size, md5)
-    base = store_base_url or Path(store_dir).parent.resolve().as_uri()
-    tar_url, clone_url = store_urls(base, study, visit)
+    local_base = Path(store_dir).parent.resolve().as_uri()
+    tar_url, clone_url = store_urls(store_base_url or local_base, study, visit)
     tar_path = tarball_meta.get("dspath") or f"icf/{visit}_dicom.tar"
     source = {"visit": visit, "tarball_key": tar_key, "tarball_path": tar_path, "tarball_url": tar_url, "clone_url": clone_url,
               "files": len(members), "sha256": tarball_meta.get("sha256"), "series": _series(members)}
@@ -267,17 +263,17 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     timings["index"] = time.perf_counter() - t0
     runner = _Runner(dataset_path, env, timings)
     t1 = time.perf_counter()
-    deposited = _deposit(runner, store_dir, visit, force=changed) if deposit else []
+    deposited = _deposit(runner, store_dir, visit, local_base, force=changed) if deposit else []
     timings["deposit"] = time.perf_counter() - t1
     if superdataset:
         t2 = time.perf_counter()
         register_in_superdataset(dataset_path, env, timings)
         timings["superdataset"] = time.perf_counter() - t2
     return IndexResult(
-        path=dataset_path, dataset_id=_dataset_id(dataset_path, env),
+        path=dataset_path, dataset_id=_dataset_id(runner),
         commit=runner.run("git", "rev-parse", "HEAD").strip(), changed=changed, files=len(members),
         tarball_key=tar_key, tarball_url=tar_url, clone_url=clone_url, deposit=deposited,
-        series=_series(members), timings=timings,
+        series=source["series"], timings=timings,
     )
 
 
@@ -326,7 +322,7 @@ def register_in_superdataset(dataset_path: Path, env: dict[str, str], timings: d
               dataset_path.name)
 
 
-def _deposit(r: _Runner, store_dir: Path, visit: str, force: bool) -> list[str]:
+def _deposit(r: _Runner, store_dir: Path, visit: str, local_base: str, force: bool) -> list[str]:
     """Push HEAD and the git-annex branch to the store in datalad-annex's exported form.
 
     The push always goes to the local store folder (``file://``); clones may use the
@@ -336,7 +332,7 @@ def _deposit(r: _Runner, store_dir: Path, visit: str, force: bool) -> list[str]:
     files = [store_dir / f"{visit}_XDLRA--refs", store_dir / f"{visit}_XDLRA--repo-export"]
     if not force and all(f.is_file() for f in files):
         return [str(f) for f in files]
-    _, local_url = store_urls(store_dir.parent.resolve().as_uri(), store_dir.name, visit)
+    _, local_url = store_urls(local_base, store_dir.name, visit)
     branch = r.run("git", "symbolic-ref", "--short", "HEAD").strip()
     r.run("git", "push", "-q", "--force", local_url, f"{branch}:refs/heads/{branch}", "git-annex:refs/heads/git-annex")
     missing = [str(f) for f in files if not f.is_file()]
@@ -351,12 +347,9 @@ def catalog_entry(dataset_path: Path) -> dict:
     source = _read_source(dataset_path)
     if not source:
         raise DataladError(f"{dataset_path}: not a dataset made by dicom-assets (no {SOURCE_FILE})")
-    env = tool_env()
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dataset_path, capture_output=True, text=True, env=env)
-    updated = subprocess.run(["git", "log", "-1", "--format=%cI"], cwd=dataset_path, capture_output=True, text=True,
-                             env=env)
-    return {**source, "dataset_id": _dataset_id(dataset_path, env), "version": head.stdout.strip(),
-            "updated": updated.stdout.strip()}
+    r = _Runner(dataset_path, tool_env(), {})
+    version, updated = r.run("git", "log", "-1", "--format=%H %cI").split()
+    return {**source, "dataset_id": _dataset_id(r), "version": version, "updated": updated}
 
 
 def _series(members: list[Member]) -> list[dict]:
