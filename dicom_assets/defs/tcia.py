@@ -137,7 +137,7 @@ def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, ch
         cursor = json.loads(context.cursor) if context.cursor else {}
     except json.JSONDecodeError:
         cursor = {}
-    pending, submitted, visits_done = cursor.get("pending", {}), cursor.get("submitted", {}), cursor.get("visits", {})
+    pending, submitted, resolved = cursor.get("pending", {}), cursor.get("submitted", {}), cursor.get("resolved", {})
     new_pending, requests, new_manifests, new_visits = {}, [], [], []
     for m in manifests(lay.tcia_root):
         name = manifest_name(m)
@@ -150,17 +150,17 @@ def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, ch
             new_manifests.append(name)
             submitted[name] = token
         res = resolved_path(lay.tcia_root, name)
-        if res.is_file():
-            rtoken = signature(res).token()
-            for row in {r["visit"]: r for r in read_resolved(res)}.values():
-                key = f"{name}/{row['visit']}"
-                if visits_done.get(key) == rtoken:
-                    continue
-                visits_done[key] = rtoken
-                new_visits.append(row["visit"])
-                requests.append(RunRequest(run_key=f"tcia:{key}:{rtoken}", partition_key=row["visit"],
-                                           job_name=chain_job_name, tags={VISIT_TAG: row["visit"]}))
-    cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "visits": visits_done}, sort_keys=True)
+        if not res.is_file():
+            continue
+        rtoken = signature(res).token()
+        if resolved.get(name) == rtoken:
+            continue  # the CSV is read only when it changed, not on every tick
+        resolved[name] = rtoken
+        for visit in sorted({r["visit"] for r in read_resolved(res)}):
+            new_visits.append(visit)
+            requests.append(RunRequest(run_key=f"tcia:{name}/{visit}:{rtoken}", partition_key=visit,
+                                       job_name=chain_job_name, tags={VISIT_TAG: visit}))
+    cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "resolved": resolved}, sort_keys=True)
     if not requests:
         return SensorResult(skip_reason=SkipReason(
             f"{len(new_pending)} manifest(s) not yet stable" if new_pending else "no new TCIA manifest or visit"),
