@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import DicomAssetsError
+from .fasttags import read_tags
 from .fsutil import atomic_write
 from .ids import normalize_participant_id
 
@@ -179,8 +180,6 @@ class SeriesResult:
 
 def _verify_zip(data: bytes, info: dict) -> tuple[int, dict]:
     """(DICOM count, header of the first DICOM); raises when the zip does not match."""
-    import pydicom
-
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = [n for n in zf.namelist() if not n.endswith("/")]
         dicoms = [n for n in names if n.lower().endswith(".dcm")] or [n for n in names if "md5hashes" not in n
@@ -195,9 +194,9 @@ def _verify_zip(data: bytes, info: dict) -> tuple[int, dict]:
             raise TciaDownloadError(f"zip holds {len(dicoms)} files, getSeries says ImageCount {expected}")
         if not dicoms:
             raise TciaDownloadError("zip holds no file")
-        ds = pydicom.dcmread(io.BytesIO(zf.read(dicoms[0])), stop_before_pixels=True, force=True)
-    return len(dicoms), {k: str(ds.get(k, "") or "") for k in ("PatientID", "StudyInstanceUID", "StudyDate",
-                                                                "StudyTime")}
+        tags = read_tags(zf.read(dicoms[0]))  # the project's header reader (pydicom fallback inside)
+    return len(dicoms), {k: str(tags.get(k) or "") for k in ("PatientID", "StudyInstanceUID", "StudyDate",
+                                                              "StudyTime")}
 
 
 def download_series(client: NbiaClient, uids, series_dir: Path, *, workers: int = 2,
