@@ -176,13 +176,13 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
 
 
 # --------------------------------------------------------------------------- the sensor
-def _load_cursor(raw: str | None) -> dict:
+def load_cursor(raw: str | None, *keys: str) -> list[dict]:
+    """The named maps of a sensor's JSON cursor (empty when missing or unreadable)."""
     try:
         data = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
         data = {}
-    return {"pending": data.get("pending", {}), "submitted": data.get("submitted", {}),
-            "reported": data.get("reported", {})}
+    return [data.get(k, {}) for k in keys]
 
 
 def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource):
@@ -193,8 +193,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
         dir_map = read_dicom_dir_map(ds.layout.dicom_dir_map_path)
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}")
-    cursor = _load_cursor(context.cursor)
-    pending, submitted, reported = cursor["pending"], cursor["submitted"], cursor["reported"]
+    pending, submitted, reported = load_cursor(context.cursor, "pending", "submitted", "reported")
     new_pending: dict[str, str] = {}
     run_requests: list[RunRequest] = []
     waiting, problems = [], []

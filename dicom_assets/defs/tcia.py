@@ -43,7 +43,7 @@ from ..core.tcia import (
     series_dir,
     write_resolved,
 )
-from .ingest import VISIT_TAG
+from .ingest import VISIT_TAG, load_cursor
 from .partitions import sensor_default_status, OWNERS, VISITS_PARTITION_NAME, visits_partitions
 from .resources import DatasetResource
 from .ui import path, table
@@ -133,11 +133,7 @@ def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, ch
         lay = dataset.open().layout
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}")
-    try:
-        cursor = json.loads(context.cursor) if context.cursor else {}
-    except json.JSONDecodeError:
-        cursor = {}
-    pending, submitted, resolved = cursor.get("pending", {}), cursor.get("submitted", {}), cursor.get("resolved", {})
+    pending, submitted, resolved = load_cursor(context.cursor, "pending", "submitted", "resolved")
     new_pending, requests, new_manifests, new_visits = {}, [], [], []
     for m in manifests(lay.tcia_root):
         name = manifest_name(m)
