@@ -29,6 +29,25 @@ def run_chain(instance, root, visit, selection=None, raise_on_error=True, xnat=N
     )
 
 
+class Ticker:
+    """Evaluates a sensor tick by tick on a real instance, as the daemon does: keeps the cursor
+    and applies the dynamic-partition requests."""
+
+    def __init__(self, instance, sensor, resources: dict):
+        self.instance, self.sensor, self.resources, self.cursor = instance, sensor, resources, None
+
+    def tick(self):
+        from dagster import SensorResult, build_sensor_context
+
+        ctx = build_sensor_context(instance=self.instance, cursor=self.cursor, resources=self.resources)
+        result = self.sensor(ctx)
+        if isinstance(result, SensorResult):
+            self.cursor = result.cursor or self.cursor
+            for req in result.dynamic_partitions_requests or []:
+                self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        return result
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # the flags this closed network needs (no background connections to Google's hosts)
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -6,25 +6,16 @@ import os
 import shutil
 
 import pytest
-from dagster import SensorResult, SkipReason, build_sensor_context
+from dagster import SensorResult, SkipReason
 
 from dicom_assets.definitions import downloads_sensor
 from dicom_assets.defs.resources import DatasetResource
 
+from . import helpers
 
-class Ticker:
-    def __init__(self, instance, root):
-        self.instance, self.cursor = instance, None
-        self.resources = {"dataset": DatasetResource(root=str(root))}
 
-    def tick(self):
-        ctx = build_sensor_context(instance=self.instance, cursor=self.cursor, resources=self.resources)
-        result = downloads_sensor(ctx)
-        if isinstance(result, SensorResult):
-            self.cursor = result.cursor or self.cursor
-            for req in result.dynamic_partitions_requests or []:
-                self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-        return result
+def downloads_ticker(instance, root):
+    return helpers.Ticker(instance, downloads_sensor, {"dataset": DatasetResource(root=str(root))})
 
 
 def requests(result):
@@ -38,7 +29,7 @@ def skip_text(result):
 
 
 def test_new_downloads_wait_one_tick_then_run_once(instance, demo_root):
-    t = Ticker(instance, demo_root)
+    t = downloads_ticker(instance, demo_root)
     first = t.tick()
     assert not requests(first)
     assert "still arriving or not yet stable" in skip_text(first)
@@ -55,7 +46,7 @@ def test_new_downloads_wait_one_tick_then_run_once(instance, demo_root):
 
 @pytest.mark.faults
 def test_growing_download_is_not_taken(instance, demo_root):
-    t = Ticker(instance, demo_root)
+    t = downloads_ticker(instance, demo_root)
     t.tick(), t.tick()
     item = demo_root / "downloads" / "ses-01" / "QPN_004_MR.zip"
     item.write_bytes(b"PK\x03\x04" + b"\0" * 1000)  # a download arriving
@@ -69,7 +60,7 @@ def test_growing_download_is_not_taken(instance, demo_root):
 
 @pytest.mark.faults
 def test_partial_names_are_ignored_and_done_marker_is_immediate(instance, demo_root):
-    t = Ticker(instance, demo_root)
+    t = downloads_ticker(instance, demo_root)
     t.tick(), t.tick()
     ses = demo_root / "downloads" / "ses-02"
     (ses / "QPN_004_MR.zip.part").write_bytes(b"x" * 100)
@@ -82,7 +73,7 @@ def test_partial_names_are_ignored_and_done_marker_is_immediate(instance, demo_r
 
 @pytest.mark.faults
 def test_unknown_participant_is_reported_not_guessed(instance, demo_root):
-    t = Ticker(instance, demo_root)
+    t = downloads_ticker(instance, demo_root)
     t.tick(), t.tick()
     shutil.copy(demo_root / "downloads/ses-01/QPN_001_MR.zip", demo_root / "downloads/ses-01/XYZ_999.zip")
     r1, r2 = t.tick(), t.tick()
@@ -92,7 +83,7 @@ def test_unknown_participant_is_reported_not_guessed(instance, demo_root):
 
 
 def test_redelivered_download_runs_again(instance, demo_root):
-    t = Ticker(instance, demo_root)
+    t = downloads_ticker(instance, demo_root)
     t.tick()
     first = {r.partition_key: r.run_key for r in requests(t.tick())}
     item = demo_root / "downloads/ses-01/QPN_001_MR.zip"
@@ -106,7 +97,7 @@ def test_redelivered_download_runs_again(instance, demo_root):
 
 @pytest.mark.faults
 def test_folder_download_still_being_copied(instance, demo_root):
-    t = Ticker(instance, demo_root)
+    t = downloads_ticker(instance, demo_root)
     t.tick(), t.tick()
     folder = demo_root / "downloads/ses-02/QPN_004"
     (folder / "s1").mkdir(parents=True)
@@ -120,12 +111,12 @@ def test_folder_download_still_being_copied(instance, demo_root):
 @pytest.mark.faults
 def test_broken_config_is_a_skip_with_the_reason(instance, demo_root):
     (demo_root / "global_config.json").write_text("{")
-    result = Ticker(instance, demo_root).tick()
+    result = downloads_ticker(instance, demo_root).tick()
     assert "dataset not usable" in skip_text(result) and "global_config.json" in skip_text(result)
 
 
 def test_cursor_is_compact_json(instance, demo_root):
-    t = Ticker(instance, demo_root)
+    t = downloads_ticker(instance, demo_root)
     t.tick(), t.tick()
     data = json.loads(t.cursor)
     assert set(data) == {"pending", "submitted", "reported"} and len(data["submitted"]) == 6

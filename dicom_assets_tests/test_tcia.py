@@ -16,6 +16,8 @@ from dicom_assets.core.tcia import (
 )
 from dicom_assets.testing.nbia_server import NbiaTestServer, build_collection, manifest_text
 
+from .helpers import Ticker
+
 
 @pytest.fixture(scope="module")
 def collection(samples):
@@ -136,7 +138,7 @@ def test_unknown_series_is_reported_and_the_rest_goes_on(nbia, collection, tmp_p
 def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples, collection, instance, tmp_path,
                                                               monkeypatch):
     """Drop a .tcia manifest; the sensor and the jobs it starts take it to XNAT, no click."""
-    from dagster import SensorResult, build_sensor_context, materialize
+    from dagster import SensorResult, materialize
 
     from dicom_assets.definitions import CHAIN_ASSETS, tcia_sensor
     from dicom_assets.defs.publish import XnatResource
@@ -155,17 +157,11 @@ def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples
             resources = {"dataset": DatasetResource(root=str(demo_root)),
                          "tcia": TciaResource(api_url=nbia.url, backoff=0.01),
                          "xnat": XnatResource(server=xsrv.url, user="admin", password="pw")}
-            cursor = None
+            ticker = Ticker(instance, tcia_sensor, resources)
 
             def tick():
-                nonlocal cursor
-                result = tcia_sensor(build_sensor_context(instance=instance, cursor=cursor, resources=resources))
-                if isinstance(result, SensorResult):
-                    cursor = result.cursor or cursor
-                    for req in result.dynamic_partitions_requests or []:
-                        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-                    return result.run_requests or []
-                return []
+                result = ticker.tick()
+                return (result.run_requests or []) if isinstance(result, SensorResult) else []
 
             assert tick() == []  # seen once: waits for the manifest to settle
             reqs = tick()
