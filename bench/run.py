@@ -104,7 +104,8 @@ def sensor_bench(items: int, work: Path) -> dict:
 def datalad_bench(work: Path, tarball: Path, vmeta, peer: str) -> dict:
     """Index one visit's tarball (first build, re-run, linearity at 1/4 and 1/2 of the files), and
     the peer tool, `datalad addurls`, registering the same member URLs."""
-    from dicom_assets.core.datalad_index import archive_locator, index_visit, members_from_metadata, tarball_key, tool_env
+    from dicom_assets.core.datalad_index import (archive_locator, create_dataset, index_visit, members_from_metadata,
+                                                 tarball_key, tool_env)
 
     store = tarball.parent
     out: dict = {}
@@ -136,10 +137,7 @@ def datalad_bench(work: Path, tarball: Path, vmeta, peer: str) -> dict:
         ds = work / "datalad" / "PEER"
         shutil.rmtree(ds, ignore_errors=True)
         env = tool_env()
-        subprocess.run(["datalad", "-l", "error", "create", str(ds)], check=True, env=env, capture_output=True)
-        for name in ("uncurl", "archivist"):
-            subprocess.run(["git", "annex", "initremote", name, "type=external", f"externaltype={name}",
-                            "encryption=none"], cwd=ds, check=True, env=env, capture_output=True)
+        create_dataset(ds, env, "addurls peer", {})  # the same dataset setup, untimed
         cmd = ["datalad", "-l", "error", "addurls", "--key", "MD5-s{size}--{md5}", "--fast"]
         table.write_text("url,path,size,md5,SeriesNumber\n" + "".join(
             f"{archive_locator(akey, m)},{m.path},{m.size},{m.md5},{m.tags.get('SeriesNumber', '')}\n"

@@ -191,7 +191,7 @@ class _Runner:
         return results
 
 
-def _create(path: Path, env: dict[str, str], description: str, timings: dict) -> None:
+def create_dataset(path: Path, env: dict[str, str], description: str, timings: dict) -> None:
     """A new DataLad dataset with the uncurl and archivist special remotes (autoenabled)."""
     _Runner(path.parent, env, timings).run(str(Path(sys.executable).parent / "datalad"), "-l", "error", "create",
                                            "--description", description, path.name)
@@ -243,7 +243,7 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
         staging = temp_sibling(dataset_path)
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _create(staging, env, f"dicom-assets index of {visit}", timings)
+            create_dataset(staging, env, f"dicom-assets index of {visit}", timings)
             timings["create"] = time.perf_counter() - t0
             _record(_Runner(staging, env, timings), members, tar_key, tar_url, source,
                     message=f"Index {visit}: {len(members)} DICOMs in {tar_key}")
