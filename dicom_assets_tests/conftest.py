@@ -81,7 +81,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The tally of fault-injection cases (bad input, failing services), as the team reads it."""
+    """The tallies of fault-injection cases (bad input, failing services) and of the fuzz layer
+    (generated inputs tried per invariant), as the team reads them."""
+    _fuzz_summary(terminalreporter)
     if not _FAULTS:
         return
     outcomes: dict[str, int] = {}
@@ -94,3 +96,14 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.write_line(f"{guarded} of them checked their inputs unchanged (sha256 of every download of "
                                 "the dataset root, or of the archive under test, before and after)")
+
+
+def _fuzz_summary(terminalreporter):
+    from dicom_assets_tests.fuzz import TALLY
+
+    if not TALLY:
+        return
+    terminalreporter.write_sep("-", "fuzz layer: generated inputs tried per invariant")
+    for invariant, n in sorted(TALLY.items()):
+        terminalreporter.write_line(f"{n:6d}  {invariant}")
+    terminalreporter.write_line(f"{sum(TALLY.values()):6d}  in all ({os.environ.get('DICOM_ASSETS_FUZZ') or 'ci'} profile)")
