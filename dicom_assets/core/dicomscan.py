@@ -9,8 +9,10 @@ Reasons (a fixed vocabulary, in the order they are tested):
 ==================  ==============================================================
 ``not_dicom``       not a DICOM file (no ``DICM`` marker and no parsable header),
                     empty, or gzip-compressed
-``unreadable``      a DICOM file whose header cannot be parsed, or whose pixel data
-                    is cut short (truncated transfer), or unreadable permissions
+``unreadable``      a DICOM file whose header cannot be parsed (whatever the reader
+                    raises: the file is excluded, the visit goes on), whose pixel
+                    data is cut short (truncated transfer), whose deflated data set
+                    is corrupt or cut short, or unreadable permissions
 ``no_pixel_data``   a non-image object: DICOMDIR, structured report, presentation
                     state, raw data, spectroscopy, Siemens CSA report, ... or an
                     image class with no pixel data element
@@ -27,15 +29,16 @@ Reasons (a fixed vocabulary, in the order they are tested):
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
-from .fasttags import LONG_VRS, PIXEL_TAGS, HeaderScan, scan_header, tags_from_dataset
+from .fasttags import (LONG_VRS, PIXEL_TAGS, HeaderScan, InflateError, deflated_dataset, scan_dataset, scan_header,
+                       tags_from_dataset)
 
 KEPT = "kept"
 REASONS = (
@@ -224,31 +227,56 @@ def _classify_object(rec: FileRecord, has_pixels: bool) -> FileRecord:
     return rec
 
 
-def _pydicom_scan(fp, rec: FileRecord) -> HeaderScan | FileRecord:
-    """The header through pydicom (any encoding), or the record excluded with the reason."""
+def _pydicom_scan(fp, rec: FileRecord, media: str | None = None) -> HeaderScan | FileRecord:
+    """The header through pydicom (any encoding), or the record excluded with the reason.
+
+    ``media``: the media storage SOP class when fp is a data set without its file meta
+    (an inflated deflated file)."""
     fp.seek(0)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
-            struct.error, NotImplementedError) as exc:
+        has_pixels, start, length = _pixel_element(fp, ds)
+    except Exception as exc:  # whatever a corrupt header makes pydicom raise: this file only
         return rec.exclude("unreadable", f"header cannot be parsed: {type(exc).__name__}: {exc}"[:300])
-    has_pixels, start, length = _pixel_element(fp, ds)
     try:
         tags = tags_from_dataset(ds)
+        meta = getattr(ds, "file_meta", None)
+        if meta:
+            media = str(meta.get("MediaStorageSOPClassUID", "") or "").strip() or media
     except Exception as exc:  # a value that cannot be decoded is a corrupt header
         return rec.exclude("unreadable", f"header values cannot be decoded: {type(exc).__name__}: {exc}"[:300])
-    meta = getattr(ds, "file_meta", None)
-    media = str(meta.get("MediaStorageSOPClassUID", "") or "").strip() or None if meta else None
     if len(ds) == 0 and not (tags["SOPClassUID"] or media):
         return rec.exclude("not_dicom", "no DICOM elements could be read")
     return HeaderScan(tags, media, has_pixels, start, length)
+
+
+def _scan(fp, head: bytes, size: int, rec: FileRecord, force_pydicom: bool) -> FileRecord:
+    scan = None if force_pydicom else scan_header(head, size)
+    media = None
+    if scan is None:
+        try:
+            deflated = deflated_dataset(head, fp)
+        except InflateError as exc:
+            return rec.exclude("unreadable", str(exc))
+        if deflated is not None:  # the pixel data is found in the inflated data set, never in the stream
+            media = deflated.media_sop_class
+            fp, size = io.BytesIO(deflated.data), len(deflated.data)
+            scan = None if force_pydicom else scan_dataset(deflated.data, media)
+    if scan is None:
+        scan = _pydicom_scan(fp, rec, media)
+        if isinstance(scan, FileRecord):
+            return scan  # excluded: the header could not be read
+    return _record_from_scan(rec, scan, fp, size)
 
 
 def read_record(path: Path, rel: str, force_pydicom: bool = False) -> FileRecord:
     """Read one file's header and classify it on its own (no duplicate check yet).
 
     The fast reader (``fasttags.scan_header``) handles the common encodings from the first
-    64 KiB; anything else goes through pydicom. Both give the same record (tested)."""
+    64 KiB; anything else goes through pydicom. Both give the same record (tested). Whatever
+    a hostile file makes either reader raise excludes that file as ``unreadable``; it never
+    stops the visit (one ``try`` around the whole file, nothing per tag)."""
+    size = 0
     try:
         size = os.stat(path).st_size
         with open(path, "rb") as fp:
@@ -257,16 +285,14 @@ def read_record(path: Path, rel: str, force_pydicom: bool = False) -> FileRecord
             problem = sniff(head, size)
             if problem:
                 return rec.exclude("not_dicom", problem)
-            scan = None if force_pydicom else scan_header(head, size)
-            if scan is None:
-                scan = _pydicom_scan(fp, rec)
-                if isinstance(scan, FileRecord):
-                    return scan  # excluded: the header could not be read
-            return _record_from_scan(rec, scan, fp, size)
+            return _scan(fp, head, size, rec, force_pydicom)
     except PermissionError:
-        return FileRecord(source=rel, size=0).exclude("unreadable", "permission denied")
+        return FileRecord(source=rel, size=size).exclude("unreadable", "permission denied")
     except OSError as exc:
-        return FileRecord(source=rel, size=0).exclude("unreadable", f"cannot read: {exc.strerror}")
+        return FileRecord(source=rel, size=size).exclude("unreadable", f"cannot read: {exc.strerror or exc}")
+    except Exception as exc:  # RecursionError, MemoryError, zlib.error, ...: this file only
+        return FileRecord(source=rel, size=size).exclude(
+            "unreadable", f"header cannot be parsed: {type(exc).__name__}: {exc}"[:300])
 
 
 def apply_rules(rec: FileRecord, rules: Rules) -> FileRecord:

@@ -27,3 +27,13 @@ class DownloadError(DicomAssetsError):
 
 class SampleFetchError(DicomAssetsError):
     """The real scanner DICOM samples could not be fetched from PyPI."""
+
+
+class OrganizedFolderError(DicomAssetsError):
+    """A visit's organized DICOM folder (or its organize report) is missing a file, holds a
+    broken link or something else than files, or disagrees with the report."""
+
+
+class TarballError(DicomAssetsError, RuntimeError):
+    """A member of the visit tarball could not be archived as it was listed (vanished,
+    unreadable, changed size while being read)."""

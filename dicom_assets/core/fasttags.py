@@ -4,16 +4,21 @@ The tarball and metadata steps already hold each file's first bytes (they copy o
 them), so parsing a dozen tags from those bytes avoids a second read and pydicom's full
 dataset machinery. It handles the common encodings (explicit and implicit VR little
 endian, and any encapsulated transfer syntax, whose data sets are explicit VR little
-endian) and skips sequences of undefined length. Anything else (big endian, deflate,
-preamble-less files, exotic character sets, a header longer than the bytes given) returns
-``None`` so the caller falls back to pydicom; tests check both readers agree on every
-real sample file.
+endian) and skips sequences of undefined length. Anything else (big endian, preamble-less
+files, exotic character sets, a header longer than the bytes given) returns ``None`` so the
+caller falls back to pydicom; tests check both readers agree on every real sample file.
+
+The deflated transfer syntax compresses everything after the file meta: its pixel data
+element can only be found in the *inflated* data set. :func:`deflated_dataset` inflates it
+(bounded, so a deflate bomb cannot fill memory) and :func:`scan_dataset` reads it as the
+explicit VR little endian data set it is.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import zlib
 from dataclasses import dataclass
 
 import pydicom
@@ -45,7 +50,8 @@ KEYWORDS = tuple(k for k, _ in WANTED.values())
 _LAST = max(WANTED)
 LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 _IMPLICIT_LE = "1.2.840.10008.1.2"
-_FALLBACK_TS = {"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}  # explicit BE, deflated
+DEFLATED_TS = "1.2.840.10008.1.2.1.99"
+_FALLBACK_TS = {"1.2.840.10008.1.2.2", DEFLATED_TS}  # explicit BE; deflated (see deflated_dataset)
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -155,13 +161,14 @@ def scan_header(buf: bytes, file_size: int) -> HeaderScan | None:
         return None
 
 
-def _parse(buf: bytes, last: int | None = _LAST, file_size: int | None = None):
+def _meta(buf: bytes) -> tuple[str | None, str | None, int]:
+    """(transfer syntax, media storage SOP class, position after the file meta) of a file
+    with a preamble; the file meta is always explicit VR little endian, group 0002."""
     if len(buf) < 132 or buf[128:132] != b"DICM":
         raise _NeedFallback
     pos = 132
     ts = None
     media_sop = None
-    # file meta: always explicit VR little endian, group 0002
     while pos + 8 <= len(buf):
         group = struct.unpack_from("<H", buf, pos)[0]
         if group != 0x0002:
@@ -172,9 +179,74 @@ def _parse(buf: bytes, last: int | None = _LAST, file_size: int | None = None):
         elif tag == 0x00020002:
             media_sop = buf[vstart: vstart + length].decode("ascii", "replace").rstrip("\x00 ") or None
         pos = after + length
+    return ts, media_sop, pos
+
+
+def _parse(buf: bytes, last: int | None = _LAST, file_size: int | None = None):
+    ts, media_sop, pos = _meta(buf)
     if ts is None or ts in _FALLBACK_TS:
         raise _NeedFallback
-    implicit = ts == _IMPLICIT_LE
+    return _body(buf, pos, ts == _IMPLICIT_LE, media_sop, last, file_size)
+
+
+# A deflated data set inflating past this is refused (a deflate bomb, or no image to keep).
+MAX_INFLATED = 512 << 20
+
+
+class InflateError(ValueError):
+    """The deflated data set of a file cannot be inflated (corrupt, cut short or a bomb)."""
+
+
+@dataclass
+class Deflated:
+    """A deflated-transfer-syntax file's data set, inflated."""
+
+    data: bytes  # the data set (explicit VR little endian), without preamble or file meta
+    media_sop_class: str | None
+
+
+def deflated_dataset(head: bytes, fp) -> Deflated | None:
+    """None unless ``head`` (a file's leading bytes) is a file in the deflated transfer
+    syntax; else its data set, inflated from ``fp`` (the whole file, any position).
+
+    Raises :class:`InflateError` when the deflate stream is corrupt, ends early, or
+    inflates past ``MAX_INFLATED``."""
+    try:
+        ts, media_sop, pos = _meta(head)
+    except (_NeedFallback, struct.error):
+        return None
+    if ts != DEFLATED_TS:
+        return None
+    fp.seek(pos)
+    z = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    total = 0
+    try:
+        while not z.eof:
+            chunk = z.unconsumed_tail or fp.read(1 << 20)
+            if not chunk:
+                raise InflateError("the deflated data set is cut short (file truncated)")
+            out = z.decompress(chunk, MAX_INFLATED + 1 - total)
+            total += len(out)
+            if total > MAX_INFLATED:
+                raise InflateError(f"the deflated data set inflates past {MAX_INFLATED >> 20} MiB")
+            parts.append(out)
+    except zlib.error as exc:
+        raise InflateError(f"the deflated data set is corrupt ({exc})") from None
+    return Deflated(b"".join(parts), media_sop)
+
+
+def scan_dataset(data: bytes, media_sop_class: str | None) -> HeaderScan | None:
+    """:func:`scan_header` for a whole data set without preamble or file meta in explicit VR
+    little endian (an inflated deflated file); None asks for pydicom."""
+    try:
+        return _body(data, 0, False, media_sop_class, None, len(data))
+    except (_NeedFallback, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _body(buf: bytes, pos: int, implicit: bool, media_sop: str | None, last: int | None,
+          file_size: int | None):
     out: dict = {k: None for k in KEYWORDS}
     utf8 = False
     whole = file_size is not None and len(buf) >= file_size

@@ -9,11 +9,13 @@ carry no wall-clock time, so they are as reproducible as the tarball. Schemas:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import DicomAssetsError
 from .fasttags import KEYWORDS, read_tags
 from .fsutil import atomic_write
 from .tarball import BLOCK, _Hasher
@@ -41,8 +43,8 @@ assert set(DICOM_FIELDS) <= set(KEYWORDS)
 _CHUNK = 1 << 20
 
 
-class TarFormatError(ValueError):
-    pass
+class TarFormatError(DicomAssetsError, ValueError):
+    """The visit tarball is not a complete, well-formed POSIX tar (the message names it)."""
 
 
 def _read_exact(fh, n: int) -> bytes:
@@ -123,7 +125,12 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
         hasher.update(b)
 
     try:
-        with open(tar_path, "rb", buffering=0) as fh:
+        fh = open(tar_path, "rb", buffering=0)
+    except OSError as exc:
+        hasher.close()
+        raise TarFormatError(f"{tar_path}: the visit tarball cannot be read ({exc.strerror or exc})") from None
+    try:
+        with fh:
             for name, msize, mtime, typeflag, data in iter_tar(fh, on_bytes):
                 if typeflag not in (b"0", b"\x00"):
                     continue
@@ -134,7 +141,8 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                 tags: dict | None = None
                 if _looks_dicom(head) or head[:4] in (b"\x08\x00\x05\x00", b"\x08\x00\x08\x00"):
                     try:
-                        tags = read_tags(head)
+                        # pydicom gets the whole member when the fast reader cannot (e.g. deflated)
+                        tags = read_tags(head, io.BytesIO(data) if len(data) > len(head) else None)
                     except Exception:  # a DICOM whose header cannot be parsed: still listed
                         tags = {k: None for k in KEYWORDS}
                 if tags is None:
@@ -147,6 +155,10 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                 if not rest:
                     break
                 on_bytes(rest)
+    except TarFormatError as exc:
+        raise TarFormatError(f"{tar_path}: {exc}; materialize visit_tarball again") from None
+    except UnicodeDecodeError as exc:
+        raise TarFormatError(f"{tar_path}: a member name is not UTF-8 ({exc}); materialize visit_tarball again") from None
     finally:
         md5, sha256 = hasher.close()
     dicoms.sort(key=lambda r: r["path"])

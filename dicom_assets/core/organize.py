@@ -15,21 +15,53 @@ import os
 import re
 import shutil
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dicomscan import KEPT, REASONS, FileRecord, Rules, apply_rules, read_record, walk_files
+from .errors import OrganizedFolderError
 from .extract import replace_dir_atomically
 from .fsutil import atomic_write, temp_sibling
 
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.]")
+# the longest flat name (".dcm" included): fits a ustar name field, far below any NAME_MAX
+MAX_NAME = 100
 
 
 def dest_name(sop_uid: str) -> str:
+    """The flat file name of a kept DICOM: ``<SOPInstanceUID>.dcm`` for a valid UID of up to
+    96 characters. Otherwise still deterministic and unique, never longer than ``MAX_NAME``:
+
+    * a UID with characters outside ``[0-9A-Za-z.]``: those become ``_`` and
+      ``-<8 hex of sha1(UID)>`` is appended;
+    * a name that would exceed ``MAX_NAME``: the first characters, then
+      ``-<16 hex of sha256(UID)>``.
+
+    ``-`` never occurs in a UID's safe form, and the hex after it is 8 or 16 long, so the
+    three forms cannot meet."""
     safe = _UID_SAFE.sub("_", sop_uid)
+    raw = sop_uid.encode("utf-8", "surrogatepass")
     if safe != sop_uid:  # a vendor's odd UID: keep it recognizable and unique
-        safe += "-" + hashlib.sha1(sop_uid.encode()).hexdigest()[:8]
+        safe += "-" + hashlib.sha1(raw).hexdigest()[:8]
+    if len(safe) + 4 > MAX_NAME:  # an overlong UID: a prefix to recognize it, a digest to keep it unique
+        safe = _UID_SAFE.sub("_", sop_uid)[: MAX_NAME - 4 - 17] + "-" + hashlib.sha256(raw).hexdigest()[:16]
     return f"{safe}.dcm"
+
+
+def printable(text: str) -> str:
+    """A file name as found on disk, as valid UTF-8 text: a byte that is not UTF-8 (kept by
+    Python as a lone surrogate) is written ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+        if _has_surrogates(text) else text
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _md5(path: Path) -> str:
@@ -148,8 +180,14 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
     staging = temp_sibling(dest_dir)
     staging.mkdir()
     try:
+        used: set[str] = set()
         for rec in result.kept:
             name = dest_name(rec.sop_instance_uid)
+            n = 1
+            while name.lower() in used:  # a digest collision (or a case-insensitive disk): stay unique
+                n += 1
+                name = f"{dest_name(rec.sop_instance_uid)[:-4]}-{n}.dcm"
+            used.add(name.lower())
             rec.dest = name
             src = source_dir / rec.source
             out = staging / name
@@ -158,12 +196,17 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
                 os.symlink(os.path.relpath(src.resolve() if src.is_symlink() else src, dest_dir), out)
             else:
                 shutil.copy2(src, out)
-        replace_dir_atomically(staging, dest_dir)
+        if report_path is None:
+            replace_dir_atomically(staging, dest_dir)
+        else:
+            # the report is written (to a temporary file) first: if it cannot be, the previous
+            # dicom/ folder and report stay as they were; it replaces the old one after the swap
+            with _report_writer(report_path) as write_rows:
+                write_rows(result)
+                replace_dir_atomically(staging, dest_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if report_path is not None:
-        write_report(result, report_path)
     return result
 
 
@@ -171,12 +214,50 @@ REPORT_COLUMNS = ("source", "decision", "reason", "detail", "series_number", "se
                   "modality", "sop_instance_uid", "series_instance_uid", "size", "dest")
 
 
-def write_report(result: OrganizeResult, path: Path) -> None:
+def _row(r: FileRecord) -> list:
+    row = []
+    for c in REPORT_COLUMNS:
+        v = getattr(r, c)
+        row.append("" if v is None else printable(v) if isinstance(v, str) else v)
+    return row
+
+
+@contextmanager
+def _report_writer(path: Path):
+    """Yields a function writing the report to a temporary sibling; replaces ``path`` when
+    the block ends without error."""
     with atomic_write(path, newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        w.writerow(REPORT_COLUMNS)
-        for r in result.records:
-            w.writerow(["" if getattr(r, c) is None else getattr(r, c) for c in REPORT_COLUMNS])
+        def write_rows(result: OrganizeResult) -> None:
+            w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+            w.writerow(REPORT_COLUMNS)
+            for r in result.records:
+                w.writerow(_row(r))
+            fh.flush()
+
+        yield write_rows
+
+
+def write_report(result: OrganizeResult, path: Path) -> None:
+    """``logs/organize/<visit>_files.tsv``: one row per file, valid UTF-8 whatever the file
+    names (see :func:`printable`)."""
+    with _report_writer(path) as write_rows:
+        write_rows(result)
+
+
+def read_kept(path: Path) -> list[str]:
+    """The flat names of the files an organize report says were kept (its ``dest`` column):
+    the list the archive steps check the organized folder against."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+    except FileNotFoundError:
+        raise OrganizedFolderError(f"{path}: no organize report; materialize organized_dicoms again") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise OrganizedFolderError(f"{path}: the organize report cannot be read ({exc}); "
+                                  "materialize organized_dicoms again") from None
+    if rows and not {"decision", "dest"} <= set(rows[0]):
+        raise OrganizedFolderError(f"{path}: not an organize report (no decision/dest columns)")
+    return sorted(r["dest"] for r in rows if r["decision"] == KEPT)
 
 
 def series_rows(result: OrganizeResult) -> list[dict]:
@@ -195,5 +276,5 @@ def excluded_summary(result: OrganizeResult, limit: int = 50) -> list[dict]:
     rows = []
     for reason in REASONS:
         for r in by_reason.get(reason, [])[:limit]:
-            rows.append({"source": r.source, "reason": r.reason, "detail": r.detail})
+            rows.append({"source": printable(r.source), "reason": r.reason, "detail": printable(r.detail)})
     return rows

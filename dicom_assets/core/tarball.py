@@ -10,7 +10,9 @@ Format (written by this module, byte by byte, so no Python version can change it
   AcquisitionDate/Time, then SeriesDate/Time, **interpreted as UTC** (the machine's time
   zone never enters); fractional seconds are dropped; a date without a time is midnight;
   files without any date get the latest DICOM time of the visit; folders too; a visit
-  without any date at all gets 0 (1970-01-01);
+  without any date at all gets 0 (1970-01-01); a date before 1970 is clamped to 0 and one
+  past the ustar field's range (2242-03-16T12:56:31Z, ``MAX_MTIME``) to that maximum, so
+  any date gives a valid, reproducible header;
 * the archive ends with two zero blocks, padded to a 10240-byte record as GNU tar does.
 
 The file is written to a temporary file in the same folder, fsynced, then renamed over
@@ -27,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from queue import Queue
 
+from .errors import OrganizedFolderError, TarballError
 from .fasttags import DATE_TAGS_END, read_tags
 from .fsutil import temp_sibling
 
@@ -34,6 +37,12 @@ BLOCK = 512
 RECORD = 10240
 HEAD_BYTES = 64 << 10  # header tags are parsed from the first 64 KiB (pydicom beyond that)
 _CHUNK = 1 << 20
+MAX_MTIME = 8**11 - 1  # the largest value of ustar's 12-byte octal mtime field: 2242-03-16T12:56:31Z
+
+
+def clamp_mtime(ts: int | None) -> int | None:
+    """A DICOM time as a tar mtime: before 1970 -> 0, past ``MAX_MTIME`` -> ``MAX_MTIME``."""
+    return None if ts is None else min(max(ts, 0), MAX_MTIME)
 
 
 def dicom_datetime(tags: dict) -> int | None:
@@ -51,12 +60,12 @@ def parse_da_tm(da: str | None, tm: str | None) -> int | None:
     if not da:
         return None
     da = da.strip().replace("-", "").replace(".", "")
-    if len(da) != 8 or not da.isdigit():
+    if len(da) != 8 or not (da.isascii() and da.isdigit()):  # not "²": str.isdigit() takes it
         return None
     hh = mm = ss = 0
     if tm:
         t = tm.strip().split(".")[0].replace(":", "")
-        if t.isdigit() and len(t) in (2, 4, 6):
+        if t.isascii() and t.isdigit() and len(t) in (2, 4, 6):
             hh = int(t[0:2])
             mm = int(t[2:4]) if len(t) >= 4 else 0
             ss = int(t[4:6]) if len(t) >= 6 else 0
@@ -100,7 +109,7 @@ def _header(name: bytes, prefix: bytes, size: int, mtime: int, mode: int, typefl
     h[108:116] = _octal(0, 8)
     h[116:124] = _octal(0, 8)
     h[124:136] = _octal(size, 12)
-    h[136:148] = _octal(max(0, mtime), 12)
+    h[136:148] = _octal(min(max(0, mtime), MAX_MTIME), 12)
     h[148:156] = b" " * 8
     h[156:157] = typeflag
     h[257:263] = b"ustar\x00"
@@ -186,17 +195,30 @@ class _Hasher:
         return tuple(h.hexdigest() for h in self.hashes)
 
 
+def _unreadable(src: Path, exc: OSError, when: str) -> TarballError:
+    what = "is a broken link or vanished" if isinstance(exc, FileNotFoundError) else \
+        f"cannot be read ({exc.strerror or exc})"
+    return TarballError(f"{src}: the organized file {what} {when}; materialize organized_dicoms again")
+
+
 def scan_members(files: list[tuple[Path, str]]) -> list[Member]:
-    """Size and DICOM time of each (source, arcname); reads only each file's first MiB."""
+    """Size and DICOM time of each (source, arcname); reads only each file's first 64 KiB.
+
+    A file that cannot be opened (a broken link, a vanished file) is an error naming it,
+    never a silently missing member."""
     members = []
     for src, arc in files:
-        with open(src, "rb") as fh:  # follows symlinks: the content, not the link
+        try:
+            fh = open(src, "rb")  # follows symlinks: the content, not the link
+        except OSError as exc:
+            raise _unreadable(src, exc, "while listing the tarball's members") from None
+        with fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_BYTES)
             try:
                 fh.seek(0)
                 tags = read_tags(head, fh, last=DATE_TAGS_END)
-                mtime = dicom_datetime(tags)
+                mtime = clamp_mtime(dicom_datetime(tags))
             except Exception:
                 mtime = None  # not a DICOM we can date: gets the visit's latest time
         members.append(Member(src, arc, size, mtime))
@@ -242,18 +264,22 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
                 header = member_headers(f"{top}/{m.arcname}", m.size, m.mtime if m.mtime is not None else latest,
                                         0o644, b"0")
                 copied = 0
-                with open(m.source, "rb", buffering=0) as fh:
+                try:
+                    fh = open(m.source, "rb", buffering=0)
+                except OSError as exc:
+                    raise _unreadable(m.source, exc, "while being archived") from None
+                with fh:
                     while True:
                         chunk = fh.read(_CHUNK)
                         if not chunk:
                             break
                         copied += len(chunk)
                         if copied > m.size:
-                            raise RuntimeError(f"{m.source} grew while being archived")
+                            raise TarballError(f"{m.source} grew while being archived")
                         emit(header, chunk)
                         header = b""
                 if copied != m.size:
-                    raise RuntimeError(f"{m.source} changed size while being archived ({m.size} -> {copied})")
+                    raise TarballError(f"{m.source} changed size while being archived ({m.size} -> {copied})")
                 emit(header, b"\x00" * (-m.size % BLOCK))
             emit(b"\x00" * (2 * BLOCK))
             if total % RECORD:
@@ -273,6 +299,43 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
     return TarballResult(str(dest), total, sha256, len(members), len(times), latest)
 
 
-def organized_files(dicom_dir: Path) -> list[tuple[Path, str]]:
-    """The files of an organized visit folder as (path, name) pairs, sorted."""
-    return sorted((Path(e.path), e.name) for e in os.scandir(dicom_dir) if e.is_file())
+def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[tuple[Path, str]]:
+    """The files of an organized visit folder as (path, name) pairs, sorted.
+
+    Every entry must be a regular file or a link to one: a broken link, a link to a folder
+    or a sub-folder is an :class:`OrganizedFolderError` naming it, never skipped. With
+    ``expected`` (the names the organize report says were kept, an independent source) the
+    folder must hold exactly those names."""
+    try:
+        entries = sorted(os.scandir(dicom_dir), key=lambda e: e.name)
+    except OSError as exc:
+        raise OrganizedFolderError(f"{dicom_dir}: the organized DICOM folder cannot be listed "
+                                   f"({exc.strerror or exc})") from None
+    out = []
+    for e in entries:
+        try:
+            ok = e.is_file()  # follows links
+        except OSError:
+            ok = False
+        if not ok:
+            p = Path(e.path)
+            if e.is_symlink():
+                what = f"a broken link (to {os.readlink(p)!r})" if not p.exists() else "a link to something else than a file"
+            else:
+                what = "a folder" if e.is_dir(follow_symlinks=False) else "not a regular file"
+            raise OrganizedFolderError(f"{p}: {what} in the organized DICOM folder; its DICOM would be missing "
+                                       "from the tarball; materialize raw_dicoms and organized_dicoms again")
+        out.append((Path(e.path), e.name))
+    if expected is not None:
+        names = {n for _, n in out}
+        missing = sorted(set(expected) - names)
+        extra = sorted(names - set(expected))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} kept file(s) missing (first {missing[0]!r})")
+            if extra:
+                parts.append(f"{len(extra)} file(s) the report does not list (first {extra[0]!r})")
+            raise OrganizedFolderError(f"{dicom_dir}: the organized folder disagrees with the organize report: "
+                                       + "; ".join(parts) + "; materialize organized_dicoms again")
+    return out

@@ -17,7 +17,9 @@ from dagster import (
 
 from .. import __version__
 from ..core.curation import update_curation_status
+from ..core.errors import DicomAssetsError
 from ..core.metadata import describe_tarball, write_metadata
+from ..core.organize import read_kept
 from ..core.tarball import organized_files, write_tarball
 from .ingest import organized_dicoms
 from .partitions import visit_asset, visit_of
@@ -42,11 +44,19 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
     if not src.is_dir():
         raise Failure(f"{src}: the organized DICOM folder of {visit.key} does not exist; "
                       "materialize organized_dicoms first")
-    files = organized_files(src)
-    if not files:
-        raise Failure(f"{src}: no organized DICOM to archive for {visit.key}")
     dest = lay.tarball_path(ds.study, visit)
-    result = write_tarball(files, dest, visit.key)
+    try:
+        # the folder is checked against the organize report (an independent list of the kept
+        # files): a broken link or a missing file fails here, naming it, never a short tarball
+        kept = read_kept(lay.organize_report_path(visit))
+        files = organized_files(src, expected=kept)
+        if not files:
+            raise Failure(f"{src}: no organized DICOM to archive for {visit.key}")
+        result = write_tarball(files, dest, visit.key)
+    except DicomAssetsError as exc:
+        raise Failure(str(exc)) from None
+    if result.members != len(kept):
+        raise Failure(f"{dest}: {result.members} members written but the organize report lists {len(kept)} kept files")
     context.log.info(f"{dest}: {result.members} members, {result.size} bytes, sha256 {result.sha256}")
     update_curation_status(ds)
     return MaterializeResult(metadata={
@@ -67,7 +77,8 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
                        description="the tarball described (md5, sha256) is the one visit_tarball wrote: "
                                    "same sha256 as recorded when writing it"),
         AssetCheckSpec("dicom_count_matches", asset="visit_metadata", blocking=True,
-                       description="the metadata lists as many DICOMs as organized_dicoms kept"),
+                       description="the metadata lists as many DICOMs as organized_dicoms kept "
+                                   "(the kept rows of its report logs/organize/<visit>_files.tsv)"),
         AssetCheckSpec("paths_exist_in_tarball", asset="visit_metadata", blocking=True,
                        description="every path of the written metadata JSON exists in the tarball"),
     ],
@@ -84,8 +95,11 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
     tar = lay.tarball_path(ds.study, visit)
     if not tar.is_file():
         raise Failure(f"{tar}: no tarball for {visit.key}; materialize visit_tarball first")
-    meta = describe_tarball(tar, visit=visit.key, study=ds.study, participant=visit.participant,
-                            session=visit.session, tool_version=__version__)
+    try:
+        meta = describe_tarball(tar, visit=visit.key, study=ds.study, participant=visit.participant,
+                                session=visit.session, tool_version=__version__)
+    except DicomAssetsError as exc:
+        raise Failure(str(exc)) from None
     tj, dj = lay.metadata_tarball_path(ds.study, visit), lay.metadata_dicoms_path(ds.study, visit)
     write_metadata(meta, tj, dj)
     update_curation_status(ds)
@@ -124,7 +138,10 @@ def _metadata_checks(context, ds, visit, tj_path, dj_path, meta) -> list[AssetCh
     actual = meta.tarball["sha256"]
     written_tj = json.loads(tj_path.read_text())
     written_dj = json.loads(dj_path.read_text())
-    kept = len(organized_files(ds.layout.dicom_dir(visit)))
+    try:  # from the organize report, not from a listing of the folder the tarball was made of
+        kept: int | str = len(read_kept(ds.layout.organize_report_path(visit)))
+    except DicomAssetsError as exc:
+        kept = f"unknown: {exc}"
     missing = [d["path"] for d in written_dj if d["path"] not in meta.member_names]
     return [
         AssetCheckResult(

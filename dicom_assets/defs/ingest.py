@@ -144,7 +144,7 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
     try:
         result = organize_visit(visit.key, lay.raw_dir(visit), lay.dicom_dir(visit), rules, cfg.organize_mode,
                                 report_path=report_path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, DicomAssetsError) as exc:
         raise Failure(str(exc)) from None
     counts = result.counts()
     context.log.info(f"{visit.key}: {len(result.records)} files found, {counts['kept']} kept, "
