@@ -1,10 +1,16 @@
 """Scanner dumps in ``downloads/<session>/``: recognize items, match them to participants,
 and tell complete downloads from ones still arriving.
 
-An *item* is a ``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2`` file or a plain
-folder directly inside ``downloads/<session>/``. Its participant comes from its name,
-matched against the manifest after normalization (``QPN_001_MR.zip`` -> ``QPN001``), or
-from ``tabular/dicom_dir_map.tsv`` for names that follow no convention.
+An *item* is a ``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, ``.tar.bz2``, ``.tar.xz``/``.txz``
+file or a plain folder directly inside ``downloads/<session>/``. Its participant comes from
+its name, matched against the manifest after normalization (``QPN_001_MR.zip`` -> ``QPN001``),
+or from ``tabular/dicom_dir_map.tsv`` for names that follow no convention.
+
+Every other entry the scan does not take is reported with the reason (never dropped
+silently): an archive format that cannot be extracted here (``.7z``, ``.rar``, ``.tar.zst``,
+...), a file that is no download item, a symbolic link, a dump whose name says another
+session than its folder. Only hidden names (``.*``), ``<item>.done`` markers and partial
+names (``.part``, ``.crdownload``, ...) are passed over without a word.
 """
 
 from __future__ import annotations
@@ -18,7 +24,17 @@ from pathlib import Path
 from .errors import DownloadError
 from .ids import Visit, normalize_participant_id, normalize_session_id
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tgz", ".tar", ".zip")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".txz", ".tar", ".zip")
+# archives seen in the wild that cannot be extracted here: reported, with what to do
+UNSUPPORTED_SUFFIXES = {
+    ".7z": "a 7-Zip archive", ".rar": "a RAR archive", ".tar.zst": "a Zstandard-compressed tar",
+    ".tzst": "a Zstandard-compressed tar", ".zst": "a Zstandard-compressed file",
+    ".tar.lz": "an lzip-compressed tar", ".tar.lzma": "an LZMA-compressed tar", ".tar.z": "a compress(1) tar",
+    ".tar.lz4": "an LZ4-compressed tar", ".gz": "a gzip-compressed file (not a tar)",
+    ".bz2": "a bzip2-compressed file (not a tar)", ".xz": "an xz-compressed file (not a tar)",
+    ".iso": "a disc image", ".dmg": "a disc image", ".cab": "a cabinet archive",
+}
+ITEM_FORMATS = ".zip, .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz/.txz or a folder"
 PARTIAL_SUFFIXES = (".part", ".crdownload", ".tmp", ".partial", ".download")
 DONE_SUFFIX = ".done"
 
@@ -32,7 +48,36 @@ def item_kind(name: str, is_dir: bool) -> str | None:
         return "folder"
     for suf in ARCHIVE_SUFFIXES:
         if low.endswith(suf):
-            return {".tgz": "tar.gz"}.get(suf, suf[1:])
+            return {".tgz": "tar.gz", ".txz": "tar.xz"}.get(suf, suf[1:])
+    return None
+
+
+def not_an_item_reason(name: str, is_dir: bool) -> str:
+    """Why an entry of ``downloads/<session>/`` is not a download item."""
+    low = name.lower()
+    for suf in sorted(UNSUPPORTED_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suf):
+            return (f"is {UNSUPPORTED_SUFFIXES[suf]}, which cannot be extracted here; unpack it into a folder "
+                    f"beside it, or re-pack it as {ITEM_FORMATS.replace(' or a folder', '')}")
+    return f"is not a download item (expected {ITEM_FORMATS})"
+
+
+_SESSION_IN_NAME = re.compile(r"(?:^|[^A-Za-z0-9])ses[-_]([A-Za-z0-9]+)", re.IGNORECASE)
+
+
+def _same_session(label: str, session: str) -> bool:
+    other = session[4:]
+    if label.isdigit() and other.isdigit():
+        return int(label) == int(other)
+    return label.lower() == other.lower()
+
+
+def named_session(name: str, session: str) -> str | None:
+    """The session an item's name says when it is not ``session`` (``QPN_001_ses-02.zip``
+    in ``ses-01/``), else None."""
+    for m in _SESSION_IN_NAME.finditer(item_stem(name)):
+        if not _same_session(m.group(1), session):
+            return f"ses-{m.group(1)}"
     return None
 
 
@@ -116,7 +161,7 @@ def match_participant(name: str, participants, index: dict[str, list[str]] | Non
 class DownloadItem:
     path: Path
     session: str
-    kind: str  # folder | zip | tar | tar.gz | tar.bz2
+    kind: str  # folder | zip | tar | tar.gz | tar.bz2 | tar.xz; "none" for an entry that is no item
 
     @property
     def name(self) -> str:
@@ -159,7 +204,7 @@ def signature(path: Path) -> Signature:
 class ScannedItem:
     item: DownloadItem
     visit: Visit | None
-    problem: str | None  # why no visit: unknown participant, ambiguous, partial name
+    problem: str | None  # why not taken: unknown participant, ambiguous, other session, format, link
     done_marker: bool
 
 
@@ -178,18 +223,36 @@ def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants
             continue
         names = {e.name for e in entries}
         for e in sorted(entries, key=lambda e: e.name):
-            if e.name.endswith(DONE_SUFFIX) or e.is_symlink():
+            if e.name.startswith(".") or e.name.endswith(DONE_SUFFIX):
                 continue
             if is_partial_name(e.name):
                 continue  # still being written by a browser/downloader
-            kind = item_kind(e.name, e.is_dir(follow_symlinks=False))
+            where = f"'{ses}/{e.name}'"
+            done = (e.name + DONE_SUFFIX) in names
+            if e.is_symlink():
+                out.append(ScannedItem(DownloadItem(Path(e.path), ses, "none"), None,
+                                       f"{where} is a symbolic link; links are not followed (move or copy the "
+                                       "dump itself into the downloads folder)", done))
+                continue
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            kind = item_kind(e.name, is_dir)
             if kind is None:
+                out.append(ScannedItem(DownloadItem(Path(e.path), ses, "none"), None,
+                                       f"{where} {not_an_item_reason(e.name, is_dir)}", done))
                 continue
             item = DownloadItem(Path(e.path), ses, kind)
-            done = (e.name + DONE_SUFFIX) in names
             mapped = by_name.get((ses, e.name)) or by_name.get((ses, item.stem))
             if mapped:
                 out.append(ScannedItem(item, Visit(mapped, ses), None, done))
+                continue
+            other = named_session(e.name, ses)
+            if other:
+                out.append(ScannedItem(item, None, f"{where} is named for session {other} but lies in {ses}/; "
+                                       f"move it to downloads/{other}/ (or map it in tabular/dicom_dir_map.tsv)",
+                                       done))
                 continue
             hits = match_participant(e.name, participants, index)
             if len(hits) == 1:
@@ -208,6 +271,17 @@ def items_for_visit(downloads_root: Path, visit: Visit, participants: set[str],
     """The downloads of one visit (usually one; a dump split in parts gives several)."""
     scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map)
     return [s.item for s in scanned if s.visit == visit]
+
+
+def problems_for_participant(downloads_root: Path, visit: Visit, participants: set[str],
+                             dir_map: dict[tuple[str, str], str] | None = None) -> list[str]:
+    """Why entries of the visit's session folder whose name starts like the participant were
+    not taken (a .7z, a link, another session's dump): for the message of a visit without
+    download."""
+    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map)
+    return [s.problem for s in scanned if s.problem and s.visit is None
+            and _consumes(s.item.stem[4:] if s.item.stem.lower().startswith("sub-") else s.item.stem,
+                          visit.participant) is not None]
 
 
 _SAFE_COMPONENT = re.compile(r"[^A-Za-z0-9._+-]")

@@ -5,18 +5,32 @@
 * device files and fifos are refused; total size and member count are bounded, and so is
   a zip member's compression ratio (zip bombs are refused before anything is written);
 * sizes are counted while writing too, so an archive lying about its sizes is caught;
+* an archive must be complete: a tar must end with its end-of-archive marker (a cut at a
+  member boundary or a damaged header is not taken for the end), a compressed stream must
+  reach its end-of-stream marker and checksum, every zip member its CRC; a folder dump that
+  vanished, or a sub-folder or file that cannot be read, fails the extraction instead of
+  giving fewer files;
+* two members with one name (a file and a folder ``a`` / ``a/``, a link named like a file)
+  refuse the archive; encrypted and unsupported zip methods are named;
 * everything is extracted into a temporary sibling folder, then swapped in with a rename:
   a crash never leaves a half folder that looks complete, and the old one stays until the
-  new one is whole;
-* folders are hard-linked (or copied across filesystems), never moved: downloads stay.
+  new one is whole; a failure leaves the previous good folder untouched;
+* folders are copied (a copy-on-write clone where the filesystem offers one), never moved
+  nor hard-linked: an edit in ``scratch/`` never reaches the download;
+* every problem is an :class:`UnsafeArchiveError` naming the download.
 """
 
 from __future__ import annotations
 
+import bz2
+import fcntl
+import gzip
+import lzma
 import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import uuid
 import zipfile
@@ -30,6 +44,18 @@ from .fsutil import temp_sibling
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
+_FICLONE = 0x40049409  # linux/fs.h: clone a file's extents (btrfs, XFS, bcachefs, ...)
+
+# What reading a damaged archive may raise (besides our own errors): every one of them
+# becomes an UnsafeArchiveError naming the archive and the member.
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error,
+                lzma.LZMAError, struct.error, ValueError, NotImplementedError)
+
+# zip compression methods Python can read; the others are named in the refusal
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+_ZIP_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 10: "PKWARE Implode", 18: "IBM TERSE",
+                     19: "IBM LZ77", 93: "Zstandard", 94: "MP3", 95: "XZ", 96: "JPEG", 97: "WavPack",
+                     98: "PPMd", 99: "AES encryption"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,9 @@ class ItemReport:
     files: int = 0
     bytes: int = 0
     links: int = 0
+    # entries of the dump not extracted as files, each "<path>: <why>" (a broken link, a
+    # folder link whose files are extracted through the folder it names)
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +94,10 @@ class ExtractReport:
     @property
     def bytes(self) -> int:
         return sum(i.bytes for i in self.items)
+
+    @property
+    def skipped(self) -> list[str]:
+        return [f"{Path(i.item).name}: {s}" for i in self.items for s in i.skipped]
 
 
 def safe_member_path(name: str, archive: str) -> PurePosixPath | None:
@@ -94,7 +127,32 @@ def _link_target_inside(member_rel: PurePosixPath, link: str, archive: str, memb
             parts.pop()
         else:
             parts.append(p)
+    if not parts or any("\x00" in p for p in parts):
+        raise UnsafeArchiveError(f"{archive}: link {member_name!r} -> {link!r} does not name a file of the archive")
     return PurePosixPath(*parts)
+
+
+class _Names:
+    """Every path an archive writes, with its kind: a second member with a taken name (a file
+    ``a`` and a folder ``a/``, a link named like a file, a file under a file) refuses the
+    archive with both named, instead of an OS error half-way through."""
+
+    def __init__(self, archive: str):
+        self.archive = archive
+        self.kinds: dict[PurePosixPath, str] = {}
+
+    def claim(self, rel: PurePosixPath, kind: str, name: str) -> None:
+        for anc in reversed(rel.parents[:-1]):  # outermost first, without '.'
+            k = self.kinds.setdefault(anc, "folder")
+            if k != "folder":
+                raise UnsafeArchiveError(f"{self.archive}: member {name!r} lies under {str(anc)!r}, which is a {k} "
+                                         "of the archive, not a folder; refusing the archive")
+        k = self.kinds.get(rel)
+        if k is None:
+            self.kinds[rel] = kind
+        elif not (k == kind == "folder"):
+            what = "appears twice" if k == kind else f"is a {kind} with the name of a {k} of the archive"
+            raise UnsafeArchiveError(f"{self.archive}: member {name!r} {what}; refusing the archive")
 
 
 class _Budget:
@@ -118,10 +176,20 @@ class _Budget:
                 "as a possible zip bomb (raise limits.max_extract_bytes if this is a real dump)")
 
 
+def _write_error(archive: str, name: str, exc: OSError) -> UnsafeArchiveError:
+    return UnsafeArchiveError(f"{archive}: member {name!r} cannot be written into scratch/ ({exc.strerror or exc})")
+
+
 def _copy_stream(src, dest: Path, budget: _Budget, declared: int | None, archive: str, name: str) -> int:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Copy a member's stream to dest (a new file). Read errors propagate (the caller knows
+    the archive's kind); write errors become an UnsafeArchiveError naming the member."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fo = open(dest, "xb")
+    except OSError as exc:
+        raise _write_error(archive, name, exc) from None
     written = 0
-    with open(dest, "xb") as fo:
+    with fo:
         while True:
             chunk = src.read(_CHUNK)
             if not chunk:
@@ -130,17 +198,37 @@ def _copy_stream(src, dest: Path, budget: _Budget, declared: int | None, archive
             if declared is not None and written > declared:
                 raise UnsafeArchiveError(f"{archive}: member {name!r} is larger than its header declares; refusing the archive")
             budget.add(len(chunk))
-            fo.write(chunk)
+            try:
+                fo.write(chunk)
+            except OSError as exc:
+                raise _write_error(archive, name, exc) from None
+    if declared is not None and written != declared:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} holds {written} bytes, its header declares {declared}; "
+                                 "is the download complete?")
     os.chmod(dest, 0o644)
     return written
+
+
+def _zip_refusal(archive: str, info: zipfile.ZipInfo) -> str | None:
+    if info.flag_bits & 0x1:
+        return (f"{archive}: member {info.filename!r} is encrypted (password-protected); deliver the dump "
+                "unencrypted, or unpack it with its password")
+    if info.compress_type not in _ZIP_METHODS:
+        method = _ZIP_METHOD_NAMES.get(info.compress_type, "unknown")
+        return (f"{archive}: member {info.filename!r} uses zip compression method {info.compress_type} ({method}), "
+                "which cannot be read here; re-pack the dump with standard Deflate (or as .tar.gz)")
+    return None
 
 
 def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
     archive = path.name
     budget = _Budget(limits, archive)
+    names = _Names(archive)
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except FileNotFoundError:
+        raise UnsafeArchiveError(f"{archive}: the download vanished before it could be extracted") from None
+    except _READ_ERRORS as exc:
         raise UnsafeArchiveError(f"{archive}: not a readable zip file ({exc}); is the download complete?") from None
     with zf:
         infos = zf.infolist()
@@ -152,7 +240,8 @@ def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
             raise UnsafeArchiveError(
                 f"{archive}: declares {declared} bytes once extracted, over the limit of {limits.max_bytes}; "
                 "refusing the archive as a possible zip bomb")
-        for info in infos:
+        plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+        for info in infos:  # every refusal before anything is written
             rel = safe_member_path(info.filename, archive)
             ratio = info.file_size / max(info.compress_size, 1)
             if info.file_size > (1 << 20) and ratio > limits.max_ratio:
@@ -162,47 +251,106 @@ def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link; refusing the archive")
-        for info in infos:
-            rel = safe_member_path(info.filename, archive)
-            if rel is None or info.is_dir():
-                if rel is not None:
+            if rel is None:
+                continue
+            is_dir = info.is_dir()
+            if not is_dir:
+                refusal = _zip_refusal(archive, info)
+                if refusal:
+                    raise UnsafeArchiveError(refusal)
+            names.claim(rel, "folder" if is_dir else "file", info.filename)
+            plan.append((info, rel))
+        for info, rel in plan:
+            if info.is_dir():
+                try:
                     (out / rel).mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise _write_error(archive, info.filename, exc) from None
                 continue
             budget.member()
             try:
                 with zf.open(info) as src:
                     rep.bytes += _copy_stream(src, out / rel, budget, info.file_size, archive, info.filename)
-            except (zipfile.BadZipFile, EOFError, OSError) as exc:
-                if isinstance(exc, FileExistsError):
-                    raise UnsafeArchiveError(f"{archive}: member {info.filename!r} appears twice") from None
+            except FileNotFoundError:
+                raise UnsafeArchiveError(f"{archive}: the download vanished during extraction") from None
+            except (*_READ_ERRORS, RuntimeError) as exc:
                 raise UnsafeArchiveError(f"{archive}: member {info.filename!r} cannot be read ({exc}); "
                                          "is the download complete?") from None
             rep.files += 1
 
 
+class _Recorder:
+    """The (decompressed) tar stream as tarfile reads it, remembering the last read: after the
+    listing ends, that is the block tarfile took for the end of the archive."""
+
+    def __init__(self, f):
+        self.f = f
+        self.last_pos, self.last = -1, b""
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self.f.tell()
+        data = self.f.read(n)
+        self.last_pos, self.last = pos, data
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _open_tar_stream(raw, archive: str):
+    """The decompressed stream of a tar, whatever the suffix says (a browser may have
+    decompressed a .tgz already): gzip, bzip2, xz or none, told by the magic bytes."""
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    if magic.startswith(b"\x28\xb5\x2f\xfd"):
+        raise UnsafeArchiveError(f"{archive}: a Zstandard-compressed tar, which cannot be read here; "
+                                 "deliver it as .tar, .tar.gz or .tar.xz")
+    return None
+
+
 def _extract_tar(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
     archive = path.name
     budget = _Budget(limits, archive)
-    links: list[tuple[PurePosixPath, PurePosixPath, bool]] = []
+    names = _Names(archive)
+    links: list[tuple[PurePosixPath, PurePosixPath, bool, str]] = []
     try:
-        tf = tarfile.open(path, mode="r|*")
-    except (tarfile.TarError, OSError) as exc:
-        raise UnsafeArchiveError(f"{archive}: not a readable tar file ({exc}); is the download complete?") from None
-    try:
-        with tf:
+        raw = open(path, "rb")
+    except FileNotFoundError:
+        raise UnsafeArchiveError(f"{archive}: the download vanished before it could be extracted") from None
+    with raw:
+        try:
+            stream = _open_tar_stream(raw, archive)
+            rec = _Recorder(stream or raw)
+            # tarfile takes a cut or damaged header after the first for the end of the archive;
+            # the recorder keeps that block, which must be the end-of-archive marker (zeros)
+            tf = tarfile.open(fileobj=rec, mode="r:")
+        except _READ_ERRORS as exc:
+            raise UnsafeArchiveError(f"{archive}: not a readable tar file ({exc}); is the download complete?") from None
+        try:
             for m in tf:
                 rel = safe_member_path(m.name, archive)
                 if rel is None:
                     continue
                 budget.member()
                 if m.isdir():
-                    (out / rel).mkdir(parents=True, exist_ok=True)
-                elif m.isreg():
-                    src = tf.extractfile(m)
+                    names.claim(rel, "folder", m.name)
                     try:
-                        rep.bytes += _copy_stream(src, out / rel, budget, m.size, archive, m.name)
-                    except FileExistsError:
-                        raise UnsafeArchiveError(f"{archive}: member {m.name!r} appears twice") from None
+                        (out / rel).mkdir(parents=True, exist_ok=True)
+                    except OSError as exc:
+                        raise _write_error(archive, m.name, exc) from None
+                elif m.isreg():
+                    names.claim(rel, "file", m.name)
+                    src = tf.extractfile(m)
+                    rep.bytes += _copy_stream(src, out / rel, budget, m.size, archive, m.name)
                     rep.files += 1
                 elif m.issym() or m.islnk():
                     if m.issym():
@@ -211,67 +359,124 @@ def _extract_tar(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
                         target = safe_member_path(m.linkname, archive)
                         if target is None:
                             raise UnsafeArchiveError(f"{archive}: hard link {m.name!r} has no target")
-                    links.append((rel, target, m.issym()))
+                    names.claim(rel, "link", m.name)
+                    links.append((rel, target, m.issym(), m.name))
                 else:
                     raise UnsafeArchiveError(
                         f"{archive}: member {m.name!r} is a device, fifo or other special file; refusing the archive")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        if isinstance(exc, UnsafeArchiveError):
-            raise
-        raise UnsafeArchiveError(f"{archive}: the archive is damaged or incomplete ({exc}); "
-                                 "is the download complete?") from None
-    for rel, target, is_sym in links:
-        src = out / target
-        if not src.is_file() or src.is_symlink():
-            raise UnsafeArchiveError(f"{archive}: link {str(rel)!r} -> {str(target)!r} does not name a file of the archive")
-        dest = out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if is_sym:
-            os.symlink(os.path.relpath(src, dest.parent), dest)
-        else:
-            os.link(src, dest)
+            end = tf.offset  # where tarfile looked for the next header
+            if rec.last_pos == end:
+                block = rec.last
+            else:
+                rec.seek(end)
+                block = rec.read(tarfile.BLOCKSIZE)
+            if block != tarfile.NUL * tarfile.BLOCKSIZE:
+                if len(block) < tarfile.BLOCKSIZE:
+                    raise UnsafeArchiveError(
+                        f"{archive}: the archive is cut at byte {end + len(block)} of its tar stream (no "
+                        f"end-of-archive marker after {rep.files} file(s)); is the download complete?")
+                raise UnsafeArchiveError(f"{archive}: the archive is damaged: unreadable header at byte {end} of "
+                                         f"its tar stream, after {rep.files} file(s); is the download complete?")
+            if stream is not None:  # read the compressed stream to its end: a cut end, a bad CRC
+                while chunk := stream.read(_CHUNK):
+                    budget.add(len(chunk))
+        except FileNotFoundError:
+            raise UnsafeArchiveError(f"{archive}: the download vanished during extraction") from None
+        except _READ_ERRORS as exc:
+            raise UnsafeArchiveError(f"{archive}: the archive is damaged or incomplete ({exc}); "
+                                     "is the download complete?") from None
+    for rel, target, is_sym, name in links:
+        if names.kinds.get(target) != "file":
+            raise UnsafeArchiveError(f"{archive}: link {name!r} -> {str(target)!r} does not name a file of the archive")
+        src, dest = out / target, out / rel
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if is_sym:
+                os.symlink(os.path.relpath(src, dest.parent), dest)
+            else:
+                os.link(src, dest)
+        except OSError as exc:
+            raise _write_error(archive, name, exc) from None
         rep.links += 1
 
 
-def _link_or_copy(src: Path, dest: Path) -> None:
+def clone_or_copy(src: Path, dest: Path) -> int:
+    """A copy of src at dest (new file, mode 0644): a copy-on-write clone where the filesystem
+    offers one, else a byte copy. Never a hard link: the copy may be edited, the source must
+    not change. Returns the bytes copied."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
+    with open(src, "rb") as fi, open(dest, "xb") as fo:
+        try:
+            fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
+        except OSError:
+            shutil.copyfileobj(fi, fo, _CHUNK)
+        size = fo.tell() or os.fstat(fo.fileno()).st_size
+    os.chmod(dest, 0o644)
+    return size
 
 
 def _extract_folder(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
     archive = path.name
     budget = _Budget(limits, archive)
-    base = path.resolve()
-    for dirpath, dirs, names in os.walk(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise UnsafeArchiveError(f"{archive}: the download folder vanished before it could be extracted") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeArchiveError(f"{archive}: the download is a symbolic link, not a folder; links are not followed")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeArchiveError(f"{archive}: the download is not a folder any more")
+    base = os.path.realpath(path)
+
+    def inside(p: str) -> bool:
+        return p == base or p.startswith(base + os.sep)
+
+    def unlistable(exc: OSError) -> None:
+        where = os.path.relpath(exc.filename, path) if exc.filename else "."
+        raise UnsafeArchiveError(f"{archive}: folder {where!r} of the download cannot be listed "
+                                 f"({exc.strerror or exc}); its files would be missing")
+
+    for dirpath, dirs, files in os.walk(path, onerror=unlistable):
         dirs.sort()
         for d in list(dirs):
-            full = Path(dirpath) / d
-            if full.is_symlink():
-                dirs.remove(d)
-                resolved = full.resolve()
-                if base not in resolved.parents and resolved != base:
-                    raise UnsafeArchiveError(f"{archive}: folder link {str(full.relative_to(path))!r} points outside "
-                                             "the download; refusing it")
-        for n in sorted(names):
-            full = Path(dirpath) / n
-            rel = full.relative_to(path)
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                dirs.remove(d)  # never followed: its target is walked where it lies
+                rel = os.path.relpath(full, path)
+                real = os.path.realpath(full)
+                if not inside(real):
+                    raise UnsafeArchiveError(f"{archive}: folder link {rel!r} points outside the download; refusing it")
+                rep.skipped.append(f"{rel}: folder link to {os.path.relpath(real, base)!r}, "
+                                   "whose files are extracted where they lie")
+        for n in sorted(files):
+            full = os.path.join(dirpath, n)
+            rel = os.path.relpath(full, path)
             budget.member()
-            if full.is_symlink():
-                resolved = full.resolve()
-                if base not in resolved.parents:
-                    raise UnsafeArchiveError(f"{archive}: link {str(rel)!r} points outside the download; refusing it")
-                if not resolved.is_file():
+            try:
+                lst = os.lstat(full)
+            except FileNotFoundError:
+                raise UnsafeArchiveError(f"{archive}: {rel!r} vanished during extraction") from None
+            source = full
+            if stat.S_ISLNK(lst.st_mode):
+                real = os.path.realpath(full)
+                if not inside(real):
+                    raise UnsafeArchiveError(f"{archive}: link {rel!r} points outside the download; refusing it")
+                if not os.path.isfile(real):
+                    why = "a folder" if os.path.isdir(real) else "nothing (a broken link or a link loop)"
+                    rep.skipped.append(f"{rel}: link to {why}")
                     continue
-                full = resolved
+                source = real
                 rep.links += 1
-            elif not full.is_file():
-                raise UnsafeArchiveError(f"{archive}: {str(rel)!r} is a device, fifo or other special file")
-            size = full.stat().st_size
-            budget.add(size)
-            _link_or_copy(full, out / rel)
+            elif not stat.S_ISREG(lst.st_mode):
+                raise UnsafeArchiveError(f"{archive}: {rel!r} is a device, fifo or other special file")
+            try:
+                size = os.stat(source).st_size
+                budget.add(size)
+                clone_or_copy(Path(source), out / rel)
+            except FileNotFoundError:
+                raise UnsafeArchiveError(f"{archive}: {rel!r} vanished during extraction") from None
+            except OSError as exc:
+                raise UnsafeArchiveError(f"{archive}: {rel!r} cannot be copied ({exc.strerror or exc})") from None
             rep.files += 1
             rep.bytes += size
 
@@ -281,6 +486,7 @@ _EXTRACTORS = {
     "tar": _extract_tar,
     "tar.gz": _extract_tar,
     "tar.bz2": _extract_tar,
+    "tar.xz": _extract_tar,
     "folder": _extract_folder,
 }
 
@@ -305,7 +511,10 @@ def replace_dir_atomically(staging: Path, target: Path) -> None:
 
 
 def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits = ExtractLimits()) -> ExtractReport:
-    """Extract the downloads of one visit into target (each item in its own sub-folder)."""
+    """Extract the downloads of one visit into target (each item in its own sub-folder).
+
+    All or nothing: on any error (an UnsafeArchiveError naming the download) target is left
+    as it was."""
     if not items:
         raise UnsafeArchiveError(f"no download to extract into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +532,13 @@ def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits
             rep = ItemReport(item=str(item.path), kind=item.kind, folder=folder)
             out = staging / folder
             out.mkdir()
-            _EXTRACTORS[item.kind](item.path, out, limits, rep)
+            extractor = _EXTRACTORS.get(item.kind)
+            if extractor is None:
+                raise UnsafeArchiveError(f"{item.name}: downloads of kind {item.kind!r} cannot be extracted")
+            try:
+                extractor(item.path, out, limits, rep)
+            except OSError as exc:  # the last line: a filesystem error still names the download
+                raise UnsafeArchiveError(f"{item.name}: extraction failed ({exc})") from None
             report.items.append(rep)
         replace_dir_atomically(staging, target)
     except BaseException:

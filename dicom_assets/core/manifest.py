@@ -1,12 +1,18 @@
-"""The participant manifest (nipoppy's ``manifest.csv`` convention), read with pandas.
+"""The participant manifest (nipoppy's ``manifest.csv`` convention), read strictly.
 
 Required columns: ``participant_id`` and ``session_id``; others (``visit_id``,
 ``datatype``, ...) are kept. Participant ids are normalized to alphanumerics; two raw ids
 that normalize to the same value are an error, since their data would mix.
+
+Parsing is strict, every error naming the line: UTF-8 (a BOM is fine), each row exactly as
+many fields as the header (a row with one field too many would otherwise shift every
+column), quotes well formed, no NUL, no column named twice. Blank lines are skipped.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,22 +47,64 @@ class Manifest:
         return self.participants[participant]
 
 
+def _read_rows(path: Path) -> tuple[list[str], list[int], list[list[str]]]:
+    """Header, the line each row starts on, and the rows; a ManifestError naming the line
+    for anything but a rectangular, well-quoted UTF-8 CSV."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path}: participant manifest cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}: line {line}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            "save the manifest as UTF-8 CSV") from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    lines: list[int] = []
+    rows: list[list[str]] = []
+    start = 1
+    try:
+        for fields in reader:
+            line, start = start, reader.line_num + 1
+            if not fields:  # a blank line
+                continue
+            if header is None:
+                header = fields
+                seen: set[str] = set()
+                for name in header:
+                    if name in seen:
+                        raise ManifestError(f"{path}: line {line}: column {name!r} appears twice in the header")
+                    seen.add(name)
+                continue
+            if len(fields) != len(header):
+                raise ManifestError(
+                    f"{path}: line {line}: {len(fields)} field(s) where the header has {len(header)} "
+                    f"({', '.join(header)}); a value holding a comma needs double quotes")
+            lines.append(line)
+            rows.append(fields)
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: line {start}: not a well-formed CSV row ({exc})") from None
+    if header is None:
+        raise ManifestError(f"{path}: the participant manifest is empty (expected a header line with "
+                            f"{', '.join(REQUIRED_COLUMNS)})")
+    return header, lines, rows
+
+
 def read_manifest(path: Path | str, sessions: tuple[str, ...] | None = None) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: participant manifest not found")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not a readable CSV file ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    header, lines, rows = _read_rows(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise ManifestError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, table.columns))}"
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header)}"
         )
+    table = pd.DataFrame(rows, columns=header, dtype=str)
     parts, sess = [], []
-    for i, (raw_p, raw_s) in enumerate(zip(table["participant_id"], table["session_id"])):
-        line = i + 2  # header is line 1
+    for line, raw_p, raw_s in zip(lines, table["participant_id"], table["session_id"]):
         try:
             parts.append(normalize_participant_id(raw_p))
         except ValueError as exc:
@@ -81,11 +129,12 @@ def read_manifest(path: Path | str, sessions: tuple[str, ...] | None = None) -> 
             f"{path}: column 'participant_id': ids {', '.join(repr(x) for x in v)} all normalize "
             f"to {k!r}; rename one of them"
         )
-    dup = table.duplicated(["participant", "session"], keep=False)
-    if dup.any():
-        row = table[dup].iloc[0]
-        raise ManifestError(
-            f"{path}: participant {row['participant_id']!r} session {row['session_id']!r} "
-            "is listed more than once"
-        )
+    first_line: dict[tuple[str, str], int] = {}
+    for line, key, raw_p, raw_s in zip(lines, zip(parts, sess), table["participant_id"], table["session_id"]):
+        if key in first_line:
+            raise ManifestError(
+                f"{path}: line {line}: participant {raw_p!r} session {raw_s!r} is listed more than once "
+                f"(first on line {first_line[key]})"
+            )
+        first_line[key] = line
     return Manifest(table=table.reset_index(drop=True), source=str(path))

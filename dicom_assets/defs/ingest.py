@@ -2,6 +2,7 @@
 
 
 import json
+from dataclasses import replace
 
 from dagster import (
     AssetCheckResult,
@@ -20,7 +21,8 @@ from dagster import (
 
 from ..core.curation import update_curation_status
 from ..core.dicomscan import Rules
-from ..core.downloads import DownloadItem, items_for_visit, read_dicom_dir_map, scan_downloads, signature
+from ..core.downloads import (ITEM_FORMATS, DownloadItem, items_for_visit, problems_for_participant,
+                               read_dicom_dir_map, scan_downloads, signature)
 from ..core.errors import DicomAssetsError
 from ..core.extract import ExtractLimits, extract_visit
 from ..core.organize import excluded_summary, organize_visit, series_rows
@@ -57,14 +59,16 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
     elif not ds.manifest.has_visit(visit):
         raise Failure(f"visit {visit.key} is not in the manifest {ds.layout.manifest_path}")
     else:
-        items = items_for_visit(lay.downloads_root, visit, set(ds.manifest.participants),
-                                read_dicom_dir_map(lay.dicom_dir_map_path))
-    if not items:
-        raise Failure(
-            f"no download for visit {visit.key} in {lay.downloads_dir(visit.session)} "
-            f"(expected a .zip, .tar, .tar.gz, .tar.bz2 or folder named after participant "
-            f"{ds.manifest.raw_participant_id(visit.participant)!r})"
-        )
+        dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
+        items = items_for_visit(lay.downloads_root, visit, set(ds.manifest.participants), dir_map)
+        if not items:
+            not_taken = problems_for_participant(lay.downloads_root, visit, set(ds.manifest.participants), dir_map)
+            raise Failure(
+                f"no download for visit {visit.key} in {lay.downloads_dir(visit.session)} "
+                f"(expected a {ITEM_FORMATS} named after participant "
+                f"{ds.manifest.raw_participant_id(visit.participant)!r})"
+                + (f"; not taken: {'; '.join(not_taken[:3])}" if not_taken else "")
+            )
     if len(items) > 1 and tcia is None:  # a TCIA visit is one zip per series by design
         context.log.warning(
             f"{len(items)} downloads for visit {visit.key}: "
@@ -75,6 +79,8 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
         report = extract_visit(items, target, ExtractLimits.from_config(ds.config.limits))
     except DicomAssetsError as exc:
         raise Failure(str(exc)) from None
+    for skipped in report.skipped:
+        context.log.warning(f"{visit.key}: not extracted: {skipped}")
     report_path = lay.extract_report_path(visit)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps({"target": report.target, "items": [vars(i) for i in report.items]},
@@ -83,6 +89,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
     return MaterializeResult(metadata={
         "files": report.files,
         "bytes": MetadataValue.int(report.bytes),
+        "skipped": MetadataValue.json(report.skipped),
         "downloads": table([vars(i) for i in report.items], [
             ("item", "string", "download"), ("kind", "string", "zip, tar, folder ..."),
             ("folder", "string", "sub-folder it was extracted to"), ("files", "int", "files"),
@@ -200,9 +207,12 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     for s in scan_downloads(ds.layout.downloads_root, ds.config.sessions, participants, dir_map):
         rel = f"{s.item.session}/{s.item.name}"
         try:
-            token = signature(s.item.path).token()
+            token = signature(s.item.path).token() if s.item.kind != "none" else str(s.item.path.lstat().st_mtime_ns)
         except FileNotFoundError:
             continue  # vanished between listing and stat
+        except OSError as exc:  # no permission, a link loop: reported, never a crashed tick
+            s = replace(s, visit=None, problem=f"'{rel}' cannot be read ({exc.strerror or exc})")
+            token = "unreadable"
         if s.problem:
             problems.append(s.problem)
             if reported.get(rel) != token:
@@ -231,7 +241,8 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
         if waiting:
             reason.append(f"{len(waiting)} download(s) still arriving or not yet stable: {', '.join(waiting[:5])}")
         if problems:
-            reason.append(f"{len(problems)} download(s) not matched: {problems[0]}")
+            reason.append(f"{len(problems)} download(s) not taken: {problems[0]}"
+                          + (f" (and {len(problems) - 1} more, in the sensor's log)" if len(problems) > 1 else ""))
         return SensorResult(skip_reason=SkipReason("; ".join(reason) or "no new complete download"),
                             cursor=cursor)
     shown = ", ".join(r.partition_key for r in run_requests[:20])
