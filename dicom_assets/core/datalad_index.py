@@ -31,9 +31,11 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import annexwrite as aw
 from .errors import DicomAssetsError
 from .fsutil import file_lock, temp_sibling
 
@@ -43,6 +45,25 @@ TAG_FIELDS = ("SeriesDescription", "SeriesNumber", "Modality", "ProtocolName")
 SERIES_FIELD = "series"
 SOURCE_FILE = ".dicom_assets/source.json"
 REMOTES = ("uncurl", "archivist")
+# how the records are written: "direct" (git-annex's branch formats composed here, one
+# `git fast-import`; core/annexwrite.py) or "batch" (the reference: `datalad create`,
+# `initremote`, git-annex's batch commands, a `datalad-annex::` push)
+WRITERS = ("direct", "batch")
+WRITER_ENV = "DICOM_ASSETS_DATALAD_WRITER"
+# what `datalad create` writes into a new dataset (DataLad 1.x)
+DATASET_GITATTRIBUTES = "* annex.backend=MD5E\n**/.git* annex.largefiles=nothing\n"
+DATALAD_GITATTRIBUTES = "config annex.largefiles=nothing\n"
+# what `git annex init` installs (git-annex 10)
+ANNEX_HOOKS = {
+    "pre-commit": "git annex pre-commit .",
+    "post-receive": "if git annex post-receive --help >/dev/null 2>&1; then git annex post-receive; fi",
+    "pre-push": "if git annex pre-push --help >/dev/null 2>&1; then git annex pre-push; fi",
+    "post-checkout": "git annex smudge --update",
+    "post-merge": "git annex smudge --update",
+}
+# with these, git checks files out and in without starting git-annex's filter (the files
+# written here are symlinks or small files kept in git, which the filter passes through)
+NO_FILTER = ("-c", "filter.annex.smudge=", "-c", "filter.annex.clean=", "-c", "filter.annex.process=")
 _UNSAFE_MEMBER = re.compile(r"[&#\n\r]")
 
 
@@ -203,8 +224,21 @@ def create_dataset(path: Path, env: dict[str, str], description: str, timings: d
     r.run("git", "config", "annex.security.allowed-url-schemes", "http https file")
 
 
-def _dataset_id(r: "_Runner") -> str:
-    return r.run("git", "config", "-f", str(r.path / ".datalad" / "config"), "datalad.dataset.id").strip()
+def _dataset_id(path: Path) -> str:
+    """``datalad.dataset.id`` from ``.datalad/config`` (written by `datalad create` or here)."""
+    section = None
+    try:
+        lines = (Path(path) / ".datalad" / "config").read_text().splitlines()
+    except OSError as e:
+        raise DataladError(f"{path}: not a DataLad dataset ({e})") from e
+    for line in lines:
+        line = line.strip()
+        m = re.fullmatch(r'\[\s*datalad\s+"dataset"\s*\]', line)
+        if line.startswith("["):
+            section = "dataset" if m else None
+        elif section and re.match(r"id\s*=", line):
+            return line.split("=", 1)[1].strip()
+    raise DataladError(f"{path}: .datalad/config has no datalad.dataset.id")
 
 
 def _read_source(path: Path) -> dict:
@@ -216,7 +250,7 @@ def _read_source(path: Path) -> dict:
 
 def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dict, dicoms_meta: list[dict],
                 store_dir: Path, store_base_url: str | None = None, deposit: bool = True,
-                superdataset: bool = False) -> IndexResult:
+                superdataset: bool = False, writer: str | None = None) -> IndexResult:
     """Create or update the DataLad dataset of one visit from its metadata JSON files.
 
     ``store_dir`` is the folder holding the tarball (the deposit is written there);
@@ -224,7 +258,15 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     ``file://`` URL). The DICOMs are never read: the metadata JSON is the source. With
     ``superdataset``, the dataset's parent folder (``datalad/<study>/``) is a DataLad dataset of
     all visits, each registered as a subdataset at its current version.
+
+    ``writer`` (default: ``$DICOM_ASSETS_DATALAD_WRITER``, else ``direct``): ``direct`` composes
+    git-annex's records and the deposit here and writes them with one ``git fast-import``;
+    ``batch`` is the reference path through DataLad and git-annex's batch commands. Both give
+    the same records (compared by the tests).
     """
+    writer = writer or os.environ.get(WRITER_ENV) or "direct"
+    if writer not in WRITERS:
+        raise DataladError(f"{WRITER_ENV}={writer!r}: expected one of {', '.join(WRITERS)}")
     env = tool_env()
     dataset_path = Path(dataset_path)
     members = members_from_metadata(dicoms_meta)
@@ -238,15 +280,20 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    message = f"Index {visit}: {len(members)} DICOMs in {tar_key}"
     if not (dataset_path / ".datalad" / "config").is_file():
         # built aside and renamed: a crash never leaves a half-made dataset in place
         staging = temp_sibling(dataset_path)
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
-            create_dataset(staging, env, f"dicom-assets index of {visit}", timings)
-            timings["create"] = time.perf_counter() - t0
-            _record(_Runner(staging, env, timings), members, tar_key, tar_url, source,
-                    message=f"Index {visit}: {len(members)} DICOMs in {tar_key}")
+            if writer == "direct":
+                setup = create_direct(staging, env, f"dicom-assets index of {visit}")
+                timings["create"] = time.perf_counter() - t0
+                _record_direct(staging, env, members, tar_key, tar_url, source, message=message, setup=setup)
+            else:
+                create_dataset(staging, env, f"dicom-assets index of {visit}", timings)
+                timings["create"] = time.perf_counter() - t0
+                _record(_Runner(staging, env, timings), members, tar_key, tar_url, source, message=message)
             if dataset_path.exists():
                 shutil.rmtree(dataset_path)
             staging.rename(dataset_path)
@@ -255,23 +302,39 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
         changed = True
     else:
         runner = _Runner(dataset_path, env, timings)
-        runner.run("git", "reset", "-q", "--hard", "HEAD")  # an interrupted update leaves staged changes
-        changed = _read_source(dataset_path) != source
-        if changed:
-            _record(runner, members, tar_key, tar_url, source,
-                    message=f"Re-index {visit}: {len(members)} DICOMs in {tar_key}", update=True)
+        message = f"Re-index {visit}: {len(members)} DICOMs in {tar_key}"
+        if writer == "direct":
+            # an interrupted update leaves the index behind HEAD: put it back (no filter needed)
+            runner.run("git", *NO_FILTER, "read-tree", "--reset", "-u", "HEAD")
+            changed = _read_source(dataset_path) != source
+            if changed:
+                _record_direct(dataset_path, env, members, tar_key, tar_url, source, message=message)
+        else:
+            runner.run("git", "reset", "-q", "--hard", "HEAD")  # an interrupted update leaves staged changes
+            changed = _read_source(dataset_path) != source
+            if changed:
+                _record(runner, members, tar_key, tar_url, source, message=message, update=True)
     timings["index"] = time.perf_counter() - t0
     runner = _Runner(dataset_path, env, timings)
     t1 = time.perf_counter()
-    deposited = _deposit(runner, store_dir, visit, local_base, force=changed) if deposit else []
+    if not deposit:
+        deposited = []
+    elif writer == "direct":
+        deposited = _deposit_direct(runner, store_dir, visit, force=changed)
+    else:
+        deposited = _deposit(runner, store_dir, visit, local_base, force=changed)
     timings["deposit"] = time.perf_counter() - t1
+    commit = runner.run("git", "rev-parse", "HEAD").strip()
+    dataset_id = _dataset_id(dataset_path)
     if superdataset:
         t2 = time.perf_counter()
-        register_in_superdataset(dataset_path, env, timings)
+        if writer == "direct":
+            register_direct(dataset_path, env, commit, dataset_id, timings)
+        else:
+            register_in_superdataset(dataset_path, env, timings)
         timings["superdataset"] = time.perf_counter() - t2
     return IndexResult(
-        path=dataset_path, dataset_id=_dataset_id(runner),
-        commit=runner.run("git", "rev-parse", "HEAD").strip(), changed=changed, files=len(members),
+        path=dataset_path, dataset_id=dataset_id, commit=commit, changed=changed, files=len(members),
         tarball_key=tar_key, tarball_url=tar_url, clone_url=clone_url, deposit=deposited,
         series=source["series"], timings=timings,
     )
@@ -303,6 +366,242 @@ def _record(r: _Runner, members: list[Member], tar_key: str, tar_url: str, sourc
     src.write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
     r.run("git", "-c", "annex.largefiles=nothing", "add", SOURCE_FILE)
     r.run("git", "commit", "-q", "-m", message)
+
+
+# --- the direct writer (core/annexwrite.py: formats and the documents they follow) -------------
+
+def _git(path: Path, env: dict, *args: str, input: bytes | None = None) -> bytes:
+    try:
+        return aw.run_git(path, env, *args, input=input)
+    except RuntimeError as e:
+        raise DataladError(str(e)) from None
+    except FileNotFoundError as e:
+        raise DataladError("git is not installed: DataLad datasets need git (Debian package git)") from e
+
+
+def _ident(path: Path, env: dict) -> str:
+    """``Name <email>`` of the committer git would use here (environment, then git config)."""
+    for line in _git(path, env, "var", "GIT_COMMITTER_IDENT").decode().splitlines():
+        return line.rsplit(" ", 2)[0]
+    raise DataladError(f"{path}: git has no committer identity")
+
+
+def _head_ref(path: Path) -> str:
+    head = (Path(path) / ".git" / "HEAD").read_text().strip()
+    if not head.startswith("ref: "):
+        raise DataladError(f"{path}: HEAD is detached ({head}); expected a branch")
+    return head[5:]
+
+
+def _init_direct(path: Path, env: dict, description: str, remotes: tuple[str, ...]) -> tuple[dict, dict]:
+    """``git init`` plus what ``git annex init`` and ``initremote`` leave in ``.git``: the
+    repository's uuid and version, the annex filter, hooks, the special remotes' sections.
+    Returns the git-annex branch's ``uuid.log`` and ``remote.log`` entries."""
+    _git(path.parent, env, "init", "-q", path.name)
+    here = str(uuid.uuid4())
+    uuids = {here: description}
+    remote_cfg: dict[str, dict] = {}
+    cfg = [f"[annex]\n\tuuid = {here}\n\tversion = 10\n",
+           '[filter "annex"]\n\tsmudge = git-annex smudge -- %f\n\tclean = git-annex smudge --clean -- %f\n'
+           "\tprocess = git-annex filter-process\n"]
+    for name in remotes:
+        u = str(uuid.uuid4())
+        uuids[u] = name
+        remote_cfg[u] = {"autoenable": "true", "encryption": "none", "externaltype": name, "name": name,
+                         "type": "external"}
+        cfg.append(f'[remote "{name}"]\n\tannex-externaltype = {name}\n\tannex-uuid = {u}\n'
+                   "\tannex-verified = verified\n\tskipFetchAll = true\n\tannex-cost = 200.0\n")
+    if remotes:
+        cfg.append('[annex "security"]\n\tallowed-url-schemes = http https file\n')
+    with open(path / ".git" / "config", "a") as fh:
+        fh.write("".join(cfg))
+    for hook, cmd in ANNEX_HOOKS.items():
+        h = path / ".git" / "hooks" / hook
+        h.parent.mkdir(parents=True, exist_ok=True)
+        h.write_text(f"#!/bin/sh\n# automatically configured by git-annex\n{cmd}\n")
+        h.chmod(0o755)
+    return uuids, remote_cfg
+
+
+def _new_dataset_files(dataset_id: str) -> dict[str, tuple[str, bytes]]:
+    return {".datalad/.gitattributes": ("100644", DATALAD_GITATTRIBUTES.encode()),
+            ".datalad/config": ("100644", f'[datalad "dataset"]\n\tid = {dataset_id}\n'.encode()),
+            ".gitattributes": ("100644", DATASET_GITATTRIBUTES.encode())}
+
+
+def _checkout(path: Path, env: dict, old: str | None = None) -> None:
+    """Index and work tree to HEAD (from ``old``: only what changed), the annex filter off."""
+    args = ["read-tree", "-m", "-u", old, "HEAD"] if old else ["read-tree", "--reset", "-u", "HEAD"]
+    _git(path, env, *NO_FILTER, *args)
+    attrs = path / ".git" / "info" / "attributes"
+    if not attrs.is_file():
+        attrs.parent.mkdir(parents=True, exist_ok=True)
+        attrs.write_text("* filter=annex\n")
+
+
+def create_direct(path: Path, env: dict[str, str], description: str) -> dict:
+    """A new dataset, as ``datalad create`` + the two ``initremote`` leave it, written directly:
+    its first commit (``[DATALAD] new dataset``) and the git-annex branch (``uuid.log``,
+    ``remote.log``) come with the records, in the one fast-import of :func:`_record_direct`."""
+    uuids, remotes = _init_direct(path, env, description, REMOTES)
+    return {"uuids": uuids, "remotes": remotes}
+
+
+def _annex_records(members: list[Member], tar_key: str, tar_url: str, remote_uuids: dict[str, str],
+                   old: dict[str, str], t: int) -> dict[str, str]:
+    """The git-annex branch files that change: {path: new content}. ``old`` holds the current
+    content of each key's logs (absent: none yet)."""
+    logs = dict(old)
+    changed: dict[str, str] = {}
+
+    def put(name: str, text: str | None) -> None:
+        if text is not None:
+            logs[name] = changed[name] = text
+
+    def key_logs(key: str, remote: str, url: str) -> str:
+        base = f"{aw.hashdir_lower(key)}/{key}.log"
+        put(base, aw.presence_log(logs.get(base, ""), remote_uuids[remote], t))
+        put(base + ".web", aw.presence_log(logs.get(base + ".web", ""), aw.url_info(url), t))
+        return base
+
+    key_logs(tar_key, "uncurl", tar_url)
+    for m in members:
+        base = key_logs(m.key, "archivist", archive_locator(tar_key, m))
+        put(base + ".met", aw.metadata_log(logs.get(base + ".met", ""), {k: [v] for k, v in m.tags.items()}, t))
+    return changed
+
+
+def annex_log_paths(members: list[Member], tar_key: str) -> list[str]:
+    out = []
+    for key in [tar_key] + [m.key for m in members]:
+        base = f"{aw.hashdir_lower(key)}/{key}.log"
+        out += [base, base + ".web"] + ([base + ".met"] if key != tar_key else [])
+    return out
+
+
+def _record_direct(path: Path, env: dict, members: list[Member], tar_key: str, tar_url: str, source: dict, *,
+                   message: str, setup: dict | None = None) -> None:
+    """The index commit and the git-annex records, one ``git fast-import``, then the work tree."""
+    t = int(time.time())
+    ident = _ident(path, env)
+    head = _head_ref(path)
+    src = (json.dumps(source, indent=2, sort_keys=True) + "\n").encode()
+    tree = {SOURCE_FILE: ("100644", src), source["tarball_path"]: ("120000", aw.annex_link(tar_key, source["tarball_path"]).encode())}
+    for m in members:
+        tree[m.path] = ("120000", aw.annex_link(m.key, m.path).encode())
+    commits = []
+    if setup is not None:  # a new dataset (create_direct)
+        uuids, remotes = setup["uuids"], setup["remotes"]
+        names = {cfg["name"]: u for u, cfg in remotes.items()}
+        annex = _annex_records(members, tar_key, tar_url, names, {}, t)
+        annex["uuid.log"] = aw.uuid_log(uuids, t)
+        annex["remote.log"] = aw.remote_log(remotes, t)
+        commits.append(aw.Commit("refs/heads/git-annex", "update",
+                                 {k: ("100644", v.encode()) for k, v in annex.items()}))
+        commits.append(aw.Commit(head, "[DATALAD] new dataset", _new_dataset_files(str(uuid.uuid4()))))
+        commits.append(aw.Commit(head, message, tree))
+        old_head = None
+    else:
+        old_head = _git(path, env, "rev-parse", "HEAD").decode().strip()
+        paths = annex_log_paths(members, tar_key)
+        got = aw.cat_files(path, env, ["git-annex:remote.log"] + [f"git-annex:{p}" for p in paths])
+        names = {}
+        for line in got.get("git-annex:remote.log", "").splitlines():
+            kv = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+            names[kv.get("name")] = line.split()[0]
+        missing = [r for r in REMOTES if r not in names]
+        if missing:
+            raise DataladError(f"{path}: the git-annex branch has no special remote {', '.join(missing)}")
+        old = {p: got[f"git-annex:{p}"] for p in paths if f"git-annex:{p}" in got}
+        annex = _annex_records(members, tar_key, tar_url, names, old, t)
+        if annex:
+            commits.append(aw.Commit("refs/heads/git-annex", "update",
+                                     {k: ("100644", v.encode()) for k, v in annex.items()},
+                                     parent="refs/heads/git-annex^0"))
+        # the previous tarball's files leave the tree; unchanged files keep their blobs
+        keep = (".datalad/", ".dicom_assets/", ".gitattributes")
+        gone = [p for p in _git(path, env, "ls-tree", "-r", "-z", "--name-only", "HEAD").decode().split("\0")
+                if p and not p.startswith(keep) and p not in tree]
+        tree.update({p: ("", None) for p in gone})
+        commits.append(aw.Commit(head, message, tree, parent=f"{head}^0"))
+    try:
+        aw.fast_import(path, env, aw.fast_import_stream(commits, ident, t))
+    except RuntimeError as e:
+        raise DataladError(f"writing the index of {path}: {e}") from None
+    _checkout(path, env, old_head)
+
+
+def _deposit_direct(r: _Runner, store_dir: Path, visit: str, force: bool) -> list[str]:
+    """The dataset in the store in datalad-annex's form (what its push writes), written here:
+    ``<visit>_XDLRA--repo-export`` (ZIP of a bare repository with the two branches, one pack),
+    then ``<visit>_XDLRA--refs`` (so the refs never name objects the ZIP lacks)."""
+    store_dir = Path(store_dir).absolute()
+    refs_file, repo_file = store_dir / f"{visit}_XDLRA--refs", store_dir / f"{visit}_XDLRA--repo-export"
+    files = [refs_file, repo_file]
+    if not force and all(f.is_file() for f in files):
+        return [str(f) for f in files]
+    head = _head_ref(r.path)
+    names = [head, "refs/heads/git-annex"]
+    shas = r.run("git", "rev-parse", *names).split()
+    refs = dict(zip(names, shas))
+    store_dir.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(store_dir / f"{visit}_XDLRA--pack")
+    tmp.mkdir()
+    try:
+        pack = _git(r.path, r.env, "pack-objects", "--revs", "-q", str(tmp / "pack"),
+                    input="".join(n + "\n" for n in names).encode()).decode().strip()
+        name = f"pack-{pack}"
+        zip_tmp = temp_sibling(repo_file)
+        try:
+            aw.write_repo_zip(zip_tmp, refs, head, (tmp / f"{name}.pack").read_bytes(),
+                              (tmp / f"{name}.idx").read_bytes(), name)
+            os.replace(zip_tmp, repo_file)
+        finally:
+            zip_tmp.unlink(missing_ok=True)
+        refs_tmp = temp_sibling(refs_file)
+        refs_tmp.write_text(aw.format_refs(refs, head))
+        os.replace(refs_tmp, refs_file)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(f) for f in files]
+
+
+def register_direct(dataset_path: Path, env: dict[str, str], commit: str, dataset_id: str, timings: dict) -> None:
+    """:func:`register_in_superdataset`, written directly: the gitlink and the ``.gitmodules``
+    entry ``datalad save`` records, in one fast-import commit (the superdataset itself made as
+    ``datalad create`` makes it, on first use)."""
+    sup = dataset_path.parent
+    name = dataset_path.name
+    with file_lock(sup.parent / f".{sup.name}.superdataset.lock"):
+        if not (sup / ".datalad" / "config").is_file():
+            uuids, _ = _init_direct(sup, env, f"dicom-assets: all visits of {sup.name}", ())
+            t = int(time.time())
+            aw.fast_import(sup, env, aw.fast_import_stream(
+                [aw.Commit("refs/heads/git-annex", "update", {"uuid.log": ("100644", aw.uuid_log(uuids, t).encode())}),
+                 aw.Commit(_head_ref(sup), "[DATALAD] new dataset", _new_dataset_files(str(uuid.uuid4())))],
+                _ident(sup, env), t))
+            _checkout(sup, env)
+        got = aw.cat_files(sup, env, [f"HEAD:{name}", "HEAD:.gitmodules"])
+        recorded = _git(sup, env, "ls-tree", "HEAD", "--", name).decode().split()
+        modules = got.get("HEAD:.gitmodules", "")
+        entry = (f'[submodule "{name}"]\n\tpath = {name}\n\turl = ./{name}\n\tdatalad-id = {dataset_id}\n')
+        if recorded[:1] == ["160000"] and recorded[2] == commit and entry in modules:
+            return
+        if entry not in modules:
+            # drop a previous entry of the same name (another dataset id), keep the others
+            blocks = re.split(r"(?m)^(?=\[)", modules)
+            modules = "".join(b for b in blocks if not b.startswith(f'[submodule "{name}"]')) + entry
+        old = _git(sup, env, "rev-parse", "HEAD").decode().strip()
+        t = int(time.time())
+        aw.fast_import(sup, env, aw.fast_import_stream(
+            [aw.Commit(_head_ref(sup), f"Record {name}",
+                       {".gitmodules": ("100644", modules.encode()), name: ("160000", commit.encode())},
+                       parent=old)],
+            _ident(sup, env), t))
+        _checkout(sup, env, old)
+        with open(sup / ".git" / "config", "a") as fh:
+            if f'[submodule "{name}"]' not in (sup / ".git" / "config").read_text():
+                fh.write(f'[submodule "{name}"]\n\tactive = true\n\turl = ./{name}\n')
 
 
 def register_in_superdataset(dataset_path: Path, env: dict[str, str], timings: dict) -> None:
@@ -349,7 +648,7 @@ def catalog_entry(dataset_path: Path) -> dict:
         raise DataladError(f"{dataset_path}: not a dataset made by dicom-assets (no {SOURCE_FILE})")
     r = _Runner(dataset_path, tool_env(), {})
     version, updated = r.run("git", "log", "-1", "--format=%H %cI").split()
-    return {**source, "dataset_id": _dataset_id(r), "version": version, "updated": updated}
+    return {**source, "dataset_id": _dataset_id(dataset_path), "version": version, "updated": updated}
 
 
 def _series(members: list[Member]) -> list[dict]:
