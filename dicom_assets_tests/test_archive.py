@@ -237,3 +237,127 @@ def test_metadata_describes_exactly_the_tarball(visit_dir, tmp_path):
     assert tj.read_text() == json.dumps(t, indent=2, sort_keys=True) + "\n"
     import pandas as pd
     assert len(pd.read_json(dj)) == 5  # readable by pandas
+
+
+# ----------------------------------------------------------------- hostile input (issue 13)
+def _dated(samples, tmp_path, dates):
+    org = tmp_path / "org"
+    org.mkdir()
+    src = sorted((samples.xnat_case001 / "scans").glob("5_*/DICOM/*.dcm"))[0]
+    for i, (da, tm) in enumerate(dates):
+        (org / f"1.2.3.{i}.dcm").write_bytes(rewrite_dicom(
+            src, patient_id="P", patient_name="P", study_uid="1.2.3", series_uid="1.2.3.1", sop_uid=f"1.2.3.{i}",
+            series_number=1, series_description="T1", instance_number=i, study_date=da, study_time=tm))
+    return org
+
+
+@pytest.mark.faults
+def test_dates_outside_the_tar_range_are_clamped_reproducibly(samples, tmp_path):
+    """A StudyDate past 2242 overflows ustar's 12-byte mtime (was: a raw ValueError); before
+    1970 it would be negative. Both are clamped, the tarball stays reproducible and readable."""
+    org = _dated(samples, tmp_path, [("99991231", "235959"), ("18500101", "000000"), ("2024\u00b2304", "1\u00b3"),
+                                     ("20240304", "101010")])
+    a = write_tarball(organized_files(org), tmp_path / "a.tar", "V")
+    b = write_tarball(organized_files(org), tmp_path / "b.tar", "V")
+    assert a.sha256 == b.sha256
+    with tarfile.open(a.path) as tf:
+        times = {Path(m.name).name: m.mtime for m in tf.getmembers()}
+    max_mtime = 8**11 - 1  # tarball.MAX_MTIME: 2242-03-16T12:56:31Z
+    assert times["1.2.3.0.dcm"] == max_mtime
+    assert times["1.2.3.1.dcm"] == 0
+    assert times["1.2.3.2.dcm"] == times["V"] == max_mtime  # not a date ("²" is no digit): the latest time
+    assert times["1.2.3.3.dcm"] == parse_da_tm("20240304", "101010")
+    meta = describe_tarball(Path(a.path), visit="V", study="S", participant="P", session="s", tool_version="1")
+    assert meta.tarball["content_time"] == "2242-03-16T12:56:31Z"
+
+
+@pytest.mark.faults
+def test_broken_link_in_the_organized_folder_fails_naming_it(visit_dir, tmp_path):
+    """A link whose raw file vanished was skipped by organized_files, so the tarball silently
+    missed a member while a count from the same listing agreed."""
+    from dicom_assets.core.errors import DicomAssetsError
+
+    victim = sorted(visit_dir.iterdir())[2]
+    (visit_dir / os.readlink(victim)).unlink()  # the raw file behind the link is gone
+    with pytest.raises(DicomAssetsError, match=f"{victim.name}: a broken link"):
+        organized_files(visit_dir)
+    assert not (tmp_path / "v.tar").exists()
+
+
+@pytest.mark.faults
+def test_organized_folder_is_checked_against_an_independent_list(visit_dir):
+    from dicom_assets.core.errors import OrganizedFolderError
+
+    names = sorted(p.name for p in visit_dir.iterdir())
+    assert [n for _, n in organized_files(visit_dir, expected=names)] == names
+    (visit_dir / names[0]).unlink()  # a kept file removed from the folder, no broken link left
+    with pytest.raises(OrganizedFolderError, match=f"1 kept file.s. missing .first '{names[0]}'"):
+        organized_files(visit_dir, expected=names)
+    (visit_dir / "sub").mkdir()
+    with pytest.raises(OrganizedFolderError, match="sub: a folder"):
+        organized_files(visit_dir, expected=names)
+
+
+@pytest.mark.faults
+def test_member_vanishing_while_archived_is_a_named_error(visit_dir, tmp_path, monkeypatch):
+    from dicom_assets.core import tarball as tarball_mod
+    from dicom_assets.core.errors import DicomAssetsError
+
+    dest = tmp_path / "store" / "V_dicom.tar"
+    first = write_tarball(organized_files(visit_dir), dest, "V")
+    files = organized_files(visit_dir)
+    real = tarball_mod.scan_members
+
+    def then_vanish(fs):
+        members = real(fs)
+        os.unlink(visit_dir / os.readlink(fs[1][0]))
+        return members
+
+    monkeypatch.setattr(tarball_mod, "scan_members", then_vanish)
+    with pytest.raises(DicomAssetsError, match=f"{files[1][1]}: the organized file is a broken link or vanished"):
+        write_tarball(files, dest, "V")
+    assert sha(dest) == first.sha256
+
+
+def test_deflated_dicom_is_archived_and_described(samples, tmp_path):
+    org = tmp_path / "org"
+    org.mkdir()
+    src = samples.pydicom_files / "image_dfl.dcm"
+    ds = pydicom.dcmread(src)
+    os.symlink(src, org / f"{ds.SOPInstanceUID}.dcm")
+    res = write_tarball(organized_files(org), tmp_path / "v.tar", "V")
+    meta = describe_tarball(Path(res.path), visit="V", study="S", participant="P", session="s", tool_version="1")
+    (rec,) = meta.dicoms
+    assert rec["SOPInstanceUID"] == ds.SOPInstanceUID and rec["Modality"] == ds.Modality
+
+
+@pytest.mark.faults
+def test_chain_fails_on_a_broken_link_and_counts_from_the_report(instance, demo_root):
+    """At the asset level: the tarball step fails naming the broken link (was: a tarball one
+    member short and a count check that passed, both from the same folder listing)."""
+    from dicom_assets.core.ids import Visit
+    from dicom_assets.core.layout import DatasetLayout
+
+    from .helpers import AssetSelection, checks_of, run_chain
+
+    visit = "QPN002_ses-01"
+    lay, v = DatasetLayout(demo_root), Visit("QPN002", "ses-01")
+    assert run_chain(instance, demo_root, visit).success
+    tar_before = sha(lay.tarball_path("QPN", v))
+    link = sorted(lay.dicom_dir(v).iterdir())[3]
+    link.resolve().unlink()  # the scratch copy behind one organized link is gone
+    result = run_chain(instance, demo_root, visit, selection=AssetSelection.assets("visit_tarball"),
+                       raise_on_error=False)
+    assert not result.success
+    failure = next(ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE")
+    assert f"{link.name}: a broken link" in failure.event_specific_data.error.message
+    assert sha(lay.tarball_path("QPN", v)) == tar_before  # the previous tarball is intact
+    # a link removed outright (no broken link left): the report still knows it was kept
+    link.unlink()
+    result = run_chain(instance, demo_root, visit, selection=AssetSelection.assets("visit_tarball"),
+                       raise_on_error=False)
+    failure = next(ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE")
+    assert f"1 kept file(s) missing (first '{link.name}')" in failure.event_specific_data.error.message
+    # describing the previous tarball: the count check compares with the report, which agrees
+    result = run_chain(instance, demo_root, visit, selection=AssetSelection.assets("visit_metadata"))
+    assert checks_of(result)["dicom_count_matches"] is True

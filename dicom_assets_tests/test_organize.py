@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicom_assets.core.demo import preambleless, rewrite_dicom
@@ -214,3 +215,129 @@ def test_fast_and_pydicom_readers_classify_alike(samples, tmp_path):
         assert a == b, p
         fast_used += a["reason"] == "kept"
     assert fast_used > 300
+
+
+# ----------------------------------------------------------------- hostile input (issue 13)
+def _flip(data: bytes, at: int, value: int | None = None) -> bytes:
+    b = bytearray(data)
+    b[at] = b[at] ^ 0xFF if value is None else value
+    return bytes(b)
+
+
+@pytest.mark.faults
+def test_one_corrupt_header_never_stops_the_visit(samples, t1_sources, tmp_path):
+    """Whatever a damaged header makes the reader raise (zlib.error from a damaged deflated
+    file, pydicom's BytesLengthException, NotImplementedError for a nonsense VR) excludes
+    that file as unreadable; the other files of the visit are kept."""
+    raw, out = tmp_path / "raw", tmp_path / "dicom" / "P1"
+    pf = samples.pydicom_files
+    for i, src in enumerate(t1_sources[:3], 1):
+        write(raw, f"s/IM{i}", rewrite_dicom(src, **ident(i)))
+    write(raw, "bad/deflate_damaged", _flip((pf / "image_dfl.dcm").read_bytes(), 319))  # zlib.error
+    write(raw, "bad/bytes_length", _flip((pf / "MR_small.dcm").read_bytes(), 136, 0))  # BytesLengthException
+    write(raw, "bad/unknown_vr", _flip((pf / "MR_small.dcm").read_bytes(), 163, 0))  # NotImplementedError
+    before = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    result = organize_visit("P1_ses-01", raw, out, RULES, report_path=tmp_path / "report.tsv")
+    r = by_source(result)
+    for bad in ("bad/deflate_damaged", "bad/bytes_length", "bad/unknown_vr"):
+        assert r[bad].reason == "unreadable" and r[bad].detail, bad
+    assert "deflated data set is corrupt" in r["bad/deflate_damaged"].detail
+    assert [rec.source for rec in result.kept] == ["s/IM1", "s/IM2", "s/IM3"]
+    assert sorted(os.listdir(out)) == sorted(rec.dest for rec in result.kept)
+    assert {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before  # raw input untouched
+
+
+def test_deflated_images_are_kept_by_both_readers(samples, tmp_path):
+    """The deflated transfer syntax compresses the data set: the pixel data element is found
+    in the inflated data, not looked up in the compressed stream (was: no_pixel_data)."""
+    from dicom_assets.core.dicomscan import read_record
+
+    src = samples.pydicom_files / "image_dfl.dcm"
+    for force in (False, True):
+        rec = read_record(src, "image_dfl.dcm", force_pydicom=force)
+        assert (rec.reason, rec.sop_instance_uid) == ("kept", pydicom.dcmread(src).SOPInstanceUID), force
+    data = src.read_bytes()
+    cut = write(tmp_path, "cut.dcm", data[: len(data) - 40])  # the deflate stream ends early
+    for force in (False, True):
+        rec = read_record(cut, "cut.dcm", force_pydicom=force)
+        assert rec.reason == "unreadable" and "cut short" in rec.detail, force
+
+
+@pytest.mark.faults
+def test_overlong_sop_uid_gets_a_short_unique_stable_name(t1_sources, tmp_path):
+    """A 300-character SOPInstanceUID (was: 'File name too long', the whole organize failed)."""
+    from dicom_assets.core.organize import dest_name
+
+    raw, out = tmp_path / "raw", tmp_path / "dicom" / "P1"
+    long_a = "1.2.3." + "4" * 300
+    long_b = "1.2.3." + "4" * 299 + "5"  # same first 100 characters
+    write(raw, "s/IM1", rewrite_dicom(t1_sources[0], **ident(1, sop=long_a)))
+    write(raw, "s/IM2", rewrite_dicom(t1_sources[1], **ident(2, sop=long_b)))
+    write(raw, "s/IM3", rewrite_dicom(t1_sources[2], **ident(3)))
+    result = organize_visit("P1_ses-01", raw, out, RULES)
+    assert len(result.kept) == 3
+    names = sorted(os.listdir(out))
+    assert len(set(names)) == 3 and all(len(n) <= 100 for n in names)  # organize.MAX_NAME
+    assert {r.dest for r in result.kept} == set(names)
+    assert dest_name(long_a) == dest_name(long_a) != dest_name(long_b)  # deterministic, distinct
+    assert dest_name(long_a).startswith("1.2.3.444")
+    assert dest_name("1.2.3.4") == "1.2.3.4.dcm"  # ordinary UIDs keep their plain name
+    odd = "1.2.3 x/" + "9" * 200
+    assert len(dest_name(odd)) <= 100 and "/" not in dest_name(odd)
+
+
+@pytest.mark.faults
+def test_non_utf8_file_name_is_reported_not_fatal(t1_sources, tmp_path):
+    """A raw file named with bytes that are not UTF-8 (was: UnicodeEncodeError in the report
+    writer, after dicom/ had been replaced)."""
+    raw, out, report = tmp_path / "raw", tmp_path / "dicom" / "P1", tmp_path / "report.tsv"
+    write(raw, "s/IM1", rewrite_dicom(t1_sources[0], **ident(1)))
+    odd = os.fsencode(raw / "s") + b"/IM\xff\xfe2"
+    with open(odd, "wb") as fh:
+        fh.write(rewrite_dicom(t1_sources[1], **ident(2)))
+    with open(os.fsencode(raw / "s") + b"/notes\xe9.txt", "wb") as fh:
+        fh.write(b"not a dicom" * 20)
+    result = organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
+    assert len(result.kept) == 2 and len(result.records) == 3
+    text = report.read_bytes().decode("utf-8")  # valid UTF-8 whatever the names on disk
+    assert "s/IM\\xff\\xfe2\tkept" in text and "s/notes\\xe9.txt\texcluded\tnot_dicom" in text
+    assert len(text.splitlines()) == 1 + 3
+
+
+@pytest.mark.faults
+def test_report_failure_leaves_the_previous_output_intact(t1_sources, tmp_path, monkeypatch):
+    """The report is written before dicom/ is swapped: a report that cannot be written (disk
+    full) leaves the previous organized folder and report as they were (was: dicom/ replaced
+    first, then the report write failed)."""
+    import csv
+    import errno
+
+    from dicom_assets.core import organize as organize_mod
+
+    raw, out, report = tmp_path / "raw", tmp_path / "dicom" / "P1", tmp_path / "logs" / "report.tsv"
+    write(raw, "s/IM1", rewrite_dicom(t1_sources[0], **ident(1)))
+    organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
+    listing, old_report = sorted(os.listdir(out)), report.read_bytes()
+    write(raw, "s/IM2", rewrite_dicom(t1_sources[1], **ident(2)))  # a new delivery ...
+
+    real_writer = csv.writer
+
+    class FullDisk:
+        def __init__(self, fh, **kw):
+            self.w = real_writer(fh, **kw)
+
+        def writerow(self, row):
+            if row[0] == "s/IM2":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.w.writerow(row)
+
+    monkeypatch.setattr(organize_mod.csv, "writer", FullDisk)
+    with pytest.raises(OSError, match="No space left"):  # ... whose report cannot be written
+        organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == listing  # the previous good output is intact
+    assert report.read_bytes() == old_report
+    assert sorted(p.name for p in out.parent.iterdir()) == ["P1"]  # no staging left behind
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report.tsv"]  # no temporary report either
+    organize_visit("P1_ses-01", raw, out, RULES, report_path=report)  # space back: the new output
+    assert len(os.listdir(out)) == 2 and report.read_text().count("\tkept\t") == 2
