@@ -4,8 +4,11 @@ nothing outside the target is written, downloads are never changed."""
 import hashlib
 import io
 import os
+import pickle
+import shutil
 import struct
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -173,7 +176,7 @@ def test_failed_extraction_keeps_previous_folder(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["P1"]
 
 
-def test_folder_items_are_linked_not_moved(tmp_path):
+def test_folder_items_are_copied_not_moved(tmp_path):
     src = tmp_path / "dl" / "P1_MR"
     (src / "s1").mkdir(parents=True)
     (src / "s1" / "IM1").write_bytes(b"abc")
@@ -200,3 +203,231 @@ def test_rerun_replaces_atomically(tmp_path):
     run(z, "zip", target)
     assert not (target / "P1" / "stale").exists()
     assert (target / "P1" / "IM1").read_bytes() == b"1"
+
+
+# --------------------------------------------------------------------------- issue 13: hostile input
+# Real sample DICOMs as members (no invented headers); small ones so cuts land in every place.
+REAL = ("rtplan.dcm", "SC_rgb_rle.dcm", "rtstruct.dcm")
+
+
+def real_members(samples) -> dict[str, bytes]:
+    return {f"s{i}/{name}": (samples.pydicom_files / name).read_bytes() for i, name in enumerate(REAL)}
+
+
+def real_tar(path: Path, samples, fmt=tarfile.USTAR_FORMAT) -> tuple[Path, list[int]]:
+    """A tar of the real members; returns it and each member's end offset (header + padded data)."""
+    ends = []
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in real_members(samples).items():
+            add_file(tf, name, data)
+            ends.append(tf.offset)
+    return path, ends
+
+
+def extracted(target: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+
+
+def test_tar_xz_is_extracted(tmp_path, samples):
+    t, _ = real_tar(tmp_path / "full.tar", samples)
+    xz = tmp_path / "P1.tar.xz"
+    import lzma
+    xz.write_bytes(lzma.compress(t.read_bytes()))
+    run(xz, "tar.xz", tmp_path / "raw" / "P1")
+    assert extracted(tmp_path / "raw" / "P1" / "P1") == real_members(samples)
+
+
+@pytest.mark.parametrize("cut", ["member-boundary", "inside-next-header", "damaged-next-header",
+                                 "gzip-of-cut-tar", "gzip-trailer-cut"])
+def test_truncated_tar_is_not_taken_for_complete(tmp_path, samples, cut):
+    """tarfile takes a cut or damaged header after the first for the end of the archive: the
+    files before it extracted 'successfully'. The end-of-archive marker is required."""
+    import gzip
+    full, ends = real_tar(tmp_path / "full.tar", samples)
+    data = full.read_bytes()
+    if cut == "member-boundary":
+        bad, kind = data[: ends[0]], "tar"
+    elif cut == "inside-next-header":
+        bad, kind = data[: ends[0] + 300], "tar"
+    elif cut == "damaged-next-header":
+        b = bytearray(data)
+        b[ends[0] + 10] ^= 0x20  # one bit of the second member's name: its checksum no longer matches
+        bad, kind = bytes(b), "tar"
+    elif cut == "gzip-of-cut-tar":
+        bad, kind = gzip.compress(data[: ends[1]]), "tar.gz"
+    else:
+        bad, kind = gzip.compress(data)[:-4], "tar.gz"  # the gzip length field is missing
+    item = tmp_path / ("P1." + kind)
+    item.write_bytes(bad)
+    assert_refused(tmp_path, item, kind, r"P1\.tar(\.gz)?: .*(cut|damaged|incomplete)")
+
+
+def test_vanished_folder_keeps_the_previous_extraction(tmp_path, samples):
+    src = tmp_path / "dl" / "P1_MR"
+    src.mkdir(parents=True)
+    for name, data in real_members(samples).items():
+        (src / name).parent.mkdir(exist_ok=True)
+        (src / name).write_bytes(data)
+    target = tmp_path / "raw" / "P1"
+    run(src, "folder", target)
+    good = extracted(target)
+    shutil.rmtree(src)  # the dump is deleted (or its disk unmounted) after a good extraction
+    with pytest.raises(UnsafeArchiveError, match="P1_MR: the download folder vanished"):
+        run(src, "folder", target)
+    assert extracted(target) == good and len(good) == 3
+
+
+def test_vanished_zip_is_named(tmp_path):
+    with pytest.raises(UnsafeArchiveError, match="P1.zip: the download vanished"):
+        run(tmp_path / "P1.zip", "zip", tmp_path / "raw" / "P1")
+    assert not (tmp_path / "raw" / "P1").exists()
+
+
+def as_nobody(fn):
+    """fn() in a forked child running as uid/gid 65534 (nobody), so that file permissions are
+    enforced (the tests run as root, who reads everything). ("ok", value) or ("error", type, message)."""
+    if os.geteuid() != 0:
+        try:
+            return ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return ("error", type(exc).__name__, str(exc))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop root, run, report through the pipe, never return into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                res = ("ok", fn())
+            except Exception as exc:  # noqa: BLE001
+                res = ("error", type(exc).__name__, str(exc))
+            os.write(w, pickle.dumps(res))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, "the unprivileged child failed"
+    return pickle.loads(data)
+
+
+@pytest.fixture
+def nobody_dir():
+    """A folder the unprivileged user owns (pytest's tmp_path is root's, mode 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="dicom_assets_nobody_"))
+    os.chmod(d, 0o755)
+    yield d
+    for p in [d, *d.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            os.chmod(p, 0o755)
+    shutil.rmtree(d)
+
+
+def test_unlistable_subfolder_fails_instead_of_missing_files(nobody_dir, samples):
+    src = nobody_dir / "dl" / "P1_MR"
+    for name, data in real_members(samples).items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+    for p in [nobody_dir / "dl", *(nobody_dir / "dl").rglob("*")]:
+        os.chown(p, 65534, 65534)
+    before = sha(src)
+    os.chmod(src / "s1", 0o000)  # a sub-folder its reader may not list
+    target = nobody_dir / "raw" / "P1"
+    (nobody_dir / "raw").mkdir()
+    os.chown(nobody_dir / "raw", 65534, 65534)
+    res = as_nobody(lambda: run(src, "folder", target).files)
+    assert res[:2] == ("error", "UnsafeArchiveError"), res
+    assert "P1_MR: folder 's1' of the download cannot be listed (Permission denied)" in res[2]
+    assert not target.exists()
+    os.chmod(src / "s1", 0o755)
+    assert sha(src) == before
+
+
+def _set_zip_field(path: Path, local_off: int, central_off: int, fmt: str, value: int) -> None:
+    """Rewrite one field of the (only) member, in its local header and in the central directory."""
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, data.find(b"PK\x03\x04") + local_off, value)
+    struct.pack_into(fmt, data, data.rfind(b"PK\x01\x02") + central_off, value)
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_deflate(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = data.find(b"PK\x03\x04")
+    name_len, extra_len = struct.unpack_from("<HH", data, start + 26)
+    data[start + 30 + name_len + extra_len + 1] ^= 0xFF  # the deflate block header
+    path.write_bytes(bytes(data))
+
+
+def _tar_link_named_like_file(tf):
+    add_file(tf, "s1/IM1", b"one")
+    add_file(tf, "s1/IM2", b"two")
+    add_link(tf, "s1/IM2", "IM1")
+
+
+def _tar_file_under_file(tf):
+    add_file(tf, "s1", b"a file")
+    add_file(tf, "s1/IM1", b"under it")
+
+
+@pytest.mark.parametrize("case", ["zip-encrypted", "zip-deflate64", "zip-file-and-folder", "zip-corrupt-deflate",
+                                  "tar-link-named-like-file", "tar-file-under-file"])
+def test_hostile_archive_gives_a_named_error_not_a_traceback(tmp_path, samples, case):
+    dcm = (samples.pydicom_files / "rtplan.dcm").read_bytes()
+    if case.startswith("zip"):
+        item, kind = tmp_path / "P1.zip", "zip"
+        members = {"a": dcm, "a/": b""} if case == "zip-file-and-folder" else {"IM1": dcm}
+        make_zip(item, members)
+        if case == "zip-encrypted":
+            _set_zip_field(item, 6, 8, "<H", 0x1)  # general purpose flag bit 0: encrypted
+            match = "member 'IM1' is encrypted"
+        elif case == "zip-deflate64":
+            _set_zip_field(item, 8, 10, "<H", 9)  # compression method 9: Deflate64 (7-Zip, Windows)
+            match = r"member 'IM1' uses zip compression method 9 \(Deflate64\)"
+        elif case == "zip-file-and-folder":
+            match = "member 'a/' is a folder with the name of a file"
+        else:
+            _corrupt_deflate(item)
+            match = "member 'IM1' cannot be read .*is the download complete"
+    else:
+        item, kind = tmp_path / "P1.tar", "tar"
+        build = _tar_link_named_like_file if case == "tar-link-named-like-file" else _tar_file_under_file
+        make_tar(item, build)
+        match = ("member 's1/IM2' is a link with the name of a file" if case == "tar-link-named-like-file"
+                 else "member 's1/IM1' lies under 's1', which is a file")
+    assert_refused(tmp_path, item, kind, f"^P1\\.{kind}: {match}")
+
+
+def test_folder_link_loops_are_reported_not_a_traceback(tmp_path, samples):
+    src = tmp_path / "dl" / "P1_MR"
+    (src / "s1").mkdir(parents=True)
+    (src / "s1" / "IM1").write_bytes((samples.pydicom_files / "rtplan.dcm").read_bytes())
+    os.symlink("loop", src / "s1" / "loop")  # a link to itself
+    os.symlink("..", src / "s1" / "up")  # a folder link back to the dump's top
+    os.symlink("gone", src / "s1" / "broken")
+    before = sha(src)
+    rep = run(src, "folder", tmp_path / "raw" / "P1")
+    assert rep.files == 1 and sorted(rep.skipped) == [
+        "P1_MR: s1/broken: link to nothing (a broken link or a link loop)",
+        "P1_MR: s1/loop: link to nothing (a broken link or a link loop)",
+        "P1_MR: s1/up: folder link to '.', whose files are extracted where they lie",
+    ]
+    assert sha(src) == before
+
+
+def test_folder_dump_is_copied_not_hard_linked(tmp_path, samples):
+    src = tmp_path / "dl" / "P1_MR"
+    src.mkdir(parents=True)
+    data = (samples.pydicom_files / "rtplan.dcm").read_bytes()
+    (src / "IM1").write_bytes(data)
+    run(src, "folder", tmp_path / "raw" / "P1")
+    copy = tmp_path / "raw" / "P1" / "P1_MR" / "IM1"
+    with open(copy, "r+b") as fh:  # an in-place edit in scratch/ (a de-identification tool, say)
+        fh.write(b"EDITED")
+    assert (src / "IM1").read_bytes() == data, "the edit in scratch/ changed the download"
+    assert os.stat(src / "IM1").st_nlink == 1

@@ -132,3 +132,52 @@ def test_item_names_match_participants_at_a_boundary(name, expected):
     from dicom_assets.core.downloads import match_participant
 
     assert match_participant(name, {"QPN001", "QPN0010", "QPN002"}) == expected
+
+
+# ------------------------------------------------ issue 13: every download not taken has its reason
+@pytest.mark.faults
+def test_every_download_not_taken_is_reported_with_its_reason(tmp_path):
+    from dicom_assets.core.downloads import scan_downloads
+
+    ses = tmp_path / "ses-01"
+    ses.mkdir()
+    for name in ("QPN_001.7z", "QPN_002.rar", "QPN_003.tar.zst", "QPN_001_ses-02.zip", "notes.txt"):
+        (ses / name).write_bytes(b"x")
+    (tmp_path / "elsewhere" / "s1").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere", ses / "QPN_004")  # a dump folder that is a link
+    (ses / "QPN_005.tar.xz").write_bytes(b"x")
+    (ses / ".hidden").write_bytes(b"x")
+    (ses / "QPN_005.tar.xz.done").touch()
+    scanned = {s.item.name: s for s in scan_downloads(tmp_path, ("ses-01",), {f"QPN00{i}" for i in range(1, 6)})}
+    assert scanned["QPN_005.tar.xz"].visit.key == "QPN005_ses-01" and scanned["QPN_005.tar.xz"].item.kind == "tar.xz"
+    reasons = {n: s.problem for n, s in scanned.items() if s.visit is None}
+    assert reasons == {
+        "QPN_001.7z": "'ses-01/QPN_001.7z' is a 7-Zip archive, which cannot be extracted here; unpack it into a "
+                      "folder beside it, or re-pack it as .zip, .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz/.txz",
+        "QPN_002.rar": "'ses-01/QPN_002.rar' is a RAR archive, which cannot be extracted here; unpack it into a "
+                       "folder beside it, or re-pack it as .zip, .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz/.txz",
+        "QPN_003.tar.zst": "'ses-01/QPN_003.tar.zst' is a Zstandard-compressed tar, which cannot be extracted here; "
+                           "unpack it into a folder beside it, or re-pack it as .zip, .tar, .tar.gz/.tgz, .tar.bz2, "
+                           ".tar.xz/.txz",
+        "QPN_001_ses-02.zip": "'ses-01/QPN_001_ses-02.zip' is named for session ses-02 but lies in ses-01/; move it "
+                              "to downloads/ses-02/ (or map it in tabular/dicom_dir_map.tsv)",
+        "notes.txt": "'ses-01/notes.txt' is not a download item (expected .zip, .tar, .tar.gz/.tgz, .tar.bz2, "
+                     ".tar.xz/.txz or a folder)",
+        "QPN_004": "'ses-01/QPN_004' is a symbolic link; links are not followed (move or copy the dump itself into "
+                   "the downloads folder)",
+    }
+
+
+@pytest.mark.faults
+def test_sensor_skip_reason_names_downloads_it_cannot_take(instance, demo_root):
+    t = downloads_ticker(instance, demo_root)
+    t.tick(), t.tick()
+    ses = demo_root / "downloads" / "ses-01"
+    shutil.copy(ses / "QPN_001_MR.zip", ses / "QPN_004_MR.7z")
+    os.symlink(demo_root / "downloads" / "ses-02", ses / "QPN_004")
+    os.symlink("loop", ses / "QPN_004_loop")  # a link loop must not crash the tick
+    r1, r2 = t.tick(), t.tick()
+    assert not requests(r1) and not requests(r2)
+    text = skip_text(r2)
+    assert "3 download(s) not taken: 'ses-01/QPN_004' is a symbolic link" in text and "and 2 more" in text
+    assert "QPN004_ses-01" not in instance.get_dynamic_partitions("visits")

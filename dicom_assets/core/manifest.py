@@ -60,6 +60,9 @@ def _read_rows(path: Path) -> tuple[list[str], list[int], list[list[str]]]:
         line = data[: exc.start].count(b"\n") + 1
         raise ManifestError(f"{path}: line {line}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                             "save the manifest as UTF-8 CSV") from None
+    if "\x00" in text:
+        raise ManifestError(f"{path}: line {text[: text.index(chr(0))].count(chr(10)) + 1}: a NUL byte; "
+                            "is this a CSV text file?")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     lines: list[int] = []
