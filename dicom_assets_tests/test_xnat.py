@@ -9,7 +9,7 @@ import pytest
 from dagster import EnvVar
 
 from dicom_assets.defs.publish import XnatResource
-from dicom_assets.testing.xnat_server import Project, XnatTestServer
+from dicom_assets.testing.xnat_server import XnatTestServer
 
 from .helpers import AssetSelection, checks_of, metadata_of, run_chain
 
@@ -199,7 +199,7 @@ def test_classic_tree_upload_cli(samples, server, password, tmp_path, monkeypatc
     (tree / "Case001" / "Case001_MR1" / "notes.txt").write_text("not a DICOM, never sent")
     excl = tmp_path / "exclusions.json"
     excl.write_text(json.dumps({"Exclude": ["LOCALIZER"]}))
-    server.projects["MIGR"] = Project("MIGR", "MIGR")  # an existing project of the site
+    server.add_project("MIGR", owner=USER)  # an existing project of the site
     monkeypatch.setenv("XNAT_USER", USER)
     monkeypatch.setenv("XNAT_PASSWORD", password)
     code = main(["xnat-upload", str(tree), "--project", "MIGR", "--config", str(excl), "--server", server.url])

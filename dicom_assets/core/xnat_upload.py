@@ -1,12 +1,26 @@
 """Upload a visit to XNAT through xnatpy: the pure part (what to send, how to zip it, how
 to tell a duplicate) and the client calls. No Dagster here.
 
-* only kept DICOMs are sent, minus series matching the exclusion substrings (series
-  description), from a single PatientID/StudyInstanceUID (organize's check guards that);
-* the zip is streamed to a temporary file, never held in memory;
-* duplicate-safe: a session that already holds exactly these SOPInstanceUIDs (same file
-  count) is "already archived" and nothing is sent; a session with other content follows the
-  policy (`skip`, `append`, `fail`);
+What a real XNAT (1.8/1.9, ``NrgXnat/xnat-web``) does with an upload, and how this client
+copes (docs/decisions.md, "Uploads to a real XNAT"):
+
+* the zip goes to the import service with ``dest=/archive`` (no ``Direct-Archive``: with a
+  ``dest`` XNAT cannot archive a direct-archive session); XNAT stages it in the prearchive and
+  archives it within the request;
+* subject and session labels are cleaned the way XNAT cleans them (``cleanValue``) before
+  they are sent, so the session is found where XNAT files it; the mapping is reported;
+* a session is looked up at project level (labels are unique per project) and compared by the
+  ``<SOPInstanceUID>.dcm`` names of its scans' ``DICOM`` resource only (XNAT keeps the uploaded
+  names; pipelines add other resources); ``append`` sends only the instances it lacks (XNAT
+  refuses a file the session already holds);
+* instances XNAT drops on receipt (its series import filter) are reported, remembered, and
+  are no reason to call the session different;
+* after a timeout, a dropped connection or a 5xx (a proxy's 504 while XNAT carries on
+  archiving), the client polls the prearchive and the session before anything is sent again;
+  only prearchive rows of this upload are cleaned up (same StudyInstanceUID and label, appeared
+  or changed during the upload, in ERROR/READY/CONFLICT);
+* project resources (e.g. the TCIA manifests) are attached after the session; a refusal
+  there (they need the project owner role) is a warning, not a failed upload;
 * credentials come from the caller (environment variables); they never enter a message.
 """
 
@@ -15,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +38,15 @@ from .config import XNAT_DUPLICATE_POLICIES
 from .errors import DicomAssetsError
 
 POLICIES = XNAT_DUPLICATE_POLICIES
+
+# BaseXnatExperimentdata.cleanValue: XNAT replaces each of these characters by "_" in subject
+# and session labels (PrearcSessionArchiver.fixSessionLabel / fixSubject)
+XNAT_CLEANED_CHARS = " `~@#$%^&*()+=[]{}|\\/?:;\"',.<>"
+_CLEAN = str.maketrans({c: "_" for c in XNAT_CLEANED_CHARS})
+
+IN_PROGRESS = ("RECEIVING", "RECEIVING_INTERRUPT", "BUILDING", "QUEUED_BUILDING", "QUEUED_ARCHIVING", "ARCHIVING",
+               "_RECEIVING", "_BUILDING", "_ARCHIVING", "QUEUED_DELETING", "DELETING", "_DELETING")
+LEFTOVER = ("ERROR", "READY", "CONFLICT")
 
 
 class XnatError(DicomAssetsError):
@@ -37,6 +61,11 @@ class XnatTransientError(XnatError):
     """Connection reset, timeout, 502/503/504: worth retrying."""
 
 
+def clean_label(value: str) -> str:
+    """The label XNAT files a subject or session under."""
+    return value.translate(_CLEAN)
+
+
 @dataclass(frozen=True)
 class UploadFile:
     path: Path
@@ -44,6 +73,7 @@ class UploadFile:
     sop_instance_uid: str
     series_number: int | None
     series_description: str | None
+    study_instance_uid: str = ""
 
 
 def select_files(dicoms_json: list[dict], organized_dir: Path, exclude: tuple[str, ...]) -> tuple[list[UploadFile], list[dict]]:
@@ -57,7 +87,7 @@ def select_files(dicoms_json: list[dict], organized_dir: Path, exclude: tuple[st
             skipped.append({"path": rec["path"], "reason": f"series {desc!r} matches exclusion {hit!r}"})
             continue
         send.append(UploadFile(organized_dir / name, name, rec.get("SOPInstanceUID") or "",
-                               rec.get("SeriesNumber"), desc))
+                               rec.get("SeriesNumber"), desc, rec.get("StudyInstanceUID") or ""))
     return send, skipped
 
 
@@ -80,14 +110,28 @@ class UploadResult:
     bytes_sent: int = 0
     scans: list[dict] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
+    labels: dict = field(default_factory=dict)  # {"subject": {"given", "xnat"}, "session": {...}}
+    filtered: list[str] = field(default_factory=list)  # file names XNAT did not keep (its import filter)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _scan_key(f: UploadFile) -> str:
+    return str(f.series_number if f.series_number is not None else "")
 
 
 def expected_scans(files: list[UploadFile]) -> dict[str, int]:
     """Series number -> file count the XNAT session should end with."""
     out: dict[str, int] = {}
     for f in files:
-        key = str(f.series_number if f.series_number is not None else "")
-        out[key] = out.get(key, 0) + 1
+        out[_scan_key(f)] = out.get(_scan_key(f), 0) + 1
+    return out
+
+
+def expected_names(files: list[UploadFile]) -> dict[str, set[str]]:
+    """Series number -> the file names (``<SOPInstanceUID>.dcm``) its DICOM resource should hold."""
+    out: dict[str, set[str]] = {}
+    for f in files:
+        out.setdefault(_scan_key(f), set()).add(f.arcname)
     return out
 
 
@@ -113,9 +157,16 @@ def _status(exc: Exception) -> int | None:
     return status
 
 
+def _in_doubt(exc: Exception) -> bool:
+    """The request may have reached XNAT and may still be running there."""
+    import requests
+
+    return _status(exc) in (500, 502, 503, 504) or isinstance(
+        exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
+
+
 def classify_error(exc: Exception, server: str) -> XnatError:
     """Map xnatpy/requests errors to ours, with a message that says what to do (no secrets)."""
-    import requests
     import xnat.exceptions as xe
 
     status = _status(exc)
@@ -123,8 +174,7 @@ def classify_error(exc: Exception, server: str) -> XnatError:
         return XnatAuthError(f"XNAT at {server} refused the credentials (401): check XNAT_USER/XNAT_PASSWORD")
     if status == 403:
         return XnatAuthError(f"XNAT at {server} refused the request (403): the user lacks the right for it")
-    if status in (500, 502, 503, 504) or isinstance(exc, (requests.ConnectionError, requests.Timeout,
-                                                          ConnectionError, TimeoutError)):
+    if _in_doubt(exc):
         return XnatTransientError(f"XNAT at {server} is unavailable or failed ({status or type(exc).__name__}); "
                                   "transient: retried with backoff (3 attempts)")
     text = str(exc).replace("\n", " ")[:300]
@@ -141,30 +191,81 @@ def ensure_project(session, project: str) -> bool:
     return True
 
 
-def find_experiment(session, project: str, subject: str, label: str):
-    session.clearcache()
-    try:
-        return session.projects[project].subjects[subject].experiments[label]
-    except KeyError:
+def _rows(session, uri: str) -> list[dict]:
+    return session.get_json(uri)["ResultSet"]["Result"]
+
+
+def find_session(session, project: str, label: str) -> dict | None:
+    """The experiment labelled ``label`` in ``project`` (whatever its subject), with its
+    subject's label and StudyInstanceUID, or None."""
+    row = next((r for r in _rows(session, f"/data/projects/{project}/experiments") if r.get("label") == label), None)
+    if row is None:
         return None
+    subjects = {s["ID"]: s["label"] for s in _rows(session, f"/data/projects/{project}/subjects")}
+    fields = session.get_json(f"/data/experiments/{row['ID']}")["items"][0]["data_fields"]
+    return {"id": row["ID"], "label": label, "uri": f"/data/projects/{project}/experiments/{row['ID']}",
+            "subject": subjects.get(fields.get("subject_ID") or row.get("subject_ID"), ""),
+            "uid": fields.get("UID") or ""}
 
 
-def scan_counts(experiment) -> dict[str, int]:
-    return {str(scan_id): len(scan.files) for scan_id, scan in experiment.scans.items()}
+def dicom_names(session, exp_id: str) -> dict[str, set[str]]:
+    """Scan id -> names of the files in the scan's DICOM resource (SNAPSHOTS, NIFTI... ignored)."""
+    out: dict[str, set[str]] = {}
+    for scan in _rows(session, f"/data/experiments/{exp_id}/scans"):
+        sid = str(scan["ID"])
+        out[sid] = {r["Name"] for r in _rows(session, f"/data/experiments/{exp_id}/scans/{sid}/files")
+                    if r.get("collection") == "DICOM"}
+    return out
 
 
-def remove_prearchive_leftovers(session, project: str, label: str) -> int:
-    """Delete prearchive sessions of this label left by a failed upload."""
-    removed = 0
-    try:
-        rows = session.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
-    except Exception:
-        return 0
-    for row in rows:
-        if row.get("name") == label:
-            session.delete(f"/data/prearchive/projects/{project}/{row['timestamp']}/{row['name']}")
-            removed += 1
+def scan_counts(session, exp_id: str) -> dict[str, int]:
+    return {sid: len(names) for sid, names in dicom_names(session, exp_id).items() if names}
+
+
+def _missing(want: dict[str, set[str]], have: dict[str, set[str]]) -> set[str]:
+    return {n for sid, names in want.items() for n in names - have.get(sid, set())}
+
+
+def _foreign(want: dict[str, set[str]], have: dict[str, set[str]]) -> set[str]:
+    return {n for sid, names in have.items() for n in names - want.get(sid, set())}
+
+
+def prearchive_rows(session, project: str, label: str, tag: str) -> dict[str, dict]:
+    """Prearchive rows of this visit: same session label and StudyInstanceUID."""
+    return {r["url"]: r for r in _rows(session, f"/data/prearchive/projects/{project}")
+            if r.get("name") == label and (not tag or r.get("tag") == tag)}
+
+
+def remove_prearchive_leftovers(session, project: str, label: str, tag: str, before: dict[str, dict]) -> list[str]:
+    """Delete the prearchive rows this upload left (appeared or changed since ``before``, in
+    ERROR/READY/CONFLICT); rows XNAT is still working on and other uploads' rows stay."""
+    removed = []
+    for url, row in prearchive_rows(session, project, label, tag).items():
+        old = before.get(url)
+        if row.get("status") in LEFTOVER and (old is None or old.get("lastmod") != row.get("lastmod")):
+            # xnatpy's PrearchiveSession.delete: PrearchiveBatchDelete (a locked row is never deleted)
+            session.post("/data/services/prearchive/delete", query={"src": url})
+            removed.append(url)
     return removed
+
+
+def wait_for_prearchive(session, project: str, label: str, tag: str, before: dict[str, dict] | None,
+                        wait_seconds: float, poll: float, log) -> None:
+    """Wait while XNAT is still receiving or archiving rows of this visit (all of them when
+    ``before`` is None, else those that appeared or changed since)."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        busy = [r for url, r in prearchive_rows(session, project, label, tag).items()
+                if r.get("status") in IN_PROGRESS
+                and (before is None or before.get(url, {}).get("lastmod") != r.get("lastmod"))]
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise XnatTransientError(
+                f"XNAT is still {busy[0]['status'].strip('_').lower()} {label} in project {project} after "
+                f"{wait_seconds:.0f} s; nothing was sent again (the retry looks again first)")
+        log(f"XNAT is {busy[0]['status'].strip('_').lower()} {label}; waiting before anything is sent again")
+        time.sleep(poll)
 
 
 def attach_files(owner, label: str, paths: list[Path]) -> None:
@@ -177,83 +278,152 @@ def attach_files(owner, label: str, paths: list[Path]) -> None:
 def upload_visit(session, *, server: str, project: str, subject: str, session_label: str,
                  files: list[UploadFile], excluded: list[dict], metadata_files: list[Path],
                  policy: str = "fail", workdir: Path | None = None, log=lambda m: None,
-                 project_files: dict[str, list[Path]] | None = None) -> UploadResult:
+                 project_files: dict[str, list[Path]] | None = None, known_filtered: frozenset[str] = frozenset(),
+                 wait_seconds: float = 900.0, poll_seconds: float = 2.0) -> UploadResult:
     """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages.
 
-    ``project_files`` (resource label -> files) are attached to the project itself, e.g. the
-    TCIA manifests a visit came from (re-attaching overwrites, never duplicates)."""
+    ``project_files`` (resource label -> files) are attached to the project after the session
+    (a refusal is a warning). ``known_filtered``: file names XNAT dropped on an earlier upload of
+    this visit (its series import filter), not counted as missing."""
     if policy not in POLICIES:
         raise ValueError(f"duplicate policy must be one of {POLICIES}")
     if not files:
         raise XnatError(f"nothing to send for {session_label}: every kept series is excluded")
-    result = UploadResult("uploaded", project, subject, session_label, excluded=excluded)
-    expected = expected_scans(files)
+    xsubject, xlabel = clean_label(subject), clean_label(session_label)
+    result = UploadResult("uploaded", project, xsubject, xlabel, excluded=excluded,
+                          labels={"subject": {"given": subject, "xnat": xsubject},
+                                  "session": {"given": session_label, "xnat": xlabel}})
+    for kind in ("subject", "session"):
+        if result.labels[kind]["given"] != result.labels[kind]["xnat"]:
+            log(f"XNAT label of {kind} {result.labels[kind]['given']!r} is {result.labels[kind]['xnat']!r} "
+                "(XNAT replaces spaces and . / , : ( ) ... by _)")
+    tags = {f.study_instance_uid for f in files}
+    tag = tags.pop() if len(tags) == 1 else ""
+    want = expected_names(files)
     try:
         if ensure_project(session, project):
             log(f"created XNAT project {project}")
-        for label, paths in (project_files or {}).items():
-            attach_files(session.projects[project], label, paths)
-        existing = find_experiment(session, project, subject, session_label)
-        overwrite = None
+        # an earlier attempt may still be running in XNAT (a proxy's 504): never send over it
+        wait_for_prearchive(session, project, xlabel, tag, None, wait_seconds, poll_seconds, log)
+        existing = find_session(session, project, xlabel)
+        to_send, overwrite = files, None
         if existing is not None:
-            have = scan_counts(existing)
+            if existing["subject"].lower() != xsubject.lower():
+                raise XnatError(
+                    f"session label {xlabel} is already used in XNAT project {project} by subject "
+                    f"{existing['subject']} (this visit's subject is {xsubject}); XNAT labels are unique per "
+                    "project: change session_label_pattern or rename the session in XNAT")
+            if existing["uid"] and tag and existing["uid"] != tag:
+                raise XnatError(
+                    f"session {xlabel} in XNAT project {project} holds another study (StudyInstanceUID "
+                    f"{existing['uid']}, this visit's is {tag}); XNAT labels are unique per project: change "
+                    "session_label_pattern or rename the session in XNAT")
+            result.subject = existing["subject"]
+            have = dicom_names(session, existing["id"])
+            missing = _missing(want, have) - set(known_filtered)
+            foreign = _foreign(want, have)
+            result.filtered = sorted(_missing(want, have) & set(known_filtered))
 
             def unchanged(status: str, why: str) -> UploadResult:
-                result.status, result.session_uri = status, existing.uri
-                result.scans = [{"scan": k, "files": v} for k, v in sorted(have.items())]
-                log(f"{session_label} {why}: nothing sent")
+                result.status, result.session_uri = status, existing["uri"]
+                result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
+                log(f"{xlabel} {why}: nothing sent")
                 return result
 
-            if have == expected:
+            if not missing and not foreign:
                 return unchanged("already_archived", f"is already archived in {project} with the same files")
             if policy == "skip":
                 return unchanged("skipped_existing", f"exists in {project} with other content; policy 'skip'")
             if policy == "fail":
                 raise XnatError(
-                    f"session {session_label} already exists in XNAT project {project} with different content "
-                    f"({sum(have.values())} files in {len(have)} scans, this visit has {len(files)} files in "
-                    f"{len(expected)} scans); set xnat_duplicate_policy to 'append' or 'skip', or remove it in XNAT")
+                    f"session {xlabel} already exists in XNAT project {project} with different content "
+                    f"({sum(map(len, have.values()))} DICOM files in {sum(1 for v in have.values() if v)} scans, "
+                    f"{len(missing)} of this visit's {len(files)} files missing, {len(foreign)} files this visit "
+                    "does not have); set xnat_duplicate_policy to 'append' or 'skip', or remove it in XNAT")
+            if not missing:
+                return unchanged("skipped_existing", f"holds {len(foreign)} files this visit does not have and "
+                                                     "none is missing; policy 'append'")
+            to_send = [f for f in files if f.arcname in missing]
             overwrite = "append"
             result.status = "appended"
+            log(f"{xlabel}: appending the {len(to_send)} instances the session lacks")
+        before = prearchive_rows(session, project, xlabel, tag)
         zpath = temp_zip_path(workdir)
         try:
-            result.bytes_sent = write_zip(files, zpath)
+            result.bytes_sent = write_zip(to_send, zpath)
             try:
-                session.services.import_(zpath, project=project, subject=subject, experiment=session_label,
+                session.services.import_(zpath, project=project, subject=xsubject, experiment=xlabel,
                                          import_handler="DICOM-zip", overwrite=overwrite, destination="/archive",
                                          # xnatpy sends uploads with no timeout unless given one: a
                                          # hanging XNAT would hold the run (and a pool slot) forever
                                          timeout=getattr(session, "request_timeout", None),
-                                         content_type="application/zip", ignore_unparsable=True,
-                                         direct_archive=True)
-            except Exception:
-                removed = remove_prearchive_leftovers(session, project, session_label)
-                if removed:
-                    log(f"removed {removed} prearchive leftover(s) of {session_label}")
-                raise
+                                         content_type="application/zip", ignore_unparsable=True)
+            except Exception as exc:
+                if not _in_doubt(exc):
+                    _clean_after_failure(session, project, xlabel, tag, before, log)
+                    raise
+                # XNAT may carry on (a proxy's 504, a client timeout): look before sending again
+                log(f"no answer from XNAT for {xlabel} ({_status(exc) or type(exc).__name__}); looking for the "
+                    "session before anything is sent again")
+                wait_for_prearchive(session, project, xlabel, tag, before, wait_seconds, poll_seconds, log)
+                arrived = find_session(session, project, xlabel)
+                present = set().union(*dicom_names(session, arrived["id"]).values()) if arrived else set()
+                if not present & {f.arcname for f in to_send}:  # XNAT archives an upload whole, or not
+                    _clean_after_failure(session, project, xlabel, tag, before, log)
+                    raise
+                log(f"XNAT archived {xlabel} although the answer was lost")
         finally:
             zpath.unlink(missing_ok=True)
-        result.files_sent = len(files)
-        exp = find_experiment(session, project, subject, session_label)
+        result.files_sent = len(to_send)
+        exp = find_session(session, project, xlabel)
         if exp is None:
-            raise XnatError(f"XNAT accepted the upload but session {session_label} is not in project {project}")
-        result.session_uri = exp.uri
+            raise XnatError(f"XNAT accepted the upload but session {xlabel} is not in project {project}")
+        result.session_uri, result.subject = exp["uri"], exp["subject"]
+        if result.subject != xsubject:
+            log(f"XNAT filed {xlabel} under its existing subject {result.subject} (subjects match case-insensitively)")
+            result.labels["subject"]["xnat"] = result.subject
         if metadata_files:
-            attach_files(exp, "METADATA", metadata_files)
-        session.clearcache()
-        exp = find_experiment(session, project, subject, session_label)
-        result.scans = [{"scan": k, "files": v} for k, v in sorted(scan_counts(exp).items())]
-        return result
+            attach_files(session.create_object(f"/data/experiments/{exp['id']}"), "METADATA", metadata_files)
+        have = dicom_names(session, exp["id"])
+        result.filtered = sorted(_missing(want, have))
+        if result.filtered:
+            log(f"XNAT did not keep {len(result.filtered)} of the files sent for {xlabel} (its series import "
+                "filter); they are reported, not sent again")
+        result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
     except XnatError:
         raise
     except Exception as exc:
         raise classify_error(exc, server) from None
+    _attach_project_files(session, server, project, project_files or {}, result, log)
+    return result
+
+
+def _clean_after_failure(session, project, label, tag, before, log) -> None:
+    try:
+        removed = remove_prearchive_leftovers(session, project, label, tag, before)
+    except Exception as exc:  # the upload's own error is the one to report
+        log(f"could not clean the prearchive after the failed upload of {label}: {type(exc).__name__}")
+        return
+    if removed:
+        log(f"removed {len(removed)} prearchive leftover(s) of this upload of {label}")
+
+
+def _attach_project_files(session, server, project, project_files, result, log) -> None:
+    for label, paths in project_files.items():
+        try:
+            attach_files(session.projects[project], label, paths)
+        except Exception as exc:
+            why = classify_error(exc, server)
+            msg = (f"project resource {label} of {project} not attached ({why}); the session is uploaded. "
+                   "Project resources need the project owner role in XNAT")
+            result.warnings.append(msg)
+            log(msg)
 
 
 def files_from_records(records, root: Path) -> list[UploadFile]:
     """Kept organize records (of a folder tree) as files to send."""
     return [UploadFile(root / r.source, f"{r.sop_instance_uid}.dcm", r.sop_instance_uid or "", r.series_number,
-                       r.series_description) for r in records if r.decision == "kept"]
+                       r.series_description, r.study_instance_uid or "") for r in records if r.decision == "kept"]
 
 
 def classic_tree_sessions(root: Path):

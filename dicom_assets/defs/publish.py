@@ -153,7 +153,9 @@ def xnat_resource_from_env() -> XnatResource:
     description=(
         "The visit uploaded to the XNAT project of `global_config.json` (created when missing): subject = "
         "participant, session label from `session_label_pattern`; excluded series are not sent; re-runs do "
-        "not duplicate; the metadata JSON files are attached as resource `METADATA`."
+        "not duplicate (compared by the `<SOPInstanceUID>.dcm` names of each scan's DICOM resource); labels are "
+        "cleaned as XNAT cleans them (mapping in `logs/xnat/<visit>.json`); the metadata JSON files are attached "
+        "as resource `METADATA`."
     ),
 )
 def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat: XnatResource) -> MaterializeResult:
@@ -172,44 +174,60 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     if tcia is not None:  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
         subject, label = tcia.patient_id, tcia.session_label
         project_files = {"TCIA": [tcia.manifest, tcia.resolved]}
+    marker = xnat_marker_path(ds, visit.key)
+    known_filtered = frozenset()
+    if marker.is_file():  # files XNAT's import filter dropped on an earlier upload: not "missing"
+        try:
+            known_filtered = frozenset(json.loads(marker.read_text()).get("filtered_by_xnat") or ())
+        except (ValueError, AttributeError):
+            context.log.warning(f"{marker}: unreadable; earlier filtered files are not known")
     try:
         with xnat.connect() as session:
             result = upload_visit(
                 session, server=xnat.server, project=cfg.xnat_project, subject=subject, project_files=project_files,
                 session_label=label, files=files, excluded=excluded,
                 metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
-                policy=cfg.xnat_duplicate_policy, workdir=lay.root / "scratch", log=context.log.info)
+                policy=cfg.xnat_duplicate_policy, workdir=lay.root / "scratch", log=context.log.info,
+                known_filtered=known_filtered)
     except XnatAuthError as exc:
         raise Failure(str(exc), allow_retries=False) from None
     except XnatTransientError:
         raise  # retried by the RetryPolicy
     except XnatError as exc:
         raise Failure(str(exc), allow_retries=False) from None
-    marker = xnat_marker_path(ds, visit.key)
+    for w in result.warnings:
+        context.log.warning(w)
     marker.parent.mkdir(parents=True, exist_ok=True)
     url = f"{xnat.server.rstrip('/')}{result.session_uri}"
     marker.write_text(json.dumps({"project": result.project, "subject": result.subject,
                                   "session_label": result.session_label, "uri": result.session_uri,
-                                  "status": result.status, "files_sent": result.files_sent}, indent=2) + "\n")
+                                  "status": result.status, "files_sent": result.files_sent,
+                                  "labels": result.labels, "filtered_by_xnat": result.filtered,
+                                  "warnings": result.warnings}, indent=2) + "\n")
     update_curation_status(ds)
-    want = expected_scans(files)
+    # the kept, non-excluded series, minus what XNAT's own import filter dropped (reported)
+    want = expected_scans([f for f in files if f.arcname not in set(result.filtered)])
     have = {s["scan"]: s["files"] for s in result.scans}
-    context.log.info(f"{visit.key}: {result.status} as {cfg.xnat_project}/{subject}/{label}")
+    context.log.info(f"{visit.key}: {result.status} as {result.project}/{result.subject}/{result.session_label}")
     return MaterializeResult(
         metadata={
             "status": result.status,
             "xnat_session": MetadataValue.url(url),
             "project": result.project,
             "session_label": result.session_label,
+            "xnat_labels": MetadataValue.json(result.labels),
             "files_sent": result.files_sent,
             "bytes_sent": MetadataValue.int(result.bytes_sent),
             "scans": table([{"scan": k, "files": v, "expected": want.get(k, 0)} for k, v in sorted(have.items())],
-                           [("scan", "string", "scan id (SeriesNumber)"), ("files", "int", "files on XNAT"),
-                            ("expected", "int", "kept, non-excluded files")]),
+                           [("scan", "string", "scan id (SeriesNumber)"), ("files", "int", "DICOM files on XNAT"),
+                            ("expected", "int", "kept, non-excluded files XNAT keeps")]),
+            "filtered_by_xnat": len(result.filtered),
+            "warnings": MetadataValue.json(result.warnings),
             "excluded_series_files": len(excluded),
             "marker": path(marker),
         },
         check_results=[AssetCheckResult(check_name="scans_match_series", passed=have == want,
                                         metadata={"on_xnat": MetadataValue.json(have),
-                                                  "expected": MetadataValue.json(want)})],
+                                                  "expected": MetadataValue.json(want),
+                                                  "filtered_by_xnat": len(result.filtered)})],
     )

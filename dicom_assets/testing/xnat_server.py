@@ -1,28 +1,45 @@
 """An XNAT-compatible HTTP server for tests and demos (no real XNAT can be installed here).
 
-It implements the REST calls the real ``xnat`` (xnatpy) client makes, following XNAT 1.8's
-API (reports version 1.8.10), and it **really unzips and parses** uploaded DICOMs with pydicom,
-building scans from SeriesNumber/SeriesDescription, so a test checks what arrived.
+It implements the REST calls the real ``xnat`` (xnatpy) client makes, following XNAT 1.8/1.9
+(it reports version 1.8.10), and it **really unzips and parses** uploaded DICOMs with pydicom.
+It is strict on purpose: where XNAT refuses a request, so does this server. Each behaviour
+below names the XNAT class (``NrgXnat/xnat-web``) it was read from; no XNAT code is copied.
 
-Covered: ``/data/services/auth``, ``/data/auth``, ``/data/JSESSION``, ``/data/version`` (404),
-``/xapi/siteConfig/buildInfo``, ``/xapi/schemas[/<name>]`` (XNAT's real ``xnat.xml`` and
-``xdat.xml`` from the xnat 0.8.1 sdist), ``/data/search/elements``, projects (list, get,
-create with PUT), subjects, experiments, scans, scan files, experiment resources and file
-upload, ``/data/services/import`` (DICOM-zip, ``dest=/archive`` or ``/prearchive``,
-``overwrite``, ``Ignore-Unparsable``), ``/data/prearchive/projects``, ``/data/services/archive``
-and prearchive deletion. Authentication is enforced (JSESSION cookie or basic auth).
+* ``POST /data/services/import`` (``DICOM-zip``): the body must be ``application/zip``
+  (``RequestUtil.deriveFileName`` + ``DicomZipImporter.importCompressedFile``); files are
+  staged in the prearchive (``GradualDicomImporter``: a RECEIVING row per project +
+  StudyInstanceUID + session label, joined when such a row is RECEIVING/READY/ERROR/CONFLICT),
+  optionally filtered (``series_import_filter``) and anonymized (``site_anonymization``); with
+  ``dest=/archive`` the row goes ARCHIVING and is archived (``PrearcSessionArchiver``,
+  ``MergePrearcToArchiveSession``, ``MergeCatCatalog``): labels cleaned, subject matched
+  case-insensitively, experiment labels unique per project, duplicates refused unless
+  ``overwrite_files=true``. ``Direct-Archive=true`` with ``dest`` fails as XNAT fails.
+* Prearchive: ``/data/prearchive/projects[/<p>[/<ts>/<name>]]``, ``POST /data/services/archive``,
+  ``POST /data/services/prearchive/delete`` (``PrearchiveBatchDelete``: locked rows stay) and
+  ``DELETE`` of a row (refused with 409 while ARCHIVING).
+* Projects (owner / member roles), subjects, experiments (also at project level), scans with
+  several resources (``DICOM`` plus e.g. ``SNAPSHOTS``), experiment and project resources
+  (project resources need the owner role), ``/data/services/auth``, ``/data/JSESSION``,
+  ``/xapi/siteConfig/buildInfo``, ``/xapi/schemas`` (XNAT's real ``xnat.xml``/``xdat.xml`` from
+  the xnat 0.8.1 sdist), ``/data/search/elements``. Authentication is enforced (JSESSION
+  cookie or basic auth).
 
 Fault injection: ``server.inject(path_prefix, kind, times=1)`` with kind ``500``, ``503``,
-``drop`` (close the connection without an answer, after reading the request body) or
-``slow`` (answer after ``slow_seconds``). ``server.max_concurrent_imports`` records the peak
-number of simultaneous uploads.
+``drop`` (close the connection without an answer, after reading the request body), ``slow``
+(answer after ``slow_seconds``) or ``archive_error`` (the import is received, then archiving
+fails: the prearchive row is left in ERROR, as XNAT leaves it). ``server.proxy_timeout``
+puts a reverse proxy in front: a request still running after that many seconds gets a 504
+while the server carries on (``import_seconds`` makes archiving take that long).
+``server.max_concurrent_imports`` records the peak number of simultaneous uploads.
 
-Start by hand: ``dicom-assets xnat-test-server --port 8080 --user admin --password admin``.
+Start by hand: ``dicom-assets xnat-test-server --port 8080 --user admin`` (password from
+``$XNAT_PASSWORD``).
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import json
 import re
@@ -31,16 +48,34 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pydicom
 
 VERSION = "1.8.10"
+
+# BaseXnatExperimentdata.cleanValue (xnat-data-models; XnatImagesessiondata inherits it):
+# every one of these characters becomes "_" in subject and session labels.
+CLEANED_CHARS = " `~@#$%^&*()+=[]{}|\\/?:;\"',.<>"
+_CLEAN_TABLE = str.maketrans({c: "_" for c in CLEANED_CHARS})
+
+# PrearcUtils.PrearcStatus: rows a new upload may join (interruptable) and rows that are locked.
+JOINABLE = ("RECEIVING", "READY", "ERROR", "CONFLICT")
+LOCKED = ("ARCHIVING", "_ARCHIVING", "QUEUED_ARCHIVING", "DELETING", "_DELETING", "MOVING", "_MOVING")
+
+# PrearcSessionArchiver's messages (409 CONFLICT), MergeCatCatalog's duplicate refusal
+PRE_EXISTS = "Session already exists, retry with overwrite enabled"
+SUBJECT_MOD = "Invalid modification of session subject via archive process."
+UID_MOD = "Invalid modification of session UID via archive process."
+DUPLICATE = "Duplicate DICOM file uploaded."
+
+
+def clean_value(value: str) -> str:
+    return value.translate(_CLEAN_TABLE)
 
 
 @dataclass
@@ -48,8 +83,14 @@ class Scan:
     id: str
     series_description: str
     modality: str
-    files: dict[str, bytes] = field(default_factory=dict)  # name -> stored path (str)
-    sop_uids: set[str] = field(default_factory=set)
+    uid: str = ""
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> name -> stored path
+    sop_uids: dict[str, str] = field(default_factory=dict)  # DICOM file name -> SOPInstanceUID
+
+    @property
+    def files(self) -> dict[str, str]:
+        """The DICOM resource (what XNAT's importer fills)."""
+        return self.resources.setdefault("DICOM", {})
 
 
 @dataclass
@@ -59,6 +100,7 @@ class Experiment:
     project: str
     subject_id: str
     date: str = ""
+    uid: str = ""  # StudyInstanceUID
     scans: dict[str, Scan] = field(default_factory=dict)
     resources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> name -> path
 
@@ -77,15 +119,39 @@ class Project:
     name: str
     subjects: dict[str, Subject] = field(default_factory=dict)  # label -> subject
     resources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> name -> path
+    roles: dict[str, str] = field(default_factory=dict)  # user -> "owner" | "member"
+
+    def experiment(self, label: str) -> Experiment | None:
+        """Experiment labels are unique per project (BaseXnatExperimentdata.GetExptByProjectIdentifier)."""
+        for s in self.subjects.values():
+            if label in s.experiments:
+                return s.experiments[label]
+        return None
+
+    def subject_ci(self, label: str) -> Subject | None:
+        """XnatSubjectdata.GetSubjectByProjectIdentifierCaseInsensitive (XNAT-2865)."""
+        return next((s for s in self.subjects.values() if s.label.lower() == label.lower()), None)
 
 
 @dataclass
 class PrearchiveEntry:
     project: str
     timestamp: str
-    label: str
+    name: str  # the folder name: the session label as given to the importer
     subject: str
-    files: list[tuple[str, bytes]]
+    tag: str  # StudyInstanceUID
+    status: str = "RECEIVING"
+    uploaded: str = ""
+    lastmod: str = ""
+    files: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (scan id, file name) -> bytes
+
+    @property
+    def key(self) -> str:
+        return f"{self.project}/{self.timestamp}/{self.name}"
+
+
+def _now() -> str:
+    return dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 class XnatTestServer:
@@ -98,22 +164,27 @@ class XnatTestServer:
         self.users = {user: password}
         self.tokens: dict[str, str] = {}
         self.projects: dict[str, Project] = {}
-        self.prearchive: dict[str, PrearchiveEntry] = {}
+        self.prearchive: dict[str, PrearchiveEntry] = {}  # key "<project>/<timestamp>/<name>"
         self.storage = Path(storage or tempfile.mkdtemp(prefix="xnat-test-server-"))
         self.can_create_projects = can_create_projects
         self.lock = threading.RLock()
         self.faults: list[dict] = []
         self.slow_seconds = 3.0
+        self.proxy_timeout: float | None = None  # a reverse proxy's read timeout (504 after it)
+        self.series_import_filter: str | None = None  # regex on SeriesDescription: files dropped
+        self.site_anonymization = False  # XNAT's default site-wide script (PatientID := session)
         self.requests: list[tuple[str, str]] = []  # (method, path) seen, for tests
         self.imports = 0
         self.active_imports = 0
         self.max_concurrent_imports = 0
-        self.import_seconds = 0.0  # time each import takes (tests of upload concurrency)
+        self.import_seconds = 0.0  # time archiving takes (concurrency and proxy-timeout tests)
         self._counter = 0
+        self._last_ts = ""
         handler = type("Handler", (_Handler,), {"xnat": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- lifecycle
     @property
@@ -129,15 +200,17 @@ class XnatTestServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        for t in list(self._workers):
+            t.join(timeout=30)
 
     def inject(self, path_prefix: str, kind: str, times: int = 1) -> None:
         with self.lock:
             self.faults.append({"prefix": path_prefix, "kind": kind, "times": times})
 
-    def _take_fault(self, path: str) -> str | None:
+    def _take_fault(self, path: str, kinds: tuple[str, ...]) -> str | None:
         with self.lock:
             for f in self.faults:
-                if path.startswith(f["prefix"]) and f["times"] > 0:
+                if f["kind"] in kinds and path.startswith(f["prefix"]) and f["times"] > 0:
                     f["times"] -= 1
                     return f["kind"]
         return None
@@ -147,12 +220,59 @@ class XnatTestServer:
             self._counter += 1
             return f"XNAT_{prefix}{self._counter:05d}"
 
+    def _timestamp(self) -> str:
+        """PrearcUtils.makeTimestamp: yyyyMMdd_HHmmssSSS, unique per row here."""
+        with self.lock:
+            ts = dt.datetime.now().strftime("%Y%m%d_%H%M%S%f")[:-3]
+            while ts <= self._last_ts:
+                ts = str(int(ts.replace("_", "")) + 1)
+                ts = f"{ts[:8]}_{ts[8:]}"
+            self._last_ts = ts
+            return ts
+
+    # ---------------------------------------------------------------- set-up helpers (tests)
+    def add_user(self, user: str, password: str) -> None:
+        self.users[user] = password
+
+    def add_project(self, pid: str, owner: str | None = None, members: tuple[str, ...] = ()) -> Project:
+        with self.lock:
+            p = self.projects.setdefault(pid, Project(pid, pid))
+            if owner:
+                p.roles[owner] = "owner"
+            for m in members:
+                p.roles.setdefault(m, "member")
+            return p
+
+    def add_scan_resource(self, exp: Experiment, scan_id: str, label: str, files: dict[str, bytes]) -> None:
+        """A resource an automatic pipeline adds to a scan (SNAPSHOTS, NIFTI, ...)."""
+        folder = self.storage / exp.project / exp.label / "SCANS" / scan_id / label
+        folder.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            res = exp.scans[scan_id].resources.setdefault(label, {})
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+                res[name] = str(folder / name)
+
+    def remove_file(self, exp: Experiment, scan_id: str, name: str) -> None:
+        """Someone deleted a file of a scan's DICOM resource in XNAT."""
+        with self.lock:
+            Path(exp.scans[scan_id].files.pop(name)).unlink(missing_ok=True)
+            exp.scans[scan_id].sop_uids.pop(name, None)
+
+    def add_prearchive_row(self, project: str, name: str, tag: str, status: str = "READY",
+                           subject: str = "") -> PrearchiveEntry:
+        """A row that did not come from our client (sent from the scanner, say)."""
+        e = PrearchiveEntry(project, self._timestamp(), name, subject, tag, status, _now(), _now())
+        with self.lock:
+            self.prearchive[e.key] = e
+        return e
+
     # ---------------------------------------------------------------- model helpers
     def find_experiment(self, exp_id: str) -> Experiment | None:
         for p in self.projects.values():
             for s in p.subjects.values():
                 for e in s.experiments.values():
-                    if e.id == exp_id or e.label == exp_id:
+                    if e.id == exp_id:
                         return e
         return None
 
@@ -163,39 +283,101 @@ class XnatTestServer:
                     return s
         return None
 
-    def archive_files(self, project: str, subject_label: str, session_label: str,
-                      files: list[tuple[str, bytes]], overwrite: str | None) -> Experiment:
-        """Store parsed DICOMs as scans of a session (creating subject and session)."""
+    def role(self, project: str, user: str) -> str | None:
+        p = self.projects.get(project)
+        return p.roles.get(user) if p else None
+
+    # ---------------------------------------------------------------- importing
+    def receive(self, project: str, subject: str, name: str, files: list[tuple[str, bytes, object]]) -> PrearchiveEntry:
+        """GradualDicomImporter: put each file into the prearchive row of (project,
+        StudyInstanceUID, session label), joining a RECEIVING/READY/ERROR/CONFLICT row
+        (PrearcDatabase.eitherGetOrCreateSession) or opening a new one (new timestamp)."""
+        tag = str(files[0][2].StudyInstanceUID)
         with self.lock:
-            proj = self.projects[project]
-            subj = proj.subjects.get(subject_label)
-            if subj is None:
-                subj = proj.subjects[subject_label] = Subject(self._next_id("S"), subject_label, project)
-            exp = subj.experiments.get(session_label)
-            if exp is not None and overwrite not in ("append", "delete"):
-                raise _HttpError(409, f"Session already exists with matching files: {project}/{subject_label}/"
-                                      f"{session_label}. Use overwrite=append or delete.")
-            if exp is not None and overwrite == "delete":
-                exp.scans.clear()
-            if exp is None:
-                exp = subj.experiments[session_label] = Experiment(self._next_id("E"), session_label, project, subj.id)
-            folder = self.storage / project / subject_label / session_label
-            for name, data in files:
+            row = next((e for e in self.prearchive.values() if e.project == project and e.tag == tag
+                        and e.name == name and e.status in JOINABLE), None)
+            if row is None:
+                row = PrearchiveEntry(project, self._timestamp(), name, subject, tag, "RECEIVING", _now(), _now())
+                self.prearchive[row.key] = row
+            row.status, row.lastmod = "RECEIVING", _now()
+        for fname, data, ds in files:
+            if self.site_anonymization:
+                data = _anonymize(data, project, row.subject or subject, row.name)
+            number = str(ds.get("SeriesNumber", "") or "0")  # Restructurer.determineScanSubdir
+            with self.lock:
+                # GradualDicomImporter.getSafeFile: the uploaded name is kept (rename=false);
+                # a file of the same name and SOPInstanceUID is overwritten
+                row.files[(number, Path(fname).name)] = data
+        with self.lock:
+            row.lastmod = _now()
+        return row
+
+    def archive(self, row: PrearchiveEntry, *, subject: str | None, label: str | None, overwrite: str | None,
+                overwrite_files: bool, allow_merge: bool = False) -> Experiment:
+        """PrearcSessionArchiver.call + MergePrearcToArchiveSession + MergeCatCatalog."""
+        with self.lock:
+            proj = self.projects[row.project]
+            # fixSessionLabel / fixSubject: labels are cleaned (cleanValue)
+            label = clean_value(label or row.name)
+            subject_label = clean_value(subject or row.subject or "")
+            if not subject_label:
+                raise _HttpError(400, "Unable to identify subject.")
+            # the import service's overwrite: append = allowSessionMerge; delete = also overrideExceptions
+            allow_merge = allow_merge or overwrite in ("append", "delete")
+            override = overwrite == "delete"
+            overwrite_files = overwrite_files or override
+            existing = proj.experiment(label)  # retrieveExistingExpt: project + label
+            subj = proj.subject_ci(subject_label)
+            if existing is not None:  # checkForConflicts
+                if not allow_merge:
+                    raise _HttpError(409, PRE_EXISTS)
+                if subj is None or existing.subject_id != subj.id:
+                    raise _HttpError(409, f"{SUBJECT_MOD}: {existing.label} Already Exists for another Subject")
+                if existing.uid and row.tag and existing.uid != row.tag and not override:
+                    raise _HttpError(409, UID_MOD)
+            parsed = []
+            for (number, fname), data in sorted(row.files.items()):
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-                number = str(ds.get("SeriesNumber", "") or "0")
+                parsed.append((number, fname, data, ds))
+            if existing is not None and not overwrite_files:  # MergeCatCatalog: entries already there
+                for number, fname, _data, ds in parsed:
+                    scan = existing.scans.get(number)
+                    if scan and (fname in scan.files or str(ds.SOPInstanceUID) in
+                                 {scan.sop_uids.get(n) for n in scan.files}):
+                        raise _HttpError(409, DUPLICATE)
+            if subj is None:
+                subj = proj.subjects[subject_label] = Subject(self._next_id("S"), subject_label, proj.id)
+            exp = existing
+            if exp is None:
+                exp = subj.experiments[label] = Experiment(self._next_id("E"), label, proj.id, subj.id, uid=row.tag)
+            folder = self.storage / proj.id / subj.label / label
+            for number, fname, data, ds in parsed:
                 scan = exp.scans.get(number)
                 if scan is None:
                     scan = exp.scans[number] = Scan(number, str(ds.get("SeriesDescription", "") or ""),
-                                                    str(ds.get("Modality", "") or ""))
+                                                    str(ds.get("Modality", "") or ""),
+                                                    str(ds.get("SeriesInstanceUID", "") or ""))
                 exp.date = exp.date or str(ds.get("StudyDate", "") or "")
-                sop = str(ds.SOPInstanceUID)
-                fname = f"{sop}.dcm"
                 path = folder / "SCANS" / number / "DICOM" / fname
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
                 scan.files[fname] = str(path)
-                scan.sop_uids.add(sop)
+                scan.sop_uids[fname] = str(ds.SOPInstanceUID)
+            self.prearchive.pop(row.key, None)
             return exp
+
+
+def _anonymize(data: bytes, project: str, subject: str, session: str) -> bytes:
+    """XNAT's default site-wide anonymization script (DefaultAnonUtils; applied by
+    GradualDicomImporter on receipt): (0008,1030) := project, (0010,0010) := subject,
+    (0010,0020) := session."""
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    ds.StudyDescription = project
+    ds.PatientName = subject
+    ds.PatientID = session
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
 
 
 class _HttpError(Exception):
@@ -213,8 +395,8 @@ def _item(xsi_type: str, data_fields: dict, children: list | None = None) -> dic
                        "children": children or []}]}
 
 
-def parse_upload_zip(body: bytes, ignore_unparsable: bool) -> tuple[list[tuple[str, bytes]], list[str]]:
-    """(DICOM files, names that are not DICOM). Raises on a broken zip."""
+def parse_upload_zip(body: bytes, ignore_unparsable: bool) -> tuple[list[tuple[str, bytes, object]], list[str]]:
+    """(DICOM files as (name, bytes, header), names that are not DICOM). Raises on a broken zip."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(body))
     except zipfile.BadZipFile:
@@ -228,15 +410,18 @@ def parse_upload_zip(body: bytes, ignore_unparsable: bool) -> tuple[list[tuple[s
             try:
                 # like XNAT's importer, accept data sets without the 128-byte preamble too
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-                if "SOPInstanceUID" not in ds or "StudyInstanceUID" not in ds:
-                    raise ValueError("no SOPInstanceUID/StudyInstanceUID")
-                good.append((info.filename, data))
+                if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds or "StudyInstanceUID" not in ds:
+                    raise ValueError("no SOP Class/Instance UID")
+                good.append((info.filename, data, ds))
             except Exception:
                 bad.append(info.filename)
     if bad and not ignore_unparsable:
-        raise _HttpError(400, f"Unable to parse {len(bad)} file(s) as DICOM (e.g. {bad[0]}); "
+        raise _HttpError(400, f"unable to read DICOM object {bad[0]} ({len(bad)} file(s) not DICOM); "
                               "the upload was refused")
     return good, bad
+
+
+_ROW_STATUS_IN_TABLE = {"_ARCHIVING": "ARCHIVING"}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -249,16 +434,20 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ plumbing
     def _send(self, status: int, body: bytes | str | dict | list = b"", ctype: str | None = None,
               headers: dict | None = None) -> None:
+        """Record the answer; _dispatch writes it (or a proxy's 504 if it came too late)."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             ctype = ctype or "application/json"
         elif isinstance(body, str):
             body = body.encode()
             ctype = ctype or "text/plain"
+        self._answer = (status, body, ctype or "text/plain", headers or {})
+
+    def _write(self, status: int, body: bytes, ctype: str, headers: dict) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", ctype or "text/plain")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
+        for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
@@ -294,25 +483,43 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     def _dispatch(self) -> None:
+        x = self.xnat
         url = urlparse(self.path)
         path = url.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        self.xnat.requests.append((self.command, path))
+        x.requests.append((self.command, path))
         body = self._body() if self.command in ("PUT", "POST") else b""
-        fault = self.xnat._take_fault(path)
+        fault = x._take_fault(path, ("drop", "slow", "500", "502", "503", "504"))
         if fault == "drop":
             self.close_connection = True
             self.connection.shutdown(2)
             return
         if fault == "slow":
-            time.sleep(self.xnat.slow_seconds)
+            time.sleep(x.slow_seconds)
         elif fault in ("500", "502", "503", "504"):
-            self._send(int(fault), f"<html><h3>Injected error {fault}</h3></html>", "text/html")
+            self._write(int(fault), f"<html><h3>Injected error {fault}</h3></html>".encode(), "text/html", {})
             return
+        self._answer = None
+        worker = threading.Thread(target=self._run_route, args=(self.command, path, query, body), daemon=True)
+        with x.lock:
+            x._workers = [t for t in x._workers if t.is_alive()] + [worker]
+        worker.start()
+        worker.join(x.proxy_timeout)
+        if worker.is_alive():  # the reverse proxy gives up; the server carries on
+            self.close_connection = True
+            self._write(504, b"<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 "
+                             b"Gateway Time-out</h1></center><hr><center>nginx</center></body></html>",
+                        "text/html", {})
+            return
+        self._write(*(self._answer or (500, b"no answer", "text/plain", {})))
+
+    def _run_route(self, method: str, path: str, query: dict, body: bytes) -> None:
         try:
-            self._route(self.command, path, query, body)
+            self._route(method, path, query, body)
         except _HttpError as exc:
             self._send(exc.status, exc.message)
+        except Exception as exc:  # a bug here must show as a 500, like a Java stack trace would
+            self._send(500, f"Internal server error: {type(exc).__name__}: {exc}")
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _dispatch
 
@@ -333,6 +540,7 @@ class _Handler(BaseHTTPRequestHandler):
         user = self._user()
         if user is None:
             raise _HttpError(401, "<html><h3>Login attempt failed. Please try again.</h3></html>")
+        self.user = user
         if path == "/data/auth":
             return self._send(200, f"User '{user}' is logged in")
         if path == "/data/JSESSION":
@@ -369,8 +577,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._import(q, body)
         if path == "/data/services/archive" and method == "POST":
             return self._archive_prearchive(q, body)
+        if path == "/data/services/prearchive/delete" and method == "POST":
+            return self._batch_delete(q, body)
         if path.startswith("/data/prearchive"):
-            return self._prearchive(method, path, q)
+            return self._prearchive(method, path)
         if path.startswith("/data/archive/"):
             path = "/data/" + path[len("/data/archive/"):]
         return self._data(method, path, q, body)
@@ -384,23 +594,40 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, _result_set([
                     {"ID": p.id, "secondary_ID": p.id, "name": p.name, "description": "", "pi_firstname": "",
                      "pi_lastname": "", "URI": f"/data/projects/{p.id}", "xsiType": "xnat:projectData"}
-                    for p in x.projects.values()]))
+                    for p in x.projects.values() if self.user in p.roles]))
             if len(parts) == 2 and parts[0] == "projects":
                 pid = parts[1]
                 if method == "PUT":
+                    if pid in x.projects:
+                        self._project(pid, "owner")
+                        return self._send(200, pid)
                     if not x.can_create_projects:
                         raise _HttpError(403, f"User does not have permission to create project {pid}")
-                    x.projects.setdefault(pid, Project(pid, q.get("name") or pid))
+                    x.add_project(pid, owner=self.user).name = q.get("name") or pid
                     return self._send(200, pid)
                 if method == "DELETE":
+                    self._project(pid, "owner")
                     x.projects.pop(pid, None)
                     return self._send(200, "")
                 p = self._project(pid)
                 return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.id, "name": p.name}))
             if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "resources":
-                p = self._project(parts[1])
+                # DefaultCatalogService.insertProjectResourceCatalog saves the project itself
+                # (SaveItemHelper.authorizedSave): editing a project is for its owners only
+                p = self._project(parts[1], "owner" if method in ("PUT", "POST", "DELETE") else None,
+                                  f"Unauthorized attempt to add a file to /projects/{parts[1]}")
                 return self._resources(method, p.resources, parts[2:], x.storage / p.id / "RESOURCES",
                                        f"/data/projects/{p.id}", body)
+            if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "experiments":
+                p = self._project(parts[1])
+                if len(parts) == 3:
+                    return self._send(200, _result_set([self._exp_row(e) for s in p.subjects.values()
+                                                        for e in s.experiments.values()]))
+                exp = p.experiment(parts[3]) or next((e for s in p.subjects.values() for e in s.experiments.values()
+                                                      if e.id == parts[3]), None)
+                if exp is None:
+                    raise _HttpError(404, f"Experiment {parts[3]} not found")
+                return self._experiment(method, exp, parts[4:], q, body)
             if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "subjects":
                 p = self._project(parts[1])
                 if len(parts) == 3:
@@ -412,8 +639,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if len(parts) == 4:
                     if method == "PUT":
                         if subj is None:
-                            subj = p.subjects[parts[3]] = Subject(x._next_id("S"), parts[3], p.id)
-                        return self._send(201 if subj else 200, subj.id)
+                            label = clean_value(parts[3])
+                            subj = p.subject_ci(label) or p.subjects.setdefault(
+                                label, Subject(x._next_id("S"), label, p.id))
+                        return self._send(200, subj.id)
                     if subj is None:
                         raise _HttpError(404, f"Subject {parts[3]} not found")
                     return self._send(200, self._subject_item(subj))
@@ -422,37 +651,40 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._experiments(method, subj, parts[4:], q, body)
             if len(parts) >= 2 and parts[0] == "subjects":
                 subj = x.find_subject(parts[1])
-                if subj is None:
+                if subj is None or self.user not in x.projects[subj.project].roles:
                     raise _HttpError(404, f"Subject {parts[1]} not found")
                 if len(parts) == 2:
                     return self._send(200, self._subject_item(subj))
                 return self._experiments(method, subj, parts[2:], q, body)
             if len(parts) >= 2 and parts[0] == "experiments":
                 exp = x.find_experiment(parts[1])
-                if exp is None:
+                if exp is None or self.user not in x.projects[exp.project].roles:
                     raise _HttpError(404, f"Experiment {parts[1]} not found")
                 return self._experiment(method, exp, parts[2:], q, body)
             if parts == ["experiments"]:
                 rows = []
                 for p in x.projects.values():
-                    for s in p.subjects.values():
-                        for e in s.experiments.values():
-                            rows.append(self._exp_row(e))
+                    if self.user in p.roles:
+                        rows += [self._exp_row(e) for s in p.subjects.values() for e in s.experiments.values()]
                 return self._send(200, _result_set(rows))
         raise _HttpError(404, f"Not found: {path}")
 
-    def _project(self, pid: str) -> Project:
+    def _project(self, pid: str, need: str | None = None, refusal: str | None = None) -> Project:
         p = self.xnat.projects.get(pid)
-        if p is None:
+        role = p.roles.get(self.user) if p else None
+        if p is None or role is None:  # private projects are invisible to non-members
             raise _HttpError(404, f"Project {pid} not found")
+        if need == "owner" and role != "owner":
+            raise _HttpError(403, refusal or f"User {self.user} may not edit project {pid} (role {role})")
         return p
 
     def _subject_item(self, s: Subject) -> dict:
         return _item("xnat:subjectData", {"ID": s.id, "label": s.label, "project": s.project})
 
-    @staticmethod
-    def _exp_row(e: Experiment) -> dict:
-        return {"ID": e.id, "label": e.label, "project": e.project, "subject_ID": e.subject_id, "date": e.date,
+    def _exp_row(self, e: Experiment) -> dict:
+        subj = self.xnat.find_subject(e.subject_id)
+        return {"ID": e.id, "label": e.label, "project": e.project, "subject_ID": e.subject_id,
+                "subject_label": subj.label if subj else "", "date": e.date, "UID": e.uid,
                 "xsiType": "xnat:mrSessionData", "URI": f"/data/experiments/{e.id}", "insert_date": ""}
 
     def _experiments(self, method, subj: Subject, rest: list[str], q: dict, body: bytes) -> None:
@@ -475,11 +707,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, "")
             return self._send(200, _item("xnat:mrSessionData", {
                 "ID": exp.id, "label": exp.label, "project": exp.project, "subject_ID": exp.subject_id,
-                "date": exp.date}))
+                "date": exp.date, "UID": exp.uid}))
         if rest == ["scans"]:
             return self._send(200, _result_set([
                 {"ID": s.id, "xnat_imagescandata_id": s.id, "type": s.series_description,
-                 "series_description": s.series_description, "quality": "usable", "note": "",
+                 "series_description": s.series_description, "quality": "usable", "note": "", "UID": s.uid,
                  "xsiType": "xnat:mrScanData" if s.modality == "MR" else "xnat:otherDicomScanData",
                  "URI": f"/data/experiments/{exp.id}/scans/{s.id}"}
                 for s in sorted(exp.scans.values(), key=lambda s: int(s.id) if s.id.isdigit() else 0)]))
@@ -487,19 +719,28 @@ class _Handler(BaseHTTPRequestHandler):
             scan = exp.scans.get(rest[1])
             if scan is None:
                 raise _HttpError(404, f"Scan {rest[1]} not found")
+            base = f"/data/experiments/{exp.id}/scans/{scan.id}"
             if len(rest) == 2:
                 return self._send(200, _item("xnat:mrScanData", {
                     "ID": scan.id, "type": scan.series_description, "series_description": scan.series_description,
-                    "image_session_ID": exp.id, "frames": len(scan.files)}))
-            if rest[2:] in (["files"], ["resources", "DICOM", "files"]):
+                    "image_session_ID": exp.id, "UID": scan.uid, "frames": len(scan.files)}))
+            if rest[2:] == ["files"]:  # FileList: every resource's files, the resource label in "collection"
                 return self._send(200, _result_set([
-                    {"Name": n, "Size": str(Path(p).stat().st_size), "collection": "DICOM",
-                     "URI": f"/data/experiments/{exp.id}/scans/{scan.id}/resources/DICOM/files/{n}"}
-                    for n, p in sorted(scan.files.items())]))
+                    {"Name": n, "Size": str(Path(p).stat().st_size), "collection": label,
+                     "URI": f"{base}/resources/{label}/files/{n}"}
+                    for label, res in scan.resources.items() for n, p in sorted(res.items())]))
             if rest[2:] == ["resources"]:
-                return self._send(200, _result_set([{"xnat_abstractresource_id": "DICOM", "label": "DICOM",
-                                                     "element_name": "xnat:resourceCatalog", "category": "scans",
-                                                     "file_count": str(len(scan.files)), "format": "DICOM"}]))
+                return self._send(200, _result_set([
+                    {"xnat_abstractresource_id": label, "label": label, "element_name": "xnat:resourceCatalog",
+                     "category": "scans", "file_count": str(len(res)), "format": label}
+                    for label, res in scan.resources.items()]))
+            if len(rest) == 5 and rest[2] == "resources" and rest[4] == "files":
+                res = scan.resources.get(rest[3])
+                if res is None:
+                    raise _HttpError(404, f"Resource {rest[3]} not found")
+                return self._send(200, _result_set([
+                    {"Name": n, "Size": str(Path(p).stat().st_size), "collection": rest[3],
+                     "URI": f"{base}/resources/{rest[3]}/files/{n}"} for n, p in sorted(res.items())]))
         if rest and rest[0] == "resources":
             return self._resources(method, exp.resources, rest, self.xnat.storage / exp.project / exp.label / "RESOURCES",
                                    f"/data/experiments/{exp.id}", body)
@@ -553,77 +794,138 @@ class _Handler(BaseHTTPRequestHandler):
             x.active_imports += 1
             x.max_concurrent_imports = max(x.max_concurrent_imports, x.active_imports)
         try:
-            if x.import_seconds:  # a slow archive, so that concurrent uploads overlap visibly
-                time.sleep(x.import_seconds)
-            if q.get("import-handler", "DICOM-zip") not in ("DICOM-zip", "gradual-DICOM", "SI"):
-                raise _HttpError(400, f"Unknown import handler {q.get('import-handler')}")
-            project = q.get("project")
-            if not project or project not in x.projects:
-                raise _HttpError(400, f"Project {project!r} does not exist")
-            ignore = q.get("Ignore-Unparsable", "false").lower() == "true"
-            files, _bad = parse_upload_zip(body, ignore)
-            if not files:
-                raise _HttpError(400, "The upload holds no DICOM file")
-            studies = {pydicom.dcmread(io.BytesIO(d), stop_before_pixels=True, force=True).StudyInstanceUID
-                       for _, d in files}
-            if len(studies) > 1:
-                raise _HttpError(400, "The upload contains files for multiple imaging sessions")
-            subject = q.get("subject") or "unknown"
-            session = q.get("session") or subject + "_MR"
-            dest = q.get("dest", "/archive")
-            if dest.startswith("/prearchive"):
-                ts = time.strftime("%Y%m%d_%H%M%S") + f"{uuid.uuid4().int % 1000:03d}"
-                with x.lock:
-                    x.prearchive[f"{project}/{ts}/{session}"] = PrearchiveEntry(project, ts, session, subject, files)
-                return self._send(200, f"/data/prearchive/projects/{project}/{ts}/{session}\r\n")
-            exp = x.archive_files(project, subject, session, files, q.get("overwrite"))
-            return self._send(200, f"/data/archive/projects/{project}/subjects/{exp.subject_id}/experiments/{exp.id}\r\n")
+            self._import_inner(q, body)
         finally:
             with x.lock:
                 x.active_imports -= 1
 
-    def _prearchive(self, method: str, path: str, q: dict) -> None:
+    def _import_inner(self, q: dict, body: bytes) -> None:
+        x = self.xnat
+        if q.get("import-handler", "DICOM-zip") != "DICOM-zip":
+            raise _HttpError(400, f"Import handler {q.get('import-handler')} is not modelled by this test server")
+        # Importer + RequestUtil.deriveFileName: the body's file name comes from its media type;
+        # DicomZipImporter.importCompressedFile accepts zip and tar only ("upload" has no extension)
+        mtype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if mtype != "application/zip":
+            raise _HttpError(400, "Unsupported format UNKNOWN" if mtype != "application/x-tar"
+                             else "tar uploads are not modelled by this test server")
+        project = q.get("project")
+        if not project or project not in x.projects or self.user not in x.projects[project].roles:
+            # GradualDicomImporter.getProject: no project the user may create data in
+            raise _HttpError(400, f"Project {project!r} does not exist or the user may not upload to it")
+        ignore = q.get("Ignore-Unparsable", "false").lower() == "true"
+        files, _bad = parse_upload_zip(body, ignore)
+        if not files:
+            raise _HttpError(400, "The upload holds no DICOM file")
+        if len({str(ds.StudyInstanceUID) for _, _, ds in files}) > 1:
+            # XNAT would open one prearchive row per study; this server refuses instead
+            raise _HttpError(400, "The upload contains files for multiple imaging sessions")
+        if x.series_import_filter:  # GradualDicomImporter.shouldIncludeDicomObject (SeriesImportFilter)
+            rx = re.compile(x.series_import_filter)
+            files = [f for f in files if not rx.search(str(f[2].get("SeriesDescription", "") or ""))]
+            if not files:
+                return self._send(200, "")
+        subject = q.get("subject") or str(files[0][2].get("PatientName", "") or "")
+        name = q.get("session") or str(files[0][2].get("PatientID", "") or "dicom_upload")
+        dest = q.get("dest") or ""
+        direct = q.get("Direct-Archive", "false").lower() == "true"
+        if direct and not dest:
+            raise _HttpError(400, "Direct-Archive without dest is not modelled by this test server")
+        if direct:
+            # GradualDicomImporter returns /xapi/direct-archive/<project>/<tag>/<name>; with a dest,
+            # DicomZipImporter.xmlBuild splits it as a prearchive URI, finds no prearchive
+            # session, and the whole import fails (files stay in the direct-archive area)
+            raise _HttpError(400, "Failed to archive 1 of 1 session(s)")
+        row = x.receive(project, subject, name, files)
+        if not dest.startswith("/archive"):
+            with x.lock:
+                row.status = "READY"
+            return self._send(200, f"/data/prearchive/projects/{row.key}\r\n")
+        with x.lock:  # DicomZipImporter.archiveSession: ARCHIVING, then the archiver locks it
+            row.status, row.lastmod = "_ARCHIVING", _now()
+        if x.import_seconds:  # archiving a large visit takes a while
+            time.sleep(x.import_seconds)
+        try:
+            if x._take_fault("/data/services/import", ("archive_error",)):
+                raise _HttpError(500, "Failed to archive 1 of 1 session(s): injected archive error")
+            exp = x.archive(row, subject=q.get("subject"), label=q.get("session"), overwrite=q.get("overwrite"),
+                            overwrite_files=q.get("overwrite_files", "").lower() == "true",
+                            allow_merge=q.get("allowSessionMerge", "").lower() == "true")
+        except _HttpError as exc:
+            with x.lock:  # PrearcDatabase.LockAndSync: CONFLICT on a 409, ERROR otherwise
+                row.status, row.lastmod = ("CONFLICT" if exc.status == 409 else "ERROR"), _now()
+            raise
+        return self._send(200, f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}\r\n")
+
+    def _prearchive(self, method: str, path: str) -> None:
         x = self.xnat
         parts = path.strip("/").split("/")[2:]  # after data/prearchive
-        if parts in ([], ["projects"]):
-            rows = [self._pre_row(k, e) for k, e in x.prearchive.items()]
-            return self._send(200, _result_set(rows))
-        if len(parts) == 2 and parts[0] == "projects":
-            return self._send(200, _result_set([self._pre_row(k, e) for k, e in x.prearchive.items()
-                                                if e.project == parts[1]]))
-        if len(parts) == 4 and parts[0] == "projects":
-            key = "/".join(parts[1:])
-            if method == "DELETE":
-                if x.prearchive.pop(key, None) is None:
+        with x.lock:
+            visible = {k: e for k, e in x.prearchive.items() if self.user in x.projects.get(e.project, Project("", "")).roles}
+            if parts in ([], ["projects"]):
+                return self._send(200, _result_set([self._pre_row(e) for e in visible.values()]))
+            if len(parts) == 2 and parts[0] == "projects":
+                return self._send(200, _result_set([self._pre_row(e) for e in visible.values() if e.project == parts[1]]))
+            if len(parts) == 4 and parts[0] == "projects":
+                key = "/".join(parts[1:])
+                e = visible.get(key)
+                if e is None:
                     raise _HttpError(404, "No such prearchive session")
-                return self._send(200, "")
-            e = x.prearchive.get(key)
-            if e is None:
-                raise _HttpError(404, "No such prearchive session")
-            return self._send(200, _result_set([self._pre_row(key, e)]))
+                if method == "DELETE":
+                    if e.status in LOCKED:  # PrearcDatabase: a locked session cannot be deleted
+                        raise _HttpError(409, f"The prearchive session {key} is locked ({e.status}) and cannot "
+                                              "be deleted")
+                    x.prearchive.pop(key, None)
+                    return self._send(200, "")
+                return self._send(200, _result_set([self._pre_row(e)]))
         raise _HttpError(404, "Not found")
 
+    def _batch_delete(self, q: dict, body: bytes) -> None:
+        """PrearchiveBatchDelete: each src is queued for deletion unless its row is locked
+        (PrearcDatabase.setStatus refuses, the row stays); the answer lists the rows."""
+        x = self.xnat
+        form = parse_qs(body.decode(errors="replace"))
+        srcs = [q["src"]] if "src" in q else form.get("src", [])
+        rows = []
+        with x.lock:
+            for src in srcs:
+                key = unquote(src).replace("/data/prearchive/projects/", "").replace("/prearchive/projects/", "")
+                e = x.prearchive.get(key.strip("/"))
+                if e is None or self.user not in x.projects.get(e.project, Project("", "")).roles:
+                    continue
+                rows.append(self._pre_row(e))
+                if e.status not in LOCKED:
+                    x.prearchive.pop(e.key, None)
+        return self._send(200, _result_set(rows))
+
     @staticmethod
-    def _pre_row(key: str, e: PrearchiveEntry) -> dict:
-        return {"project": e.project, "timestamp": e.timestamp, "name": e.label, "folderName": e.label,
-                "subject": e.subject, "status": "READY", "url": f"/prearchive/projects/{key}",
-                "uploaded": "", "lastmod": "", "scan_date": "", "scan_time": "", "tag": "", "TIMEZONE": "",
-                "prevent_anon": "false", "prevent_auto_commit": "false", "SOURCE": "", "VISIT": "",
-                "PROTOCOL": "", "TIMEZONE_ID": ""}
+    def _pre_row(e: PrearchiveEntry) -> dict:
+        return {"project": e.project, "timestamp": e.timestamp, "name": e.name, "folderName": e.name,
+                "subject": e.subject, "status": _ROW_STATUS_IN_TABLE.get(e.status, e.status),
+                "url": f"/prearchive/projects/{e.key}", "uploaded": e.uploaded, "lastmod": e.lastmod,
+                "scan_date": "", "scan_time": "", "tag": e.tag, "TIMEZONE": "", "prevent_anon": "false",
+                "prevent_auto_commit": "false", "SOURCE": "", "VISIT": "", "PROTOCOL": "", "TIMEZONE_ID": ""}
 
     def _archive_prearchive(self, q: dict, body: bytes) -> None:
         x = self.xnat
         form = {k: v[-1] for k, v in parse_qs(body.decode(errors="replace")).items()}
-        src = q.get("src") or form.get("src") or ""
+        arg = {**form, **q}
+        src = arg.get("src") or ""
         key = src.replace("/data/prearchive/projects/", "").replace("/prearchive/projects/", "").strip("/")
-        e = x.prearchive.get(key)
-        if e is None:
-            raise _HttpError(404, f"No prearchive session {src}")
-        overwrite = q.get("overwrite") or form.get("overwrite")
-        subject = q.get("subject") or form.get("subject") or e.subject
-        label = q.get("label") or form.get("label") or e.label
-        exp = x.archive_files(e.project, subject, label, e.files, overwrite)
-        x.prearchive.pop(key, None)
+        with x.lock:
+            e = x.prearchive.get(key)
+            if e is None or self.user not in x.projects.get(e.project, Project("", "")).roles:
+                raise _HttpError(404, f"No prearchive session {src}")
+            if e.status in LOCKED:
+                raise _HttpError(423, "Duplicate archive attempt. Prearchive session already archiving.")
+            e.status = "_ARCHIVING"
+        try:
+            exp = x.archive(e, subject=arg.get("subject"), label=arg.get("session") or arg.get("label"),
+                            overwrite=arg.get("overwrite"), overwrite_files=arg.get("overwrite_files", "") == "true")
+        except _HttpError as exc:
+            with x.lock:
+                e.status = "CONFLICT" if exc.status == 409 else "ERROR"
+            raise
         return self._send(200, f"/data/archive/projects/{e.project}/subjects/{exp.subject_id}/experiments/{exp.id}")
 
 
