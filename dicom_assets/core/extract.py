@@ -254,6 +254,9 @@ def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
             if rel is None:
                 continue
             is_dir = info.is_dir()
+            if is_dir and (info.file_size or info.compress_size > 2):  # 2: an empty deflate stream
+                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is named like a folder but holds "
+                                         f"{info.file_size} bytes; refusing the archive")
             if not is_dir:
                 refusal = _zip_refusal(archive, info)
                 if refusal:
