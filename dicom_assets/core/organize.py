@@ -49,19 +49,23 @@ def dest_name(sop_uid: str) -> str:
     return f"{safe}.dcm"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, line/paragraph separators
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
 def printable(text: str) -> str:
-    """A file name as found on disk, as valid UTF-8 text: a byte that is not UTF-8 (kept by
-    Python as a lone surrogate) is written ``\\xNN``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
-        if _has_surrogates(text) else text
-
-
-def _has_surrogates(text: str) -> bool:
+    """A file name (or tag value) as one line of valid UTF-8 text: a byte that is not UTF-8
+    (kept by Python as a lone surrogate) and a control character (tab, CR, LF, ...) are
+    written ``\\xNN`` (``\\u2028`` for the line separators); anything else is left as it is."""
+    if not _UNPRINTABLE.search(text):
+        return text
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (a decoder's oddity)
+        raw = text.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
 
 
 def _md5(path: Path) -> str:

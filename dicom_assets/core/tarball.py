@@ -198,7 +198,7 @@ class _Hasher:
 def _unreadable(src: Path, exc: OSError, when: str) -> TarballError:
     what = "is a broken link or vanished" if isinstance(exc, FileNotFoundError) else \
         f"cannot be read ({exc.strerror or exc})"
-    return TarballError(f"{src}: the organized file {what} {when}; materialize organized_dicoms again")
+    return TarballError(f"{_shown(src)}: the organized file {what} {when}; materialize organized_dicoms again")
 
 
 def scan_members(files: list[tuple[Path, str]]) -> list[Member]:
@@ -299,6 +299,11 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
     return TarballResult(str(dest), total, sha256, len(members), len(times), latest)
 
 
+def _shown(path) -> str:
+    """A path as valid UTF-8 text for a message: bytes that are not UTF-8 as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[tuple[Path, str]]:
     """The files of an organized visit folder as (path, name) pairs, sorted.
 
@@ -309,23 +314,27 @@ def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[
     try:
         entries = sorted(os.scandir(dicom_dir), key=lambda e: e.name)
     except OSError as exc:
-        raise OrganizedFolderError(f"{dicom_dir}: the organized DICOM folder cannot be listed "
+        raise OrganizedFolderError(f"{_shown(dicom_dir)}: the organized DICOM folder cannot be listed "
                                    f"({exc.strerror or exc})") from None
     out = []
     for e in entries:
+        p = Path(e.path)
         try:
             ok = e.is_file()  # follows links
         except OSError:
             ok = False
         if not ok:
-            p = Path(e.path)
             if e.is_symlink():
-                what = f"a broken link (to {os.readlink(p)!r})" if not p.exists() else "a link to something else than a file"
+                what = (f"a broken link (to {_shown(os.readlink(p))!r})" if not p.exists()
+                        else "a link to something else than a file")
             else:
                 what = "a folder" if e.is_dir(follow_symlinks=False) else "not a regular file"
-            raise OrganizedFolderError(f"{p}: {what} in the organized DICOM folder; its DICOM would be missing "
-                                       "from the tarball; materialize raw_dicoms and organized_dicoms again")
-        out.append((Path(e.path), e.name))
+            raise OrganizedFolderError(f"{_shown(p)}: {what} in the organized DICOM folder; its DICOM would be "
+                                       "missing from the tarball; materialize raw_dicoms and organized_dicoms again")
+        if _shown(e.name) != e.name:
+            raise OrganizedFolderError(f"{_shown(p)}: a name that is not UTF-8 in the organized DICOM folder "
+                                       "(organize writes <SOPInstanceUID>.dcm names only)")
+        out.append((p, e.name))
     if expected is not None:
         names = {n for _, n in out}
         missing = sorted(set(expected) - names)
@@ -336,6 +345,6 @@ def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[
                 parts.append(f"{len(missing)} kept file(s) missing (first {missing[0]!r})")
             if extra:
                 parts.append(f"{len(extra)} file(s) the report does not list (first {extra[0]!r})")
-            raise OrganizedFolderError(f"{dicom_dir}: the organized folder disagrees with the organize report: "
+            raise OrganizedFolderError(f"{_shown(dicom_dir)}: the organized folder disagrees with the organize report: "
                                        + "; ".join(parts) + "; materialize organized_dicoms again")
     return out
