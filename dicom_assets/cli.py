@@ -148,10 +148,11 @@ def cmd_nbia_test_server(args) -> int:
 
     collection = build_collection(_samples(args), {"TCIA-A": 1, "TCIA-B": 3})
     with NbiaTestServer(series=collection, host=args.host, port=args.port) as server:
-        print(f"NBIA test server: {server.url} ({len(collection)} series)", file=sys.stderr, flush=True)
+        print(f"NBIA test server: {server.server_url} (API {server.api('v4')}, {len(collection)} series)",
+              file=sys.stderr, flush=True)
         if args.manifest_out:
             out = Path(args.manifest_out)
-            text = manifest_text(list(collection), server.url)
+            text = manifest_text(list(collection), server.server_url, basket_id="manifest-demo-basket.tcia")
             if not out.is_file() or out.read_text() != text:  # unchanged: the sensor sees no new manifest
                 with atomic_write(out) as fh:
                     fh.write(text)
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     n = sub.add_parser("nbia-test-server", help="run the NBIA-compatible (TCIA) test server on loopback")
     n.add_argument("--host", default="127.0.0.1")
     n.add_argument("--port", type=int, default=8089)
-    n.add_argument("--manifest-out", help="write a .tcia manifest of the served series here")
+    n.add_argument("--manifest-out", help="write a .tcia manifest of the served series here (as TCIA's portal "
+                   "writes it, downloadServerUrl naming this server; set TCIA_SERVERS to allow it)")
     n.set_defaults(fn=cmd_nbia_test_server)
     args = p.parse_args(argv)
     try:

@@ -1,7 +1,18 @@
-"""TCIA manifests: parsing, downloads through a real NBIA-compatible HTTP server on loopback
-(zips of real DICOM files), resume, stable labels, and the chain to XNAT."""
+"""TCIA manifests against NBIA-compatible HTTP servers on loopback that answer as NBIA does
+(CBIIT/NBIA-TCIA's restAPI classes; see dicom_assets/testing/nbia_server.py): two servers (main and
+NLST-like), v1 and v4 paths, NBIA's zip layout and md5 list, cut-off streams, empty answers, 400s,
+HTML and plain 500s. Zips of real DICOM files; parsing as the NBIA Data Retriever reads manifests;
+resume, stable labels, and the chain to XNAT."""
 
 import csv
+import dataclasses
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
 
 import pytest
 
@@ -18,6 +29,18 @@ from dicom_assets.testing.nbia_server import NbiaTestServer, build_collection, m
 
 from .helpers import Ticker
 
+UNKNOWN = "1.2.826.0.1.3680043.8.498.999999"
+# A manifest as TCIA's portal exports it (NBIA's ManifestMaker): six header lines, then one
+# SeriesInstanceUID per line, every line ended by "\n"; NLST's manifests name the nlst server.
+PORTAL_NLST_HEADER = (
+    "downloadServerUrl=https://nlst.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet\n"
+    "includeAnnotation=true\n"
+    "noOfrRetry=4\n"
+    "databasketId=manifest-1718000000000.tcia\n"
+    "manifestVersion=3.0\n"
+    "ListOfSeriesToDownload=\n"
+)
+
 
 @pytest.fixture(scope="module")
 def collection(samples):
@@ -25,50 +48,378 @@ def collection(samples):
     return build_collection(samples, {"TCIA-A": 1, "TCIA-B": 3})
 
 
+@pytest.fixture(scope="module")
+def nlst_collection(samples):
+    return build_collection(samples, {"100012": 1, "100158": 1}, collection="NLST")
+
+
 @pytest.fixture
 def nbia(collection):
-    with NbiaTestServer(series=dict(collection)) as server:
+    with NbiaTestServer(series=fresh(collection)) as server:
         yield server
 
 
-def client_for(server):
-    return NbiaClient(server.url, retries=3, backoff=0.01)
+@pytest.fixture
+def nlst(nlst_collection):
+    with NbiaTestServer(series=fresh(nlst_collection), name="nlst") as server:
+        yield server
 
 
-def test_tcia_manifest_with_crlf_parses(tmp_path, collection):
+def fresh(collection):
+    """The collection's series as a server of one test may change them (public or not)."""
+    return {u: dataclasses.replace(s) for u, s in collection.items()}
+
+
+def client_for(server, version="v4"):
+    return NbiaClient(server.server_url, version, retries=3, backoff=0.01)
+
+
+def get(url):
+    """(status, headers, body) of a GET, error answers included."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def write_manifest(tcia_dir, name, text):
+    tcia_dir.mkdir(parents=True, exist_ok=True)
+    (tcia_dir / name).write_bytes(text.encode())
+
+
+def set_config(root, **fields):
+    p = root / "global_config.json"
+    data = json.loads(p.read_text())
+    data.update(fields)
+    p.write_text(json.dumps(data, indent=2))
+
+
+def tcia_resources(root, *servers, **kw):
+    from dicom_assets.defs.resources import DatasetResource
+    from dicom_assets.defs.tcia import TciaResource
+
+    return {"dataset": DatasetResource(root=str(root)),
+            "tcia": TciaResource(servers=[s.server_url for s in servers], backoff=0.01, retries=2, **kw)}
+
+
+def materialize_manifest(instance, resources, name):
+    from dagster import materialize
+
+    from dicom_assets.defs.tcia import TCIA_PARTITION_NAME, tcia_series
+
+    if not instance.has_dynamic_partition(TCIA_PARTITION_NAME, name):
+        instance.add_dynamic_partitions(TCIA_PARTITION_NAME, [name])
+    return materialize([tcia_series], partition_key=name, resources=resources, instance=instance,
+                       raise_on_error=False)
+
+
+def failure_of(result):
+    data = result.get_step_failure_events()[0].step_failure_data
+    return data.error.message, (data.user_failure_data.metadata if data.user_failure_data else {})
+
+
+# ------------------------------------------------------------------------ manifests (point 6)
+def test_portal_manifest_is_written_and_read_as_nbia_does(tmp_path, nlst_collection):
+    uids = list(nlst_collection)
+    text = manifest_text(uids, "https://nlst.cancerimagingarchive.net", basket_id="manifest-1718000000000.tcia")
+    assert text == PORTAL_NLST_HEADER + "".join(u + "\n" for u in uids)
+    p = tmp_path / "manifest-1718000000000.tcia"
+    p.write_text(text)
+    m = parse_manifest(p)
+    assert m.series == tuple(uids)
+    assert m.server == "https://nlst.cancerimagingarchive.net"
+    assert m.header["manifestVersion"] == "3.0" and m.header["databasketId"] == "manifest-1718000000000.tcia"
+
+
+HEAD = "downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet\n"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("body, series", [
+    # StandaloneDMDispatcher.getSeriesList: the list line in any case
+    (HEAD + "manifestVersion=3.0\nlistofseriestodownload=\n1.2.3\n", ["1.2.3"]),
+    # ... a line without digits (a 'Series ID' heading, as in NBIA's own deploy/*.tcia) skipped
+    (HEAD + "manifestVersion=3.0\nListOfSeriesToDownload=\nSeries ID\n1.2.3\n\n1.2.4", ["1.2.3", "1.2.4"]),
+    # ... a UID listed twice is one series; separators around a UID are not part of it
+    (HEAD + "manifestVersion=3.0\nListOfSeriesToDownload=\n1.2.3,\n \"1.2.4\" \n1.2.3\n", ["1.2.3", "1.2.4"]),
+    # java.util.Properties.load: 'key: value', 'key value', '!' and '#' comments, CR line ends
+    ("! exported by hand\r# note\rdownloadServerUrl: https://nbia.cancerimagingarchive.net/nbia-download/servlet/"
+     "DownloadServlet\rmanifestVersion 3.0\rListOfSeriesToDownload=\r1.2.3\r", ["1.2.3"]),
+])
+def test_manifest_is_read_as_the_data_retriever_reads_it(tmp_path, body, series):
     p = tmp_path / "m.tcia"
-    p.write_bytes(manifest_text(list(collection), "https://nbia.example/api", crlf=True).encode())
+    p.write_bytes(body.encode())
     m = parse_manifest(p)
-    assert m.series == tuple(collection)
-    assert m.header["downloadServerUrl"] == "https://nbia.example/api"
-    assert m.header["manifestVersion"] == "3.0"
-
-
-def test_csv_manifest_form(tmp_path, collection):
-    p = tmp_path / "m.csv"
-    rows = ["study_instance_uid,series_instance_uid"] + [f"{s.info['StudyInstanceUID']},{u}"
-                                                          for u, s in collection.items()]
-    p.write_text("\r\n".join(rows) + "\r\n")
-    m = parse_manifest(p)
-    assert m.series == tuple(collection)
-    assert all(m.study_of[u] == s.info["StudyInstanceUID"] for u, s in collection.items())
+    assert list(m.series) == series
+    assert m.server == "https://nbia.cancerimagingarchive.net"
 
 
 @pytest.mark.faults
 @pytest.mark.parametrize("body, message", [
-    ("downloadServerUrl=x\nListOfSeriesToDownload=\n1.2.3\nnot-a-uid\n", "line 4: 'not-a-uid' is not a DICOM UID"),
-    ("downloadServerUrl=x\nListOfSeriesToDownload=\n1.2.3\n1.2.4\n1.2.3\n", "line 5: series 1.2.3 already listed on line 3"),
-    ("downloadServerUrl=x\nthis line is wrong\nListOfSeriesToDownload=\n1.2.3\n", "line 2: expected 'key=value'"),
-    ("downloadServerUrl=x\nmanifestVersion=3.0\n", "no 'ListOfSeriesToDownload=' line"),
-    ("downloadServerUrl=x\nListOfSeriesToDownload=\n", "lists no series"),
+    ("manifestVersion=3.0\nListOfSeriesToDownload=\n1.2.3\n", "no 'downloadServerUrl=' line"),
+    ("downloadserverurl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/DownloadServlet\n"
+     "manifestVersion=3.0\nListOfSeriesToDownload=\n1.2.3\n", "line 1 has 'downloadserverurl'"),
+    ("downloadServerUrl=https://nbia.example/nbia-api/services/v1\nmanifestVersion=3.0\nListOfSeriesToDownload=\n"
+     "1.2.3\n", "line 1: downloadServerUrl 'https://nbia.example/nbia-api/services/v1' is not an NBIA download"),
+    (HEAD + "ListOfSeriesToDownload=\n1.2.3\n", "no 'manifestVersion=' line"),
+    (HEAD + "manifestVersion=2.0\nListOfSeriesToDownload=\n1.2.3\n", "line 2: manifestVersion '2.0' is not 3.x"),
+    (HEAD + "manifestVersion=3.0\nListOfSeriesToDownload= \n1.2.3\n", "line 3: 'ListOfSeriesToDownload= ' is not"),
+    (HEAD + "manifestVersion=3.0\nListOfSeriesToDownload=1.2.3\n", "line 3: 'ListOfSeriesToDownload=1.2.3' is not"),
+    (HEAD + "manifestVersion=3.0\n", "no 'ListOfSeriesToDownload=' line"),
+    (HEAD + "manifestVersion=3.0\nListOfSeriesToDownload=\n1.2.3\n1.2.3abc4\n",
+     "line 5: '1.2.3abc4' is not a SeriesInstanceUID .*'1.2.34'"),
+    (HEAD + "manifestVersion=3.0\nListOfSeriesToDownload=\n1..2\n", "line 4: '1..2' is not a DICOM UID"),
+    (HEAD + "manifestVersion=3.0\nListOfSeriesToDownload=\nSeries ID\n", "lists no series"),
 ])
-def test_malformed_manifest_gets_a_line_numbered_error(tmp_path, body, message):
+def test_manifest_the_retriever_cannot_use_is_refused_with_its_line(tmp_path, body, message):
     p = tmp_path / "bad.tcia"
     p.write_text(body)
-    with pytest.raises(TciaManifestError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(TciaManifestError, match=message.replace("(", r"\(")):
         parse_manifest(p)
 
 
+def test_tcia_portal_csv_exports_are_manifests(tmp_path, collection):
+    # the cart's "Download CSV" (NBIA v4 getSeriesMetadata, FormatOutput.toCsvQuoted) ...
+    cols = ["PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "SeriesInstanceUID", "Collection",
+            "Modality", "ImageCount", "Authorized"]
+    rows = ["\"" + "\",\"".join(cols) + "\""] + [
+        "\"" + "\",\"".join([s.info["PatientID"], s.info["PatientID"], s.info["StudyInstanceUID"], "2020-01-06",
+                            u, "DEMO-TCIA", "MR", "3", "1"]) + "\"" for u, s in collection.items()]
+    p = tmp_path / "series-data1718000000000.csv"
+    p.write_text("\n".join(rows) + "\n")
+    m = parse_manifest(p)
+    assert m.series == tuple(collection) and m.server is None
+    assert all(m.study_of[u] == s.info["StudyInstanceUID"] for u, s in collection.items())
+    # ... and its older cart CSV (nbia-search csvFormatCart)
+    old = ["Patient ID,Study UID,Study Date,Study Description,Series ID,Series Description,Number of images,"
+           "File Size,Annotation File Size"] + [f"{s.info['PatientID']},{s.info['StudyInstanceUID']},01/06/2020,"
+                                                f"MR,{u},T1,3,1000,0" for u, s in collection.items()]
+    p.write_text("\r\n".join(old) + "\r\n")
+    assert parse_manifest(p).series == tuple(collection)
+
+
+def test_tcia_manifest_with_crlf_parses(tmp_path, collection):
+    p = tmp_path / "m.tcia"
+    p.write_bytes(manifest_text(list(collection), "https://nbia.cancerimagingarchive.net", crlf=True).encode())
+    m = parse_manifest(p)
+    assert m.series == tuple(collection)
+    assert m.header["manifestVersion"] == "3.0"
+
+
+# --------------------------------------------------------------------- hosts (point 1)
+def test_nlst_manifest_downloads_from_the_server_it_names(demo_root, instance, nbia, nlst, nlst_collection):
+    """A portal manifest naming the NLST-like server: its series come from there, not the main one."""
+    tcia_dir = demo_root / "downloads" / "tcia"
+    uids = list(nlst_collection)
+    write_manifest(tcia_dir, "nlst-basket.tcia", manifest_text(uids, nlst.server_url))
+    result = materialize_manifest(instance, tcia_resources(demo_root, nbia, nlst), "nlst-basket")
+    assert result.success
+    assert nbia.requests == []
+    assert {u for v, e, q in nlst.requests if e == "getImage" for u in [q["SeriesInstanceUID"]]} == set(uids)
+    rows = read_resolved(tcia_dir / "nlst-basket" / "resolved.csv")
+    assert sorted({r["session_label"] for r in rows}) == ["100012", "100158"]
+    # a manifest naming a server that is not configured is refused, nothing is asked anywhere
+    write_manifest(tcia_dir, "elsewhere.tcia", manifest_text(uids, "http://127.0.0.1:9"))
+    result = materialize_manifest(instance, tcia_resources(demo_root, nbia, nlst), "elsewhere")
+    message, _ = failure_of(result)
+    assert "names the server http://127.0.0.1:9, which is not one of the configured TCIA servers" in message
+
+
+@pytest.mark.faults
+def test_missing_series_fail_the_run_unless_the_dataset_allows_them(demo_root, instance, nbia, collection):
+    tcia_dir = demo_root / "downloads" / "tcia"
+    hidden = list(collection)[0]
+    nbia.series[hidden].public = False  # known to NBIA, not public: getSeries answers nothing as well
+    write_manifest(tcia_dir, "basket.tcia", manifest_text([*collection, UNKNOWN], nbia.server_url))
+    result = materialize_manifest(instance, tcia_resources(demo_root, nbia), "basket")
+    assert not result.success
+    message, metadata = failure_of(result)
+    assert "2 are unknown to" in message and "tcia_allow_missing_series" in message
+    assert set(metadata["missing_series"].value.split("\n")) == {hidden, UNKNOWN}
+    assert not (tcia_dir / "basket" / "resolved.csv").exists()
+    set_config(demo_root, tcia_allow_missing_series=True)
+    result = materialize_manifest(instance, tcia_resources(demo_root, nbia), "basket")
+    assert result.success
+    md = result.asset_materializations_for_node("tcia_series")[0].metadata
+    assert set(md["missing_series"].value.split("\n")) == {hidden, UNKNOWN} and md["missing"].value == 2
+    assert {r["SeriesInstanceUID"] for r in read_resolved(tcia_dir / "basket" / "resolved.csv")} == \
+        set(collection) - {hidden}
+
+
+# ------------------------------------------------------------------- API versions (point 2)
+def test_v4_is_the_default_api_and_v1_an_option(nbia, collection, tmp_path):
+    uids = list(collection)[:2]
+    res = download_series(NbiaClient(nbia.server_url, retries=0), uids, tmp_path / "v4")
+    assert [r.status for r in res] == ["downloaded", "downloaded"]
+    assert {(v, e) for v, e, _ in nbia.requests} == {("v4", "getSeries"), ("v4", "getImage")}
+    assert all(q.get("IncludeMD5") == "yes" for _, e, q in nbia.requests if e == "getImage")
+    nbia.requests.clear()
+    res = download_series(NbiaClient(nbia.server_url, "v1", retries=0), uids, tmp_path / "v1")
+    assert [r.status for r in res] == ["downloaded", "downloaded"]
+    assert {(v, e) for v, e, _ in nbia.requests} == {("v1", "getSeries"), ("v1", "getImageWithMD5Hash")}
+
+
+@pytest.mark.faults
+def test_v4_answers_400_to_a_parameter_it_does_not_know(nbia, collection):
+    uid = next(iter(collection))
+    status, _, body = get(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}&format=zip")
+    assert status == 400 and body.startswith(b"Invalid query parameter: 'format'. Allowed parameters are: [")
+    status, _, _ = get(f"{nbia.api('v4')}/getSeries?SeriesInstanceUID={uid}&IncludeMD5=yes")
+    assert status == 400
+    status, _, body = get(f"{nbia.api('v1')}/getImage?SeriesInstanceUID={uid}&format=zip")  # v1 ignores it
+    assert status == 200 and zipfile.ZipFile(io.BytesIO(body)).namelist()[0] == "LICENSE"
+
+
+# ------------------------------------------------------------------ zips and md5 (point 3)
+def test_zips_are_laid_out_as_nbia_sends_them(nbia, collection):
+    uid, s = next(iter(collection.items()))
+    images = [f"{i:08d}.dcm" for i in range(1, s.info["ImageCount"] + 1)]
+
+    def names(url):
+        status, headers, body = get(url)
+        assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+        assert headers["Transfer-Encoding"] == "chunked" and headers["Content-Disposition"].endswith(f'"{uid}.zip"')
+        return zipfile.ZipFile(io.BytesIO(body))
+
+    assert names(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}").namelist() == ["LICENSE", *images]
+    assert names(f"{nbia.api('v1')}/getImage?SeriesInstanceUID={uid}").namelist() == ["LICENSE", *images]
+    zf = names(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}&IncludeMD5=yes")
+    assert zf.namelist() == ["LICENSE", *images, "md5hashes.csv"]
+    rows = list(csv.reader(io.StringIO(zf.read("md5hashes.csv").decode())))
+    assert rows[0] == ["Filename", "MD5Hash"] and sorted(r[0] for r in rows[1:]) == images
+    assert names(f"{nbia.api('v1')}/getImageWithMD5Hash?SeriesInstanceUID={uid}").namelist() == [
+        *images, "md5hashes.csv"]
+    assert names(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}&NewFileNames=Yes").namelist() == [
+        "LICENSE", *s.files]
+
+
+@pytest.mark.faults
+def test_md5_list_is_verified_as_nbia_writes_it(nbia, collection, tmp_path):
+    uids = list(collection)
+    nbia.corrupt_next[uids[0]] = 1  # once: the next download is right
+    nbia.corrupt_next[uids[1]] = 10  # the stored file differs from NBIA's md5 every time
+    res = {r.uid: r for r in download_series(client_for(nbia), uids[:3], tmp_path / "series")}
+    assert res[uids[0]].status == "downloaded" and nbia.count("getImage", uids[0]) == 2
+    assert res[uids[1]].status == "failed" and "00000001.dcm: md5" in res[uids[1]].message
+    assert "of md5hashes.csv" in res[uids[1]].message
+    assert res[uids[2]].status == "downloaded"
+    kept = zipfile.ZipFile(tmp_path / "series" / f"{uids[0]}.zip").namelist()
+    assert kept[0] == "LICENSE" and kept[-1] == "md5hashes.csv"
+    assert sorted(p.name for p in (tmp_path / "series").iterdir()) == sorted(
+        [f"{uids[0]}.zip", f"{uids[0]}.json", f"{uids[2]}.zip", f"{uids[2]}.json"])
+
+
+# ----------------------------------------------------------- streams and failures (point 4)
+@pytest.mark.faults
+def test_cut_off_stream_fails_only_its_series_and_is_retried(nbia, collection, tmp_path):
+    uids = list(collection)
+    nbia.cut_next[uids[0]] = 1  # once: the retry gets the zip
+    nbia.cut_next[uids[1]] = 10  # more often than the client retries
+    res = {r.uid: r for r in download_series(client_for(nbia), uids, tmp_path / "series")}
+    assert res[uids[0]].status == "downloaded" and nbia.count("getImage", uids[0]) == 2
+    assert res[uids[1]].status == "failed" and "stream cut off" in res[uids[1]].message
+    assert "IncompleteRead" in res[uids[1]].message and nbia.count("getImage", uids[1]) == 4
+    assert all(res[u].status == "downloaded" for u in uids[2:])
+    assert not list((tmp_path / "series").glob(".*"))  # no temporary file left behind
+    assert not (tmp_path / "series" / f"{uids[1]}.zip").exists()
+
+
+@pytest.mark.faults
+def test_zip_is_streamed_to_a_temporary_file_and_renamed_once_verified(nbia, collection, tmp_path):
+    uid = next(iter(collection))
+    nbia.pause[uid] = threading.Event()  # the server stops halfway until the event is set
+    series = tmp_path / "series"
+    done = []
+    worker = threading.Thread(target=lambda: done.extend(download_series(client_for(nbia), [uid], series)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        partial = []
+        while time.monotonic() < deadline and not partial:
+            partial = [p for p in series.glob(f".{uid}.zip.*") if p.stat().st_size > 0]
+            time.sleep(0.02)
+        assert partial, "the first half of the zip is not on disk while the rest is on its way"
+        assert not (series / f"{uid}.zip").exists()
+    finally:
+        nbia.pause[uid].set()
+        worker.join(30)
+    assert [r.status for r in done] == ["downloaded"]
+    assert (series / f"{uid}.zip").is_file() and not list(series.glob(".*"))
+
+
+@pytest.mark.faults
+def test_resume_after_a_failed_download_fetches_only_what_is_missing(nbia, collection, tmp_path):
+    uids = list(collection)
+    flaky = uids[1]
+    nbia.fail(flaky, 10, status=503)  # more 503s than the client retries
+    first = {r.uid: r for r in download_series(client_for(nbia), uids, tmp_path / "series")}
+    assert first[flaky].status == "failed" and "HTTP 503" in first[flaky].message
+    assert all(first[u].status == "downloaded" for u in uids if u != flaky)
+    assert not (tmp_path / "series" / f"{flaky}.zip").exists()  # no half file
+    nbia.fail_next.clear()
+    before = nbia.count("getImage")
+    second = {r.uid: r for r in download_series(client_for(nbia), uids, tmp_path / "series")}
+    assert second[flaky].status == "downloaded"
+    assert all(second[u].status == "cached" for u in uids if u != flaky)
+    assert nbia.count("getImage") - before == 1  # only the failed series again
+
+
+@pytest.mark.faults
+def test_html_and_plain_500s_are_retried_and_reported_readably(nbia, collection, tmp_path):
+    uids = list(collection)
+    nbia.fail(uids[0], 2, status=500, html=True)  # fewer than the retries: goes through
+    nbia.fail(uids[1], 10, status=500, html=False)  # NBIA's own plain 500
+    nbia.fail(uids[2], 10, status=502, html=True)  # a proxy's HTML page
+    res = {r.uid: r for r in download_series(client_for(nbia), uids[:3], tmp_path / "series")}
+    assert res[uids[0]].status == "downloaded"
+    assert res[uids[1]].status == "failed"
+    assert "HTTP 500 from" in res[uids[1]].message and "Server was not able to process your request" in \
+        res[uids[1]].message
+    assert res[uids[2]].status == "failed" and "HTTP 502 from" in res[uids[2]].message
+    assert "HTTP Status 502 - Bad Gateway" in res[uids[2]].message and "<" not in res[uids[2]].message
+
+
+@pytest.mark.faults
+def test_a_zip_ended_early_is_retried_then_refused(nbia, collection, tmp_path):
+    uids = list(collection)
+    nbia.short_next[uids[0]] = 1  # an image missing on NBIA's storage once: the retry is whole
+    nbia.short_next[uids[2]] = 10
+    res = {r.uid: r for r in download_series(client_for(nbia), uids[:3], tmp_path / "series")}
+    assert res[uids[0]].status == "downloaded"
+    assert res[uids[2]].status == "failed" and "no md5hashes.csv" in res[uids[2]].message
+    assert not (tmp_path / "series" / f"{uids[2]}.zip").exists()
+
+
+# -------------------------------------------------------- unknown and non-public (point 5)
+@pytest.mark.faults
+def test_unknown_and_non_public_series_answer_as_nbia(nbia, collection):
+    uid = next(iter(collection))
+    nbia.series[uid].public = False
+    for version in ("v1", "v4"):
+        for series in (UNKNOWN, uid):
+            status, headers, body = get(f"{nbia.api(version)}/getSeries?SeriesInstanceUID={series}")
+            assert (status, body, headers["Content-Length"]) == (200, b"", "0")
+    status, _, body = get(f"{nbia.api('v1')}/getImage?SeriesInstanceUID={uid}")
+    assert status == 400 and body == f"Image with given SeriesInstanceUID,{uid}, is not in public domain.".encode()
+    status, _, body = get(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={UNKNOWN}")
+    assert status == 400 and b"has not been granted the access to image" in body
+
+
+@pytest.mark.faults
+def test_unknown_series_is_missing_and_a_refused_one_fails_without_retry(nbia, collection, tmp_path):
+    uids = list(collection)
+    refused = uids[0]
+    nbia.deny_image.add(refused)  # its metadata is public, its images are refused (400)
+    res = {r.uid: r for r in download_series(client_for(nbia), [UNKNOWN, *uids], tmp_path / "series")}
+    assert res[UNKNOWN].status == "missing" and "unknown to" in res[UNKNOWN].message
+    assert res[refused].status == "failed" and "HTTP 400" in res[refused].message
+    assert "has not been granted the access to image" in res[refused].message
+    assert nbia.count("getImage", refused) == 1  # a 400 is not retried
+    assert all(res[u].status == "downloaded" for u in uids[1:])
+
+
+# ------------------------------------------------------------------- labels and the chain
 def test_labels_for_one_and_three_studies_do_not_depend_on_order(nbia, collection, tmp_path):
     uids = list(collection)
     results = download_series(client_for(nbia), uids, tmp_path / "series")
@@ -97,65 +448,24 @@ def test_labels_for_one_and_three_studies_do_not_depend_on_order(nbia, collectio
                                                "session_label"]
 
 
-@pytest.mark.faults
-def test_resume_after_a_failed_download_fetches_only_what_is_missing(nbia, collection, tmp_path):
-    uids = list(collection)
-    flaky = uids[1]
-    nbia.fail_next[flaky] = 10  # more 503s than the client retries
-    first = {r.uid: r for r in download_series(client_for(nbia), uids, tmp_path / "series")}
-    assert first[flaky].status == "failed" and "503" in first[flaky].message
-    assert all(first[u].status == "downloaded" for u in uids if u != flaky)
-    assert not (tmp_path / "series" / f"{flaky}.zip").exists()  # no half file
-    nbia.fail_next.clear()
-    before = nbia.count("getImage")
-    second = {r.uid: r for r in download_series(client_for(nbia), uids, tmp_path / "series")}
-    assert second[flaky].status == "downloaded"
-    assert all(second[u].status == "cached" for u in uids if u != flaky)
-    assert nbia.count("getImage") - before == 1  # only the failed series again
-
-
-@pytest.mark.faults
-def test_transient_errors_are_retried_and_a_short_zip_is_refused(nbia, collection, tmp_path):
-    uids = list(collection)
-    nbia.fail_next[uids[0]] = 2  # fewer than the retries: goes through
-    nbia.truncate_next[uids[2]] = 1  # one file short of ImageCount: refused, not kept
-    res = {r.uid: r for r in download_series(client_for(nbia), uids[:3], tmp_path / "series")}
-    assert res[uids[0]].status == "downloaded"
-    assert res[uids[2]].status == "failed" and "ImageCount" in res[uids[2]].message
-    assert not (tmp_path / "series" / f"{uids[2]}.zip").exists()
-
-
-@pytest.mark.faults
-def test_unknown_series_is_reported_and_the_rest_goes_on(nbia, collection, tmp_path):
-    uids = list(collection)
-    unknown = "1.2.826.0.1.3680043.8.498.999999"
-    res = {r.uid: r for r in download_series(client_for(nbia), [unknown, *uids], tmp_path / "series")}
-    assert res[unknown].status == "missing" and "unknown" in res[unknown].message
-    assert all(res[u].status == "downloaded" for u in uids)
-    assert len(group_visits(list(res.values()))) == 4
-
-
-def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples, collection, instance, tmp_path,
-                                                              monkeypatch):
+def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples, collection, instance, tmp_path):
     """Drop a .tcia manifest; the sensor and the jobs it starts take it to XNAT, no click."""
     from dagster import SensorResult, materialize
 
     from dicom_assets.definitions import CHAIN_ASSETS, tcia_sensor
     from dicom_assets.defs.publish import XnatResource
-    from dicom_assets.defs.resources import DatasetResource
-    from dicom_assets.defs.tcia import TciaResource, tcia_series
+    from dicom_assets.defs.tcia import tcia_series
     from dicom_assets.testing.xnat_server import XnatTestServer
 
+    set_config(demo_root, tcia_allow_missing_series=True)  # the unknown series below is reported, not fatal
     xsrv = XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=tmp_path / "xnat").start()
     try:
         with NbiaTestServer(series=dict(collection)) as nbia:
             tcia_dir = demo_root / "downloads" / "tcia"
             tcia_dir.mkdir(parents=True)
-            unknown = "1.2.826.0.1.3680043.8.498.424242"
-            text = manifest_text([*collection, unknown], nbia.url, crlf=True)
+            text = manifest_text([*collection, UNKNOWN], nbia.server_url, crlf=True)
             (tcia_dir / "demo-basket.tcia").write_bytes(text.encode())
-            resources = {"dataset": DatasetResource(root=str(demo_root)),
-                         "tcia": TciaResource(api_url=nbia.url, backoff=0.01),
+            resources = {**tcia_resources(demo_root, nbia),
                          "xnat": XnatResource(server=xsrv.url, user="admin", password="pw")}
             ticker = Ticker(instance, tcia_sensor, resources)
 
@@ -189,5 +499,5 @@ def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples
     for uid, s in collection.items():
         label = next(r["session_label"] for r in rows if r["SeriesInstanceUID"] == uid)
         exp = project.subjects[s.info["PatientID"]].experiments[label]
-        assert len(exp.scans[s.info["SeriesNumber"]].files) == s.info["ImageCount"]
+        assert len(exp.scans[str(s.info["SeriesNumber"])].files) == s.info["ImageCount"]
     assert sorted(project.resources["TCIA"]) == ["demo-basket.tcia", "resolved.csv"]

@@ -11,11 +11,12 @@ export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
 export XNAT_PASSWORD="${XNAT_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
 "$VENV/bin/dicom-assets" xnat-test-server --port "$XNAT_PORT" --user "$XNAT_USER" &
 XNAT_PID=$!
-export TCIA_API_URL="http://127.0.0.1:$NBIA_PORT/nbia-api/services/v1"
+# the demo manifest names this server (downloadServerUrl); TCIA_SERVERS allows it instead of TCIA's public ones
+export TCIA_SERVERS="http://127.0.0.1:$NBIA_PORT"
 "$VENV/bin/dicom-assets" nbia-test-server --port "$NBIA_PORT" --manifest-out "$DEMO_ROOT/downloads/tcia/demo-basket.tcia" &
 NBIA_PID=$!
 trap 'kill $XNAT_PID $NBIA_PID 2>/dev/null || true' EXIT
 echo "XNAT test server: $XNAT_HOST (user $XNAT_USER)"
-echo "TCIA (NBIA) test server: $TCIA_API_URL"
+echo "TCIA (NBIA) test server: $TCIA_SERVERS"
 echo "Dagster UI: http://$HOST:$PORT  (dataset root: $DEMO_ROOT, instance: $DAGSTER_HOME)"
 DICOM_ASSETS_ROOT="$DEMO_ROOT" "$VENV/bin/dagster" dev -w workspace.yaml -h "$HOST" -p "$PORT"

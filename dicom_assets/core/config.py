@@ -58,6 +58,8 @@ class GlobalConfig:
     datalad_store_url: str | None = None
     # datalad/<study>/ as a DataLad superdataset of all visits (each visit a subdataset)
     datalad_superdataset: bool = True
+    # a TCIA manifest run succeeds without the series its NBIA server does not know (default: it fails)
+    tcia_allow_missing_series: bool = False
     limits: dict = field(default_factory=lambda: dict(_DEFAULT_LIMITS))
     source: str = ""
 
@@ -84,6 +86,7 @@ _FIELDS = {
     "xnat_duplicate_policy",
     "datalad_store_url",
     "datalad_superdataset",
+    "tcia_allow_missing_series",
     "limits",
 }
 _REQUIRED = ("dataset_name", "study_id", "sessions")
@@ -163,7 +166,7 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
                 raise ConfigError(f"{path}: field '{name}' must be one of {', '.join(choices)}, "
                                   f"not {data[name]!r}")
             kw[name] = data[name]
-    for name in ("exclude_derived", "datalad_superdataset"):
+    for name in ("exclude_derived", "datalad_superdataset", "tcia_allow_missing_series"):
         if name in data:
             if not isinstance(data[name], bool):
                 raise ConfigError(f"{path}: field '{name}' must be true or false")

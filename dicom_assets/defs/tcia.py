@@ -9,6 +9,7 @@ zips as the visit's dump; ``xnat_session`` uses the TCIA session label).
 
 import json
 import os
+from typing import Literal
 
 from dagster import (
     AssetExecutionContext,
@@ -17,6 +18,7 @@ from dagster import (
     DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
+    MetadataValue,
     RetryPolicy,
     RunRequest,
     SensorEvaluationContext,
@@ -31,11 +33,14 @@ from pydantic import Field
 from ..core.downloads import signature
 from ..core.errors import DicomAssetsError
 from ..core.tcia import (
-    DEFAULT_API,
+    DEFAULT_API_VERSION,
+    PUBLIC_SERVERS,
     NbiaClient,
+    TciaManifest,
     download_series,
     group_visits,
     manifest_name,
+    manifest_server,
     manifests,
     parse_manifest,
     read_resolved,
@@ -53,19 +58,30 @@ tcia_manifests = DynamicPartitionsDefinition(name=TCIA_PARTITION_NAME)
 
 
 class TciaResource(ConfigurableResource):
-    """The NBIA REST API that serves TCIA's series (public v1 endpoints by default)."""
+    """The NBIA servers that serve TCIA's series, and how to use their REST API.
 
-    api_url: str = Field(default=DEFAULT_API, description="NBIA API base URL (TCIA_API_URL)")
+    A ``.tcia`` manifest names its server (``downloadServerUrl``): its series are asked there,
+    if it is one of ``servers``; a CSV export names none and goes to the first of ``servers``."""
+
+    servers: list[str] = Field(default=list(PUBLIC_SERVERS),
+                               description="NBIA servers manifests may name; the first is the default (TCIA_SERVERS, "
+                                           "comma-separated)")
+    api_version: Literal["v4", "v1"] = Field(default=DEFAULT_API_VERSION,
+                                             description="NBIA REST API version: v4 (default, tcia_utils') or v1 "
+                                                         "(the Data Retriever's) (TCIA_API_VERSION)")
     workers: int = Field(default=2, description="series downloaded in parallel")
-    retries: int = Field(default=4, description="retries of a failing request, with exponential backoff")
+    retries: int = Field(default=4, description="retries of a failing series, with exponential backoff")
     backoff: float = Field(default=1.0, description="seconds before the first retry")
 
-    def client(self) -> NbiaClient:
-        return NbiaClient(self.api_url, retries=self.retries, backoff=self.backoff)
+    def client(self, manifest: TciaManifest) -> NbiaClient:
+        return NbiaClient(manifest_server(manifest, self.servers), self.api_version, retries=self.retries,
+                          backoff=self.backoff)
 
 
 def tcia_resource_from_env() -> TciaResource:
-    return TciaResource(api_url=os.environ.get("TCIA_API_URL", DEFAULT_API))
+    servers = [s.strip() for s in os.environ.get("TCIA_SERVERS", "").split(",") if s.strip()]
+    return TciaResource(servers=servers or list(PUBLIC_SERVERS),
+                        api_version=os.environ.get("TCIA_API_VERSION", DEFAULT_API_VERSION))
 
 
 @asset(
@@ -75,44 +91,59 @@ def tcia_resource_from_env() -> TciaResource:
     owners=OWNERS,
     retry_policy=RetryPolicy(max_retries=2, delay=5, backoff=Backoff.EXPONENTIAL),
     description=(
-        "The series of a TCIA manifest (`downloads/tcia/<name>.tcia` or `.csv`), downloaded through the NBIA "
-        "API into `downloads/tcia/<name>/series/` (verified, resumable), grouped into visits (one per "
+        "The series of a TCIA manifest (`downloads/tcia/<name>.tcia` or `.csv`), downloaded from the NBIA server "
+        "the manifest names (REST API v4) into `downloads/tcia/<name>/series/` (md5-verified, resumable; a "
+        "series the server does not know fails the run unless `tcia_allow_missing_series`), grouped into visits (one per "
         "PatientID and StudyInstanceUID, labelled `<PatientID>`, `<PatientID>_01`, ... by study date) in "
         "`downloads/tcia/<name>/resolved.csv`."
     ),
 )
 def tcia_series(context: AssetExecutionContext, dataset: DatasetResource, tcia: TciaResource) -> MaterializeResult:
     name = context.partition_key
-    lay = dataset.open().layout
+    ds = dataset.open()
+    lay = ds.layout
     found = [m for m in manifests(lay.tcia_root) if manifest_name(m) == name]
     if not found:
         raise Failure(f"no manifest named {name!r} in {lay.tcia_root}", allow_retries=False)
     try:
         manifest = parse_manifest(found[0])
+        client = tcia.client(manifest)
     except DicomAssetsError as exc:
         raise Failure(str(exc), allow_retries=False) from None
-    results = download_series(tcia.client(), manifest.series, series_dir(lay.tcia_root, name), workers=tcia.workers,
+    if manifest.duplicates:
+        context.log.warning(f"{name}: {len(manifest.duplicates)} series listed more than once, downloaded once: "
+                            f"{', '.join(manifest.duplicates[:5])}")
+    context.log.info(f"{name}: {len(manifest.series)} series from {client.base}")
+    results = download_series(client, manifest.series, series_dir(lay.tcia_root, name), workers=tcia.workers,
                               log=context.log.info)
     failed = [r for r in results if r.status == "failed"]
     missing = [r for r in results if r.status == "missing"]
-    for r in missing:
-        context.log.warning(f"series {r.uid}: {r.message}; the other series go on")
     series_table = table([vars(r) for r in results], [
         ("uid", "string", "SeriesInstanceUID"), ("status", "string", "downloaded, cached, missing, failed"),
         ("files", "int", "DICOMs"), ("PatientID", "string", ""), ("StudyInstanceUID", "string", ""),
         ("message", "string", "")])
-    if failed:
-        # the verified series stay on disk: the retry downloads only these
-        raise Failure(f"{len(failed)} of {len(results)} series of {name} could not be downloaded; first: "
-                      f"{failed[0].uid}: {failed[0].message}", metadata={"series": series_table})
+    common = {"manifest": path(found[0]), "api": MetadataValue.url(client.base), "series": series_table,
+              "missing_series": MetadataValue.text("\n".join(r.uid for r in missing) or "none")}
+    allow_missing = ds.config.tcia_allow_missing_series
+    if failed or (missing and not allow_missing):
+        # the verified series stay on disk: a new run downloads only the others
+        parts = []
+        if failed:
+            parts.append(f"{len(failed)} could not be downloaded (first: {failed[0].uid}: {failed[0].message})")
+        if missing and not allow_missing:
+            parts.append(f"{len(missing)} are unknown to {client.server} or not public (first: {missing[0].uid}; "
+                         "set tcia_allow_missing_series in global_config.json to go on without them)")
+        raise Failure(f"{len(failed) + len(missing)} of {len(results)} series of {name}: " + "; ".join(parts),
+                      metadata=common, allow_retries=bool(failed))
+    for r in missing:
+        context.log.warning(f"series {r.uid}: {r.message}; going on without it (tcia_allow_missing_series)")
     visits = group_visits(results)
     out = resolved_path(lay.tcia_root, name)
     write_resolved(out, visits)
     context.log.info(f"{name}: {len(visits)} visit(s) from {len(results) - len(missing)} series -> {out}")
     return MaterializeResult(metadata={
-        "manifest": path(found[0]),
+        **common,
         "resolved": path(out),
-        "series": series_table,
         "visits": table([{"visit": v.visit, "session_label": v.session_label, "PatientID": v.patient_id,
                           "series": len(v.series)} for v in visits],
                         [("visit", "string", ""), ("session_label", "string", "XNAT session label"),
