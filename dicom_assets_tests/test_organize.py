@@ -297,11 +297,13 @@ def test_non_utf8_file_name_is_reported_not_fatal(t1_sources, tmp_path):
         fh.write(rewrite_dicom(t1_sources[1], **ident(2)))
     with open(os.fsencode(raw / "s") + b"/notes\xe9.txt", "wb") as fh:
         fh.write(b"not a dicom" * 20)
+    write(raw, "s/IM\r\n\t3", rewrite_dicom(t1_sources[2], **ident(3)))  # found by the fuzz layer
     result = organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
-    assert len(result.kept) == 2 and len(result.records) == 3
+    assert len(result.kept) == 3 and len(result.records) == 4
     text = report.read_bytes().decode("utf-8")  # valid UTF-8 whatever the names on disk
     assert "s/IM\\xff\\xfe2\tkept" in text and "s/notes\\xe9.txt\texcluded\tnot_dicom" in text
-    assert len(text.splitlines()) == 1 + 3
+    assert "s/IM\\x0d\\x0a\\x093\tkept" in text
+    assert len(text.splitlines()) == 1 + 4  # one line per file
 
 
 @pytest.mark.faults
