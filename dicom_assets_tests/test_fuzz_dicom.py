@@ -151,6 +151,9 @@ def _digest(root: Path) -> dict[bytes, str]:
     for dirpath, _dirs, names in os.walk(os.fsencode(root)):
         for n in names:
             p = os.path.join(dirpath, n)
+            if os.path.islink(p):
+                out[p] = os.readlink(p)
+                continue
             with open(p, "rb") as fh:
                 out[p] = hashlib.sha256(fh.read()).hexdigest()
     return out
@@ -163,7 +166,8 @@ def _report_rows(path: Path) -> list[dict]:
 
 def _check_organized(result, raw: Path, out: Path, report: Path) -> None:
     """Every file accounted for, in the report and in the flat folder."""
-    n_files = sum(len(files) for _d, _s, files in os.walk(os.fsencode(raw)))
+    n_files = sum(len(files) + sum(os.path.islink(os.path.join(d, s)) for s in subs)  # links to folders too
+                  for d, subs, files in os.walk(os.fsencode(raw)))
     assert len(result.records) == n_files
     rows = _report_rows(report)
     assert len(rows) == n_files
@@ -222,9 +226,10 @@ def test_reader_classifies_any_mutated_file(seeds, tmp_path, case):
 
 @settings(max_examples=BASE * 2)
 @given(files=st.lists(st.tuples(rel_paths, mutated()), min_size=1, max_size=6),
-       good=st.integers(0, 3))
-def test_organize_accounts_for_every_file_of_a_hostile_tree(seeds, t1_bytes, tmp_path, files, good):
-    """A tree of mutated real files under random (non-UTF-8 too) names, beside good ones."""
+       good=st.integers(0, 3), links=st.lists(st.sampled_from(["broken", "to_folder", "to_file"]), max_size=2))
+def test_organize_accounts_for_every_file_of_a_hostile_tree(seeds, t1_bytes, tmp_path, files, good, links):
+    """A tree of mutated real files under random (non-UTF-8 too) names, beside good ones
+    and links (broken, to a folder, to a file)."""
     work = _fresh(tmp_path)
     try:
         raw, out, report = work / "raw", work / "dicom" / "P1", work / "logs" / "P1_files.tsv"
@@ -233,6 +238,10 @@ def test_organize_accounts_for_every_file_of_a_hostile_tree(seeds, t1_bytes, tmp
             _write(raw, b"good/IM%d" % i, t1_bytes[i])
         for i, (rel, (key, kind, offsets, values)) in enumerate(files):
             _write(raw, b"%d/" % i + rel, mutate(seeds[key], kind, offsets, values))
+        for i, kind in enumerate(links):
+            target = {"broken": b"gone", "to_folder": b"..", "to_file": b"../0"}[kind]
+            os.makedirs(raw / "links", exist_ok=True)
+            os.symlink(target if kind != "to_file" else b"../" + b"0/" + files[0][0], os.fsencode(raw / "links") + b"/l%d" % i)
         before = _digest(raw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

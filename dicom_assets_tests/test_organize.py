@@ -343,3 +343,21 @@ def test_report_failure_leaves_the_previous_output_intact(t1_sources, tmp_path, 
     assert sorted(p.name for p in report.parent.iterdir()) == ["report.tsv"]  # no temporary report either
     organize_visit("P1_ses-01", raw, out, RULES, report_path=report)  # space back: the new output
     assert len(os.listdir(out)) == 2 and report.read_text().count("\tkept\t") == 2
+
+
+@pytest.mark.faults
+def test_broken_links_and_fifos_in_the_raw_tree_are_reported(t1_sources, tmp_path):
+    """Entries of the raw tree that are no regular file were skipped by the walk without a
+    row in the report: now each is excluded with its reason."""
+    raw = tmp_path / "raw"
+    write(raw, "s/IM1", rewrite_dicom(t1_sources[0], **ident(1)))
+    os.symlink("gone.dcm", raw / "s" / "IM2")  # its target vanished
+    os.symlink("../s", raw / "s" / "loop")  # a link to a folder: not followed
+    os.mkfifo(raw / "s" / "pipe")
+    result = organize_visit("P1_ses-01", raw, tmp_path / "out", RULES, report_path=tmp_path / "r.tsv")
+    r = by_source(result)
+    assert r["s/IM1"].reason == "kept"
+    assert (r["s/IM2"].reason, r["s/IM2"].detail) == ("unreadable", "a broken link (gone.dcm)")
+    assert r["s/loop"].reason == "unreadable" and "link to a folder" in r["s/loop"].detail
+    assert r["s/pipe"].reason == "unreadable" and "FIFO" in r["s/pipe"].detail
+    assert len((tmp_path / "r.tsv").read_text().splitlines()) == 1 + 4

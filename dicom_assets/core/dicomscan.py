@@ -12,7 +12,9 @@ Reasons (a fixed vocabulary, in the order they are tested):
 ``unreadable``      a DICOM file whose header cannot be parsed (whatever the reader
                     raises: the file is excluded, the visit goes on), whose pixel
                     data is cut short (truncated transfer), whose deflated data set
-                    is corrupt or cut short, or unreadable permissions
+                    is corrupt or cut short, or unreadable permissions; also what
+                    the walk finds but cannot read as a file: a folder that cannot
+                    be listed, a broken link, a link to a folder, a FIFO/socket
 ``no_pixel_data``   a non-image object: DICOMDIR, structured report, presentation
                     state, raw data, spectroscopy, Siemens CSA report, ... or an
                     image class with no pixel data element
@@ -328,8 +330,9 @@ def apply_rules(rec: FileRecord, rules: Rules) -> FileRecord:
 def walk_files(root: Path, errors: list | None = None):
     """Every regular file (or link to one) under root, at any depth, sorted: (path, rel).
 
-    A folder that cannot be listed is never skipped silently: it is appended to
-    ``errors`` as (relative folder path, reason).
+    Nothing is skipped silently: a folder that cannot be listed, a broken link, a link to a
+    folder (not followed) and anything else that is no regular file (a FIFO, a socket, a
+    device) is appended to ``errors`` as (relative path, why).
     """
     stack = [root]
     out = []
@@ -340,12 +343,27 @@ def walk_files(root: Path, errors: list | None = None):
         except OSError as exc:
             if errors is not None:
                 rel = d.relative_to(root).as_posix() if d != root else "."
-                errors.append((rel + "/", exc.strerror or str(exc)))
+                errors.append((rel + "/", f"folder cannot be listed: {exc.strerror or exc}"))
             continue
         for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                stack.append(Path(e.path))
-            elif e.is_file():  # follows links to files inside the dump
-                out.append(Path(e.path))
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                    continue
+                if e.is_file():  # follows links to files inside the dump
+                    out.append(Path(e.path))
+                    continue
+                why = _not_a_file(e)
+            except OSError as exc:
+                why = f"cannot be examined: {exc.strerror or exc}"
+            if errors is not None:
+                errors.append((Path(e.path).relative_to(root).as_posix(), why))
     out.sort()
     return [(p, p.relative_to(root).as_posix()) for p in out]
+
+
+def _not_a_file(e: os.DirEntry) -> str:
+    if e.is_symlink():
+        target = os.readlink(e.path)
+        return f"a link to a folder, not followed ({target})" if os.path.isdir(e.path) else f"a broken link ({target})"
+    return "not a regular file (a FIFO, socket or device)"

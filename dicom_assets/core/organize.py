@@ -147,8 +147,8 @@ def classify_tree(source_dir: Path, rules: Rules) -> list[FileRecord]:
     md5_cache: dict[str, str] = {}
     errors: list[tuple[str, str]] = []
     files = walk_files(source_dir, errors)
-    for rel, why in errors:
-        records.append(FileRecord(source=rel, size=0).exclude("unreadable", f"folder cannot be listed: {why}"))
+    for rel, why in errors:  # nothing found is left out of the records
+        records.append(FileRecord(source=rel, size=0).exclude("unreadable", why))
     for path, rel in files:
         # DICOMDIR files need no special case: their SOP class is a non-image one
         rec = apply_rules(read_record(path, rel), rules)
