@@ -353,7 +353,8 @@ class NbiaClient:
         try:
             data = json.loads(body)
         except ValueError:
-            raise TciaDownloadError(f"getSeries {uid}: not JSON from {self.server}: {_error_text(body, '')!r}") from None
+            raise TciaDownloadError(f"getSeries {uid}: not JSON from {self.server}: "
+                                    f"{_error_text(body, '')!r}") from None
         rows = [r for r in data if isinstance(r, dict) and r.get("SeriesInstanceUID") == uid] \
             if isinstance(data, list) else []
         return rows[0] if rows else None

@@ -93,8 +93,8 @@ def tcia_resource_from_env() -> TciaResource:
     description=(
         "The series of a TCIA manifest (`downloads/tcia/<name>.tcia` or `.csv`), downloaded from the NBIA server "
         "the manifest names (REST API v4) into `downloads/tcia/<name>/series/` (md5-verified, resumable; a "
-        "series the server does not know fails the run unless `tcia_allow_missing_series`), grouped into visits (one per "
-        "PatientID and StudyInstanceUID, labelled `<PatientID>`, `<PatientID>_01`, ... by study date) in "
+        "series the server does not know fails the run unless `tcia_allow_missing_series`), grouped into visits "
+        "(one per PatientID and StudyInstanceUID, labelled `<PatientID>`, `<PatientID>_01`, ... by study date) in "
         "`downloads/tcia/<name>/resolved.csv`."
     ),
 )

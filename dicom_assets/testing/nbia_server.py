@@ -242,7 +242,8 @@ class NbiaTestServer:
                 self.end_headers()
                 raw = _Chunked(self.wfile)
                 try:
-                    with io.BufferedWriter(raw, 64 * 1024) as buf, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                    with io.BufferedWriter(raw, 64 * 1024) as buf, \
+                            zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
                         if license_first:
                             zf.writestr("LICENSE", LICENSE_TEXT)
                         hashes = {}
