@@ -6,16 +6,19 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
+import zipfile
 from functools import partial
 from pathlib import Path
 
 import pytest
 from .helpers import BROWSER_ARGS, CHROMIUM, free_port, metadata_of, run_chain
 
-from dicom_assets.core.datalad_index import DataladError, index_visit, tool_env
+from dicom_assets.core.datalad_index import DataladError, index_visit, store_urls, tool_env
+from dicom_assets.core import annexwrite
 from dicom_assets.core.layout import Dataset
 
 VISIT = "QPN001_ses-01"
@@ -225,7 +228,7 @@ def test_git_annex_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_path, m
     ds = tmp_path / "ds"
     with pytest.raises(DataladError, match="No space left on device") as err:
         index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
-                    store_dir=store, deposit=False)
+                    store_dir=store, deposit=False, writer="batch")  # the direct writer starts no git-annex
     assert "git annex" in str(err.value)
     assert not ds.exists()  # the half-made dataset was built aside and removed
     monkeypatch.setenv("PATH", real_path)
@@ -267,3 +270,188 @@ def test_catalog_renders_visits_and_series_in_chromium(indexed, tmp_path):
         assert d["SeriesDescription"] in text
     assert meta["dataset_id"] in text
     assert text.count("datalad clone '") == 2
+
+
+# --- the direct writer: verified by git-annex and DataLad, and against the batch reference ----
+
+def _git_files(repo: Path, ref: str) -> dict[str, tuple[str, bytes]]:
+    """{path: (mode, content)} of a ref's tree (one ls-tree, one cat-file)."""
+    rows = [line.split("\t", 1) for line in sh("git", "ls-tree", "-r", "-z", ref, cwd=repo).stdout.split("\0") if line]
+    rows = [(meta.split(), path) for meta, path in rows]
+    blobs = [(m, path) for m, path in rows if m[1] == "blob"]
+    raw = subprocess.run(["git", "cat-file", "--batch"], cwd=repo, input="".join(m[2] + "\n" for m, _ in blobs).encode(),
+                         capture_output=True, check=True).stdout
+    out, pos = {}, 0
+    for m, path in blobs:
+        nl = raw.index(b"\n", pos)
+        size = int(raw[pos:nl].split()[2])
+        out[path] = (m[0], raw[nl + 1:nl + 1 + size])
+        pos = nl + 1 + size + 1
+    out.update({path: (m[0], m[2].encode()) for m, path in rows if m[1] == "commit"})
+    return out
+
+
+def records(repo: Path, branch: str = "HEAD") -> dict:
+    """What a dataset records, normalized for comparison: the git-annex branch and the dataset's
+    tree, with repository uuids replaced by their role (their uuid.log description), log
+    timestamps by <t>, the dataset id by <id>; plus the commit subjects and, in a work tree,
+    the git and git-annex setup (.git/config, hooks, info/attributes)."""
+    annex = _git_files(repo, "refs/heads/git-annex")
+    roles = {}
+    for line in annex["uuid.log"][1].decode().splitlines():
+        u, rest = line.split(" ", 1)
+        roles[u] = "<" + rest.rsplit(" timestamp=", 1)[0] + ">"
+    tree = _git_files(repo, branch)
+    ds_id = re.search(r"id = (\S+)", tree[".datalad/config"][1].decode()).group(1)
+
+    def norm(text: str) -> str:
+        text = re.sub(r"(?m)^\d+(\.\d+)?s ", "<t> ", text)
+        text = re.sub(r"timestamp=\d+(\.\d+)?s", "timestamp=<t>", text)
+        for u, role in roles.items():
+            text = text.replace(u, role)
+        return text.replace(ds_id, "<id>")
+
+    def lines_sorted(path: str, text: str) -> str:
+        # uuid.log and remote.log are sorted by uuid, and uuids are random: compare as sets
+        return "".join(sorted(text.splitlines(True))) if path in ("uuid.log", "remote.log") else text
+
+    out = {"git-annex": {p: lines_sorted(p, norm(c.decode())) for p, (_, c) in annex.items()},
+           "tree": {p: (m, norm(c.decode())) for p, (m, c) in tree.items()},
+           "commits": sh("git", "log", "--format=%s", branch, cwd=repo).stdout.split("\n")}
+    if (repo / ".git").is_dir():
+        git = repo / ".git"
+        out["config"] = norm((git / "config").read_text())
+        out["hooks"] = {h.name: h.read_text() for h in (git / "hooks").iterdir() if not h.name.endswith(".sample")}
+        out["attributes"] = (git / "info" / "attributes").read_text()
+    return out
+
+
+def _unzip_deposit(store: Path, visit: str, dest: Path) -> Path:
+    """The bare repository a `datalad-annex::` clone unpacks from the store, and its refs list."""
+    with zipfile.ZipFile(store / f"{visit}_XDLRA--repo-export") as z:
+        z.extractall(dest)
+    refs = (store / f"{visit}_XDLRA--refs").read_text().splitlines()
+    assert refs[-1] == "@refs/heads/master HEAD" or refs[-1].startswith("@refs/heads/")
+    for line in refs[:-1]:
+        sha, ref = line.split()
+        assert sh("git", "rev-parse", ref, cwd=dest).stdout.strip() == sha, (ref, refs)
+    return dest
+
+
+def test_direct_and_batch_writers_record_the_same(indexed, tmp_path):
+    """The same visit through git-annex's batch commands and through the direct writer: the
+    git-annex branch (location, URL and metadata logs, uuid.log, remote.log), the dataset's tree,
+    its setup and its deposit read back identical, up to uuids, timestamps and the dataset id;
+    the same after a re-index with a new tarball."""
+    root, meta, dicoms = indexed
+    tarball_meta = json.loads((root / "store" / "QPN" / f"{VISIT}_metadata_tarball.json").read_text())
+    listing = sorted(dicoms.values(), key=lambda d: d["path"])
+    # in the new tarball, a member's tags change to values with spaces and a leading "!" (which
+    # git-annex base64-encodes), and the metadata log of that key is rewritten
+    relisted = [dict(d) for d in listing[3:]]
+    relisted[0].update(SeriesDescription="!odd  name", ProtocolName="T1 MPRAGE")
+    new_tar = {**tarball_meta, "md5": "e" * 32, "size": tarball_meta["size"] + 512}
+    got = {}
+    for writer in ("batch", "direct"):
+        ds = tmp_path / writer / "datalad" / VISIT
+        store = tmp_path / writer / "store" / "QPN"
+        kw = dict(visit=VISIT, study="QPN", store_dir=store, store_base_url="file:///srv/store")
+        first = index_visit(ds, tarball_meta=tarball_meta, dicoms_meta=listing, writer=writer, **kw)
+        deposit = records(_unzip_deposit(store, VISIT, tmp_path / writer / "bare"))
+        assert deposit == {k: v for k, v in records(ds).items() if k in deposit}  # the deposit is the dataset
+        after_first = records(ds)
+        again = index_visit(ds, tarball_meta=new_tar, dicoms_meta=relisted, writer=writer, **kw)
+        assert first.changed and again.changed and again.commit != first.commit
+        got[writer] = (after_first, records(ds))
+    assert got["direct"][0] == got["batch"][0]
+    assert got["direct"][1] == got["batch"][1]
+    # the normalization hid no difference that matters: both name every DICOM and its URL
+    annex = got["direct"][1]["git-annex"]
+    assert sum(p.endswith(".log.met") for p in annex) == len(dicoms)
+    changed = [v for p, v in annex.items() if p.endswith(".met") and "-" + listing[3]["SeriesDescription"] in v]
+    assert len(changed) == 1 and "+!IW9kZCAgbmFtZQ==" in changed[0], changed
+
+
+def test_direct_dataset_passes_git_annex_fsck_whereis_and_metadata(indexed, tmp_path):
+    """git-annex's own checks on the direct writer's dataset: in a copy of the dataset folder
+    (its .git as written here) and in a clone of the deposit."""
+    root, meta, dicoms = indexed
+    store = root / "store" / "QPN"
+    tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
+    ds, deposit = tmp_path / "datalad" / VISIT, tmp_path / "store" / "QPN"
+    res = index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
+                      store_dir=deposit, store_base_url=(root / "store").as_uri(), writer="direct")
+    assert not (ds / ".git" / "annex").exists()  # written without git-annex
+    copy = tmp_path / "copy"
+    shutil.copytree(ds, copy, symlinks=True)
+    clone = tmp_path / "clone"
+    datalad("clone", store_urls((tmp_path / "store").as_uri(), "QPN", VISIT)[1], str(clone), cwd=tmp_path)
+    for repo in (copy, clone):
+        fsck = [json.loads(x) for x in sh("git", "annex", "fsck", "--fast", "--json", cwd=repo).stdout.splitlines()]
+        assert len(fsck) == len(dicoms) + 1 and all(r["success"] for r in fsck), fsck[:3]
+        where = {r["file"]: r for r in map(json.loads, sh("git", "annex", "whereis", "--json", cwd=repo)
+                                           .stdout.splitlines())}
+        for path, d in dicoms.items():
+            remotes = {w["description"].strip("[]"): w["urls"] for w in where[path]["whereis"]}
+            assert list(remotes) == ["archivist"], where[path]
+            assert remotes["archivist"] == [f"dl+archive:{res.tarball_key}#path={path}&size={d['size']}&atype=tar"]
+        tar = where[f"icf/{VISIT}_dicom.tar"]["whereis"]
+        assert [w["description"] for w in tar] == ["[uncurl]"] and tar[0]["urls"] == [
+            (root / "store" / "QPN" / f"{VISIT}_dicom.tar").resolve().as_uri()]
+        pick = _one_per_series(dicoms)[1]
+        fields = json.loads(sh("git", "annex", "metadata", "--json", pick["path"], cwd=repo).stdout)["fields"]
+        assert fields["series"] == [f"{int(pick['SeriesNumber']):03d}_{pick['SeriesDescription']}"]
+        assert fields["ProtocolName"] == [pick["ProtocolName"]] and fields["Modality"] == [pick["Modality"]]
+    # a full fsck of content got from the store: checksums verified by git-annex itself
+    picks = [d["path"] for d in _one_per_series(dicoms)]
+    datalad("get", *picks, cwd=clone)
+    full = [json.loads(x) for x in sh("git", "annex", "fsck", "--json", *picks, cwd=clone).stdout.splitlines()]
+    assert [r["success"] for r in full] == [True] * len(picks)
+
+
+@pytest.mark.faults
+def test_direct_writer_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_path, monkeypatch):
+    """git fast-import dying (as on a full disk): the error names it, no half-made dataset is
+    left, and a rerun builds it."""
+    root, meta, dicoms = indexed
+    store = root / "store" / "QPN"
+    tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    real = shutil.which("git", path=tool_env()["PATH"])
+    (fake / "git").write_text(
+        "#!/bin/sh\ncase \" $* \" in *' fast-import '*)\n"
+        "  echo 'fatal: cannot write pack: No space left on device' >&2; exit 128;;\nesac\n"
+        f"exec {real} \"$@\"\n")
+    (fake / "git").chmod(0o755)
+    real_path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{tool_env()['PATH']}")
+    ds = tmp_path / "ds"
+    with pytest.raises(DataladError, match="No space left on device") as err:
+        index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
+                    store_dir=tmp_path / "store", writer="direct")
+    assert "fast-import" in str(err.value)
+    assert not ds.exists() and not any(p.name.startswith(".ds.tmp") for p in tmp_path.iterdir())
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+    monkeypatch.setenv("PATH", real_path)
+    res = index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
+                      store_dir=tmp_path / "store", writer="direct")
+    assert res.changed and res.files == len(dicoms)
+
+
+def test_writer_knob_is_validated(tmp_path, monkeypatch):
+    monkeypatch.setenv("DICOM_ASSETS_DATALAD_WRITER", "fast")
+    with pytest.raises(DataladError, match="DICOM_ASSETS_DATALAD_WRITER='fast'"):
+        index_visit(tmp_path / "ds", visit="V", study="S", tarball_meta={"size": 1, "md5": "1" * 32},
+                    dicoms_meta=[], store_dir=tmp_path / "store" / "S")
+
+
+def test_annex_hash_directories_match_git_annex(tmp_path):
+    """hashdirmixed / hashdirlower as git-annex itself computes them (examinekey)."""
+    keys = [f"MD5-s{i * 7919}--{hashlib.md5(str(i).encode()).hexdigest()}" for i in range(200)]
+    keys += ["MD5E-s808960--0f8356a1d5ede9fc994efcefde4c6098.tar"]
+    sh("git", "init", "-q", str(tmp_path / "r"))
+    out = subprocess.run(["git", "annex", "examinekey", "--batch", "--format=${hashdirmixed} ${hashdirlower}\n"],
+                         cwd=tmp_path / "r", env=tool_env(), input="".join(k + "\n" for k in keys),
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [f"{annexwrite.hashdir_mixed(k)}/ {annexwrite.hashdir_lower(k)}/" for k in keys]

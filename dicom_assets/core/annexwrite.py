@@ -83,6 +83,13 @@ def remote_log(remotes: dict[str, dict[str, str]], t: int) -> str:
                    for u, cfg in sorted(remotes.items()))
 
 
+def _after(old: str, t: int) -> int:
+    """``t``, or one second past the newest line of ``old`` if that is not older: a new line
+    must sort after the lines it supersedes (git-annex advances its clock the same way)."""
+    newest = max((float(m.group(1)) for m in (_TS.match(x.encode()) for x in old.splitlines()) if m), default=0)
+    return t if t > newest else int(newest) + 1
+
+
 def _parse_presence(text: str) -> dict[str, tuple[str, str]]:
     """{value: (timestamp, status)} keeping the newest line per value."""
     out: dict[str, tuple[str, str]] = {}
@@ -101,7 +108,7 @@ def presence_log(old: str, value: str, t: int, status: str = "1") -> str | None:
     cur = _parse_presence(old)
     if cur.get(value, ("", ""))[1] == status:
         return None
-    cur[value] = (ts(t), status)
+    cur[value] = (ts(_after(old, t)), status)
     return "".join(f"{tt} {st} {v}\n" for v, (tt, st) in sorted(cur.items(), key=lambda kv: kv[0].encode()))
 
 
@@ -124,45 +131,70 @@ def _field_order(name: str) -> str:
     return name.casefold()
 
 
-def current_metadata(old: str) -> dict[str, set[str]]:
-    """The metadata a log sets now ({field (lower case): values}), lines applied oldest first."""
-    lines = []
+def _parse_metadata(old: str) -> list[tuple[float, list[tuple[str, list[tuple[str, str]]]]]]:
+    """Lines of a metadata log: [(time, [(field, [(+|-, value)])])] in file order."""
+    out = []
     for line in old.splitlines():
         m = _TS.match(line.encode())
-        if m:
-            lines.append((float(m.group(1)), line.split(" ")[1:]))
+        if not m:
+            continue
+        fields: list[tuple[str, list[tuple[str, str]]]] = []
+        for w in line.split(" ")[1:]:
+            if w[:1] in "+-" and fields:
+                fields[-1][1].append((w[0], _meta_unvalue(w[1:])))
+            elif w:
+                fields.append((w, []))
+        out.append((float(m.group(1)), fields))
+    return out
+
+
+def _metadata_line(t: float, fields) -> str:
+    words = []
+    for f, vals in fields:
+        words.append(f)
+        words += [flag + _meta_value(v) for flag, v in vals]
+    return f"{ts(t)} {' '.join(words)}\n"
+
+
+def current_metadata(old: str) -> dict[str, set[str]]:
+    """The metadata a log sets now ({field (case-folded): values}), lines applied oldest first."""
     cur: dict[str, set[str]] = {}
-    names: dict[str, str] = {}
-    for _, words in sorted(lines, key=lambda x: x[0]):
-        field = None
-        for w in words:
-            if w[:1] in "+-" and field is not None:
-                vals = cur.setdefault(field.casefold(), set())
-                (vals.add if w[0] == "+" else vals.discard)(_meta_unvalue(w[1:]))
-            else:
-                field = w
-                names[w.casefold()] = w
+    for _, fields in sorted(_parse_metadata(old), key=lambda e: e[0]):
+        for f, vals in fields:
+            have = cur.setdefault(f.casefold(), set())
+            for flag, v in vals:
+                (have.add if flag == "+" else have.discard)(v)
     return {k: v for k, v in cur.items() if v}
 
 
 def metadata_log(old: str, fields: dict[str, list[str]], t: int) -> str | None:
     """A metadata log after setting each field to exactly ``fields[f]`` (None: nothing changes).
 
-    A changed field is written as its removed values (``-``) then its added ones (``+``), one
-    new line for all fields, as git-annex's ``metadata --batch`` does.
+    As git-annex's ``metadata --batch`` does: one new line naming every field given, its values
+    set (``+``) and the ones it drops (``-``), values in byte order whatever their sign; then
+    the log simplified (doc/internals.mdwn: removed values are kept so an older line merged
+    later cannot bring them back): an older line keeps only the values no newer line names,
+    and the simplified log is used when it has fewer lines.
     """
     cur = current_metadata(old)
-    words = []
+    if all(set(fields[f]) == cur.get(f.casefold(), set()) for f in fields):
+        return None
+    line = []
     for f in sorted(fields, key=_field_order):
         want, have = set(fields[f]), cur.get(f.casefold(), set())
-        if want == have:
-            continue
-        words.append(f)
-        words += [f"-{_meta_value(v)}" for v in sorted(have - want, key=str.encode)]
-        words += [f"+{_meta_value(v)}" for v in sorted(want - have, key=str.encode)]
-    if not words:
-        return None
-    return old + f"{ts(t)} {' '.join(words)}\n"
+        vals = [("+", v) for v in want] + [("-", v) for v in have - want]
+        line.append((f, sorted(vals, key=lambda x: x[1].encode())))
+    entries = _parse_metadata(old) + [(float(_after(old, t)), line)]
+    simple, named = [], set()
+    for when, flds in sorted(entries, key=lambda e: -e[0]):
+        unique = [(f, [x for x in vals if (f.casefold(), x[1]) not in named]) for f, vals in flds]
+        unique = [(f, vals) for f, vals in unique if vals]
+        if unique:
+            simple.append((when, unique))
+        named |= {(f.casefold(), v) for f, vals in flds for _, v in vals}
+    if len(simple) < len(entries):
+        return "".join(_metadata_line(w, f) for w, f in sorted(simple, key=lambda e: e[0]))
+    return old + _metadata_line(*entries[-1])
 
 
 # --- fast-import --------------------------------------------------------------------------
@@ -216,7 +248,7 @@ def run_git(cwd: Path, env: dict, *args: str, input: bytes | None = None) -> byt
 
 def fast_import(cwd: Path, env: dict, stream: bytes) -> dict[int, str]:
     """Run one ``git fast-import`` (all objects in one pack); returns {mark: commit sha}."""
-    marks = Path(cwd) / ".git" / "dicom-assets-marks"
+    marks = Path(cwd).absolute() / ".git" / "dicom-assets-marks"
     try:
         run_git(cwd, env, "-c", "fastimport.unpackLimit=0", "fast-import", "--quiet", "--done",
                 f"--export-marks={marks}", input=stream)

@@ -436,7 +436,7 @@ def _checkout(path: Path, env: dict, old: str | None = None) -> None:
     attrs = path / ".git" / "info" / "attributes"
     if not attrs.is_file():
         attrs.parent.mkdir(parents=True, exist_ok=True)
-        attrs.write_text("* filter=annex\n")
+        attrs.write_text("\n* filter=annex\n")  # as `git annex init` writes it
 
 
 def create_direct(path: Path, env: dict[str, str], description: str) -> dict:
