@@ -239,9 +239,11 @@ def test_organize_accounts_for_every_file_of_a_hostile_tree(seeds, t1_bytes, tmp
         for i, (rel, (key, kind, offsets, values)) in enumerate(files):
             _write(raw, b"%d/" % i + rel, mutate(seeds[key], kind, offsets, values))
         for i, kind in enumerate(links):
-            target = {"broken": b"gone", "to_folder": b"..", "to_file": b"../0"}[kind]
+            target = {"broken": b"gone", "to_folder": b"..", "to_file": b""}[kind]
             os.makedirs(raw / "links", exist_ok=True)
-            os.symlink(target if kind != "to_file" else b"../" + b"0/" + files[0][0], os.fsencode(raw / "links") + b"/l%d" % i)
+            if kind == "to_file":
+                target = b"../0/" + files[0][0]
+            os.symlink(target, os.fsencode(raw / "links") + b"/l%d" % i)
         before = _digest(raw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -405,7 +407,8 @@ def test_tarball_of_a_hostile_organized_folder(seeds, tmp_path, entries):
             files = organized_files(out)
         except DicomAssetsError as exc:
             shown = [n.decode("utf-8", "backslashreplace") for n in bad]
-            odd = [n.decode("utf-8", "backslashreplace") for n, _ in entries if n.decode("utf-8", "replace") != n.decode("utf-8", "backslashreplace")]
+            odd = [n.decode("utf-8", "backslashreplace") for n, _ in entries  # names that are not UTF-8
+                   if n.decode("utf-8", "replace") != n.decode("utf-8", "backslashreplace")]
             assert any(n in str(exc) for n in shown + odd), exc
             tried("tarball: a clear DicomAssetsError naming the entry")
             return
