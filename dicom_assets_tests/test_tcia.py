@@ -190,6 +190,11 @@ def test_tcia_portal_csv_exports_are_manifests(tmp_path, collection):
     p.write_text("\n".join(rows) + "\n")
     m = parse_manifest(p)
     assert m.series == tuple(collection) and m.server is None
+    # it names no server: its series are asked at the first configured one
+    from dicom_assets.core.tcia import manifest_server
+
+    assert manifest_server(m, ["https://nbia.cancerimagingarchive.net/", "https://nlst.cancerimagingarchive.net"]) \
+        == "https://nbia.cancerimagingarchive.net"
     assert all(m.study_of[u] == s.info["StudyInstanceUID"] for u, s in collection.items())
     # ... and its older cart CSV (nbia-search csvFormatCart)
     old = ["Patient ID,Study UID,Study Date,Study Description,Series ID,Series Description,Number of images,"
