@@ -1,5 +1,6 @@
 """The xnat_session asset through the real xnatpy client against the XNAT-compatible test
-server on loopback, which really unzips and parses what it receives."""
+server on loopback, which really unzips and parses what it receives and fails where XNAT
+fails (the XNAT class each behaviour follows is named in dicom_assets/testing/xnat_server.py)."""
 
 import json
 import secrets
@@ -66,7 +67,10 @@ def test_visit_arrives_in_xnat_and_rerun_does_not_duplicate(instance, demo_root,
     assert pydicom.dcmread(one, stop_before_pixels=True).PatientID == "QPN_001"
     assert set(exp.resources["METADATA"]) == {"QPN001_ses-01_metadata_tarball.json", "QPN001_ses-01_metadata_dicoms.json"}
     assert checks_of(result)["scans_match_series"] is True
-    assert (demo_root / "logs/xnat/QPN001_ses-01.json").exists()
+    marker = json.loads((demo_root / "logs/xnat/QPN001_ses-01.json").read_text())
+    assert marker["labels"]["session"] == {"given": "QPN001_ses-01", "xnat": "QPN001_ses-01"}
+    assert marker["filtered_by_xnat"] == [] and marker["warnings"] == []
+    assert server.prearchive == {}  # staged in the prearchive, archived, row gone
 
     again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     assert metadata_of(again, "xnat_session")["status"] == "already_archived"
@@ -160,7 +164,8 @@ def test_existing_session_with_other_content_follows_the_policy(instance, demo_r
     run_chain(instance, demo_root, VISIT, xnat=xnat_res)
     exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
     scan = next(iter(exp.scans.values()))
-    scan.files.pop(next(iter(scan.files)))  # someone removed a file on XNAT
+    removed = sorted(scan.files)[0]
+    server.remove_file(exp, scan.id, removed)  # someone removed a file on XNAT
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "already exists in XNAT project QPN_DEMO with different content" in failure.event_specific_data.error.message
@@ -168,8 +173,14 @@ def test_existing_session_with_other_content_follows_the_policy(instance, demo_r
     cfg["xnat_duplicate_policy"] = "append"
     (demo_root / "global_config.json").write_text(json.dumps(cfg))
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
-    assert metadata_of(result, "xnat_session")["status"] == "appended"
-    assert checks_of(result)["scans_match_series"] is True
+    md = metadata_of(result, "xnat_session")
+    # XNAT refuses files the session already holds ("Duplicate DICOM file uploaded."): only
+    # the missing instance is sent, and the session is complete again
+    assert md["status"] == "appended" and md["files_sent"] == 1
+    assert removed in scan.files and checks_of(result)["scans_match_series"] is True
+    assert server.prearchive == {}
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 2
 
 
 @pytest.mark.faults
@@ -213,3 +224,204 @@ def test_classic_tree_upload_cli(samples, server, password, tmp_path, monkeypatc
     # a second run sends nothing
     assert main(["xnat-upload", str(tree), "--project", "MIGR", "--config", str(excl), "--server", server.url]) == 0
     assert "already_archived" in capsys.readouterr().out and server.imports == 1
+
+
+# ------------------------------------------------------------------ XNAT as a real XNAT behaves
+def set_config(demo_root, **fields):
+    cfg = json.loads((demo_root / "global_config.json").read_text())
+    cfg.update(fields)
+    (demo_root / "global_config.json").write_text(json.dumps(cfg))
+
+
+def xnatpy_session(server, user, password):
+    import xnat
+
+    return xnat.connect(server.url, user=user, password=password, loglevel="ERROR")
+
+
+def one_series_zip(samples, tmp_path):
+    """A zip of one real series (20 files of the xnat sdist's GE session), as the client sends."""
+    import zipfile
+
+    z = tmp_path / "series.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted((samples.xnat_case001 / "scans").glob("2_*/DICOM/*.dcm")):
+            zf.write(f, f.name)
+    return z
+
+
+@pytest.mark.faults
+def test_import_service_refuses_what_xnat_refuses(samples, server, password, tmp_path):
+    """The server alone, as XNAT's importer answers: application/zip only; Direct-Archive with
+    a dest fails; an upload is staged in the prearchive; a row being archived cannot be deleted."""
+    import xnat.exceptions as xe
+
+    z = one_series_zip(samples, tmp_path)
+    server.add_project("P1", owner=USER)
+    with xnatpy_session(server, USER, password) as s:
+        with pytest.raises(xe.XNATUploadError, match="Status code 400, response text Unsupported format"):
+            s.services.import_(z, project="P1", subject="S1", experiment="E1", import_handler="DICOM-zip",
+                               content_type="application/octet-stream", destination="/archive")
+        with pytest.raises(xe.XNATUploadError, match="Status code 400, response text Failed to archive 1 of 1 session"):
+            s.services.import_(z, project="P1", subject="S1", experiment="E1", import_handler="DICOM-zip",
+                               content_type="application/zip", destination="/archive", direct_archive=True)
+        assert server.projects["P1"].subjects == {}
+        staged = s.services.import_(z, project="P1", subject="S1", experiment="E1", import_handler="DICOM-zip",
+                                    content_type="application/zip", destination="/prearchive")
+        assert staged.status == "READY" and staged.label == "E1" and server.projects["P1"].subjects == {}
+        row = next(iter(server.prearchive.values()))
+        row.status = "_ARCHIVING"  # what XNAT shows while it archives the row
+        r = s.delete(f"/data/prearchive/projects/{row.key}", accepted_status=[200, 409])
+        assert r.status_code == 409 and "locked" in r.text and row.key in server.prearchive
+        s.post("/data/services/prearchive/delete", query={"src": f"/prearchive/projects/{row.key}"})
+        assert row.key in server.prearchive  # PrearchiveBatchDelete leaves a locked row
+        row.status = "READY"
+        s.post("/data/services/prearchive/delete", query={"src": f"/prearchive/projects/{row.key}"})
+        assert server.prearchive == {}
+
+
+def test_other_resources_of_a_scan_do_not_count(instance, demo_root, server, xnat_res):
+    """Pipelines add SNAPSHOTS/NIFTI resources to scans: only the DICOM resource is compared."""
+    run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
+    for sid in exp.scans:
+        server.add_scan_resource(exp, sid, "SNAPSHOTS", {f"{sid}_qc.gif": b"GIF89a", f"{sid}_qc_t.gif": b"GIF89a"})
+    server.add_scan_resource(exp, next(iter(exp.scans)), "NIFTI", {"vol.nii.gz": b"\x1f\x8b"})
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    md = metadata_of(again, "xnat_session")
+    assert md["status"] == "already_archived" and md["files_sent"] == 0 and server.imports == 1
+    assert checks_of(again)["scans_match_series"] is True
+
+
+def test_files_xnat_filters_are_reported_not_different_content(instance, demo_root, server, xnat_res):
+    """XNAT's series import filter drops files on receipt: reported, remembered, not re-sent."""
+    server.series_import_filter = r"^T2w"
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    md = metadata_of(result, "xnat_session")
+    exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
+    assert not any(s.series_description.startswith("T2w") for s in exp.scans.values())
+    t2 = sum(v for k, v in kept_series(demo_root).items() if k not in exp.scans)
+    assert t2 > 0 and md["filtered_by_xnat"] == t2 and md["files_sent"] == sum(kept_series(demo_root).values())
+    assert checks_of(result)["scans_match_series"] is True
+    marker = json.loads((demo_root / "logs/xnat/QPN001_ses-01.json").read_text())
+    assert len(marker["filtered_by_xnat"]) == t2
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 1
+
+
+def test_labels_are_cleaned_as_xnat_cleans_them(instance, demo_root, server, xnat_res):
+    """XNAT files 'QPN001.ses-01' as 'QPN001_ses-01' (cleanValue): found, reported, not re-sent."""
+    set_config(demo_root, session_label_pattern="{participant}.{session}")
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    md = metadata_of(result, "xnat_session")
+    assert md["status"] == "uploaded" and md["session_label"] == "QPN001_ses-01"
+    assert md["xnat_labels"]["session"] == {"given": "QPN001.ses-01", "xnat": "QPN001_ses-01"}
+    assert list(server.projects["QPN_DEMO"].subjects["QPN001"].experiments) == ["QPN001_ses-01"]
+    marker = json.loads((demo_root / "logs/xnat/QPN001_ses-01.json").read_text())
+    assert marker["labels"]["session"]["given"] == "QPN001.ses-01" and marker["session_label"] == "QPN001_ses-01"
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 1
+
+
+def test_subject_is_matched_case_insensitively(instance, demo_root, server, xnat_res):
+    """XNAT files the session under its existing subject 'qpn001'; the client finds it there."""
+    server.add_project("QPN_DEMO", owner=USER)
+    server.add_subject("QPN_DEMO", "qpn001")
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    md = metadata_of(result, "xnat_session")
+    assert md["status"] == "uploaded" and md["xnat_labels"]["subject"] == {"given": "QPN001", "xnat": "qpn001"}
+    assert list(server.projects["QPN_DEMO"].subjects) == ["qpn001"]
+    assert checks_of(result)["scans_match_series"] is True
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 1
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("owner,uid,says", [
+    ("OTHER", "", "is already used in XNAT project QPN_DEMO by subject OTHER"),
+    ("QPN001", "1.2.826.0.1.3680043.8.498.1", "holds another study (StudyInstanceUID 1.2.826.0.1.3680043.8.498.1"),
+])
+def test_session_label_is_unique_per_project(instance, demo_root, server, xnat_res, owner, uid, says):
+    """XNAT answers 409 when the label exists under another subject or study: the client says
+    so before sending anything."""
+    run_chain(instance, demo_root, VISIT)
+    server.add_project("QPN_DEMO", owner=USER)
+    server.add_experiment("QPN_DEMO", owner, "QPN001_ses-01", uid)
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert says in failure.event_specific_data.error.message
+    assert "labels are unique per project" in failure.event_specific_data.error.message
+    assert server.imports == 0 and not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+
+
+@pytest.mark.faults
+def test_failed_upload_cleans_only_its_own_prearchive_rows(instance, demo_root, server, xnat_res):
+    """Archiving fails once (row left in ERROR, 500): the retry's client removes that row only;
+    a scanner's row of the same label and another visit's row stay."""
+    run_chain(instance, demo_root, VISIT)
+    server.add_project("QPN_DEMO", owner=USER)
+    scanner = server.add_prearchive_row("QPN_DEMO", "QPN001_ses-01", "1.2.826.0.1.3680043.8.498.77", "READY")
+    other = server.add_prearchive_row("QPN_DEMO", "QPN002_ses-01", "1.2.826.0.1.3680043.8.498.78", "ERROR")
+    server.inject("/data/services/import", "archive_error")
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert result.success and metadata_of(result, "xnat_session")["status"] == "uploaded"
+    assert any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+    assert sorted(server.prearchive) == sorted([scanner.key, other.key])
+    assert server.imports == 2 and checks_of(result)["scans_match_series"] is True
+
+
+@pytest.mark.faults
+def test_proxy_504_while_xnat_keeps_archiving(instance, demo_root, server, xnat_res):
+    """A reverse proxy answers 504 after 1 s; XNAT finishes archiving at ~2.5 s. The client
+    polls instead of resending or deleting the row XNAT is archiving."""
+    run_chain(instance, demo_root, VISIT)
+    server.proxy_timeout, server.import_seconds = 1.0, 2.5
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    md = metadata_of(result, "xnat_session")
+    assert result.success and md["status"] == "uploaded" and server.imports == 1
+    assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+    exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
+    assert {k: len(s.files) for k, s in exp.scans.items()} == kept_series(demo_root)
+    assert server.prearchive == {} and checks_of(result)["scans_match_series"] is True
+
+
+@pytest.mark.faults
+def test_project_resources_need_the_owner_role(samples, server, password, tmp_path):
+    """A project member may upload sessions but not project resources: the session is uploaded
+    first, the refused TCIA resource is a warning."""
+    import shutil
+
+    from dicom_assets.core.dicomscan import Rules
+    from dicom_assets.core.organize import classify_tree
+    from dicom_assets.core.xnat_upload import files_from_records, upload_visit
+
+    server.add_user("pi", "pi-pw")
+    server.add_project("TCIA_P", owner="pi", members=(USER,))
+    folder = tmp_path / "visit"
+    shutil.copytree(next((samples.xnat_case001 / "scans").glob("2_*")), folder)
+    files = files_from_records(classify_tree(folder, Rules()), folder)
+    manifest = tmp_path / "basket.tcia"
+    manifest.write_text("downloadServerUrl=https://example.org\n")
+    logs = []
+    with xnatpy_session(server, USER, password) as s:
+        res = upload_visit(s, server=server.url, project="TCIA_P", subject="Case001", session_label="Case001_MR1",
+                           files=files, excluded=[], metadata_files=[], log=logs.append,
+                           project_files={"TCIA": [manifest]})
+    assert res.status == "uploaded" and res.files_sent == 20
+    assert [len(s.files) for s in server.projects["TCIA_P"].subjects["Case001"].experiments["Case001_MR1"].scans.values()] == [20]
+    assert len(res.warnings) == 1 and "project resource TCIA of TCIA_P not attached" in res.warnings[0]
+    assert "owner role" in res.warnings[0] and res.warnings[0] in logs
+    assert server.projects["TCIA_P"].resources == {}
+
+
+def test_site_anonymization_rewrites_patient_id(instance, demo_root, server, xnat_res):
+    """XNAT's default site-wide script sets PatientID to the session label: the client compares
+    instance names, never bytes, so a re-run still sends nothing."""
+    server.site_anonymization = True
+    run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
+    one = next(iter(next(iter(exp.scans.values())).files.values()))
+    ds = pydicom.dcmread(one, stop_before_pixels=True)
+    assert ds.PatientID == "QPN001_ses-01" and str(ds.PatientName) == "QPN001"
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 1

@@ -243,6 +243,17 @@ class XnatTestServer:
                 p.roles.setdefault(m, "member")
             return p
 
+    def add_subject(self, project: str, label: str) -> Subject:
+        with self.lock:
+            p = self.projects[project]
+            return p.subjects.setdefault(label, Subject(self._next_id("S"), label, project))
+
+    def add_experiment(self, project: str, subject: str, label: str, uid: str) -> Experiment:
+        """A session already in XNAT (no scans)."""
+        with self.lock:
+            subj = self.add_subject(project, subject)
+            return subj.experiments.setdefault(label, Experiment(self._next_id("E"), label, project, subj.id, uid=uid))
+
     def add_scan_resource(self, exp: Experiment, scan_id: str, label: str, files: dict[str, bytes]) -> None:
         """A resource an automatic pipeline adds to a scan (SNAPSHOTS, NIFTI, ...)."""
         folder = self.storage / exp.project / exp.label / "SCANS" / scan_id / label
