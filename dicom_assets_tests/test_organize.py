@@ -361,3 +361,21 @@ def test_broken_links_and_fifos_in_the_raw_tree_are_reported(t1_sources, tmp_pat
     assert r["s/loop"].reason == "unreadable" and "link to a folder" in r["s/loop"].detail
     assert r["s/pipe"].reason == "unreadable" and "FIFO" in r["s/pipe"].detail
     assert len((tmp_path / "r.tsv").read_text().splitlines()) == 1 + 4
+
+
+@pytest.mark.faults
+def test_a_corrupt_length_swallowing_the_file_keeps_the_report_readable(samples, tmp_path):
+    """Found by the fuzz layer: one zeroed byte makes a GE file's Modality 500 KB long; the
+    report (read back by the tarball step) must stay within a CSV reader's field limit."""
+    import csv
+
+    from dicom_assets.core.organize import read_kept
+
+    ge = sorted((samples.xnat_case001 / "scans").glob("5_*/DICOM/*.dcm"))[0].read_bytes()
+    raw = tmp_path / "raw"
+    write(raw, "IM1", _flip(ge, 440, 0))
+    result = organize_visit("P1_ses-01", raw, tmp_path / "out", RULES, report_path=tmp_path / "r.tsv")
+    assert len(result.records[0].modality) > 131072  # csv's default field limit
+    (row,) = csv.DictReader(open(tmp_path / "r.tsv", newline="", encoding="utf-8"), delimiter="\t")
+    assert row["modality"].endswith("more characters]") and len(row["modality"]) < 1100
+    assert read_kept(tmp_path / "r.tsv") == []

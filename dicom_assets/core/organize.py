@@ -68,6 +68,15 @@ def printable(text: str) -> str:
                         text)
 
 
+MAX_CELL = 1000  # a longer tag value (a corrupt length swallowing the file) is cut in the report
+
+
+def cell(text: str, limit: int = MAX_CELL) -> str:
+    """:func:`printable`, cut to ``limit`` characters with a note of how many were dropped."""
+    text = printable(text)
+    return text if len(text) <= limit else f"{text[:limit]}…[{len(text) - limit} more characters]"
+
+
 def _md5(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as fh:
@@ -222,7 +231,8 @@ def _row(r: FileRecord) -> list:
     row = []
     for c in REPORT_COLUMNS:
         v = getattr(r, c)
-        row.append("" if v is None else printable(v) if isinstance(v, str) else v)
+        # the source is never cut (it names the file); a tag value may be
+        row.append("" if v is None else (printable(v) if c == "source" else cell(v)) if isinstance(v, str) else v)
     return row
 
 
@@ -266,8 +276,8 @@ def read_kept(path: Path) -> list[str]:
 
 def series_rows(result: OrganizeResult) -> list[dict]:
     return [
-        {"series_number": s.series_number, "series_description": s.series_description or "",
-         "protocol_name": s.protocol_name or "", "modality": s.modality or "",
+        {"series_number": s.series_number, "series_description": cell(s.series_description or "", 200),
+         "protocol_name": cell(s.protocol_name or "", 200), "modality": cell(s.modality or "", 200),
          "files": s.files, "excluded": s.excluded}
         for s in result.series()
     ]
@@ -280,5 +290,5 @@ def excluded_summary(result: OrganizeResult, limit: int = 50) -> list[dict]:
     rows = []
     for reason in REASONS:
         for r in by_reason.get(reason, [])[:limit]:
-            rows.append({"source": printable(r.source), "reason": r.reason, "detail": printable(r.detail)})
+            rows.append({"source": printable(r.source), "reason": r.reason, "detail": cell(r.detail)})
     return rows
