@@ -364,6 +364,19 @@ def _corrupt_deflate(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def test_zip_entry_swallowed_by_a_damaged_comment_length_is_refused(tmp_path, samples):
+    """zipfile reads the central directory by byte size only: one entry's comment length
+    changed so that it covers the next entry, and the zip opened with that member missing.
+    (Found by the fuzz layer, long profile.)"""
+    z = make_zip(tmp_path / "P1.zip", real_members(samples))
+    data = bytearray(z.read_bytes())
+    entries = [i for i in range(len(data)) if data.startswith(b"PK\x01\x02", i)]
+    struct.pack_into("<H", data, entries[0] + 32, entries[2] - entries[1])  # swallow exactly entry 2
+    z.write_bytes(bytes(data))
+    assert_refused(tmp_path, z, "zip", r"^P1\.zip: the zip's directory lists 2 member\(s\) but its end record "
+                                       r"declares 3")
+
+
 def _tar_link_named_like_file(tf):
     add_file(tf, "s1/IM1", b"one")
     add_file(tf, "s1/IM2", b"two")

@@ -230,13 +230,17 @@ def test_tar_header_byte_change_is_exact_or_refused(header, pos, value):
     tried("tar header byte changed: exact or refused naming it")
 
 
-@given(offsets=st.lists(st.integers(0, len(_TAR) - 1), min_size=1, max_size=4), value=st.integers(1, 255))
-def test_tar_byte_flips_anywhere_never_lose_a_file(offsets, value):
-    """Bytes flipped anywhere (data, headers, end marker): no member is silently dropped or
-    cut; a flip inside data may change content (tar has no data checksum), never sizes."""
+@given(flips=st.lists(st.tuples(st.integers(0, len(_TAR) // 512 - 1), st.integers(0, 511)), min_size=1,
+                     max_size=4, unique_by=lambda f: f[0]),
+       value=st.integers(1, 255))
+def test_tar_byte_flips_anywhere_never_lose_a_file(flips, value):
+    """Bytes flipped anywhere, at most one per 512-byte block (data, headers, end marker): no
+    member is silently dropped or cut; a flip inside data may change content (tar has no data
+    checksum), never sizes. (Two flips in one header can cancel out in its checksum, which is
+    a plain byte sum: no reader can see those, so they are not generated.)"""
     data = bytearray(_TAR)
-    for off in offsets:
-        data[off] ^= value
+    for block, pos in flips:
+        data[block * 512 + pos] ^= value
     with _work() as w:
         case = Path(w)
         (case / "P1.tar").write_bytes(bytes(data))

@@ -220,6 +220,18 @@ def _zip_refusal(archive: str, info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+def _zip_declared_count(path: Path) -> int | None:
+    """The member count the zip's end-of-central-directory record declares (zipfile reads the
+    directory by its byte size only: an entry whose comment or extra length is damaged can
+    swallow the entries after it, and the archive would open with members missing)."""
+    try:
+        with open(path, "rb") as fp:
+            endrec = zipfile._EndRecData(fp)  # the record zipfile itself used (zip64 resolved)
+    except (OSError, *_READ_ERRORS):
+        return None
+    return None if not endrec else endrec[zipfile._ECD_ENTRIES_TOTAL]
+
+
 def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
     archive = path.name
     budget = _Budget(limits, archive)
@@ -232,6 +244,10 @@ def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
         raise UnsafeArchiveError(f"{archive}: not a readable zip file ({exc}); is the download complete?") from None
     with zf:
         infos = zf.infolist()
+        declared_count = _zip_declared_count(path)
+        if declared_count is not None and declared_count % 65536 != len(infos) % 65536:
+            raise UnsafeArchiveError(f"{archive}: the zip's directory lists {len(infos)} member(s) but its end "
+                                     f"record declares {declared_count}; the archive is damaged")
         if len(infos) > limits.max_members:
             budget.members = len(infos) - 1
             budget.member()
