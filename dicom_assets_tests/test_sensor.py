@@ -183,3 +183,15 @@ def test_sensor_skip_reason_names_downloads_it_cannot_take(instance, demo_root):
     assert "QPN004_ses-01" not in instance.get_dynamic_partitions("visits")
     for link in ("QPN_004", "QPN_004_loop"):  # the downloads guard digests files, following links
         (ses / link).unlink()
+
+
+@pytest.mark.faults
+def test_raw_dicoms_names_the_download_it_cannot_take(instance, demo_root):
+    """A visit whose only dump is a .7z: raw_dicoms fails saying why that dump was not taken."""
+    shutil.copy(demo_root / "downloads/ses-01/QPN_001_MR.zip", demo_root / "downloads/ses-02/QPN_004_MR.7z")
+    result = helpers.run_chain(instance, demo_root, "QPN004_ses-02", selection=helpers.AssetSelection.assets("raw_dicoms"),
+                               raise_on_error=False)
+    failure = next(ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert "no download for visit QPN004_ses-02" in message
+    assert "not taken: 'ses-02/QPN_004_MR.7z' is a 7-Zip archive, which cannot be extracted here" in message
