@@ -328,7 +328,13 @@ def nobody_dir():
     shutil.rmtree(d)
 
 
-def test_unlistable_subfolder_fails_instead_of_missing_files(nobody_dir, samples):
+@pytest.mark.parametrize("unreadable, message", [
+    ("s1", "P1_MR: folder 's1' of the download cannot be listed (Permission denied); its files would be missing"),
+    ("s1/SC_rgb_rle.dcm", "P1_MR: 's1/SC_rgb_rle.dcm' cannot be copied (Permission denied)"),
+], ids=["sub-folder", "file"])
+def test_unreadable_part_of_a_folder_dump_fails_instead_of_missing_files(nobody_dir, samples, unreadable, message):
+    """Permissions enforced (the step runs as an unprivileged user): a sub-folder os.walk
+    cannot list was skipped without a word, and the dump extracted with files missing."""
     src = nobody_dir / "dl" / "P1_MR"
     for name, data in real_members(samples).items():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -336,15 +342,18 @@ def test_unlistable_subfolder_fails_instead_of_missing_files(nobody_dir, samples
     for p in [nobody_dir / "dl", *(nobody_dir / "dl").rglob("*")]:
         os.chown(p, 65534, 65534)
     before = sha(src)
-    os.chmod(src / "s1", 0o000)  # a sub-folder its reader may not list
+    os.chmod(src / unreadable, 0o000)
     target = nobody_dir / "raw" / "P1"
-    (nobody_dir / "raw").mkdir()
-    os.chown(nobody_dir / "raw", 65534, 65534)
+    (target / "P1_MR").mkdir(parents=True)
+    (target / "P1_MR" / "IM1").write_bytes(b"the previous good extraction")
+    for p in (nobody_dir / "raw", target, target / "P1_MR", target / "P1_MR" / "IM1"):
+        os.chown(p, 65534, 65534)
     res = as_nobody(lambda: run(src, "folder", target).files)
     assert res[:2] == ("error", "UnsafeArchiveError"), res
-    assert "P1_MR: folder 's1' of the download cannot be listed (Permission denied)" in res[2]
-    assert not target.exists()
-    os.chmod(src / "s1", 0o755)
+    assert message in res[2]
+    assert extracted(target) == {"P1_MR/IM1": b"the previous good extraction"}
+    assert os.listdir(nobody_dir / "raw") == ["P1"]
+    os.chmod(src / unreadable, 0o755)
     assert sha(src) == before
 
 
