@@ -227,7 +227,7 @@ def _zip_declared_count(path: Path) -> int | None:
     try:
         with open(path, "rb") as fp:
             endrec = zipfile._EndRecData(fp)  # the record zipfile itself used (zip64 resolved)
-    except (OSError, *_READ_ERRORS):
+    except _READ_ERRORS:
         return None
     return None if not endrec else endrec[zipfile._ECD_ENTRIES_TOTAL]
 
@@ -270,7 +270,7 @@ def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
             if rel is None:
                 continue
             is_dir = info.is_dir()
-            if is_dir and (info.file_size or info.compress_size > 2):  # 2: an empty deflate stream
+            if is_dir and (info.file_size or info.CRC):  # the CRC of nothing is 0
                 raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is named like a folder but holds "
                                          f"{info.file_size} bytes; refusing the archive")
             if not is_dir:
