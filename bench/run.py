@@ -10,6 +10,8 @@ Each stage's core function is timed against its floor on the same files, warm ca
                       (the tarball step fsyncs before its atomic rename; GNU tar does not)
 * visit metadata  vs  ``md5sum`` of the same files
 * sensor tick     over N download items (two ticks: the second one takes them)
+* datalad_dataset at 40 files and at all files, direct writer vs the batch-command reference
+                  vs `datalad addurls`, each goal of issue 14 printed beside its target
 
 Peak memory is Python's (tracemalloc) for each stage. Not a test: numbers vary by machine.
 """
@@ -101,53 +103,72 @@ def sensor_bench(items: int, work: Path) -> dict:
     return out
 
 
-def datalad_bench(work: Path, tarball: Path, vmeta, peer: str) -> dict:
-    """Index one visit's tarball (first build, re-run, linearity at 1/4 and 1/2 of the files), and
-    the peer tool, `datalad addurls`, registering the same member URLs."""
+DATALAD_GOALS = {40: 0.5, 2000: 3.0}  # issue 14: seconds for datalad_dataset, deposit included
+
+
+def datalad_bench(work: Path, tarball: Path, vmeta, peer: str, writers=("direct", "batch")) -> dict:
+    """``datalad_dataset`` (index_visit: dataset, records, deposit in the store, superdataset)
+    for the first 40 DICOMs of the visit and for all of them, with the direct writer and the
+    batch-command reference, first build and re-run; and the peer tool, `datalad addurls`,
+    registering the same member URLs in a dataset made beforehand (untimed)."""
     from dicom_assets.core.datalad_index import (archive_locator, create_dataset, index_visit, members_from_metadata,
                                                  tarball_key, tool_env)
 
     store = tarball.parent
     out: dict = {}
     n = len(vmeta.dicoms)
-    for frac in (4, 2, 1):
-        sub = vmeta.dicoms[: n // frac]
-        ds = work / "datalad" / f"BENCH_{frac}"
-        shutil.rmtree(ds, ignore_errors=True)
-        t0 = time.perf_counter()
-        res = index_visit(ds, visit="BENCH_ses-01", study=store.name, tarball_meta=vmeta.tarball, dicoms_meta=sub,
-                          store_dir=store, deposit=frac == 1)
-        total = time.perf_counter() - t0
-        idx = res.timings["index"]
-        out[f"index {len(sub)} files: seconds"] = idx
-        if frac == 1:
-            out["index files/s"] = len(sub) / idx
-            out["index share in git-annex processes %"] = 100 * res.timings.get("git_annex", 0) / idx
-            out["create (datalad create + 2 initremote) s"] = res.timings.get("create", 0.0)
-            out["deposit to the store (datalad-annex push) s"] = res.timings.get("deposit", 0.0)
-            out["first build, total s"] = total
+    sizes = sorted({min(40, n), n})
+    for writer in writers:
+        for size in sizes:
+            sub = vmeta.dicoms[:size]
+            ds = work / "datalad" / f"{writer}_{size}" / "BENCH_ses-01"
+            shutil.rmtree(ds.parent, ignore_errors=True)
+            kw = dict(visit="BENCH_ses-01", study=store.name, tarball_meta=vmeta.tarball, dicoms_meta=sub,
+                      store_dir=store, superdataset=True, writer=writer)
             t0 = time.perf_counter()
-            index_visit(ds, visit="BENCH_ses-01", study=store.name, tarball_meta=vmeta.tarball, dicoms_meta=sub,
-                        store_dir=store)
-            out["re-run, same tarball s"] = time.perf_counter() - t0
+            res = index_visit(ds, **kw)
+            total = time.perf_counter() - t0
+            t = res.timings
+            out[f"{writer} {size} files: first build s"] = total
+            out[f"{writer} {size} files:   create / index / deposit / superdataset s"] = " / ".join(
+                f"{t.get(k, 0.0):.2f}" for k in ("create", "index", "deposit", "superdataset"))
+            t0 = time.perf_counter()
+            index_visit(ds, **kw)
+            out[f"{writer} {size} files: re-run, same tarball s"] = time.perf_counter() - t0
     if peer != "none":
-        members = members_from_metadata(vmeta.dicoms)
-        akey = tarball_key(int(vmeta.tarball["size"]), vmeta.tarball["md5"])
-        table = work / "addurls.csv"
-        ds = work / "datalad" / "PEER"
-        shutil.rmtree(ds, ignore_errors=True)
         env = tool_env()
-        create_dataset(ds, env, "addurls peer", {})  # the same dataset setup, untimed
-        cmd = ["datalad", "-l", "error", "addurls", "--key", "MD5-s{size}--{md5}", "--fast"]
-        table.write_text("url,path,size,md5,SeriesNumber\n" + "".join(
-            f"{archive_locator(akey, m)},{m.path},{m.size},{m.md5},{m.tags.get('SeriesNumber', '')}\n"
-            for m in members))
-        if peer == "fast":
-            cmd += ["--exclude-autometa", "*"]
-        t0 = time.perf_counter()
-        subprocess.run([*cmd, str(table), "{url}", "{path}"], cwd=ds, check=True, env=env, capture_output=True)
-        out[f"peer: datalad addurls ({peer}) s"] = time.perf_counter() - t0
+        akey = tarball_key(int(vmeta.tarball["size"]), vmeta.tarball["md5"])
+        for size in sizes:
+            members = members_from_metadata(vmeta.dicoms[:size])
+            table = work / "addurls.csv"
+            ds = work / "datalad" / f"PEER_{size}"
+            shutil.rmtree(ds, ignore_errors=True)
+            create_dataset(ds, env, "addurls peer", {})  # the same dataset setup, untimed
+            cmd = ["datalad", "-l", "error", "addurls", "--key", "MD5-s{size}--{md5}", "--fast"]
+            table.write_text("url,path,size,md5,SeriesNumber\n" + "".join(
+                f"{archive_locator(akey, m)},{m.path},{m.size},{m.md5},{m.tags.get('SeriesNumber', '')}\n"
+                for m in members))
+            if peer == "fast":
+                cmd += ["--exclude-autometa", "*"]
+            t0 = time.perf_counter()
+            subprocess.run([*cmd, str(table), "{url}", "{path}"], cwd=ds, check=True, env=env, capture_output=True)
+            out[f"peer: datalad addurls ({peer}) {size} files, no create/deposit s"] = time.perf_counter() - t0
     return out
+
+
+def datalad_goals(datalad: dict) -> list[str]:
+    """Each goal of issue 14 for datalad_dataset, its figure beside its target."""
+    lines = []
+    for size, target in DATALAD_GOALS.items():
+        got = datalad.get(f"direct {size} files: first build s")
+        if got is None:
+            lines.append(f"  datalad_dataset, {size:>5} files (direct): not measured (corpus has another size; "
+                         f"--files {size})")
+            continue
+        ref = datalad.get(f"batch {size} files: first build s")
+        lines.append(f"  datalad_dataset, {size:>5} files (direct): {got:6.2f} s   target <= {target:.1f} s   "
+                     f"{'met' if got <= target else 'MISSED'}" + (f"   (batch reference {ref:.2f} s)" if ref else ""))
+    return lines
 
 
 def main() -> int:
@@ -157,6 +178,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sensor-items", type=int, default=10000)
     ap.add_argument("--datalad", type=int, default=1, help="0 skips the DataLad stage")
+    ap.add_argument("--datalad-writers", default="direct,batch",
+                    help="writers of datalad_dataset to time: direct, batch (the reference), or both")
     ap.add_argument("--datalad-peer", choices=["none", "fast", "full"], default="fast",
                     help="peer: `datalad addurls` without (fast) or with (full, slow) per-file metadata")
     ap.add_argument("--work", help="work folder (default: a temporary folder)")
@@ -209,7 +232,8 @@ def main() -> int:
                                                                    tool_version=__version__))
     row("visit_metadata", t, "md5sum", floor, peak)
 
-    datalad = datalad_bench(work, dest, vmeta, args.datalad_peer) if args.datalad else {}
+    datalad = (datalad_bench(work, dest, vmeta, args.datalad_peer, tuple(args.datalad_writers.split(",")))
+               if args.datalad else {})
 
     sensor = sensor_bench(args.sensor_items, work) if args.sensor_items else {}
 
@@ -221,9 +245,11 @@ def main() -> int:
         print(f"{r['stage']:<16}{r['seconds']:>9.3f}{r['files_per_s']:>10.0f}{r['mb_per_s']:>9.0f}  "
               f"{r['floor']:<28}{r['floor_seconds']:>9.3f}{r['ratio_to_floor']:>7.2f}{r['peak_python_mb']:>9.1f}")
     if datalad:
-        print(f"\ndatalad_dataset (one visit, {len(vmeta.dicoms)} DICOMs; index = create + record + commit):")
+        print("\ndatalad_dataset (first build = create + records + commit + deposit in the store + superdataset):")
         for k, v in datalad.items():
-            print(f"  {k:<45} {v:.2f}" if isinstance(v, float) else f"  {k:<45} {v}")
+            print(f"  {k:<62} {v:.2f}" if isinstance(v, float) else f"  {k:<62} {v}")
+        print("\ngoals (issue 14, datalad_dataset, deposit included):")
+        print("\n".join(datalad_goals(datalad)))
     if sensor:
         print(f"\nsensor over {args.sensor_items} download items:")
         for k, v in sensor.items():
