@@ -107,6 +107,7 @@ def run_step(work: Path, item: Path, kind: str):
     except DicomAssetsError as exc:
         result = exc
         assert item.name in str(exc), f"the error does not name the input {item.name!r}: {exc}"
+        str(exc).encode("utf-8")  # loggable and storable as it is (no lone surrogate of a raw name)
         assert snapshot(target) == {k[len(inside) + 1:]: v for k, v in before.items() if k.startswith(inside + os.sep)}
     after = snapshot(work)
     outside_before = {k: v for k, v in before.items() if k != inside and not k.startswith(inside + os.sep)}
@@ -114,6 +115,8 @@ def run_step(work: Path, item: Path, kind: str):
     assert outside_after == outside_before, "something was written outside the target (or the input changed)"
     assert sorted(os.listdir(target.parent)) == ["P1"], "a stray temporary folder was left beside the target"
     assert _state(item) == item_before, "the download changed"
+    if not isinstance(result, Exception):
+        "\n".join(result.skipped + [i.item for i in result.items]).encode("utf-8")
     return result
 
 

@@ -89,6 +89,12 @@ def item_stem(name: str) -> str:
     return name
 
 
+def shown(name: str) -> str:
+    """A file name as messages show it: bytes that are no UTF-8 (kept by the OS as lone
+    surrogates) as ``\\xNN``, so a message can always be logged and stored."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_partial_name(name: str) -> bool:
     low = name.lower()
     return any(low.endswith(s) for s in PARTIAL_SUFFIXES)
@@ -227,7 +233,7 @@ def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants
                 continue
             if is_partial_name(e.name):
                 continue  # still being written by a browser/downloader
-            where = f"'{ses}/{e.name}'"
+            where = f"'{ses}/{shown(e.name)}'"
             done = (e.name + DONE_SUFFIX) in names
             if e.is_symlink():
                 out.append(ScannedItem(DownloadItem(Path(e.path), ses, "none"), None,

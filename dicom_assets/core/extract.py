@@ -38,7 +38,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .downloads import DownloadItem, safe_folder_name
+from .downloads import DownloadItem, safe_folder_name, shown
 from .errors import UnsafeArchiveError
 from .fsutil import temp_sibling
 
@@ -97,7 +97,7 @@ class ExtractReport:
 
     @property
     def skipped(self) -> list[str]:
-        return [f"{Path(i.item).name}: {s}" for i in self.items for s in i.skipped]
+        return [f"{shown(Path(i.item).name)}: {s}" for i in self.items for s in i.skipped]
 
 
 def safe_member_path(name: str, archive: str) -> PurePosixPath | None:
@@ -233,7 +233,7 @@ def _zip_declared_count(path: Path) -> int | None:
 
 
 def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
-    archive = path.name
+    archive = shown(path.name)
     budget = _Budget(limits, archive)
     names = _Names(archive)
     try:
@@ -337,7 +337,7 @@ def _open_tar_stream(raw, archive: str):
 
 
 def _extract_tar(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
-    archive = path.name
+    archive = shown(path.name)
     budget = _Budget(limits, archive)
     names = _Names(archive)
     links: list[tuple[PurePosixPath, PurePosixPath, bool, str]] = []
@@ -435,7 +435,7 @@ def clone_or_copy(src: Path, dest: Path) -> int:
 
 
 def _extract_folder(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
-    archive = path.name
+    archive = shown(path.name)
     budget = _Budget(limits, archive)
     try:
         st = os.lstat(path)
@@ -465,7 +465,7 @@ def _extract_folder(path: Path, out: Path, limits: ExtractLimits, rep: ItemRepor
                 real = os.path.realpath(full)
                 if not inside(real):
                     raise UnsafeArchiveError(f"{archive}: folder link {rel!r} points outside the download; refusing it")
-                rep.skipped.append(f"{rel}: folder link to {os.path.relpath(real, base)!r}, "
+                rep.skipped.append(f"{shown(rel)}: folder link to {os.path.relpath(real, base)!r}, "
                                    "whose files are extracted where they lie")
         for n in sorted(files):
             full = os.path.join(dirpath, n)
@@ -482,7 +482,7 @@ def _extract_folder(path: Path, out: Path, limits: ExtractLimits, rep: ItemRepor
                     raise UnsafeArchiveError(f"{archive}: link {rel!r} points outside the download; refusing it")
                 if not os.path.isfile(real):
                     why = "a folder" if os.path.isdir(real) else "nothing (a broken link or a link loop)"
-                    rep.skipped.append(f"{rel}: link to {why}")
+                    rep.skipped.append(f"{shown(rel)}: link to {why}")
                     continue
                 source = real
                 rep.links += 1
@@ -548,16 +548,16 @@ def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits
             while folder in used:
                 folder += "_"
             used.add(folder)
-            rep = ItemReport(item=str(item.path), kind=item.kind, folder=folder)
+            rep = ItemReport(item=shown(str(item.path)), kind=item.kind, folder=folder)
             out = staging / folder
             out.mkdir()
             extractor = _EXTRACTORS.get(item.kind)
             if extractor is None:
-                raise UnsafeArchiveError(f"{item.name}: downloads of kind {item.kind!r} cannot be extracted")
+                raise UnsafeArchiveError(f"{shown(item.name)}: downloads of kind {item.kind!r} cannot be extracted")
             try:
                 extractor(item.path, out, limits, rep)
             except OSError as exc:  # the last line: a filesystem error still names the download
-                raise UnsafeArchiveError(f"{item.name}: extraction failed ({exc})") from None
+                raise UnsafeArchiveError(f"{shown(item.name)}: extraction failed ({exc})") from None
             report.items.append(rep)
         replace_dir_atomically(staging, target)
     except BaseException:
