@@ -12,8 +12,11 @@ git-annex knows how to obtain:
 
 Both special remotes are initialized with ``autoenable=true``, so a plain ``datalad clone``
 of the dataset (from its folder, or from the deposit in the store) can ``datalad get`` any
-DICOM with no further setup. Everything is recorded with git-annex's batch commands (one
-process per kind of record, not one per file).
+DICOM with no further setup. By default every record is written directly in git-annex's own
+formats with one ``git fast-import`` (``core/annexwrite.py``; no git-annex or DataLad process);
+the reference path records everything with ``datalad create``, ``initremote`` and git-annex's batch
+commands (``writer="batch"`` or ``DICOM_ASSETS_DATALAD_WRITER=batch``), and the tests check that
+both write the same records.
 
 The dataset is also deposited in the store beside the tarball, in the exported form of
 datalad-next's ``datalad-annex::`` Git remote helper (``<visit>_XDLRA--refs`` and

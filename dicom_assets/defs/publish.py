@@ -48,7 +48,9 @@ from .ui import path, table
         "copying it (md5 keys from the metadata JSON, `dl+archive:` URLs into the tarball claimed by "
         "datalad-next's archivist, the tarball's store URL claimed by uncurl), with the series tags as "
         "git-annex metadata; deposited beside the tarball as `<visit>_XDLRA--refs`/`--repo-export` so it "
-        "can be cloned from the store. Same tarball: HEAD unchanged; new tarball: one new commit."
+        "can be cloned from the store. Same tarball: HEAD unchanged; new tarball: one new commit. Records "
+        "written directly in git-annex's formats (one git fast-import; DICOM_ASSETS_DATALAD_WRITER=batch "
+        "for the git-annex batch-command reference)."
     ),
 )
 def datalad_dataset(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
