@@ -119,6 +119,8 @@ def cmd_xnat_upload(args) -> int:
                                    policy=args.policy)
                 print(f"{subject}/{label}: {res.status}, {res.files_sent} files sent, "
                       f"{len(skipped)} files left out, scans {', '.join(s['scan'] for s in res.scans)}")
+                for w in res.warnings:
+                    print(f"{subject}/{label}: warning: {w}", file=sys.stderr)
             except XnatError as exc:
                 failures += 1
                 print(f"{subject}/{label}: FAILED: {exc}", file=sys.stderr)
