@@ -174,21 +174,18 @@ def test_tar_cut_at_every_block_is_complete_or_refused(fmt):
         members = {f"Überweisung/{'n' * 120}/{k}": v for k, v in members.items()}
     data, offsets = seed_tar(fmt, members)
     end_of_members = offsets[-1]
-    with _work() as w:
-        work = Path(w)
-        for cut in range(0, len(data) + 1, tarfile.BLOCKSIZE):
-            with _work() as w2:
-                case = Path(w2)
-                item = case / "P1.tar"
-                item.write_bytes(data[:cut])
-                result = run_step(case, item, "tar")
-                if cut >= end_of_members + tarfile.BLOCKSIZE:  # the first zero block is there
-                    assert not isinstance(result, Exception), f"cut at {cut}: {result}"
-                    assert output_of(result, case) == members
-                else:
-                    assert isinstance(result, DicomAssetsError), f"cut at byte {cut} of {len(data)} was accepted"
-                tried("tar cut at a block boundary: complete and exact, or refused naming it")
-        del work
+    for cut in range(0, len(data) + 1, tarfile.BLOCKSIZE):
+        with _work() as w:
+            case = Path(w)
+            item = case / "P1.tar"
+            item.write_bytes(data[:cut])
+            result = run_step(case, item, "tar")
+            if cut >= end_of_members + tarfile.BLOCKSIZE:  # the first zero block is there
+                assert not isinstance(result, Exception), f"cut at {cut}: {result}"
+                assert output_of(result, case) == members
+            else:
+                assert isinstance(result, DicomAssetsError), f"cut at byte {cut} of {len(data)} was accepted"
+            tried("tar cut at a block boundary: complete and exact, or refused naming it")
 
 
 def test_gzip_cut_anywhere_is_refused():

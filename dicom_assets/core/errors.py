@@ -18,7 +18,8 @@ class VisitKeyError(DicomAssetsError, ValueError):
 
 
 class UnsafeArchiveError(DicomAssetsError):
-    """An archive holds a member that would land outside its target, or is a bomb."""
+    """A download cannot be extracted safely and completely: a member would land outside its
+    target, a bomb, or the archive or folder is damaged, incomplete, unreadable or vanished."""
 
 
 class DownloadError(DicomAssetsError):
