@@ -115,12 +115,19 @@ def test_broken_config_is_a_skip_with_the_reason(instance, demo_root):
     assert "dataset not usable" in skip_text(result) and "global_config.json" in skip_text(result)
 
 
-def test_cursor_is_compact_json(instance, demo_root):
+def test_cursor_names_the_state_file_only(instance, demo_root):
+    """The cursor is the state's id and the tick number; the settled state is a SQLite file
+    under scratch/state/, holding every download taken."""
+    import sqlite3
+
     t = downloads_ticker(instance, demo_root)
     t.tick(), t.tick()
     data = json.loads(t.cursor)
-    assert set(data) == {"pending", "submitted", "reported"} and len(data["submitted"]) == 6
-    assert data["pending"] == {}
+    assert set(data) == {"v", "state", "gen", "queued", "waiting"} and data["gen"] == 2 and data["queued"] == 0
+    db = demo_root / "scratch" / "state" / f"downloads-{data['state']}.sqlite"
+    with sqlite3.connect(db) as con:
+        taken = sorted(r[0].decode() for r in con.execute("SELECT rel FROM items WHERE state='taken'"))
+    assert len(taken) == 6 and taken[0] == "ses-01/QPN_001_MR.zip"
 
 
 @pytest.mark.parametrize("name,expected", [

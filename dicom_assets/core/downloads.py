@@ -214,11 +214,60 @@ class ScannedItem:
     done_marker: bool
 
 
+def classify_entry(ses: str, name: str, path: Path, is_dir: bool, is_symlink: bool, done: bool,
+                   participants, index: dict[str, list[str]],
+                   by_name: dict[tuple[str, str], str]) -> ScannedItem:
+    """One entry of ``downloads/<ses>/`` (not hidden, no marker, no partial name): its visit,
+    or the reason it has none. Needs no stat: what a directory listing tells is enough."""
+    where = f"'{ses}/{shown(name)}'"
+    if is_symlink:
+        return ScannedItem(DownloadItem(path, ses, "none"), None,
+                           f"{where} is a symbolic link; links are not followed (move or copy the "
+                           "dump itself into the downloads folder)", done)
+    kind = item_kind(name, is_dir)
+    if kind is None:
+        return ScannedItem(DownloadItem(path, ses, "none"), None, f"{where} {not_an_item_reason(name, is_dir)}", done)
+    item = DownloadItem(path, ses, kind)
+    mapped = by_name.get((ses, name)) or by_name.get((ses, item.stem))
+    if mapped:
+        return ScannedItem(item, Visit(mapped, ses), None, done)
+    other = named_session(name, ses)
+    if other:
+        return ScannedItem(item, None, f"{where} is named for session {other} but lies in {ses}/; "
+                           f"move it to downloads/{other}/ (or map it in tabular/dicom_dir_map.tsv)", done)
+    hits = match_participant(name, participants, index)
+    if len(hits) == 1:
+        return ScannedItem(item, Visit(hits[0], ses), None, done)
+    if not hits:
+        return ScannedItem(item, None, f"'{ses}/{name}' matches no participant of the manifest "
+                           "(add it to the manifest or map it in tabular/dicom_dir_map.tsv)", done)
+    return ScannedItem(item, None, f"'{ses}/{name}' matches several participants "
+                       f"({', '.join(hits)}); map it in tabular/dicom_dir_map.tsv", done)
+
+
+def names_by_download(dir_map: dict[tuple[str, str], str] | None) -> dict[tuple[str, str], str]:
+    """``dicom_dir_map.tsv`` turned around: {(session, download name): participant}."""
+    return {(ses, name): p for (p, ses), name in (dir_map or {}).items()}
+
+
+def passed_over(name: str) -> bool:
+    """Entries a scan passes over without a word: hidden names, ``.done`` markers, partial names."""
+    return name.startswith(".") or name.endswith(DONE_SUFFIX) or is_partial_name(name)
+
+
+def entry_is_dir(e: os.DirEntry) -> bool:
+    try:
+        return e.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants: set[str],
-                   dir_map: dict[tuple[str, str], str] | None = None) -> list[ScannedItem]:
-    """Every item of every session folder, each with its visit or the reason it has none."""
-    dir_map = dir_map or {}
-    by_name = {(ses, name): p for (p, ses), name in dir_map.items()}
+                   dir_map: dict[tuple[str, str], str] | None = None,
+                   name_filter=None) -> list[ScannedItem]:
+    """Every item of every session folder, each with its visit or the reason it has none
+    (with ``name_filter``, only the entries whose name it accepts are classified)."""
+    by_name = names_by_download(dir_map)
     index = participant_index(participants)
     out: list[ScannedItem] = []
     for ses in sessions:
@@ -229,53 +278,37 @@ def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants
             continue
         names = {e.name for e in entries}
         for e in sorted(entries, key=lambda e: e.name):
-            if e.name.startswith(".") or e.name.endswith(DONE_SUFFIX):
+            if passed_over(e.name):
+                continue  # hidden, a marker, or still being written by a browser/downloader
+            if name_filter is not None and not name_filter(ses, e.name):
                 continue
-            if is_partial_name(e.name):
-                continue  # still being written by a browser/downloader
-            where = f"'{ses}/{shown(e.name)}'"
-            done = (e.name + DONE_SUFFIX) in names
-            if e.is_symlink():
-                out.append(ScannedItem(DownloadItem(Path(e.path), ses, "none"), None,
-                                       f"{where} is a symbolic link; links are not followed (move or copy the "
-                                       "dump itself into the downloads folder)", done))
-                continue
-            try:
-                is_dir = e.is_dir(follow_symlinks=False)
-            except OSError:
-                is_dir = False
-            kind = item_kind(e.name, is_dir)
-            if kind is None:
-                out.append(ScannedItem(DownloadItem(Path(e.path), ses, "none"), None,
-                                       f"{where} {not_an_item_reason(e.name, is_dir)}", done))
-                continue
-            item = DownloadItem(Path(e.path), ses, kind)
-            mapped = by_name.get((ses, e.name)) or by_name.get((ses, item.stem))
-            if mapped:
-                out.append(ScannedItem(item, Visit(mapped, ses), None, done))
-                continue
-            other = named_session(e.name, ses)
-            if other:
-                out.append(ScannedItem(item, None, f"{where} is named for session {other} but lies in {ses}/; "
-                                       f"move it to downloads/{other}/ (or map it in tabular/dicom_dir_map.tsv)",
-                                       done))
-                continue
-            hits = match_participant(e.name, participants, index)
-            if len(hits) == 1:
-                out.append(ScannedItem(item, Visit(hits[0], ses), None, done))
-            elif not hits:
-                out.append(ScannedItem(item, None, f"'{ses}/{e.name}' matches no participant of the manifest "
-                                       "(add it to the manifest or map it in tabular/dicom_dir_map.tsv)", done))
-            else:
-                out.append(ScannedItem(item, None, f"'{ses}/{e.name}' matches several participants "
-                                       f"({', '.join(hits)}); map it in tabular/dicom_dir_map.tsv", done))
+            out.append(classify_entry(ses, e.name, Path(e.path), entry_is_dir(e), e.is_symlink(),
+                                      (e.name + DONE_SUFFIX) in names, participants, index, by_name))
     return out
+
+
+def _bare_stem(name: str) -> str:
+    stem = item_stem(name)
+    return stem[4:] if stem.lower().startswith("sub-") else stem
+
+
+def _could_be_visit(visit: Visit, dir_map: dict[tuple[str, str], str] | None):
+    """A cheap filter of names before classification: those starting like the participant,
+    or named in ``dicom_dir_map.tsv`` (a session folder of 50,000 dumps is not classified
+    whole for one visit)."""
+    mapped = {name for (_, ses), name in (dir_map or {}).items() if ses == visit.session}
+
+    def accept(ses: str, name: str) -> bool:
+        return (name in mapped or item_stem(name) in mapped
+                or _consumes(_bare_stem(name), visit.participant) is not None)
+    return accept
 
 
 def items_for_visit(downloads_root: Path, visit: Visit, participants: set[str],
                     dir_map: dict[tuple[str, str], str] | None = None) -> list[DownloadItem]:
     """The downloads of one visit (usually one; a dump split in parts gives several)."""
-    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map)
+    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map,
+                             name_filter=_could_be_visit(visit, dir_map))
     return [s.item for s in scanned if s.visit == visit]
 
 
@@ -284,10 +317,10 @@ def problems_for_participant(downloads_root: Path, visit: Visit, participants: s
     """Why entries of the visit's session folder whose name starts like the participant were
     not taken (a .7z, a link, another session's dump): for the message of a visit without
     download."""
-    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map)
+    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map,
+                             name_filter=_could_be_visit(visit, dir_map))
     return [s.problem for s in scanned if s.problem and s.visit is None
-            and _consumes(s.item.stem[4:] if s.item.stem.lower().startswith("sub-") else s.item.stem,
-                          visit.participant) is not None]
+            and _consumes(_bare_stem(s.item.name), visit.participant) is not None]
 
 
 _SAFE_COMPONENT = re.compile(r"[^A-Za-z0-9._+-]")

@@ -9,6 +9,7 @@
       tabular/curation_status.tsv                   how far each visit got
       downloads/<session>/<item>                    scanner dumps as delivered
       scratch/raw_dicoms/<session>/<participant>/   extracted, messy inside
+      scratch/state/                                the downloads sensor's state (SQLite)
       dicom/<session>/<participant>/                flat list of validated DICOMs
       store/<study>/<visit>_dicom.tar               reproducible visit tarball
       store/<study>/<visit>_metadata_tarball.json
@@ -73,6 +74,12 @@ class DatasetLayout:
 
     def downloads_dir(self, session: str) -> Path:
         return self.downloads_root / session
+
+    @property
+    def state_dir(self) -> Path:
+        """``scratch/state/``: small state files of the platform itself (the downloads sensor's
+        settled state, ``downloads-<id>.sqlite``); safe to delete, at the cost of one full rescan."""
+        return self.root / "scratch" / "state"
 
     def raw_dir(self, visit: Visit) -> Path:
         return self.root / "scratch" / "raw_dicoms" / visit.session / visit.participant

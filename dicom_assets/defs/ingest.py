@@ -2,7 +2,7 @@
 
 
 import json
-from dataclasses import replace
+from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
@@ -21,10 +21,11 @@ from dagster import (
 
 from ..core.curation import update_curation_status
 from ..core.dicomscan import Rules
-from ..core.downloads import (ITEM_FORMATS, DownloadItem, items_for_visit, problems_for_participant,
-                               read_dicom_dir_map, scan_downloads, signature)
+from ..core.downloads import ITEM_FORMATS, DownloadItem, items_for_visit, problems_for_participant, read_dicom_dir_map
+from ..core.downloads_state import DownloadsState, Settings, context_token
 from ..core.errors import DicomAssetsError
 from ..core.extract import ExtractLimits, extract_visit
+from ..core.layout import Dataset, DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.tcia import find_visit as find_tcia_visit
 from ..core.qc import build_montage, middle_images
@@ -192,62 +193,57 @@ def load_cursor(raw: str | None, *keys: str) -> list[dict]:
     return [data.get(k, {}) for k in keys]
 
 
-def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource):
-    """One tick: new complete downloads -> new visit partitions + one run each."""
+def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource,
+                       settings: Settings | None = None):
+    """One tick: new complete downloads -> new visit partitions + one run each, at most
+    ``settings.batch`` per tick (the rest wait in order). The settled state lives in
+    ``scratch/state/downloads-<id>.sqlite`` (core/downloads_state.py); the cursor only names
+    it and the tick, so it stays a few dozen bytes whatever the number of downloads."""
     try:
-        ds = dataset.open()
-        participants = set(ds.manifest.participants)
-        dir_map = read_dicom_dir_map(ds.layout.dicom_dir_map_path)
+        ds = Dataset(DatasetLayout(Path(dataset.root)))
+        sessions = ds.config.sessions  # the manifest is read only when a name needs classifying
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}")
-    pending, submitted, reported = load_cursor(context.cursor, "pending", "submitted", "reported")
-    new_pending: dict[str, str] = {}
-    run_requests: list[RunRequest] = []
-    waiting, problems = [], []
-    for s in scan_downloads(ds.layout.downloads_root, ds.config.sessions, participants, dir_map):
-        rel = f"{s.item.session}/{s.item.name}"
-        try:
-            token = signature(s.item.path).token() if s.item.kind != "none" else str(s.item.path.lstat().st_mtime_ns)
-        except FileNotFoundError:
-            continue  # vanished between listing and stat
-        except OSError as exc:  # no permission, a link loop: reported, never a crashed tick
-            s = replace(s, visit=None, problem=f"'{rel}' cannot be read ({exc.strerror or exc})")
-            token = "unreadable"
-        if s.problem:
-            problems.append(s.problem)
-            if reported.get(rel) != token:
-                context.log.warning(s.problem)
-                reported[rel] = token
-            continue
-        if submitted.get(rel) == token:
-            continue
-        if not (s.done_marker or pending.get(rel) == token):
-            new_pending[rel] = token  # seen once: wait one tick for size and mtime to settle
-            waiting.append(rel)
-            continue
-        visit = s.visit.key
-        run_requests.append(RunRequest(
-            run_key=f"{rel}:{token}",
-            partition_key=visit,
-            tags={VISIT_TAG: visit, DOWNLOAD_TAG: rel},
-        ))
-        submitted[rel] = token
-    existing = set(context.instance.get_dynamic_partitions(VISITS_PARTITION_NAME))
-    new_keys = sorted({r.partition_key for r in run_requests} - existing)
-    cursor = json.dumps({"pending": new_pending, "submitted": submitted, "reported": reported},
-                        sort_keys=True, separators=(",", ":"))
+    lay = ds.layout
+    settings = settings or Settings.from_env()
+
+    def classifier():
+        return set(ds.manifest.participants), read_dicom_dir_map(lay.dicom_dir_map_path)
+
+    state, cursor_gen, notes, legacy = DownloadsState.for_cursor(lay.state_dir, context.cursor)
+    try:
+        out = state.tick(cursor_gen, downloads_root=lay.downloads_root, sessions=sessions,
+                         ctx_token=context_token(lay.config_path, lay.manifest_path, lay.dicom_dir_map_path, sessions),
+                         classifier=classifier, settings=settings, legacy=legacy, notes=notes)
+    except DicomAssetsError as exc:
+        return SkipReason(f"dataset not usable: {exc}")
+    for note in out.notes:
+        context.log.warning(note)
+    for problem in out.new_problems:
+        context.log.warning(problem)
+    if out.dropped:
+        context.log.info(f"{len(out.dropped)} pending download(s) vanished before they were taken, dropped: "
+                         + ", ".join(out.dropped[:5]) + (" ..." if len(out.dropped) > 5 else ""))
+    run_requests = [RunRequest(run_key=f"{t.rel}:{t.token}", partition_key=t.visit,
+                               tags={VISIT_TAG: t.visit, DOWNLOAD_TAG: t.rel}) for t in out.taken]
+    cursor = out.cursor()
     if not run_requests:
         reason = []
-        if waiting:
-            reason.append(f"{len(waiting)} download(s) still arriving or not yet stable: {', '.join(waiting[:5])}")
-        if problems:
-            reason.append(f"{len(problems)} download(s) not taken: {problems[0]}"
-                          + (f" (and {len(problems) - 1} more, in the sensor's log)" if len(problems) > 1 else ""))
+        if out.waiting:
+            reason.append(f"{out.waiting} download(s) still arriving or not yet stable: {', '.join(out.waiting_first)}"
+                          + (" ..." if out.waiting > len(out.waiting_first) else ""))
+        if out.problems:
+            reason.append(f"{out.problems} download(s) not taken: {out.first_problem}"
+                          + (f" (and {out.problems - 1} more, in the sensor's log)" if out.problems > 1 else ""))
         return SensorResult(skip_reason=SkipReason("; ".join(reason) or "no new complete download"),
                             cursor=cursor)
+    visits = sorted({r.partition_key for r in run_requests})
+    new_keys = [v for v in visits if not context.instance.has_dynamic_partition(VISITS_PARTITION_NAME, v)]
     shown = ", ".join(r.partition_key for r in run_requests[:20])
     more = f" and {len(run_requests) - 20} more" if len(run_requests) > 20 else ""
-    context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}")
+    context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}"
+                     + (f"; {out.queued} more complete, waiting in order ({settings.batch} per tick)"
+                        if out.queued else ""))
     return SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[visits_partitions.build_add_request(new_keys)] if new_keys else [],
@@ -255,7 +251,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     )
 
 
-def build_downloads_sensor(job, minimum_interval_seconds: int = 10):
+def build_downloads_sensor(job, minimum_interval_seconds: int = 10, settings: Settings | None = None):
     @sensor(
         name="downloads_sensor",
         job=job,
@@ -264,10 +260,11 @@ def build_downloads_sensor(job, minimum_interval_seconds: int = 10):
         description=(
             "Watches downloads/<session>/ for complete scanner dumps (size and mtime unchanged over two "
             "ticks, or a <item>.done marker), adds their visit partitions and runs the chain for each "
-            "new or re-delivered dump."
+            "new or re-delivered dump, at most DICOM_ASSETS_SENSOR_BATCH (200) per tick, the rest in order. "
+            "State: scratch/state/downloads-<id>.sqlite under the dataset root."
         ),
     )
     def downloads_sensor(context: SensorEvaluationContext, dataset: DatasetResource):
-        return evaluate_downloads(context, dataset)
+        return evaluate_downloads(context, dataset, settings)
 
     return downloads_sensor
