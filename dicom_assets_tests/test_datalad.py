@@ -104,7 +104,9 @@ def test_clone_from_the_dataset_folder_and_series_view(indexed, tmp_path):
     root, meta, dicoms = indexed
     clone = tmp_path / "clone"
     datalad("clone", str(root / "datalad" / "QPN" / VISIT), str(clone), cwd=tmp_path)
-    datalad("get", "-J", "2", *sorted(dicoms), cwd=clone)  # every DICOM, out of the tarball
+    # every DICOM, out of the tarball; one job, as the README shows: with -J 2 two jobs fetching
+    # the same tarball race inside datalad-next's archivist (README, "Known limits")
+    datalad("get", *sorted(dicoms), cwd=clone)
     assert {p: md5(clone / p) for p in dicoms} == {p: d["md5"] for p, d in dicoms.items()}
     # the documented series view: one folder per <number>_<description>
     sh("git", "annex", "view", "series=*", cwd=clone)
