@@ -31,11 +31,14 @@ tcia_sensor = build_tcia_sensor(visit_chain_job)
 
 
 def default_executor():
-    """Each step in its own process (the default), or ``DICOM_ASSETS_EXECUTOR=in_process``: one
-    process per run, which saves a Python start per step on small servers (the chain is linear)."""
-    choice = os.environ.get("DICOM_ASSETS_EXECUTOR", "multiprocess")
+    """All steps of a run in the run's own process (the default, ``in_process``: the chain is
+    linear, so nothing runs in parallel anyway, and each step saves a Python start and a code
+    load, measured in bench/run.py), or ``DICOM_ASSETS_EXECUTOR=multiprocess``: each step in
+    its own process (isolation of a step's memory, or for executors that need it). Run limits,
+    the ``xnat_upload`` pool and run retries of dagster.yaml hold with either."""
+    choice = os.environ.get("DICOM_ASSETS_EXECUTOR", "in_process")
     if choice not in ("multiprocess", "in_process"):
-        raise ValueError(f"DICOM_ASSETS_EXECUTOR must be multiprocess or in_process, not {choice!r}")
+        raise ValueError(f"DICOM_ASSETS_EXECUTOR must be in_process or multiprocess, not {choice!r}")
     return in_process_executor if choice == "in_process" else multiprocess_executor
 
 

@@ -69,7 +69,8 @@ def test_two_visits_through_postgres_with_the_multiprocess_executor(postgres, de
     shutil.copy(REPO / "deploy" / "dagster.postgres.yaml", home / "dagster.yaml")
     env = {"DAGSTER_HOME": str(home), "DAGSTER_PG_HOST": postgres["host"], "DAGSTER_PG_PORT": postgres["port"],
            "DAGSTER_PG_DB": postgres["db"], "DAGSTER_PG_USER": postgres["user"],
-           "DAGSTER_PG_PASSWORD": postgres["password"], "DICOM_ASSETS_ROOT": str(demo_root)}
+           "DAGSTER_PG_PASSWORD": postgres["password"], "DICOM_ASSETS_ROOT": str(demo_root),
+           "DICOM_ASSETS_EXECUTOR": "multiprocess"}  # the default is in-process
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     visits = ["QPN001_ses-01", "QPN002_ses-01"]
