@@ -16,6 +16,9 @@
       store/<study>/<visit>_metadata_dicoms.json
       datalad/<study>/<visit>/                      DataLad dataset of the visit
       catalog/                                      browsable catalog
+      code/dcm2bids_config.json                     dcm2bids config (BIDS conversion)
+      bids/sub-<participant>/ses-<session>/         BIDS dataset, one session per visit
+      scratch/bids/<visit>.tmp-*/                   one BIDS conversion's scratch
       logs/                                         human-readable reports
 
 Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
@@ -118,6 +121,32 @@ class DatasetLayout:
 
     def qc_path(self, visit: Visit) -> Path:
         return self.logs_dir / "qc" / f"{visit.key}_montage.png"
+
+    # --- BIDS ---------------------------------------------------------------------------
+    @property
+    def dcm2bids_config_path(self) -> Path:
+        """``code/dcm2bids_config.json``: the dcm2bids config (BIDS's own place for code)."""
+        return self.root / "code" / "dcm2bids_config.json"
+
+    @property
+    def bids_root(self) -> Path:
+        return self.root / "bids"
+
+    def bids_session_dir(self, visit: Visit) -> Path:
+        return self.bids_root / f"sub-{visit.participant}" / visit.session
+
+    @property
+    def bids_scratch_root(self) -> Path:
+        """``scratch/bids/``: per-conversion scratch folders (``<visit>.tmp-*``, dcm2bids' tmp_dcm2bids inside)."""
+        return self.root / "scratch" / "bids"
+
+    @property
+    def bids_lock_path(self) -> Path:
+        """Held while a session is swapped in and the dataset files are rewritten."""
+        return self.bids_scratch_root / ".bids.lock"
+
+    def bids_record_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "bids" / f"{visit.key}.json"
 
 
 @dataclass(frozen=True)
