@@ -9,7 +9,9 @@ Each stage's core function is timed against its floor on the same files, warm ca
 * visit tarball   vs  GNU ``tar -chf`` of the same files, then ``sync`` of the tar file
                       (the tarball step fsyncs before its atomic rename; GNU tar does not)
 * visit metadata  vs  ``md5sum`` of the same files
-* sensor tick     over N download items (two ticks: the second one takes them)
+* sensor          over N download items: a fresh archive taken tick by tick in bounded batches,
+                  idle ticks, the periodic full listing, 10 new dumps, cursor size; and one chain
+                  step's curation-status update at N visits (goals of issue 15 beside their targets)
 * datalad_dataset at 40 files and at all files, direct writer vs the batch-command reference
                   vs `datalad addurls`, each goal of issue 14 printed beside its target
 
@@ -68,12 +70,24 @@ def best_cmd(n, cmd, **kw):
     return min(run_cmd(cmd, **kw) for _ in range(n))
 
 
-def sensor_bench(items: int, work: Path) -> dict:
+SENSOR_GOALS = {"idle tick s": 0.5, "slowest tick of the fresh archive s": 5.0, "cursor bytes": 64 * 1024,
+                "curation step (one visit's row) s": 0.05}  # issue 15
+
+
+def sensor_bench(items: int, work: Path, batch: int | None = None) -> dict:
+    """The downloads sensor over ``items`` dumps, on a real instance, as the daemon runs it
+    (cursor kept, partition adds applied): the fresh archive taken tick by tick (each download
+    exactly once, in order), idle ticks, the periodic full listing, 10 new dumps; then one
+    chain step's curation-status update (issue 15)."""
     from dagster import SensorResult, build_sensor_context, instance_for_test
 
-    from dicom_assets.definitions import downloads_sensor
+    from dicom_assets.core.downloads_state import Settings
+    from dicom_assets.defs.ingest import build_downloads_sensor
+    from dicom_assets.definitions import visit_chain_job
     from dicom_assets.defs.resources import DatasetResource
 
+    settings = Settings.from_env(batch=batch)
+    sensor = build_downloads_sensor(visit_chain_job, settings=settings)
     root = work / "sensor_root"
     shutil.rmtree(root, ignore_errors=True)
     (root / "tabular" / "demographics").mkdir(parents=True)
@@ -83,24 +97,114 @@ def sensor_bench(items: int, work: Path) -> dict:
     dl = root / "downloads"
     for ses in ("ses-01", "ses-02"):
         (dl / ses).mkdir(parents=True)
-    for i in range(items):
+    for i in range(items + 10):  # 10 participants more, whose dumps arrive later
         ses = "ses-01" if i % 2 == 0 else "ses-02"
-        rows.append(f"P_{i:05d},{ses}")
-        (dl / ses / f"P_{i:05d}_MR.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+        rows.append(f"P_{i:06d},{ses}")
+        if i < items:
+            (dl / ses / f"P_{i:06d}_MR.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
     (root / "tabular" / "demographics" / "mr_proc_manifest.csv").write_text("\n".join(rows) + "\n")
+    past = time.time() - 30  # the copy ended before the first tick (the sensor runs every 10 s or more)
+    for ses in ("ses-01", "ses-02"):
+        os.utime(dl / ses, (past, past))
     res = {"dataset": DatasetResource(root=str(root))}
-    out = {}
+    out: dict = {"batch (run requests per tick)": settings.batch}
     with instance_for_test() as inst:
-        cursor = None
-        for label in ("first tick (all new)", "second tick (all stable: run requests)", "third tick (nothing new)"):
-            ctx = build_sensor_context(instance=inst, cursor=cursor, resources=res)
+        state = {"cursor": None}
+
+        def tick():
+            ctx = build_sensor_context(instance=inst, cursor=state["cursor"], resources=res)
             t = time.perf_counter()
-            r = downloads_sensor(ctx)
-            out[label] = time.perf_counter() - t
+            r = sensor(ctx)
+            took = time.perf_counter() - t
+            reqs = []
             if isinstance(r, SensorResult):
-                cursor = r.cursor
-                out[label + " requests"] = len(r.run_requests or [])
+                state["cursor"] = r.cursor or state["cursor"]
+                reqs = list(r.run_requests or [])
+                for add in r.dynamic_partitions_requests or []:
+                    inst.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+            return took, reqs
+
+        taken, times, n = [], [], 0
+        t0 = time.perf_counter()
+        while len(taken) < items and n < 10 * (items // max(settings.batch, 1) + 10):
+            took, reqs = tick()
+            times.append(took)
+            taken += [r.tags["dicom_assets/download"] for r in reqs]
+            n += 1
+        out["fresh archive: ticks to take every download"] = n
+        out["fresh archive: sensor time in all s"] = time.perf_counter() - t0
+        out["fresh archive: first tick (all new) s"] = times[0]
+        out["fresh archive: slowest tick s"] = max(times)
+        out["fresh archive: median tick s"] = sorted(times)[len(times) // 2]
+        out["fresh archive: downloads taken / distinct / in order"] = (
+            f"{len(taken)} / {len(set(taken))} / {'yes' if taken == sorted(taken) else 'NO'}")
+        out["visit partitions"] = len(inst.get_dynamic_partitions("visits"))
+        idle = [tick()[0] for _ in range(5)]
+        out["idle tick (nothing new), median of 5 s"] = sorted(idle)[2]
+        out["idle tick, slowest of 5 s"] = max(idle)
+        full = Settings(**{**settings.__dict__, "relist_every": 1})
+        sensor_full = build_downloads_sensor(visit_chain_job, settings=full)
+        ctx = build_sensor_context(instance=inst, cursor=state["cursor"], resources=res)
+        t = time.perf_counter()
+        r = sensor_full(ctx)
+        out[f"idle tick with the full listing (every {settings.relist_every}th) s"] = time.perf_counter() - t
+        state["cursor"] = r.cursor
+        for i in range(items, items + 10):
+            ses = "ses-01" if i % 2 == 0 else "ses-02"
+            (dl / ses / f"P_{i:06d}_MR.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+        seen, r1 = tick()
+        took, r2 = tick()
+        out["10 new dumps: tick that sees them s"] = seen
+        out["10 new dumps: next tick, taking them s"] = took
+        out["10 new dumps: run requests"] = len(r1) + len(r2)
+        out["cursor bytes"] = len(state["cursor"].encode())
+        out["state file MB"] = sum(p.stat().st_size for p in (root / "scratch" / "state").iterdir()) / 1e6
+    out.update(curation_bench(root, items))
     return out
+
+
+def curation_bench(root: Path, items: int) -> dict:
+    """tabular/curation_status.tsv at ``items`` visits: the full recompute (`dicom-assets
+    status`) against one chain step's update of its visit's row."""
+    from dicom_assets.core.curation import update_curation_status, update_visit_status
+    from dicom_assets.core.ids import Visit
+    from dicom_assets.core.layout import Dataset
+
+    ds = Dataset.open(root)
+    out = {}
+    t = time.perf_counter()
+    update_curation_status(ds)
+    out["curation status: full recompute (dicom-assets status) s"] = time.perf_counter() - t
+    steps = []
+    for i in range(0, items, max(items // 20, 1)):
+        visit = Visit(f"P{i:06d}", "ses-01" if i % 2 == 0 else "ses-02")
+        raw = ds.layout.raw_dir(visit)
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "f").write_bytes(b"x")
+        t = time.perf_counter()
+        update_visit_status(ds, visit)
+        steps.append(time.perf_counter() - t)
+    rows = {r.split("\t")[2]: r for r in ds.layout.curation_status_path.read_text().splitlines()[1:]}
+    out["curation step (one visit's row) s"] = sorted(steps)[len(steps) // 2]
+    out["curation step, slowest of 20 s"] = max(steps)
+    out["curation rows updated right"] = all(rows[f"P{i:06d}_{'ses-01' if i % 2 == 0 else 'ses-02'}"].split("\t")[4]
+                                             == "true" for i in range(0, items, max(items // 20, 1)))
+    return out
+
+
+def sensor_goals(sensor: dict) -> list[str]:
+    """Each goal of issue 15, its figure beside its target."""
+    lines = []
+    for key, target in SENSOR_GOALS.items():
+        got = sensor.get({"idle tick s": "idle tick, slowest of 5 s",
+                          "slowest tick of the fresh archive s": "fresh archive: slowest tick s"}.get(key, key))
+        if got is None:
+            continue
+        unit = "bytes" if "bytes" in key else "s"
+        lines.append(f"  {key:<40} {got:>10.3f} {unit}   target <= {target} {unit}   "
+                     f"{'met' if got <= target else 'MISSED'}" if unit == "s" else
+                     f"  {key:<40} {got:>10} {unit}   target <= {target} {unit}   {'met' if got <= target else 'MISSED'}")
+    return lines
 
 
 DATALAD_GOALS = {40: 0.5, 2000: 3.0}  # issue 14: seconds for datalad_dataset, deposit included
@@ -185,6 +289,8 @@ def main() -> int:
     ap.add_argument("--kb", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sensor-items", type=int, default=10000)
+    ap.add_argument("--sensor-batch", type=int, help="run requests per sensor tick (default: the sensor's, "
+                    "DICOM_ASSETS_SENSOR_BATCH or 200)")
     ap.add_argument("--datalad", type=int, default=1, help="0 skips the DataLad stage")
     ap.add_argument("--datalad-writers", default="direct,batch",
                     help="writers of datalad_dataset to time: direct, batch (the reference), or both")
@@ -243,7 +349,7 @@ def main() -> int:
     datalad = (datalad_bench(work, dest, vmeta, args.datalad_peer, tuple(args.datalad_writers.split(",")))
                if args.datalad else {})
 
-    sensor = sensor_bench(args.sensor_items, work) if args.sensor_items else {}
+    sensor = sensor_bench(args.sensor_items, work, args.sensor_batch) if args.sensor_items else {}
 
     print(f"\ndicom-assets {__version__} benchmark: {len(files)} files, {total_mb:.0f} MB, {os.cpu_count()} cores\n")
     hdr = f"{'stage':<16}{'seconds':>9}{'files/s':>10}{'MB/s':>9}  {'floor':<28}{'floor s':>9}{'ratio':>7}{'peak MB':>9}"
@@ -261,7 +367,9 @@ def main() -> int:
     if sensor:
         print(f"\nsensor over {args.sensor_items} download items:")
         for k, v in sensor.items():
-            print(f"  {k:<45} {v:.3f} s" if isinstance(v, float) else f"  {k:<45} {v}")
+            print(f"  {k:<58} {v:.3f}" if isinstance(v, float) else f"  {k:<58} {v}")
+        print(f"\ngoals (issue 15, {args.sensor_items} downloads):")
+        print("\n".join(sensor_goals(sensor)))
     results = {"version": __version__, "files": len(files), "mb": total_mb, "cores": os.cpu_count(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": rows, "sensor": sensor,
                "datalad": datalad}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,8 +192,8 @@ class Signature:
 
 
 def signature(path: Path) -> Signature:
-    st = path.stat()
-    if not path.is_dir():
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
         return Signature(st.st_size, st.st_mtime_ns, 1)
     size, mtime, files = 0, st.st_mtime_ns, 0
     for dirpath, dirs, names in os.walk(path):

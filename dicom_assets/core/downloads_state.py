@@ -135,7 +135,7 @@ def context_token(config_path: Path, manifest_path: Path, dir_map_path: Path, se
                                                               (config_path, manifest_path, dir_map_path)])
 
 
-def _sign(path: Path, kind: str) -> str:
+def _sign(path, kind: str) -> str:
     return signature(path).token() if kind != "none" else ""
 
 
@@ -218,6 +218,7 @@ class _Tick:
     def __init__(self, db, state_id, cursor_gen, downloads_root, sessions, ctx_token, classifier, settings,
                  legacy, notes):
         self.db, self.root, self.sessions, self.ctx_token = db, Path(downloads_root), tuple(sessions), ctx_token
+        self.root_s = str(self.root)
         self.classifier, self.s, self.legacy = classifier, settings, legacy
         self.rows: dict[str, dict | None] = {}   # rel -> new row (None: deleted), written at the end
         self.old: dict[str, dict | None] = {}    # rel -> row before this tick (journal)
@@ -226,6 +227,7 @@ class _Tick:
         self.now_ns = time.time_ns()
         self.out = TickOutcome(gen=0, state_id=state_id, notes=notes)
         self.cursor_gen = cursor_gen
+        self.new_budget = settings.max_new
 
     # --------------------------------------------------------------- helpers
     def meta(self, key: str) -> str | None:
@@ -330,8 +332,10 @@ class _Tick:
             self.put(row["rel"], row, None)
 
     def list_session(self, ses: str, folder: Path, gen: int, reclassify: bool) -> bool:
-        known = {(_s(r[0])): _row(r) for r in self.db.execute(
-            f"SELECT {','.join(COLS)} FROM items WHERE session=?", (ses,))}
+        """Reconcile one folder's listing with the state: True when every name was examined."""
+        # (rel, inode, state, done) only: full rows are read for the few names that changed
+        known = {_s(r[0]): r for r in self.db.execute("SELECT rel, inode, state, done FROM items WHERE session=?",
+                                                      (ses,))}
         try:
             with os.scandir(folder) as it:
                 entries = list(it)
@@ -339,7 +343,6 @@ class _Tick:
             entries = []
         names = {e.name for e in entries}
         seen: set[str] = set()
-        new_budget = self.s.max_new
         complete = True
         for e in sorted(entries, key=lambda e: e.name):
             if passed_over(e.name):
@@ -347,24 +350,28 @@ class _Tick:
             rel = f"{ses}/{e.name}"
             seen.add(rel)
             done = int((e.name + DONE_SUFFIX) in names)
-            row = known.get(rel)
-            inode = e.inode()
-            if row is not None and row["state"] != GONE and row["inode"] == inode and not reclassify:
-                if row["done"] != done:
+            k = known.get(rel)
+            same = k is not None and k[2] != GONE and k[1] == e.inode()
+            if same and not reclassify:
+                if k[3] != done:
+                    row = self.full_row(rel)
                     self.put(rel, row, {**row, "done": done})
                 continue
-            if row is not None and row["inode"] == inode and row["state"] != GONE and reclassify:
-                self.reclassify(ses, e, row, done, gen)
+            if same:
+                self.reclassify(ses, e, self.full_row(rel), done, gen)
                 continue
-            if new_budget <= 0:
+            if self.new_budget <= 0:
                 complete = False
                 continue
-            new_budget -= 1
-            self.first_sight(ses, e, row, done, gen)
-        for rel, row in known.items():
-            if rel not in seen and row["state"] != GONE:
-                self.vanish(rel, self.current(rel, row))
+            self.new_budget -= 1
+            self.first_sight(ses, e, self.full_row(rel) if k is not None else None, done, gen)
+        for rel, k in known.items():
+            if rel not in seen and k[2] != GONE:
+                self.vanish(rel, self.current(rel, self.full_row(rel)))
         return complete
+
+    def full_row(self, rel: str) -> dict:
+        return _row(self.db.execute(f"SELECT {','.join(COLS)} FROM items WHERE rel=?", (_b(rel),)).fetchone())
 
     def vanish(self, rel: str, row: dict) -> None:
         """A name gone from its folder: a pending dump is dropped; a taken one is remembered
@@ -420,7 +427,7 @@ class _Tick:
         .done marker, taken already when its token is the one taken (an identical copy back)."""
         rel = new["rel"]
         try:
-            token = _sign(self.root / rel, new["kind"])
+            token = _sign(os.path.join(self.root_s, rel), new["kind"])
         except FileNotFoundError:
             new.update(state=NEW, token=None)  # vanished between listing and stat: next tick
             return
@@ -443,7 +450,7 @@ class _Tick:
             rel = row["rel"]
             if rel in self.rows:
                 continue  # first seen (or changed) in this very tick
-            if not os.path.lexists(self.root / rel):  # vanished since the last tick
+            if not os.path.lexists(os.path.join(self.root_s, rel)):  # vanished since the last tick
                 self.vanish(rel, row)
                 continue
             new = dict(row)
@@ -472,7 +479,7 @@ class _Tick:
             self.out.audited += 1
             if rel not in self.rows:
                 try:
-                    token = _sign(self.root / rel, row["kind"])
+                    token = _sign(os.path.join(self.root_s, rel), row["kind"])
                 except FileNotFoundError:
                     token = None  # its folder's listing will say it is gone
                 except OSError:
@@ -504,7 +511,7 @@ class _Tick:
                 continue
             if base["ready_gen"] != gen:  # settled in an earlier tick: still there, unchanged?
                 try:
-                    token = _sign(self.root / rel, base["kind"])
+                    token = _sign(os.path.join(self.root_s, rel), base["kind"])
                 except FileNotFoundError:
                     self.vanish(rel, row)
                     continue

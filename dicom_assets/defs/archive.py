@@ -16,7 +16,7 @@ from dagster import (
 )
 
 from .. import __version__
-from ..core.curation import update_curation_status
+from ..core.curation import update_visit_status
 from ..core.errors import DicomAssetsError
 from ..core.metadata import describe_tarball, write_metadata
 from ..core.organize import read_kept
@@ -58,7 +58,7 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
     if result.members != len(kept):
         raise Failure(f"{dest}: {result.members} members written but the organize report lists {len(kept)} kept files")
     context.log.info(f"{dest}: {result.members} members, {result.size} bytes, sha256 {result.sha256}")
-    update_curation_status(ds)
+    update_visit_status(ds, visit)
     return MaterializeResult(metadata={
         "path": path(dest),
         "size": MetadataValue.int(result.size),
@@ -102,7 +102,7 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
         raise Failure(str(exc)) from None
     tj, dj = lay.metadata_tarball_path(ds.study, visit), lay.metadata_dicoms_path(ds.study, visit)
     write_metadata(meta, tj, dj)
-    update_curation_status(ds)
+    update_visit_status(ds, visit)
     series = Counter((d["SeriesNumber"], d["SeriesDescription"], d["Modality"], d["ProtocolName"])
                      for d in meta.dicoms)
     rows = [{"series_number": k[0], "series_description": k[1], "modality": k[2], "protocol_name": k[3],

@@ -19,7 +19,7 @@ from dagster import (
     sensor,
 )
 
-from ..core.curation import update_curation_status
+from ..core.curation import update_visit_status
 from ..core.dicomscan import Rules
 from ..core.downloads import ITEM_FORMATS, DownloadItem, items_for_visit, problems_for_participant, read_dicom_dir_map
 from ..core.downloads_state import DownloadsState, Settings, context_token
@@ -29,7 +29,7 @@ from ..core.layout import Dataset, DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.tcia import find_visit as find_tcia_visit
 from ..core.qc import build_montage, middle_images
-from .partitions import sensor_default_status, VISITS_PARTITION_NAME, visit_asset, visit_of, visits_partitions
+from .partitions import sensor_default_status, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import SERIES_COLUMNS, path, qc_markdown, table
 
@@ -86,7 +86,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps({"target": report.target, "items": [vars(i) for i in report.items]},
                                       indent=2, sort_keys=True) + "\n")
-    update_curation_status(ds)
+    update_visit_status(ds, visit, in_downloads=True if tcia is None else None)
     return MaterializeResult(metadata={
         "files": report.files,
         "bytes": MetadataValue.int(report.bytes),
@@ -161,7 +161,7 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
     montage = build_montage(middle_images(result.kept, lay.dicom_dir(visit)), lay.qc_path(visit))
     for note in montage.notes:
         context.log.warning(f"QC montage: {note}")
-    update_curation_status(ds)
+    update_visit_status(ds, visit)
     metadata = {
         "qc_montage": qc_markdown(montage, visit.key),
         "found": len(result.records),
@@ -237,8 +237,9 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
                           + (f" (and {out.problems - 1} more, in the sensor's log)" if out.problems > 1 else ""))
         return SensorResult(skip_reason=SkipReason("; ".join(reason) or "no new complete download"),
                             cursor=cursor)
-    visits = sorted({r.partition_key for r in run_requests})
-    new_keys = [v for v in visits if not context.instance.has_dynamic_partition(VISITS_PARTITION_NAME, v)]
+    # every visit of the batch is asked for: the daemon adds those missing (one look-up per key,
+    # which it does anyway), so a partition deleted in the UI comes back with its re-delivered dump
+    new_keys = sorted({r.partition_key for r in run_requests})
     shown = ", ".join(r.partition_key for r in run_requests[:20])
     more = f" and {len(run_requests) - 20} more" if len(run_requests) > 20 else ""
     context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}"

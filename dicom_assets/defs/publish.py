@@ -21,7 +21,7 @@ from pydantic import Field
 from ..core.catalog import update_catalog
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.tcia import find_visit as find_tcia_visit
-from ..core.curation import update_curation_status, xnat_marker_path
+from ..core.curation import update_visit_status, xnat_marker_path
 from ..core.xnat_upload import (
     XnatAuthError,
     XnatError,
@@ -68,7 +68,7 @@ def datalad_dataset(context: AssetExecutionContext, dataset: DatasetResource) ->
                           superdataset=ds.config.datalad_superdataset)
     except DataladError as exc:
         raise Failure(str(exc)) from None
-    update_curation_status(ds)
+    update_visit_status(ds, visit)
     t = res.timings
     context.log.info(f"{res.path}: {'new commit' if res.changed else 'unchanged'} {res.commit[:12]}, "
                      f"{res.files} DICOMs in {t.get('index', 0):.1f} s (git-annex {t.get('git_annex', 0):.1f} s), "
@@ -206,7 +206,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
                                   "status": result.status, "files_sent": result.files_sent,
                                   "labels": result.labels, "filtered_by_xnat": result.filtered,
                                   "warnings": result.warnings}, indent=2) + "\n")
-    update_curation_status(ds)
+    update_visit_status(ds, visit)
     # the kept, non-excluded series, minus what XNAT's own import filter dropped (reported)
     want = expected_scans([f for f in files if f.arcname not in set(result.filtered)])
     have = {s["scan"]: s["files"] for s in result.scans}
