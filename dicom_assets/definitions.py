@@ -7,6 +7,7 @@ import os
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, multiprocess_executor
 
 from .defs.archive import visit_metadata, visit_tarball
+from .defs.bids import bids_config_present, bids_session
 from .defs.ingest import build_downloads_sensor, organized_dicoms, raw_dicoms
 from .defs.publish import datalad_dataset, visit_catalog, xnat_resource_from_env, xnat_session
 from .defs.resources import DatasetResource, default_dataset_root
@@ -17,12 +18,16 @@ INDEX_ASSETS = [datalad_dataset, visit_catalog]
 # the sensor's run covers the chain up to XNAT when an XNAT is configured (XNAT_HOST set)
 LOCAL_CHAIN = ARCHIVE_CHAIN + INDEX_ASSETS
 CHAIN_ASSETS = LOCAL_CHAIN + [xnat_session]
+# bids_session is always defined; the sensor's run includes it when the dataset root has a
+# dcm2bids config (code/dcm2bids_config.json) when the code location loads
+BIDS_ASSETS = [bids_session]
 CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 
 # one run per visit: every step of the chain, from the raw dump on
 visit_chain_job = define_asset_job(
     "visit_chain",
-    selection=AssetSelection.assets(*(CHAIN_ASSETS if os.environ.get("XNAT_HOST") else LOCAL_CHAIN)),
+    selection=AssetSelection.assets(*(CHAIN_ASSETS if os.environ.get("XNAT_HOST") else LOCAL_CHAIN),
+                                    *(BIDS_ASSETS if bids_config_present() else [])),
     description="Run the whole chain for one visit (started by the downloads sensor).",
 )
 
@@ -45,7 +50,7 @@ def default_executor():
 def build_definitions(root: str | None = None) -> Definitions:
     return Definitions(
         executor=default_executor(),
-        assets=CHAIN_ASSETS + [tcia_series],
+        assets=CHAIN_ASSETS + BIDS_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
         jobs=[visit_chain_job, tcia_job],
         sensors=[downloads_sensor, tcia_sensor],

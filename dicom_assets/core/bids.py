@@ -48,6 +48,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -552,6 +553,11 @@ class Validation:
         return not self.errors
 
 
+@contextmanager
+def _no_lock():
+    yield
+
+
 def _validator_cmd(bids_root: Path) -> list[str]:
     try:
         import bids_validator_deno
@@ -565,13 +571,16 @@ def _validator_cmd(bids_root: Path) -> list[str]:
             "--allow-env", "--allow-run=git", str(bundle), str(bids_root), "--format", "json"]
 
 
-def validate(bids_root: Path, participant: str, session: str, timeout: float = 600) -> Validation:
-    """The official BIDS validator on the whole dataset; the issues located in this session
-    (or in dataset-level files) are the session's, errors elsewhere are only counted."""
+def validate(bids_root: Path, participant: str, session: str, lock_path: Path | None = None,
+             timeout: float = 600) -> Validation:
+    """The official BIDS validator on the whole dataset (under the dataset lock, so no session is
+    swapped while it reads); the issues located in this session (or in dataset-level files) are
+    the session's, errors elsewhere are only counted."""
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(_validator_cmd(bids_root), capture_output=True, env=_tool_env(), timeout=timeout,
-                              cwd=bids_root)
+        with (file_lock(lock_path) if lock_path is not None else _no_lock()):
+            proc = subprocess.run(_validator_cmd(bids_root), capture_output=True, env=_tool_env(), timeout=timeout,
+                                  cwd=bids_root)
     except subprocess.TimeoutExpired:
         raise BidsError(f"the BIDS validator did not finish within {timeout:.0f} s on {bids_root}") from None
     try:
@@ -618,6 +627,7 @@ class ConversionResult:
     fingerprint: str
     versions: dict
     seconds: float
+    note: str = ""  # why nothing was written, when nothing matched the config
 
     def files_per_datatype(self) -> dict[str, int]:
         return dict(sorted(Counter(f.split("/")[2] for f in self.files if f.count("/") >= 3).items()))
@@ -697,11 +707,17 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
         tmp = out / "tmp_dcm2bids" / f"{sub}_{session}"
         _assign(series, out, niix, tmp, log, session_rel)
         staged = out / sub / session
-        if not staged.is_dir() or not any(staged.rglob("*.json")):
-            raise BidsError(f"{visit}: no series matched an entry of {config.path}; nothing written. Series: "
-                            + "; ".join(f"{s.label} ({s.status})" for s in series)[:2000])
         warnings = [{"series_number": s.number, "series_description": s.description, "message": ln}
                     for s in series for ln in s.dcm2niix_lines if ln.startswith("Warning")]
+        if not staged.is_dir() or not any(staged.rglob("*.json")):
+            # a visit with nothing for the BIDS dataset (a config matching none of its series):
+            # nothing is written, and a session folder of an earlier conversion is left as it was
+            # (a config typo must not delete sessions); the record is not written either
+            return ConversionResult(visit, str(target), False, True, [], [_series_row(s) for s in series], warnings,
+                                    [], fp, tool_versions(), time.monotonic() - t0,
+                                    note=f"no series matched an entry of {config.path}: nothing written"
+                                    + (" (the session folder of an earlier conversion is left as it was)"
+                                       if target.exists() else ""))
         new_tree = tree_files(staged)
         acq = acq_time_of(dicom_dir / series[0].files[0])
         files = sorted(f"{session_rel}/{k}" for k in new_tree)
@@ -724,7 +740,8 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
     result = ConversionResult(visit, str(target), changed, True, files, [_series_row(s) for s in series], warnings,
                               written, fp, tool_versions(), time.monotonic() - t0)
     record = {**asdict(result), "tree": new_tree, "acq_time": acq, "config": str(config.path)}
-    record.pop("seconds")
+    for k in ("seconds", "note"):
+        record.pop(k)
     _write_if_changed(record_path, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return result
 

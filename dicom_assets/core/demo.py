@@ -289,6 +289,35 @@ def demo_config() -> GlobalConfig:
     )
 
 
+# the demo's dcm2bids config (code/dcm2bids_config.json), for the series of series_library:
+# SWI_HEME and fmap_acq-3mm are left out on purpose (dcm2niix splits the SWI into echoes and
+# converts only one phase image of the field map), so the UI shows unmatched series; the
+# T1w_MPRAGE of every demo dump holds a second copy of a slice (the preamble-less IM9999), which
+# dcm2niix cannot stack: it shows a series that is reported "not converted"
+DEMO_DCM2BIDS_CONFIG = {
+    "descriptions": [
+        {"id": "t1w_mprage", "datatype": "anat", "suffix": "T1w", "custom_entities": "acq-mprage",
+         "criteria": {"SeriesDescription": "T1w_MPRAGE"}},
+        {"id": "t1w_se", "datatype": "anat", "suffix": "T1w", "custom_entities": "acq-se",
+         "criteria": {"SeriesDescription": "T1_SE_axial"}},
+        {"id": "t1w_cor", "datatype": "anat", "suffix": "T1w", "custom_entities": "acq-cor",
+         "criteria": {"SeriesDescription": "T1w_MPR_cor"}},
+        {"id": "t2w", "datatype": "anat", "suffix": "T2w", "criteria": {"SeriesDescription": "T2w_PD_dual_echo"}},
+        {"id": "task_rest", "datatype": "func", "suffix": "bold", "custom_entities": "task-rest",
+         "criteria": {"SeriesDescription": "rsfMRI_mosaic"}, "sidecar_changes": {"TaskName": "rest"}},
+        {"id": "dwi", "datatype": "dwi", "suffix": "dwi", "criteria": {"SeriesDescription": "DTI_64dir"}},
+    ]
+}
+
+
+def write_dcm2bids_config(root: Path | str, config: dict | None = None) -> Path:
+    """``code/dcm2bids_config.json`` of a dataset root (the demo's by default)."""
+    path = Path(root) / "code" / "dcm2bids_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config or DEMO_DCM2BIDS_CONFIG, indent=2) + "\n")
+    return path
+
+
 def build_demo_dataset(
     root: Path | str,
     samples: Samples,
@@ -298,8 +327,10 @@ def build_demo_dataset(
     with_downloads: bool = True,
     participants: tuple[str, ...] = DEMO_PARTICIPANTS,
     extra_manifest_participants: tuple[str, ...] = ("QPN_004",),
+    bids_config: bool = True,
 ) -> Path:
-    """A dataset root: config, manifest, and one scanner dump per participant x session.
+    """A dataset root: config, manifest, and one scanner dump per participant x session, and
+    the dcm2bids config of its series (``bids_config``).
 
     ``QPN_004`` is in the manifest with no download yet, as on a real site.
     """
@@ -307,6 +338,8 @@ def build_demo_dataset(
     root.mkdir(parents=True, exist_ok=True)
     cfg = demo_config()
     write_config(root / "global_config.json", cfg)
+    if bids_config:
+        write_dcm2bids_config(root)
     manifest = root / "tabular" / "demographics" / "mr_proc_manifest.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     rows = ["participant_id,visit_id,session_id,datatype"]

@@ -1,0 +1,153 @@
+"""BIDS: ``bids_session``, a visit converted to ``bids/sub-<participant>/ses-<session>/`` with
+dcm2bids and dcm2niix, and its blocking ``bids_valid`` check (the official BIDS validator)."""
+
+from collections import Counter
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+)
+
+from ..core.bids import BidsError, convert_visit, load_dcm2bids_config, tool_versions, validate
+from ..core.curation import update_curation_status
+from .ingest import organized_dicoms
+from .partitions import visit_asset, visit_of
+from .resources import DatasetResource, default_dataset_root
+from .ui import path, table
+
+MAX_ROWS = 200
+
+
+def bids_config_present(root: str | None = None) -> bool:
+    """Whether the dataset root the code location serves has a dcm2bids config (then the
+    sensor's runs include ``bids_session``)."""
+    from ..core.layout import DatasetLayout
+
+    return DatasetLayout(Path(root or default_dataset_root())).dcm2bids_config_path.is_file()
+
+
+@visit_asset(
+    group="bids",
+    kinds={"bids", "file"},
+    deps=[organized_dicoms],
+    description=(
+        "`bids/sub-<participant>/ses-<session>/`: the visit converted to a BIDS session by dcm2bids with its "
+        "config `code/dcm2bids_config.json` (dcm2niix run per series in the visit's scratch "
+        "`scratch/bids/<visit>.tmp-*/`, the session folder swapped in atomically; an unchanged visit writes "
+        "nothing). Keeps `dataset_description.json`, `participants.tsv` and `sub-*/sub-*_sessions.tsv` current. "
+        "Metadata: files per datatype, series (converted / unmatched / not converted, and why), dcm2niix "
+        "warnings, the BIDS validator's summary."
+    ),
+    check_specs=[
+        AssetCheckSpec("bids_valid", asset="bids_session", blocking=True,
+                       description="the official BIDS validator (bids-validator-deno) reports no error in this "
+                                   "session or in the dataset-level files; warnings are listed"),
+        AssetCheckSpec("all_series_converted", asset="bids_session",
+                       description="dcm2niix converted every kept series (a series it cannot convert is left out "
+                                   "of the session and reported with dcm2niix's message)"),
+    ],
+)
+def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
+    visit = visit_of(context)
+    ds = dataset.open()
+    lay = ds.layout
+    dicom_dir = lay.dicom_dir(visit)
+    if not dicom_dir.is_dir():
+        raise Failure(f"{dicom_dir}: the organized DICOM folder of {visit.key} does not exist; "
+                      "materialize organized_dicoms first")
+    try:
+        config = load_dcm2bids_config(lay.dcm2bids_config_path)
+        res = convert_visit(visit=visit.key, participant=visit.participant, session=visit.session,
+                            dicom_dir=dicom_dir, report_path=lay.organize_report_path(visit), config=config,
+                            bids_root=lay.bids_root, scratch_root=lay.bids_scratch_root,
+                            record_path=lay.bids_record_path(visit), dataset_name=ds.config.dataset_name,
+                            lock_path=lay.bids_lock_path)
+    except BidsError as exc:
+        raise Failure(str(exc)) from None
+    session_dir = lay.bids_session_dir(visit)
+    state = ("written" if res.changed else "unchanged (nothing written)" if session_dir.is_dir() else "none")
+    context.log.info(f"{visit.key}: session {session_dir} {state}; {len(res.files)} files "
+                     f"{res.files_per_datatype()} in {res.seconds:.1f} s")
+    if res.note:
+        context.log.warning(f"{visit.key}: {res.note}")
+    failed = [s for s in res.series if s["status"] == "not_converted"]
+    for s in failed:
+        context.log.warning(f"{visit.key}: series {s['series_number']} {s['series_description']!r} not converted: "
+                            f"{s['detail']}")
+    unmatched = [s for s in res.series if s["status"] in ("unmatched", "several_matches")]
+    update_curation_status(ds)
+
+    if (lay.bids_root / "dataset_description.json").is_file():
+        try:
+            val = validate(lay.bids_root, visit.participant, visit.session, lock_path=lay.bids_lock_path)
+        except BidsError as exc:
+            raise Failure(str(exc)) from None
+        valid = AssetCheckResult(
+            check_name="bids_valid", passed=val.passed,
+            metadata={"errors": len(val.errors), "warnings": len(val.warnings),
+                      "errors_in_other_sessions": val.other_errors,
+                      "issues": _issue_table(val.errors + val.warnings),
+                      "validator": f"bids-validator-deno {val.version}, schema {val.summary.get('schemaVersion')}"},
+            description=(None if val.passed else f"{len(val.errors)} BIDS error(s): " + "; ".join(
+                f"{e['code']} {e['location']}" for e in val.errors[:5])),
+        )
+        summary = (f"**BIDS validator** {val.version} (schema {val.summary.get('schemaVersion')}): "
+                   f"**{len(val.errors)} errors**, {len(val.warnings)} warnings in this session and the dataset "
+                   f"files ({val.other_errors} errors in other sessions); dataset: "
+                   f"{len(val.summary.get('subjects') or [])} subjects, sessions {val.summary.get('sessions')}, "
+                   f"datatypes {val.summary.get('dataTypes')}, {val.summary.get('totalFiles')} files; "
+                   f"{val.seconds:.1f} s")
+        if val.warnings:
+            counts = Counter(w["code"] for w in val.warnings)
+            summary += "\n\nWarnings: " + ", ".join(f"{c} × {n}" for c, n in counts.most_common())
+    else:
+        valid = AssetCheckResult(check_name="bids_valid", passed=True,
+                                 description="no BIDS dataset yet (nothing was converted): nothing to validate")
+        summary = "no BIDS dataset yet: nothing to validate"
+    converted_check = AssetCheckResult(
+        check_name="all_series_converted", passed=not failed, severity=AssetCheckSeverity.WARN,
+        metadata={"not_converted": len(failed), "series": len(res.series)},
+        description=None if not failed else "; ".join(
+            f"series {s['series_number']} {s['series_description']!r}: {s['detail']}" for s in failed[:5]),
+    )
+    per_type = res.files_per_datatype()
+    metadata = {
+        "path": path(session_dir),
+        "state": state,
+        "files": len(res.files),
+        **{f"files_{k}": v for k, v in per_type.items()},
+        "files_per_datatype": MetadataValue.json(per_type),
+        "series": table(res.series, [
+            ("series_number", "int", "SeriesNumber"), ("series_description", "string", "SeriesDescription"),
+            ("status", "string", "converted / unmatched / several_matches / not_converted"),
+            ("bids_files", "string", "NIfTI files written for it"), ("dicoms", "int", "kept DICOMs"),
+            ("detail", "string", "why not converted")]),
+        "unmatched_series": table(unmatched, [
+            ("series_number", "int", "SeriesNumber"), ("series_description", "string",
+                                                        "SeriesDescription (criteria for a new config entry)"),
+            ("status", "string", "unmatched or several_matches"), ("dicoms", "int", "kept DICOMs")]),
+        "dcm2niix_warnings": table(res.dcm2niix_warnings[:MAX_ROWS], [
+            ("series_number", "int", "SeriesNumber"), ("series_description", "string", "SeriesDescription"),
+            ("message", "string", "dcm2niix's warning")]),
+        "validator": MetadataValue.md(summary),
+        "config": path(lay.dcm2bids_config_path),
+        "versions": MetadataValue.json(tool_versions()),
+        "seconds": round(res.seconds, 2),
+        "dataset_files_written": MetadataValue.json(res.dataset_files_written),
+    }
+    if res.note:
+        metadata["note"] = res.note
+    return MaterializeResult(metadata=metadata, check_results=[valid, converted_check])
+
+
+def _issue_table(issues: list[dict]) -> MetadataValue:
+    return table(issues[:MAX_ROWS], [
+        ("severity", "string", "error or warning"), ("code", "string", "validator code"),
+        ("sub_code", "string", "field"), ("location", "string", "file in the dataset"),
+        ("message", "string", "what the validator says")])

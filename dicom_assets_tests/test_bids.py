@@ -1,0 +1,259 @@
+"""BIDS: real demo visits (GE and Siemens files) converted by dcm2bids + dcm2niix through the
+``bids_session`` asset, checked by the official BIDS validator; bad input (a series dcm2niix
+cannot decode, malformed configs, two sessions of one participant at once)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+import pytest
+from dagster import materialize
+
+from dicom_assets.core import bids
+from dicom_assets.core.demo import DEMO_DCM2BIDS_CONFIG, rewrite_dicom, write_dcm2bids_config
+from dicom_assets.core.ids import Visit
+from dicom_assets.core.layout import Dataset, DatasetLayout
+from dicom_assets.defs.bids import bids_session
+from dicom_assets.defs.ingest import organized_dicoms, raw_dicoms
+from dicom_assets.defs.resources import DatasetResource
+
+from .helpers import checks_of, metadata_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bids(instance, root, visit, assets=None, raise_on_error=True):
+    if visit not in instance.get_dynamic_partitions("visits"):
+        instance.add_dynamic_partitions("visits", [visit])
+    return materialize(assets or [raw_dicoms, organized_dicoms, bids_session], partition_key=visit,
+                       resources={"dataset": DatasetResource(root=str(root))}, instance=instance,
+                       raise_on_error=raise_on_error)
+
+
+def official_validator(bids_root: Path) -> list[dict]:
+    """The validator as its PyPI package launches it (``bids-validator-deno``), no wrapper of ours."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("bids-validator-deno")), str(bids_root), "--format",
+                           "json"], capture_output=True, env={**os.environ, "DENO_NO_UPDATE_CHECK": "1"}, timeout=300)
+    return json.loads(proc.stdout)["issues"]["issues"]
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root with its inode, size and mtime: any write shows."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        for n in dirs + names:
+            st = os.lstat(Path(dirpath) / n)
+            out[str(Path(dirpath, n).relative_to(root))] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_demo_visits_become_a_valid_bids_dataset(instance, demo_root):
+    lay = DatasetLayout(demo_root)
+    metas = {}
+    for key in ("QPN001_ses-01", "QPN001_ses-02", "QPN003_ses-02"):
+        result = run_bids(instance, demo_root, key)
+        assert result.success
+        assert checks_of(result)["bids_valid"] is True
+        metas[key] = metadata_of(result, "bids_session")
+    m = metas["QPN001_ses-01"]
+    assert m["files_per_datatype"] == {"anat": 4, "dwi": 4, "func": 2}  # GE T1w + T2w, Siemens mosaic bold + DTI
+    ses = lay.bids_session_dir(Visit("QPN001", "ses-01"))
+    assert {p.relative_to(ses).as_posix() for p in ses.rglob("*.nii.gz")} == {
+        "anat/sub-QPN001_ses-01_acq-se_T1w.nii.gz", "anat/sub-QPN001_ses-01_T2w.nii.gz",
+        "func/sub-QPN001_ses-01_task-rest_bold.nii.gz", "dwi/sub-QPN001_ses-01_dwi.nii.gz"}
+    assert json.loads((ses / "func" / "sub-QPN001_ses-01_task-rest_bold.json").read_text())["TaskName"] == "rest"
+    assert (ses / "dwi" / "sub-QPN001_ses-01_dwi.bval").is_file()
+    status = {r.data["series_description"]: r.data["status"] for r in m["series"].records}
+    assert status == {"T1w_MPRAGE": "not_converted", "T2w_PD_dual_echo": "converted", "T1_SE_axial": "converted",
+                      "SWI_HEME": "unmatched", "fmap_acq-3mm": "unmatched", "rsfMRI_mosaic": "converted",
+                      "DTI_64dir": "converted"}
+    assert {r.data["series_description"] for r in m["unmatched_series"].records} == {"SWI_HEME", "fmap_acq-3mm"}
+    # the demo T1w holds two copies of one slice: dcm2niix writes an image, no sidecar, exit 1;
+    # reported with its own words, and nothing of it reaches the dataset
+    t1 = next(r.data for r in m["series"].records if r.data["series_description"] == "T1w_MPRAGE")
+    assert "no JSON sidecar" in t1["detail"] or "exit status" in t1["detail"]
+    assert "slice" in t1["detail"]
+    assert not list(lay.bids_root.rglob("*MPRAGE*")) and not list(lay.bids_root.rglob("*mprage*"))
+    assert any("GE protocol data block" in r.data["message"] for r in m["dcm2niix_warnings"].records)
+    assert "0 errors" in m["validator"]
+    # dataset files, current for all three visits
+    assert (lay.bids_root / "participants.tsv").read_text() == "participant_id\nsub-QPN001\nsub-QPN003\n"
+    sessions = (lay.bids_root / "sub-QPN001" / "sub-QPN001_sessions.tsv").read_text().splitlines()
+    assert sessions[0] == "session_id\tacq_time" and [s.split("\t")[0] for s in sessions[1:]] == ["ses-01", "ses-02"]
+    assert sessions[1].split("\t")[1].startswith("2024-")
+    assert json.loads((lay.bids_root / "dataset_description.json").read_text())["Name"] == "qpn-demo"
+    # the scratch of every conversion is gone, dcm2bids' tmp_dcm2bids with it
+    assert [p.name for p in lay.bids_scratch_root.iterdir()] == [".bids.lock"]
+    assert not list(lay.bids_root.rglob("tmp_dcm2bids"))
+    # the official validator, as its package launches it: no error on the demo's dataset
+    issues = official_validator(lay.bids_root)
+    assert [i for i in issues if i["severity"] == "error"] == []
+    assert issues  # it did run (warnings: no authors, recommended sidecar keys...)
+
+
+def test_rerun_of_an_unchanged_visit_writes_nothing_and_a_changed_one_replaces_its_session(instance, demo_root):
+    lay, v = DatasetLayout(demo_root), Visit("QPN002", "ses-01")
+    run_bids(instance, demo_root, v.key)
+    before = snapshot(lay.bids_root)
+    result = run_bids(instance, demo_root, v.key, assets=[bids_session])
+    meta = metadata_of(result, "bids_session")
+    assert meta["state"] == "unchanged (nothing written)" and snapshot(lay.bids_root) == before
+    assert checks_of(result)["bids_valid"] is True
+    # without the record of the last conversion, the visit is converted again: same bytes, nothing written
+    lay.bids_record_path(v).unlink()
+    meta = metadata_of(run_bids(instance, demo_root, v.key, assets=[bids_session]), "bids_session")
+    assert meta["state"] == "unchanged (nothing written)" and snapshot(lay.bids_root) == before
+    # a session folder changed by hand is converted again and replaced whole
+    ses = lay.bids_session_dir(v)
+    (ses / "anat" / "notes.txt").write_text("x")
+    run_bids(instance, demo_root, v.key, assets=[bids_session])
+    assert not (ses / "anat" / "notes.txt").exists() and (ses / "dwi").is_dir()
+    # a new config (no DWI entry): the session is replaced whole, its dwi/ folder gone
+    cfg = json.loads(json.dumps(DEMO_DCM2BIDS_CONFIG))
+    cfg["descriptions"] = [d for d in cfg["descriptions"] if d["datatype"] != "dwi"]
+    write_dcm2bids_config(demo_root, cfg)
+    inode = ses.stat().st_ino
+    result = run_bids(instance, demo_root, v.key, assets=[bids_session])
+    meta = metadata_of(result, "bids_session")
+    assert meta["state"] == "written" and "files_dwi" not in meta
+    assert not (ses / "dwi").exists() and (ses / "anat").is_dir() and ses.stat().st_ino != inode
+    dti = next(r.data for r in meta["series"].records if r.data["series_description"] == "DTI_64dir")
+    assert dti["status"] == "unmatched"
+    assert not [p for p in ses.parent.iterdir() if p.name.startswith(".")]  # no staged or old folder left
+
+
+def test_sensor_chain_includes_bids_session_only_with_a_config(demo_root, tmp_path):
+    code = ("from dicom_assets.definitions import visit_chain_job;"
+            "print('bids_session' in {k.to_user_string() for k in visit_chain_job.selection.resolve("
+            "__import__('dicom_assets.definitions').definitions.defs.resolve_asset_graph())})")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    out = {}
+    for name, root in (("with", demo_root), ("without", bare)):
+        env = {**os.environ, "DICOM_ASSETS_ROOT": str(root)}
+        env.pop("XNAT_HOST", None)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[name] = proc.stdout.strip().splitlines()[-1]
+    assert out == {"with": "True", "without": "False"}
+
+
+# --------------------------------------------------------------------------- bad input
+def _add_undecodable_series(root: Path, visit: Visit, samples) -> None:
+    """A second dump for the visit holding a real JPEG (12/16-bit, 1.2.840.10008.1.2.4.51) image
+    with the visit's identity: dcm2niix (built with OpenJPEG and CharLS) cannot decode it."""
+    kept = next((DatasetLayout(root).dicom_dir(visit)).iterdir())
+    ref = pydicom.dcmread(kept, stop_before_pixels=True)
+    src = samples.pydicom_files / "JPEG-lossy.dcm"
+    data = rewrite_dicom(src, patient_id=str(ref.PatientID), patient_name=str(ref.PatientName),
+                         study_uid=ref.StudyInstanceUID, series_uid=generate_uid(entropy_srcs=[ref.StudyInstanceUID, "20"]),
+                         sop_uid=generate_uid(entropy_srcs=[ref.StudyInstanceUID, "20", "1"]), series_number=20, series_description="T1w_MPR_cor",
+                         instance_number=1, study_date=ref.StudyDate, study_time=ref.StudyTime,
+                         image_type=("ORIGINAL", "PRIMARY", "M", "ND"))
+    ds = pydicom.dcmread(io.BytesIO(data))  # stored as an MR image (the sample is a secondary capture)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.MRImageStorage
+    ds.Modality = "MR"
+    extra = root / "downloads" / visit.session / "QPN_001_extra" / "20_T1w_MPR_cor"
+    extra.mkdir(parents=True)
+    ds.save_as(extra / "IM0001")
+
+
+@pytest.mark.faults
+def test_a_series_dcm2niix_cannot_decode_is_reported_and_the_rest_converted(instance, demo_root, samples):
+    lay, v = DatasetLayout(demo_root), Visit("QPN001", "ses-01")
+    run_bids(instance, demo_root, v.key, assets=[raw_dicoms, organized_dicoms])
+    _add_undecodable_series(demo_root, v, samples)
+    result = run_bids(instance, demo_root, v.key)
+    assert result.success
+    meta = metadata_of(result, "bids_session")
+    rows = {r.data["series_number"]: r.data for r in meta["series"].records}
+    assert rows[20]["status"] == "not_converted"
+    assert "1.2.840.10008.1.2.4.51" in rows[20]["detail"] and "exit status" in rows[20]["detail"]
+    assert meta["files_per_datatype"] == {"anat": 4, "dwi": 4, "func": 2}
+    assert not list(lay.bids_root.rglob("*acq-cor*"))  # the config matches it: it would be there if converted
+    checks = checks_of(result)
+    assert checks["all_series_converted"] is False and checks["bids_valid"] is True
+    assert [p.name for p in lay.bids_scratch_root.iterdir()] == [".bids.lock"]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("change, expected", [
+    (lambda c: c["descriptions"][3].pop("criteria"), "descriptions[3] (id 't2w'): required key 'criteria' is missing"),
+    (lambda c: c["descriptions"][1].update(dataType="anat"), "descriptions[1] (id 't1w_se'): 'dataType' is a dcm2bids 2.x key"),
+    (lambda c: c["descriptions"][5].update(datatype="diffusion"), "descriptions[5] (id 'dwi'): 'datatype' 'diffusion'"),
+    (lambda c: c["descriptions"][4].update(custom_entities="task rest"), "descriptions[4] (id 'task_rest'): 'custom_entities'"),
+    (lambda c: c.update(search_method="re") or c["descriptions"][0].update(criteria={"SeriesDescription": "T1w_(MP"}),
+     "descriptions[0] (id 't1w_mprage'): criteria 'SeriesDescription'"),
+    (lambda c: c["descriptions"].append(dict(c["descriptions"][0])), "descriptions[6] (id 't1w_mprage'): id already used"),
+    (lambda c: c.update(Descriptions=[]), "unknown key(s) 'Descriptions'"),
+])
+def test_malformed_config_is_one_error_naming_the_file_and_the_entry(tmp_path, change, expected):
+    cfg = json.loads(json.dumps(DEMO_DCM2BIDS_CONFIG))
+    change(cfg)
+    path = write_dcm2bids_config(tmp_path, cfg)
+    with pytest.raises(bids.BidsConfigError) as err:
+        bids.load_dcm2bids_config(path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+
+
+@pytest.mark.faults
+def test_bad_or_missing_config_fails_the_asset_and_leaves_the_session(instance, demo_root):
+    lay, v = DatasetLayout(demo_root), Visit("QPN003", "ses-01")
+    run_bids(instance, demo_root, v.key)
+    before = snapshot(lay.bids_root)
+    lay.dcm2bids_config_path.write_text('{"descriptions": [\n  {"datatype": "anat",}\n]}\n')
+    result = run_bids(instance, demo_root, v.key, assets=[bids_session], raise_on_error=False)
+    failure = next(ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE")
+    assert f"{lay.dcm2bids_config_path}: not valid JSON (line 2" in failure.event_specific_data.error.message
+    lay.dcm2bids_config_path.unlink()
+    result = run_bids(instance, demo_root, v.key, assets=[bids_session], raise_on_error=False)
+    failure = next(ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE")
+    assert f"{lay.dcm2bids_config_path}: no dcm2bids config" in failure.event_specific_data.error.message
+    assert snapshot(lay.bids_root) == before
+
+
+@pytest.mark.faults
+def test_two_sessions_of_one_participant_converted_at_once(instance, demo_root):
+    ds = Dataset.open(demo_root)
+    lay = ds.layout
+    visits = [Visit("QPN002", "ses-01"), Visit("QPN002", "ses-02")]
+    for v in visits:
+        run_bids(instance, demo_root, v.key, assets=[raw_dicoms, organized_dicoms])
+    config = bids.load_dcm2bids_config(lay.dcm2bids_config_path)
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def convert(v):
+        barrier.wait()
+        try:
+            results[v.key] = bids.convert_visit(
+                visit=v.key, participant=v.participant, session=v.session, dicom_dir=lay.dicom_dir(v),
+                report_path=lay.organize_report_path(v), config=config, bids_root=lay.bids_root,
+                scratch_root=lay.bids_scratch_root, record_path=lay.bids_record_path(v),
+                dataset_name=ds.config.dataset_name, lock_path=lay.bids_lock_path)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=convert, args=(v,)) for v in visits]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(r.changed for r in results.values())
+    sub = lay.bids_root / "sub-QPN002"
+    assert sorted(p.name for p in sub.iterdir()) == ["ses-01", "ses-02", "sub-QPN002_sessions.tsv"]
+    assert [ln.split("\t")[0] for ln in (sub / "sub-QPN002_sessions.tsv").read_text().splitlines()] == [
+        "session_id", "ses-01", "ses-02"]
+    for v in visits:  # each session holds its own visit's files only
+        names = {p.name for p in lay.bids_session_dir(v).rglob("*.nii.gz")}
+        assert names and all(n.startswith(f"sub-QPN002_{v.session}_") for n in names)
+    assert [p.name for p in lay.bids_scratch_root.iterdir()] == [".bids.lock"]
+    val = bids.validate(lay.bids_root, "QPN002", "ses-02")
+    assert val.passed and val.other_errors == 0
