@@ -2,6 +2,7 @@
 ``bids_session`` asset, checked by the official BIDS validator; bad input (a series dcm2niix
 cannot decode, malformed configs, two sessions of one participant at once)."""
 
+import csv
 import io
 import json
 import os
@@ -88,6 +89,8 @@ def test_demo_visits_become_a_valid_bids_dataset(instance, demo_root):
     assert sessions[0] == "session_id\tacq_time" and [s.split("\t")[0] for s in sessions[1:]] == ["ses-01", "ses-02"]
     assert sessions[1].split("\t")[1].startswith("2024-")
     assert json.loads((lay.bids_root / "dataset_description.json").read_text())["Name"] == "qpn-demo"
+    status = {r["visit"]: r for r in csv.DictReader(open(lay.curation_status_path), delimiter="\t")}
+    assert status["QPN001_ses-02"]["in_bids"] == "true" and status["QPN002_ses-01"]["in_bids"] == "false"
     # the scratch of every conversion is gone, dcm2bids' tmp_dcm2bids with it
     assert [p.name for p in lay.bids_scratch_root.iterdir()] == [".bids.lock"]
     assert not list(lay.bids_root.rglob("tmp_dcm2bids"))

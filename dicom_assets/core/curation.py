@@ -4,7 +4,7 @@ and written atomically under a lock so concurrent runs cannot interleave.
 
 Two ways to write it:
 
-* :func:`update_visit_status` (each chain step): the visit's own row only. Its five
+* :func:`update_visit_status` (each chain step): the visit's own row only. Its six
   per-visit columns are read from the visit's own paths (a few ``stat`` calls);
   ``in_downloads`` is kept from the row unless the step knows it (``raw_dicoms`` does). The
   row is spliced into the file's bytes: no scan of downloads/ or of the other visits, so a
@@ -26,7 +26,7 @@ from .fsutil import atomic_write, file_lock
 from .layout import Dataset
 
 COLUMNS = ("participant_id", "session_id", "visit", "in_downloads", "in_raw_dicoms", "in_organized",
-           "in_store", "in_datalad", "in_xnat")
+           "in_store", "in_datalad", "in_xnat", "in_bids")
 
 
 def _nonempty_dir(path: Path) -> bool:
@@ -56,6 +56,7 @@ def visit_row(dataset: Dataset, visit, raw_id: str, in_downloads: bool) -> dict:
         and lay.metadata_dicoms_path(study, visit).is_file(),
         "in_datalad": (lay.datalad_dir(study, visit) / ".datalad").is_dir(),
         "in_xnat": xnat_marker_path(dataset, visit.key).is_file(),
+        "in_bids": _nonempty_dir(lay.bids_session_dir(visit)),
     }
 
 

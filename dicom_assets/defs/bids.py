@@ -15,7 +15,7 @@ from dagster import (
 )
 
 from ..core.bids import BidsError, convert_visit, load_dcm2bids_config, tool_versions, validate
-from ..core.curation import update_curation_status
+from ..core.curation import update_visit_status
 from .ingest import organized_dicoms
 from .partitions import visit_asset, visit_of
 from .resources import DatasetResource, default_dataset_root
@@ -81,7 +81,7 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> Ma
         context.log.warning(f"{visit.key}: series {s['series_number']} {s['series_description']!r} not converted: "
                             f"{s['detail']}")
     unmatched = [s for s in res.series if s["status"] in ("unmatched", "several_matches")]
-    update_curation_status(ds)
+    update_visit_status(ds, visit)
 
     if (lay.bids_root / "dataset_description.json").is_file():
         try:
