@@ -260,3 +260,32 @@ def test_two_sessions_of_one_participant_converted_at_once(instance, demo_root):
     assert [p.name for p in lay.bids_scratch_root.iterdir()] == [".bids.lock"]
     val = bids.validate(lay.bids_root, "QPN002", "ses-02")
     assert val.passed and val.other_errors == 0
+
+
+_OFFLINE = """
+import json, sys
+from dicom_assets.core import bids
+from dicom_assets.core.ids import parse_visit_key
+from dicom_assets.core.layout import Dataset
+ds = Dataset.open(sys.argv[1]); lay = ds.layout; v = parse_visit_key(sys.argv[2])
+r = bids.convert_visit(visit=v.key, participant=v.participant, session=v.session, dicom_dir=lay.dicom_dir(v),
+    report_path=lay.organize_report_path(v), config=bids.load_dcm2bids_config(lay.dcm2bids_config_path),
+    bids_root=lay.bids_root, scratch_root=lay.bids_scratch_root, record_path=lay.bids_record_path(v),
+    dataset_name=ds.config.dataset_name, lock_path=lay.bids_lock_path)
+val = bids.validate(lay.bids_root, v.participant, v.session)
+print(json.dumps({"files": r.files_per_datatype(), "errors": len(val.errors), "warnings": len(val.warnings)}))
+"""
+
+
+def test_conversion_and_validation_need_no_network(instance, demo_root):
+    """dcm2bids (its GitHub version check answered from a seeded cache), dcm2niix and the
+    validator (deno without --allow-net) in a network namespace with no network at all."""
+    if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rn (a user and network namespace) is not allowed here")
+    v = Visit("QPN003", "ses-02")
+    run_bids(instance, demo_root, v.key, assets=[raw_dicoms, organized_dicoms])
+    proc = subprocess.run(["unshare", "-rn", sys.executable, "-c", _OFFLINE, str(demo_root), v.key],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["errors"] == 0 and out["warnings"] > 0 and out["files"] == {"anat": 2, "dwi": 4, "func": 2}
