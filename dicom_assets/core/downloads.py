@@ -97,8 +97,7 @@ def shown(name: str) -> str:
 
 
 def is_partial_name(name: str) -> bool:
-    low = name.lower()
-    return any(low.endswith(s) for s in PARTIAL_SUFFIXES)
+    return name.lower().endswith(PARTIAL_SUFFIXES)
 
 
 def read_dicom_dir_map(path: Path) -> dict[tuple[str, str], str]:
@@ -253,7 +252,7 @@ def names_by_download(dir_map: dict[tuple[str, str], str] | None) -> dict[tuple[
 
 def passed_over(name: str) -> bool:
     """Entries a scan passes over without a word: hidden names, ``.done`` markers, partial names."""
-    return name.startswith(".") or name.endswith(DONE_SUFFIX) or is_partial_name(name)
+    return name[:1] == "." or name.endswith(DONE_SUFFIX) or name.lower().endswith(PARTIAL_SUFFIXES)
 
 
 def entry_is_dir(e: os.DirEntry) -> bool:

@@ -180,6 +180,8 @@ class DownloadsState:
                 state TEXT NOT NULL, ready_gen INTEGER, taken_token TEXT);
             CREATE INDEX IF NOT EXISTS items_state ON items (state, ready_gen, rel);
             CREATE INDEX IF NOT EXISTS items_session ON items (session);
+            CREATE TABLE IF NOT EXISTS participants (low TEXT NOT NULL, p TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS participants_low ON participants (low);
             CREATE TABLE IF NOT EXISTS undo (gen INTEGER NOT NULL, kind TEXT NOT NULL, key BLOB NOT NULL, row TEXT);
             CREATE INDEX IF NOT EXISTS undo_gen ON undo (gen);
         """)
@@ -240,9 +242,23 @@ class _Tick:
         self.meta_new[key] = value
 
     def classify(self):
+        """What names are classified against: read from the manifest when it changed (and kept
+        in the state's ``participants`` table), else from that table, one look-up per name
+        prefix: 10 new dumps do not read a manifest of 100,000 rows."""
         if self._cls is None:
-            participants, dir_map = self.classifier()
-            self._cls = (participants, participant_index(participants), names_by_download(dir_map))
+            if self.meta("participants_for") == self.ctx_token:
+                by_name = {(ses, name): p for ses, name, p in json.loads(self.meta("by_name") or "[]")}
+                self._cls = ((), _SqlIndex(self.db), by_name)
+            else:
+                participants, dir_map = self.classifier()
+                index = participant_index(participants)
+                by_name = names_by_download(dir_map)
+                self.db.execute("DELETE FROM participants")
+                self.db.executemany("INSERT INTO participants VALUES (?, ?)",
+                                    [(low, p) for low, ps in index.items() for p in ps])
+                self.set_meta("participants_for", self.ctx_token)
+                self.set_meta("by_name", json.dumps([[ses, name, p] for (ses, name), p in by_name.items()]))
+                self._cls = (participants, index, by_name)
         return self._cls
 
     def put(self, rel: str, old: dict | None, new: dict | None) -> None:
@@ -270,6 +286,7 @@ class _Tick:
                 else:
                     db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_s(key), json.loads(row)))
         db.execute("DELETE FROM undo WHERE gen > ?", (gen,))
+        db.execute("DELETE FROM meta WHERE key='participants_for'")  # not journaled: read again
 
     # --------------------------------------------------------------- the tick
     def run(self) -> TickOutcome:
@@ -305,11 +322,10 @@ class _Tick:
         if reclassify:
             self.set_meta("context", self.ctx_token)
             self.drop_other_sessions()
-        last_full = int(self.meta("last_full_list") or 0)
-        full = reclassify or gen - last_full >= self.s.relist_every
-        if full:
-            self.set_meta("last_full_list", str(gen))
-        for ses in self.sessions:
+        every = max(self.s.relist_every, 1)
+        for i, ses in enumerate(self.sessions):
+            # each folder listed in full every `relist_every` ticks, the folders in turn
+            full = reclassify or (gen + i * every // len(self.sessions)) % every == 0
             folder = self.root / ses
             try:
                 st = os.stat(folder)
@@ -334,8 +350,8 @@ class _Tick:
     def list_session(self, ses: str, folder: Path, gen: int, reclassify: bool) -> bool:
         """Reconcile one folder's listing with the state: True when every name was examined."""
         # (rel, inode, state, done) only: full rows are read for the few names that changed
-        known = {_s(r[0]): r for r in self.db.execute("SELECT rel, inode, state, done FROM items WHERE session=?",
-                                                      (ses,))}
+        known = {r[0]: r for r in self.db.execute("SELECT rel, inode, state, done FROM items WHERE session=?",
+                                                  (ses,))}  # keyed by the BLOB: no decoding of 50,000 names
         try:
             with os.scandir(folder) as it:
                 entries = list(it)
@@ -348,9 +364,10 @@ class _Tick:
             if passed_over(e.name):
                 continue
             rel = f"{ses}/{e.name}"
-            seen.add(rel)
+            key = rel.encode("utf-8", "surrogateescape")
+            seen.add(key)
             done = int((e.name + DONE_SUFFIX) in names)
-            k = known.get(rel)
+            k = known.get(key)
             same = k is not None and k[2] != GONE and k[1] == e.inode()
             if same and not reclassify:
                 if k[3] != done:
@@ -365,8 +382,9 @@ class _Tick:
                 continue
             self.new_budget -= 1
             self.first_sight(ses, e, self.full_row(rel) if k is not None else None, done, gen)
-        for rel, k in known.items():
-            if rel not in seen and k[2] != GONE:
+        for key, k in known.items():
+            if key not in seen and k[2] != GONE:
+                rel = _s(key)
                 self.vanish(rel, self.current(rel, self.full_row(rel)))
         return complete
 
@@ -557,6 +575,16 @@ class _Tick:
             r = db.execute("SELECT problem FROM items WHERE state IN ('problem', 'unreadable') ORDER BY rel "
                            "LIMIT 1").fetchone()
             out.first_problem = _s(r[0])
+
+
+class _SqlIndex:
+    """``participant_index`` of the state's participants table, looked up key by key."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def get(self, key: str, default=()):
+        return [r[0] for r in self.db.execute("SELECT p FROM participants WHERE low=?", (key,))] or default
 
 
 def _is_dir(e: os.DirEntry) -> bool:
