@@ -379,3 +379,64 @@ def test_a_corrupt_length_swallowing_the_file_keeps_the_report_readable(samples,
     (row,) = csv.DictReader(open(tmp_path / "r.tsv", newline="", encoding="utf-8"), delimiter="\t")
     assert row["modality"].endswith("more characters]") and len(row["modality"]) < 1100
     assert read_kept(tmp_path / "r.tsv") == []
+
+
+def _hostile_tree(samples, t1_sources, raw):
+    """Good files and every kind of bad one (damaged headers, a name that is not UTF-8, an
+    empty file, a text file, a truncated image), in several series folders."""
+    pf = samples.pydicom_files
+    for i, src in enumerate(t1_sources * 4, 1):
+        write(raw, f"s{i % 3}/IM{i:03d}", rewrite_dicom(src, **ident(i)))
+    write(raw, "bad/deflate_damaged", _flip((pf / "image_dfl.dcm").read_bytes(), 319))
+    write(raw, "bad/unknown_vr", _flip((pf / "MR_small.dcm").read_bytes(), 163, 0))
+    good = rewrite_dicom(t1_sources[0], **ident(99))
+    write(raw, "bad/cut", good[: len(good) // 2])
+    write(raw, "bad/empty", b"")
+    write(raw, "bad/notes.txt", b"not a dicom\n" * 30)
+    with open(os.fsencode(raw / "bad") + b"/IM\xff\xfe", "wb") as fh:
+        fh.write(rewrite_dicom(t1_sources[1], **ident(98)))
+
+
+def _share_small_trees(monkeypatch, org):
+    monkeypatch.setattr(org, "POOL_MIN_FILES", 2)
+    monkeypatch.setattr(org, "HELPER_START_FILES", 0)
+    monkeypatch.setattr(org, "MIN_SHARE", 1)
+
+
+def test_header_reads_shared_with_helper_processes_give_the_same_records(samples, t1_sources, tmp_path, monkeypatch):
+    """A large visit's headers are read by this process and helpers (thresholds lowered here so
+    a small tree uses them): the records, the report and the folder are the same as when one
+    process reads everything, hostile files included."""
+    from dicom_assets.core import organize as org
+
+    raw = tmp_path / "raw"
+    _hostile_tree(samples, t1_sources, raw)
+    one = organize_visit("P1_ses-01", raw, tmp_path / "d1" / "P1", RULES, report_path=tmp_path / "r1.tsv", workers=1)
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **kw: started.append(a) or real_popen(*a, **kw))
+    _share_small_trees(monkeypatch, org)
+    for workers in (2, 3):
+        started.clear()
+        many = organize_visit("P1_ses-01", raw, tmp_path / f"d{workers}" / "P1", RULES,
+                              report_path=tmp_path / f"r{workers}.tsv", workers=workers)
+        assert len(started) == workers - 1
+        assert many.records == one.records
+        assert (tmp_path / f"r{workers}.tsv").read_bytes() == (tmp_path / "r1.tsv").read_bytes()
+        assert sorted(os.listdir(tmp_path / f"d{workers}" / "P1")) == sorted(os.listdir(tmp_path / "d1" / "P1"))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("helper", ["import sys; sys.exit(3)", "import sys; sys.stdout.write('garbage')",
+                                    "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+                                    "import pickle, sys; sys.stdout.buffer.write(pickle.dumps([1, 2]))"])
+def test_a_helper_that_fails_has_its_share_read_here(samples, t1_sources, tmp_path, monkeypatch, helper):
+    from dicom_assets.core import organize as org
+
+    raw = tmp_path / "raw"
+    _hostile_tree(samples, t1_sources, raw)
+    one = organize_visit("P1_ses-01", raw, tmp_path / "d1" / "P1", RULES, workers=1)
+    _share_small_trees(monkeypatch, org)
+    monkeypatch.setattr(org, "_HELPER", helper)
+    many = organize_visit("P1_ses-01", raw, tmp_path / "d2" / "P1", RULES, workers=2)
+    assert many.records == one.records

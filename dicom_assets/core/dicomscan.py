@@ -37,8 +37,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
-
 from .fasttags import (LONG_VRS, PIXEL_TAGS, HeaderScan, InflateError, deflated_dataset, scan_dataset, scan_header,
                        tags_from_dataset)
 
@@ -142,7 +140,7 @@ def sniff(head: bytes, size: int) -> str | None:
     return "no DICM marker and no DICOM header at the start of the file"
 
 
-def _pixel_element(fp, ds: pydicom.Dataset) -> tuple[bool, int, int | None]:
+def _pixel_element(fp, ds) -> tuple[bool, int, int | None]:
     """(has pixel data, value start, declared length) at the element where pydicom stopped."""
     pos = fp.tell()
     head = fp.read(12)
@@ -234,6 +232,8 @@ def _pydicom_scan(fp, rec: FileRecord, media: str | None = None) -> HeaderScan |
 
     ``media``: the media storage SOP class when fp is a data set without its file meta
     (an inflated deflated file)."""
+    import pydicom  # here, not at the top: a header-reading worker starts without it (most files never need it)
+
     fp.seek(0)
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
@@ -295,6 +295,11 @@ def read_record(path: Path, rel: str, force_pydicom: bool = False) -> FileRecord
     except Exception as exc:  # RecursionError, MemoryError, zlib.error, ...: this file only
         return FileRecord(source=rel, size=size).exclude(
             "unreadable", f"header cannot be parsed: {type(exc).__name__}: {exc}"[:300])
+
+
+def read_records(files: list[tuple[Path, str]]) -> list[FileRecord]:
+    """:func:`read_record` of each (path, rel), in order (a process pool's unit of work)."""
+    return [read_record(path, rel) for path, rel in files]
 
 
 def apply_rules(rec: FileRecord, rules: Rules) -> FileRecord:

@@ -21,8 +21,6 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-import pydicom
-
 # tag -> (keyword, kind)  kind: s = string, i = integer string, m = multi-valued string
 WANTED: dict[int, tuple[str, str]] = {
     0x00080008: ("ImageType", "m"),
@@ -279,12 +277,14 @@ def _body(buf: bytes, pos: int, implicit: bool, media_sop: str | None, last: int
         pos = vstart + length
 
 
-def _value(ds: pydicom.Dataset, kw: str, kind: str):
+def _value(ds, kw: str, kind: str):
+    from pydicom.multival import MultiValue
+
     v = ds.get(kw)
     if v is None or v == "":
         return None
     if kind == "m":
-        vals = list(v) if isinstance(v, (list, pydicom.multival.MultiValue)) else [v]
+        vals = list(v) if isinstance(v, (list, MultiValue)) else [v]
         return [str(x).strip() for x in vals] or None
     if kind == "i":
         try:
@@ -295,13 +295,15 @@ def _value(ds: pydicom.Dataset, kw: str, kind: str):
     return s or None
 
 
-def tags_from_dataset(ds: pydicom.Dataset) -> dict:
+def tags_from_dataset(ds) -> dict:
     """The WANTED tags of a pydicom data set, in the fast reader's forms."""
     return {kw: _value(ds, kw, kind) for kw, kind in WANTED.values()}
 
 
 def read_tags_pydicom(fp) -> dict:
     """The same tags read with pydicom (slower, handles every encoding)."""
+    import pydicom  # here: the fast path (most files) runs without it, so a reader process starts fast
+
     ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True,
                          specific_tags=list(KEYWORDS) + ["SpecificCharacterSet"])
     return tags_from_dataset(ds)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dicomscan import KEPT, REASONS, FileRecord, Rules, apply_rules, read_record, walk_files
+from .dicomscan import KEPT, REASONS, FileRecord, Rules, apply_rules, read_records, walk_files
 from .errors import OrganizedFolderError
 from .extract import replace_dir_atomically
 from .fsutil import atomic_write, temp_sibling
@@ -149,7 +149,84 @@ class OrganizeResult:
                                                    s.series_description or ""))
 
 
-def classify_tree(source_dir: Path, rules: Rules) -> list[FileRecord]:
+# Header reads of a large visit are shared with helper processes (the parsing is pure Python:
+# threads would share one core): this process reads one share, each helper another. Below
+# POOL_MIN_FILES files a helper's start (a Python process importing the header reader, ~50 ms,
+# pydicom only when a file needs it) costs more than it saves: measured with bench/run.py, see
+# docs/decisions.md. DICOM_ASSETS_ORGANIZE_WORKERS sets the number of processes (1: no helper).
+POOL_MIN_FILES = 1000
+# a helper's start, counted in files this process reads meanwhile (~70 ms at ~120 us a file):
+# this process takes that many more files than each helper, so that all finish together
+HELPER_START_FILES = 600
+MIN_SHARE = 50  # a helper gets at least this many files, or there is no helper
+_HELPER = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); "
+           "from dicom_assets.core.dicomscan import read_records; "
+           "sys.stdout.buffer.write(pickle.dumps(read_records(pickle.load(sys.stdin.buffer)), 5))")
+
+
+def organize_workers() -> int:
+    """Processes reading headers: ``DICOM_ASSETS_ORGANIZE_WORKERS``, else min(2, CPUs)."""
+    raw = os.environ.get("DICOM_ASSETS_ORGANIZE_WORKERS", "").strip()
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            raise ValueError(f"DICOM_ASSETS_ORGANIZE_WORKERS must be a number of processes, not {raw!r}") from None
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def read_all(files: list[tuple[Path, str]], workers: int | None = None) -> list[FileRecord]:
+    """One :class:`FileRecord` per (path, rel), in order; shared among ``workers`` processes
+    for a large visit (this one and ``workers - 1`` helpers, each a contiguous share).
+
+    Every per-file error is already a record (``read_record`` catches it, in any process). A
+    helper that cannot start, dies or answers garbage has its share read here instead, so the
+    result never depends on the helpers. Helpers are plain ``python -c`` processes, not a
+    multiprocessing fork (the Dagster process has threads a fork would copy mid-flight) nor its
+    spawn (which re-imports the ``__main__`` module, the whole ``dagster`` CLI in a run)."""
+    workers = organize_workers() if workers is None else max(1, workers)
+    if workers == 1 or len(files) < max(POOL_MIN_FILES, 2):
+        return read_records(files)
+    import pickle
+    import subprocess
+    import sys
+
+    per = (len(files) - HELPER_START_FILES) // workers  # each helper's share
+    if per < MIN_SHARE:
+        return read_records(files)
+    first = len(files) - (workers - 1) * per
+    shares = [files[:first]] + [files[i:i + per] for i in range(first, len(files), per)]
+    package_parent = str(Path(__file__).resolve().parents[2])
+    helpers = []
+    for share in shares[1:]:
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _HELPER, package_parent], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            proc.stdin.write(pickle.dumps(share, 5))
+            proc.stdin.close()
+        except (OSError, ValueError):  # no process could start (limits), or it died at once
+            proc = None
+        helpers.append((proc, share))
+    out = read_records(shares[0])
+    for proc, share in helpers:
+        recs = None
+        if proc is not None:
+            try:
+                data = proc.stdout.read()
+                if proc.wait() == 0:
+                    recs = pickle.loads(data)
+            except Exception:  # a truncated or garbled answer: read that share here
+                recs = None
+            finally:
+                proc.stdout.close()
+        if not (isinstance(recs, list) and len(recs) == len(share)
+                and all(isinstance(r, FileRecord) and r.source == rel for r, (_p, rel) in zip(recs, share))):
+            recs = read_records(share)
+        out.extend(recs)
+    return out
+
+
+def classify_tree(source_dir: Path, rules: Rules, workers: int | None = None) -> list[FileRecord]:
     """Classify every file under source_dir; duplicates resolved in sorted path order."""
     records: list[FileRecord] = []
     by_sop: dict[str, FileRecord] = {}
@@ -158,9 +235,9 @@ def classify_tree(source_dir: Path, rules: Rules) -> list[FileRecord]:
     files = walk_files(source_dir, errors)
     for rel, why in errors:  # nothing found is left out of the records
         records.append(FileRecord(source=rel, size=0).exclude("unreadable", why))
-    for path, rel in files:
-        # DICOMDIR files need no special case: their SOP class is a non-image one
-        rec = apply_rules(read_record(path, rel), rules)
+    # DICOMDIR files need no special case: their SOP class is a non-image one
+    for (path, _rel), rec in zip(files, read_all(files, workers)):
+        rec = apply_rules(rec, rules)
         if rec.decision == KEPT:
             first = by_sop.get(rec.sop_instance_uid)
             if first is not None:
@@ -180,18 +257,23 @@ def classify_tree(source_dir: Path, rules: Rules) -> list[FileRecord]:
 
 
 def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, mode: str = "symlink",
-                   report_path: Path | None = None) -> OrganizeResult:
-    """Classify source_dir and lay out the kept files flat in dest_dir (atomically)."""
+                   report_path: Path | None = None, workers: int | None = None) -> OrganizeResult:
+    """Classify source_dir and lay out the kept files flat in dest_dir (atomically).
+
+    ``workers``: processes reading headers for a large visit (default: :func:`organize_workers`)."""
     if mode not in ("symlink", "copy"):
         raise ValueError(f"organize mode must be 'symlink' or 'copy', not {mode!r}")
     if not source_dir.is_dir():
         raise FileNotFoundError(f"{source_dir}: the raw DICOM folder of visit {visit} does not exist; "
                                 "materialize raw_dicoms first")
     result = OrganizeResult(visit, str(source_dir), str(dest_dir), mode)
-    result.records = classify_tree(source_dir, rules)
+    result.records = classify_tree(source_dir, rules, workers)
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_sibling(dest_dir)
     staging.mkdir()
+    # links are relative to where they will finally live, so the dataset root can move; the
+    # relative path of source_dir is computed once (os.path.relpath is lexical: same result)
+    rel_source = os.path.relpath(source_dir, dest_dir)
     try:
         used: set[str] = set()
         for rec in result.kept:
@@ -205,8 +287,10 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
             src = source_dir / rec.source
             out = staging / name
             if mode == "symlink":
-                # relative to where the link will finally live, so the dataset root can move
-                os.symlink(os.path.relpath(src.resolve() if src.is_symlink() else src, dest_dir), out)
+                if os.path.islink(src):  # a link inside the dump (never a folder: the walk does not follow those)
+                    os.symlink(os.path.relpath(src.resolve(), dest_dir), out)
+                else:
+                    os.symlink(f"{rel_source}/{rec.source}", out)
             else:
                 shutil.copy2(src, out)
         if report_path is None:

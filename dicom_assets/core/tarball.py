@@ -30,7 +30,7 @@ from pathlib import Path
 from queue import Queue
 
 from .errors import OrganizedFolderError, TarballError
-from .fasttags import DATE_TAGS_END, read_tags
+from .fasttags import DATE_TAGS_END, parse_tags, read_tags
 from .fsutil import temp_sibling
 
 BLOCK = 512
@@ -201,28 +201,144 @@ def _unreadable(src: Path, exc: OSError, when: str) -> TarballError:
     return TarballError(f"{_shown(src)}: the organized file {what} {when}; materialize organized_dicoms again")
 
 
+SCAN_BYTES = 16 << 10  # a file's dates sit in its first few hundred bytes; 64 KiB, then pydicom, if not
+
+
 def scan_members(files: list[tuple[Path, str]]) -> list[Member]:
-    """Size and DICOM time of each (source, arcname); reads only each file's first 64 KiB.
+    """Size and DICOM time of each (source, arcname); reads only each file's first 16 KiB
+    (64 KiB, then pydicom, for a header the fast reader cannot date from those).
 
     A file that cannot be opened (a broken link, a vanished file) is an error naming it,
     never a silently missing member."""
     members = []
     for src, arc in files:
         try:
-            fh = open(src, "rb")  # follows symlinks: the content, not the link
+            fd = os.open(src, os.O_RDONLY)  # follows symlinks: the content, not the link
         except OSError as exc:
             raise _unreadable(src, exc, "while listing the tarball's members") from None
-        with fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(HEAD_BYTES)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.read(fd, SCAN_BYTES)
             try:
-                fh.seek(0)
-                tags = read_tags(head, fh, last=DATE_TAGS_END)
+                tags = parse_tags(head, DATE_TAGS_END)
+                if tags is None:
+                    head = os.pread(fd, HEAD_BYTES, 0)
+                    with open(fd, "rb", closefd=False) as fh:
+                        tags = read_tags(head, fh, last=DATE_TAGS_END)
                 mtime = clamp_mtime(dicom_datetime(tags))
             except Exception:
                 mtime = None  # not a DICOM we can date: gets the visit's latest time
+        finally:
+            os.close(fd)
         members.append(Member(src, arc, size, mtime))
     return members
+
+
+class _Writer:
+    """Writes the members to ``fd``, one ``writev`` per member (header, content, padding),
+    and hashes the same bytes on a thread.
+
+    Content is read (``readv``) into a few reused 1 MiB buffers, several small files one after
+    the other in one buffer (no allocation per file, memory bounded whatever the file sizes, a
+    large file in buffer-sized pieces); a full buffer goes to the hashing thread and back to the
+    pool once hashed, so the thread wakes once per buffer, not once per file. One read of each
+    file's bytes, then one write."""
+
+    def __init__(self, fd: int, buffers: int = 4) -> None:
+        self.fd = fd
+        self.total = 0
+        self.sha256 = hashlib.sha256()
+        self._free: Queue = Queue()
+        for _ in range(buffers):
+            self._free.put(bytearray(_CHUNK))
+        self._todo: Queue = Queue()
+        self._thread = threading.Thread(target=self._hash, daemon=True)
+        self._thread.start()
+        self._buf = self._free.get()
+        self._used = 0
+        self._parts: list = []  # written, not yet handed to the hashing thread
+
+    def _hash(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            parts, buf = item
+            for p in parts:
+                self.sha256.update(p)
+            if buf is not None:
+                self._free.put(buf)
+
+    def _write(self, parts) -> None:
+        views = [memoryview(p) for p in parts if len(p)]
+        while views:
+            n = os.writev(self.fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        for p in parts:
+            self.total += len(p)
+        self._parts.extend(parts)
+
+    def _flush(self) -> None:
+        """Hand the current buffer (and the headers written with it) to the hashing thread."""
+        self._todo.put((self._parts, self._buf))
+        self._parts = []
+        self._buf = self._free.get()
+        self._used = 0
+
+    def emit(self, *parts: bytes) -> None:
+        """Bytes in hand (headers, padding)."""
+        self._write(parts)
+
+    def member(self, m: Member, header: bytes) -> None:
+        """One member: its header, the content of ``m.source`` (exactly ``m.size`` bytes, one
+        byte more asked at the end so that a file that grew shows) and its padding."""
+        try:
+            src = os.open(m.source, os.O_RDONLY)
+        except OSError as exc:
+            raise _unreadable(m.source, exc, "while being archived") from None
+        try:
+            copied = 0
+            while True:
+                if len(self._buf) - self._used < min(m.size - copied + 1, _CHUNK // 4):
+                    self._flush()  # too little room left: a fresh buffer (a large file: piece by piece)
+                view = memoryview(self._buf)
+                start = self._used
+                want = start + min(len(self._buf) - start, m.size - copied + 1)
+                end = start
+                while end < want:
+                    n = os.readv(src, [view[end:want]])
+                    if not n:
+                        break
+                    end += n
+                got = end - start
+                copied += got
+                if copied > m.size:
+                    raise TarballError(f"{m.source} grew while being archived")
+                last = end < want  # the end of the file
+                if last and copied != m.size:
+                    raise TarballError(f"{m.source} changed size while being archived ({m.size} -> {copied})")
+                self._used = end
+                self._write((header, view[start:end], _ZEROS[:-m.size % BLOCK] if last else b""))
+                header = b""
+                if last:
+                    return
+        finally:
+            os.close(src)
+
+    def close(self) -> str:
+        if self._buf is not None:
+            self._todo.put((self._parts, None))
+            self._buf = None
+        self._todo.put(None)
+        self._thread.join()
+        return self.sha256.hexdigest()
+
+
+_ZEROS = bytes(BLOCK)
 
 
 def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_after: int | None = None) -> TarballResult:
@@ -237,55 +353,22 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
     for stray in dest.parent.glob(f".{dest.name}.tmp-*"):
         stray.unlink(missing_ok=True)
     tmp = temp_sibling(dest)  # written with writev, fsynced, renamed below (not atomic_write: the dir fsync)
-    hasher = _Hasher(("sha256",))  # md5 comes with the metadata pass, which reads it anyway
-    total = 0
+    writer = None  # md5 comes with the metadata pass, which reads it anyway
     try:
         with open(tmp, "wb", buffering=0) as out:
-            def emit(*parts: bytes) -> None:
-                """Write parts with one writev (no concatenation copy), retrying short writes."""
-                nonlocal total
-                views = [memoryview(p) for p in parts if p]
-                while views:
-                    n = os.writev(out.fileno(), views)
-                    while views and n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    if views and n:
-                        views[0] = views[0][n:]
-                for p in parts:
-                    if p:
-                        hasher.update(p)
-                        total += len(p)
-
-            emit(member_headers(top.rstrip("/") + "/", 0, latest, 0o755, b"5"))
+            writer = _Writer(out.fileno())
+            writer.emit(member_headers(top.rstrip("/") + "/", 0, latest, 0o755, b"5"))
             for i, m in enumerate(members):
                 if fail_after is not None and i == fail_after:
                     raise RuntimeError(f"simulated crash after {i} members")
-                header = member_headers(f"{top}/{m.arcname}", m.size, m.mtime if m.mtime is not None else latest,
-                                        0o644, b"0")
-                copied = 0
-                try:
-                    fh = open(m.source, "rb", buffering=0)
-                except OSError as exc:
-                    raise _unreadable(m.source, exc, "while being archived") from None
-                with fh:
-                    while True:
-                        chunk = fh.read(_CHUNK)
-                        if not chunk:
-                            break
-                        copied += len(chunk)
-                        if copied > m.size:
-                            raise TarballError(f"{m.source} grew while being archived")
-                        emit(header, chunk)
-                        header = b""
-                if copied != m.size:
-                    raise TarballError(f"{m.source} changed size while being archived ({m.size} -> {copied})")
-                emit(header, b"\x00" * (-m.size % BLOCK))
-            emit(b"\x00" * (2 * BLOCK))
-            if total % RECORD:
-                emit(b"\x00" * (RECORD - total % RECORD))
+                writer.member(m, member_headers(f"{top}/{m.arcname}", m.size,
+                                                m.mtime if m.mtime is not None else latest, 0o644, b"0"))
+            end = 2 * BLOCK
+            end += -(writer.total + end) % RECORD
+            writer.emit(bytes(end))
             os.fsync(out.fileno())
-        (sha256,) = hasher.close()
+        sha256 = writer.close()
+        total = writer.total
         os.replace(tmp, dest)
         dir_fd = os.open(dest.parent, os.O_RDONLY)
         try:
@@ -293,7 +376,8 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
         finally:
             os.close(dir_fd)
     except BaseException:
-        hasher.close()
+        if writer is not None:
+            writer.close()
         tmp.unlink(missing_ok=True)
         raise
     return TarballResult(str(dest), total, sha256, len(members), len(times), latest)
