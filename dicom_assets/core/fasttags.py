@@ -243,17 +243,38 @@ def scan_dataset(data: bytes, media_sop_class: str | None) -> HeaderScan | None:
         return None
 
 
+_ELEMENT = struct.Struct("<HH2sH")  # group, element, VR (explicit) and its 16-bit length
+_U32 = struct.Struct("<I")
+
+
 def _body(buf: bytes, pos: int, implicit: bool, media_sop: str | None, last: int | None,
           file_size: int | None):
-    out: dict = {k: None for k in KEYWORDS}
+    # the element header is read inline (what _element does, one struct call): this loop runs
+    # for every element of every file's header, the hottest code of organize and metadata
+    out: dict = dict.fromkeys(KEYWORDS)
     utf8 = False
-    whole = file_size is not None and len(buf) >= file_size
+    n = len(buf)
+    whole = file_size is not None and n >= file_size
+    element, u32 = _ELEMENT.unpack_from, _U32.unpack_from
     while True:
-        if pos + 8 > len(buf):
-            if last is None and whole and pos == len(buf):
+        if pos + 8 > n:
+            if last is None and whole and pos == n:
                 return HeaderScan(out, media_sop, False)  # the file ends without pixel data
             raise _NeedFallback  # header continues past the bytes we were given
-        after, tag, _vr, length, vstart = _element(buf, pos, implicit)
+        group, elem, vr, length = element(buf, pos)
+        tag = (group << 16) | elem
+        if implicit or group == 0xFFFE:
+            (length,) = u32(buf, pos + 4)
+            vstart = pos + 8
+        elif vr in LONG_VRS:
+            if pos + 12 > n:
+                raise _NeedFallback
+            (length,) = u32(buf, pos + 8)
+            vstart = pos + 12
+        elif vr.isalpha() and vr.isupper():
+            vstart = pos + 8
+        else:
+            raise _NeedFallback  # not explicit VR after all (a malformed file): let pydicom guess
         if last is None and tag in PIXEL_TAGS:
             return HeaderScan(out, media_sop, True, vstart, length)
         if last is not None and tag > last:
@@ -267,9 +288,9 @@ def _body(buf: bytes, pos: int, implicit: bool, media_sop: str | None, last: int
             else:
                 raise _NeedFallback  # other character sets: let pydicom decode
         if length == _UNDEFINED:
-            pos = _skip_undefined(buf, after, implicit)
+            pos = _skip_undefined(buf, vstart, implicit)
             continue
-        if vstart + length > len(buf):
+        if vstart + length > n:
             raise _NeedFallback
         spec = WANTED.get(tag)
         if spec is not None:

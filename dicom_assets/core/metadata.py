@@ -11,18 +11,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from queue import Queue
 
 from .errors import DicomAssetsError
-from .fasttags import KEYWORDS, read_tags
+from .fasttags import KEYWORDS, parse_tags, read_tags
 from .fsutil import atomic_write
-from .tarball import BLOCK, _Hasher
+from .tarball import BLOCK
 
 ZERO_BLOCK = bytes(BLOCK)
 
 HEAD_BYTES = 1 << 20
+TAG_BYTES = 16 << 10  # the tags sit in a header's first few KiB; the first MiB, then pydicom, if not
+_BATCH = 1 << 20  # bytes handed to the hashing thread at once
 
 DICOM_FIELDS = (
     "SeriesDescription",
@@ -105,6 +109,46 @@ class VisitMetadata:
     member_names: set[str]  # every regular file of the tarball, as read in the same pass
 
 
+class _StreamHasher:
+    """md5 and sha256 of the whole tarball on one thread, fed in batches of about 1 MiB (the
+    thread wakes once per batch, not per block), while the caller hashes the members."""
+
+    def __init__(self) -> None:
+        self.md5, self.sha256 = hashlib.md5(), hashlib.sha256()
+        self.size = 0
+        self._batch: list = []
+        self._batched = 0
+        self._q: Queue = Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            parts = self._q.get()
+            if parts is None:
+                return
+            for p in parts:
+                self.md5.update(p)
+            for p in parts:
+                self.sha256.update(p)
+
+    def update(self, b) -> None:
+        self._batch.append(b)
+        self._batched += len(b)
+        self.size += len(b)
+        if self._batched >= _BATCH:
+            self._q.put(self._batch)
+            self._batch, self._batched = [], 0
+
+    def close(self) -> tuple[str, str]:
+        if self._batch:
+            self._q.put(self._batch)
+            self._batch = []
+        self._q.put(None)
+        self._thread.join()
+        return self.md5.hexdigest(), self.sha256.hexdigest()
+
+
 def _looks_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
@@ -116,14 +160,8 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
     names: set[str] = set()
     members = 0
     latest = 0
-    hasher = _Hasher(("md5", "sha256"))
-    size = 0
-
-    def on_bytes(b: bytes) -> None:
-        nonlocal size
-        size += len(b)
-        hasher.update(b)
-
+    hasher = _StreamHasher()
+    on_bytes = hasher.update
     try:
         fh = open(tar_path, "rb", buffering=0)
     except OSError as exc:
@@ -137,12 +175,14 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                 members += 1
                 names.add(name)
                 latest = max(latest, mtime)
-                head = bytes(data[:HEAD_BYTES])
+                head = bytes(data[:TAG_BYTES])
                 tags: dict | None = None
                 if _looks_dicom(head) or head[:4] in (b"\x08\x00\x05\x00", b"\x08\x00\x08\x00"):
                     try:
-                        # pydicom gets the whole member when the fast reader cannot (e.g. deflated)
-                        tags = read_tags(head, io.BytesIO(data) if len(data) > len(head) else None)
+                        tags = parse_tags(head)  # same tags as from more bytes, when it gives any
+                        if tags is None:  # the first MiB, then pydicom on the whole member (e.g. deflated)
+                            head = bytes(data[:HEAD_BYTES])
+                            tags = read_tags(head, io.BytesIO(data) if len(data) > len(head) else None)
                     except Exception:  # a DICOM whose header cannot be parsed: still listed
                         tags = {k: None for k in KEYWORDS}
                 if tags is None:
@@ -161,6 +201,7 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
         raise TarFormatError(f"{tar_path}: a member name is not UTF-8 ({exc}); materialize visit_tarball again") from None
     finally:
         md5, sha256 = hasher.close()
+    size = hasher.size
     dicoms.sort(key=lambda r: r["path"])
     tarball = {
         "visit": visit,

@@ -163,38 +163,6 @@ class TarballResult:
     content_time: int  # latest DICOM time of the visit (UTC epoch seconds)
 
 
-class _Hasher:
-    """Digests of a byte stream, each on its own thread (hashlib releases the GIL on large
-    buffers, so hashing overlaps the copying)."""
-
-    def __init__(self, names: tuple[str, ...] = ("md5", "sha256")) -> None:
-        self.hashes = [hashlib.new(n) for n in names]
-        self._queues = [Queue(maxsize=64) for _ in names]
-        self._threads = [threading.Thread(target=self._run, args=(q, h), daemon=True)
-                         for q, h in zip(self._queues, self.hashes)]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _run(q: Queue, h) -> None:
-        while True:
-            chunk = q.get()
-            if chunk is None:
-                return
-            h.update(chunk)
-
-    def update(self, chunk: bytes) -> None:
-        for q in self._queues:
-            q.put(chunk)
-
-    def close(self) -> tuple[str, ...]:
-        for q in self._queues:
-            q.put(None)
-        for t in self._threads:
-            t.join()
-        return tuple(h.hexdigest() for h in self.hashes)
-
-
 def _unreadable(src: Path, exc: OSError, when: str) -> TarballError:
     what = "is a broken link or vanished" if isinstance(exc, FileNotFoundError) else \
         f"cannot be read ({exc.strerror or exc})"
