@@ -94,6 +94,15 @@ def test_demo_visits_become_a_valid_bids_dataset(instance, demo_root):
     # the scratch of every conversion is gone, dcm2bids' tmp_dcm2bids with it
     assert [p.name for p in lay.bids_scratch_root.iterdir()] == [".bids.lock"]
     assert not list(lay.bids_root.rglob("tmp_dcm2bids"))
+    # the same bytes as dcm2bids run by hand on the same DICOMs (dcm2niix on the whole folder)
+    by_hand = demo_root.parent / "by_hand"
+    bids._seed_version_cache(by_hand)  # no GitHub version check
+    proc = subprocess.run([sys.executable, "-m", "dcm2bids.cli.dcm2bids", "-d", str(lay.dicom_dir(Visit("QPN001", "ses-01"))),
+                           "-p", "QPN001", "-s", "01", "-c", str(lay.dcm2bids_config_path), "-o", str(by_hand)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert bids.tree_files(by_hand / "sub-QPN001" / "ses-01") == bids.tree_files(ses)
     # the official validator, as its package launches it: no error on the demo's dataset
     issues = official_validator(lay.bids_root)
     assert [i for i in issues if i["severity"] == "error"] == []
