@@ -12,6 +12,11 @@ Each stage's core function is timed against its floor on the same files, warm ca
 * sensor          over N download items: a fresh archive taken tick by tick in bounded batches,
                   idle ticks, the periodic full listing, 10 new dumps, cursor size; and one chain
                   step's curation-status update at N visits (goals of issue 15 beside their targets)
+* throughput      (bench/throughput.py, issue 14) organize with 1 and 2 header-reading processes;
+                  tarball and metadata on 2,000 real ~130 KiB GE MR files vs GNU tar + sync / md5sum;
+                  one visit through materialize() of the whole chain with seconds per step; the
+                  visit_chain run with the in-process vs the multiprocess executor; a backfill of
+                  N visits through `dagster dev` (--backfill N) with visits per hour and peak RSS
 * datalad_dataset at 40 files and at all files, direct writer vs the batch-command reference
                   vs `datalad addurls`, each goal of issue 14 printed beside its target
 
@@ -43,6 +48,10 @@ from dicom_assets.core.metadata import describe_tarball  # noqa: E402
 from dicom_assets.core.organize import organize_visit  # noqa: E402
 from dicom_assets.core.samples import ensure_samples  # noqa: E402
 from dicom_assets.core.tarball import organized_files, write_tarball  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput as tp  # noqa: E402
+from corpus import build_real_corpus  # noqa: E402
 
 
 def best_of(n, fn):
@@ -300,6 +309,13 @@ def main() -> int:
                     help="writers of datalad_dataset to time: direct, batch (the reference), or both")
     ap.add_argument("--datalad-peer", choices=["none", "fast", "full"], default="fast",
                     help="peer: `datalad addurls` without (fast) or with (full, slow) per-file metadata")
+    ap.add_argument("--organize-workers", default="1,2", help="header-reading processes to time organize with")
+    ap.add_argument("--real-files", type=int, default=2000,
+                    help="real GE MR files (~130 KiB) for the tarball/metadata rows; 0 skips them")
+    ap.add_argument("--chain-files", type=int, default=346,
+                    help="files of the visit run through materialize() of the whole chain; 0 skips it")
+    ap.add_argument("--executor", type=int, default=1, help="0 skips the in-process vs multiprocess run")
+    ap.add_argument("--backfill", type=int, default=0, help="N visits backfilled through `dagster dev` (slow; 0 skips)")
     ap.add_argument("--work", help="work folder (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus for another run")
     args = ap.parse_args()
@@ -333,6 +349,9 @@ def main() -> int:
     org_dir = work / "dicom" / "BENCH"
     t, peak, _ = best_of(args.repeat, lambda: organize_visit("BENCH_ses-01", corpus, org_dir, Rules()))
     row("organize", t, "pydicom stop_before_pixels", floor, peak)
+    for w in (int(x) for x in args.organize_workers.split(",") if x):
+        t, peak, _ = best_of(args.repeat, lambda: organize_visit("BENCH_ses-01", corpus, org_dir, Rules(), workers=w))
+        row(f"organize, {w} proc", t, "pydicom stop_before_pixels", floor, peak)
 
     # tarball vs GNU tar (dereferencing the organized symlinks, as the tarball does), followed by
     # a sync of the file: the tarball step fsyncs before its atomic rename, so the floor does too
@@ -350,18 +369,46 @@ def main() -> int:
                                                                    tool_version=__version__))
     row("visit_metadata", t, "md5sum", floor, peak)
 
+    throughput: dict = {}
+    if args.real_files:
+        real = work / f"real_ge_{args.real_files}"
+        if not real.exists():
+            print(f"building corpus: {args.real_files} real GE MR files in {real} ...", file=sys.stderr)
+            build_real_corpus(real, samples, n_files=args.real_files)
+        rows += tp.archive_rows(real, work, args.repeat, "real GE", organize_workers=())
+    if args.chain_files:
+        throughput["chain"] = tp.chain_bench(samples, work, files=args.chain_files)
+    if args.executor:
+        throughput["executor"] = tp.executor_bench(samples, work)
+    if args.backfill:
+        throughput["backfill"] = tp.backfill_bench(samples, work, visits_n=args.backfill)
+
     datalad = (datalad_bench(work, dest, vmeta, args.datalad_peer, tuple(args.datalad_writers.split(",")))
                if args.datalad else {})
 
     sensor = sensor_bench(args.sensor_items, work, args.sensor_batch) if args.sensor_items else {}
 
     print(f"\ndicom-assets {__version__} benchmark: {len(files)} files, {total_mb:.0f} MB, {os.cpu_count()} cores\n")
-    hdr = f"{'stage':<16}{'seconds':>9}{'files/s':>10}{'MB/s':>9}  {'floor':<28}{'floor s':>9}{'ratio':>7}{'peak MB':>9}"
+    hdr = f"{'stage':<28}{'seconds':>9}{'files/s':>10}{'MB/s':>9}  {'floor':<28}{'floor s':>9}{'ratio':>7}{'peak MB':>9}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['stage']:<16}{r['seconds']:>9.3f}{r['files_per_s']:>10.0f}{r['mb_per_s']:>9.0f}  "
+        print(f"{r['stage']:<28}{r['seconds']:>9.3f}{r['files_per_s']:>10.0f}{r['mb_per_s']:>9.0f}  "
               f"{r['floor']:<28}{r['floor_seconds']:>9.3f}{r['ratio_to_floor']:>7.2f}{r['peak_python_mb']:>9.1f}")
+    for part, figures in throughput.items():
+        print(f"\n{part}:")
+        for k, v in figures.items():
+            print(f"  {k:<58} {v:.2f}" if isinstance(v, float) else f"  {k:<58} {v}")
+    by_stage = {r["stage"]: r for r in rows}
+    goal_figures = {
+        "organize files/s (2,000-file visit, 2 workers)": by_stage.get("organize, 2 proc", {}).get("files_per_s"),
+        "visit_tarball / GNU tar + sync (real GE files)": by_stage.get("visit_tarball (real GE)", {}).get("ratio_to_floor"),
+        "visit_metadata / md5sum (real GE files)": by_stage.get("visit_metadata (real GE)", {}).get("ratio_to_floor"),
+        "one visit, whole chain with XNAT, run seconds": throughput.get("chain", {}).get("run seconds (start to end)"),
+        "backfill visits per hour": throughput.get("backfill", {}).get("backfill visits per hour"),
+    }
+    print(f"\ngoals (issue 14, throughput; organize on the {len(files)}-file corpus, {os.cpu_count()} cores):")
+    print("\n".join(tp.goal_lines(goal_figures)))
     if datalad:
         print("\ndatalad_dataset (first build = create + records + commit + deposit in the store + superdataset):")
         for k, v in datalad.items():
@@ -376,7 +423,7 @@ def main() -> int:
         print("\n".join(sensor_goals(sensor)))
     results = {"version": __version__, "files": len(files), "mb": total_mb, "cores": os.cpu_count(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": rows, "sensor": sensor,
-               "datalad": datalad}
+               "datalad": datalad, "throughput": throughput}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -73,10 +73,15 @@ def archive_rows(corpus: Path, work: Path, repeat: int, label: str, organize_wor
                      "mb_per_s": mb / seconds, "floor": floor_name, "floor_seconds": floor_seconds,
                      "ratio_to_floor": seconds / floor_seconds if floor_seconds else None, "peak_python_mb": 0.0})
 
+    import pydicom
+
+    floor = _best(repeat, lambda: [pydicom.dcmread(p, stop_before_pixels=True) for p in files])[0]
     org = work / f"dicom_{label}" / "V"
+    t, _ = _best(repeat, lambda: organize_visit("V_ses-01", corpus, org, Rules()))
+    row("organize", t, "pydicom stop_before_pixels", floor)
     for w in organize_workers:
         t, _ = _best(repeat, lambda: organize_visit("V_ses-01", corpus, org, Rules(), workers=w))
-        row(f"organize, {w} proc", t, "", 0.0)
+        row(f"organize, {w} proc", t, "pydicom stop_before_pixels", floor)
     tar_out = work / f"gnu_{label}.tar"
     floor = _best_cmd(repeat, ["sh", "-c", 'tar -chf "$1" -C "$2" "$3" && sync "$1"', "sh", str(tar_out),
                                str(org.parent), org.name])
