@@ -129,14 +129,18 @@ def test_rerun_of_an_unchanged_visit_writes_nothing_and_a_changed_one_replaces_i
     # a new config (no DWI entry): the session is replaced whole, its dwi/ folder gone
     cfg = json.loads(json.dumps(DEMO_DCM2BIDS_CONFIG))
     cfg["descriptions"] = [d for d in cfg["descriptions"] if d["datatype"] != "dwi"]
+    cfg["descriptions"].append({"datatype": "anat", "suffix": "PDw", "criteria": {"SeriesDescription": "T2w_PD*"}})
     write_dcm2bids_config(demo_root, cfg)
     inode = ses.stat().st_ino
     result = run_bids(instance, demo_root, v.key, assets=[bids_session])
     meta = metadata_of(result, "bids_session")
     assert meta["state"] == "written" and "files_dwi" not in meta
     assert not (ses / "dwi").exists() and (ses / "anat").is_dir() and ses.stat().st_ino != inode
-    dti = next(r.data for r in meta["series"].records if r.data["series_description"] == "DTI_64dir")
-    assert dti["status"] == "unmatched"
+    rows = {r.data["series_description"]: r.data for r in meta["series"].records}
+    assert rows["DTI_64dir"]["status"] == "unmatched"
+    # two entries match the T2w series: dcm2bids converts it under neither, and says so
+    assert rows["T2w_PD_dual_echo"]["status"] == "several_matches" and not list(ses.rglob("*T2w*"))
+    assert {r.data["series_description"] for r in meta["unmatched_series"].records} >= {"DTI_64dir", "T2w_PD_dual_echo"}
     assert not [p for p in ses.parent.iterdir() if p.name.startswith(".")]  # no staged or old folder left
 
 
@@ -298,3 +302,24 @@ def test_conversion_and_validation_need_no_network(instance, demo_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["errors"] == 0 and out["warnings"] > 0 and out["files"] == {"anat": 2, "dwi": 4, "func": 2}
+
+
+@pytest.mark.faults
+def test_validator_errors_fail_the_blocking_check_of_their_session_only(instance, demo_root):
+    lay = DatasetLayout(demo_root)
+    for key in ("QPN001_ses-01", "QPN003_ses-02"):
+        run_bids(instance, demo_root, key)
+    (lay.bids_session_dir(Visit("QPN003", "ses-02")) / "anat" / "scanner_notes.txt").write_text("x\n")
+    result = run_bids(instance, demo_root, "QPN001_ses-01", assets=[bids_session])
+    check = next(ev for ev in result.get_asset_check_evaluations() if ev.check_name == "bids_valid")
+    assert check.passed and check.metadata["errors_in_other_sessions"].value >= 1
+    # the session with the stray file no longer matches its record: converted again, replaced whole
+    result = run_bids(instance, demo_root, "QPN003_ses-02", assets=[bids_session])
+    assert checks_of(result)["bids_valid"] is True and not list(lay.bids_root.rglob("scanner_notes.txt"))
+    # a dataset-level error (BIDSVersion removed from the site's dataset_description.json) fails the check
+    (lay.bids_root / "dataset_description.json").write_text('{"Name": "qpn-demo"}\n')
+    result = run_bids(instance, demo_root, "QPN001_ses-01", assets=[bids_session], raise_on_error=False)
+    assert not result.success and checks_of(result)["bids_valid"] is False
+    check = next(ev for ev in result.get_asset_check_evaluations() if ev.check_name == "bids_valid")
+    assert "BIDSVersion" in str(check.metadata["issues"].value.records)
+    assert json.loads((lay.bids_root / "dataset_description.json").read_text()) == {"Name": "qpn-demo"}

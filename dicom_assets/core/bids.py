@@ -647,7 +647,8 @@ def _assign(series: list[Series], out: Path, niix: Path, tmp: Path, log: str, se
     by_number: dict[int | None, list[Series]] = {}
     for s in series:
         by_number.setdefault(s.number, []).append(s)
-    several = set(re.findall(r"Several Pairing\s+<-\s+(\S+)", log))
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log)  # dcm2bids colours its console lines
+    several = set(re.findall(r"Several Pairing\s+<-\s+(\S+)", plain))
     # each BIDS sidecar came from one dcm2niix sidecar: match them by SeriesNumber (dcm2bids keeps it)
     sess = out / session_rel
     for sc in sorted(sess.rglob("*.json")) if sess.is_dir() else []:
@@ -662,7 +663,7 @@ def _assign(series: list[Series], out: Path, niix: Path, tmp: Path, log: str, se
         if s.status != "pending":
             continue
         left = [p for p in sorted(tmp.glob("*.json")) if _sidecar_series(p)[0] == s.number]
-        if any(p.name in several for p in left):
+        if any(p.name[: -len(".json")] in several for p in left):
             s.status, s.detail = "several_matches", "its sidecar matches several config entries: make them exclusive"
         else:
             s.status = "unmatched"
