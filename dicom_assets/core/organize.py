@@ -150,14 +150,15 @@ class OrganizeResult:
 
 
 # Header reads of a large visit are shared with helper processes (the parsing is pure Python:
-# threads would share one core): this process reads one share, each helper another. Below
-# POOL_MIN_FILES files a helper's start (a Python process importing the header reader, ~50 ms,
-# pydicom only when a file needs it) costs more than it saves: measured with bench/run.py, see
-# docs/decisions.md. DICOM_ASSETS_ORGANIZE_WORKERS sets the number of processes (1: no helper).
-POOL_MIN_FILES = 1000
-# a helper's start, counted in files this process reads meanwhile (~70 ms at ~120 us a file):
-# this process takes that many more files than each helper, so that all finish together
-HELPER_START_FILES = 600
+# threads would share one core): this process reads one share, each helper another. A helper's
+# start (a Python process importing the header reader, ~70 ms; pydicom only when a file needs it)
+# is worth ~800 files of reading (~90 us each), so this process takes that many more; below
+# POOL_MIN_FILES the helper saves nothing measurable (on the shared 2-core machine a 2,000-file
+# visit was as fast with one process as with two, 4,000 files gained ~10 %): bench/run.py
+# times both, docs/decisions.md has the figures. DICOM_ASSETS_ORGANIZE_WORKERS sets the number
+# of processes (1: never a helper).
+POOL_MIN_FILES = 3000
+HELPER_START_FILES = 800
 MIN_SHARE = 50  # a helper gets at least this many files, or there is no helper
 _HELPER = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); "
            "from dicom_assets.core.dicomscan import read_records; "
