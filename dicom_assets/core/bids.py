@@ -264,9 +264,10 @@ def read_series(report_path: Path) -> list[Series]:
 def input_fingerprint(series: list[Series], dicom_dir: Path, config: Dcm2bidsConfig, participant: str,
                       session: str) -> str:
     """What a conversion depends on: the kept files (name, size, mtime), the config's bytes, the
-    tool versions. Same fingerprint: same conversion."""
+    converters' versions (not the validator's). Same fingerprint: same conversion."""
     h = hashlib.sha256()
-    h.update(json.dumps([participant, session, config.sha256, tool_versions()], sort_keys=True).encode())
+    converters = {k: v for k, v in tool_versions().items() if k in ("converter", "dcm2bids", "dcm2niix")}
+    h.update(json.dumps([participant, session, config.sha256, converters], sort_keys=True).encode())
     for s in series:
         h.update(f"\n{s.uid}\t{s.number}\t{s.description}".encode("utf-8", "surrogateescape"))
         for name in sorted(s.files):
