@@ -97,7 +97,8 @@ def test_demo_visits_become_a_valid_bids_dataset(instance, demo_root):
     # the same bytes as dcm2bids run by hand on the same DICOMs (dcm2niix on the whole folder)
     by_hand = demo_root.parent / "by_hand"
     bids._seed_version_cache(by_hand)  # no GitHub version check
-    proc = subprocess.run([sys.executable, "-m", "dcm2bids.cli.dcm2bids", "-d", str(lay.dicom_dir(Visit("QPN001", "ses-01"))),
+    dicom_dir = lay.dicom_dir(Visit("QPN001", "ses-01"))
+    proc = subprocess.run([sys.executable, "-m", "dcm2bids.cli.dcm2bids", "-d", str(dicom_dir),
                            "-p", "QPN001", "-s", "01", "-c", str(lay.dcm2bids_config_path), "-o", str(by_hand)],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
@@ -169,8 +170,10 @@ def _add_undecodable_series(root: Path, visit: Visit, samples) -> None:
     ref = pydicom.dcmread(kept, stop_before_pixels=True)
     src = samples.pydicom_files / "JPEG-lossy.dcm"
     data = rewrite_dicom(src, patient_id=str(ref.PatientID), patient_name=str(ref.PatientName),
-                         study_uid=ref.StudyInstanceUID, series_uid=generate_uid(entropy_srcs=[ref.StudyInstanceUID, "20"]),
-                         sop_uid=generate_uid(entropy_srcs=[ref.StudyInstanceUID, "20", "1"]), series_number=20, series_description="T1w_MPR_cor",
+                         study_uid=ref.StudyInstanceUID,
+                         series_uid=generate_uid(entropy_srcs=[ref.StudyInstanceUID, "20"]),
+                         sop_uid=generate_uid(entropy_srcs=[ref.StudyInstanceUID, "20", "1"]), series_number=20,
+                         series_description="T1w_MPR_cor",
                          instance_number=1, study_date=ref.StudyDate, study_time=ref.StudyTime,
                          image_type=("ORIGINAL", "PRIMARY", "M", "ND"))
     ds = pydicom.dcmread(io.BytesIO(data))  # stored as an MR image (the sample is a secondary capture)
@@ -202,12 +205,15 @@ def test_a_series_dcm2niix_cannot_decode_is_reported_and_the_rest_converted(inst
 @pytest.mark.faults
 @pytest.mark.parametrize("change, expected", [
     (lambda c: c["descriptions"][3].pop("criteria"), "descriptions[3] (id 't2w'): required key 'criteria' is missing"),
-    (lambda c: c["descriptions"][1].update(dataType="anat"), "descriptions[1] (id 't1w_se'): 'dataType' is a dcm2bids 2.x key"),
+    (lambda c: c["descriptions"][1].update(dataType="anat"),
+     "descriptions[1] (id 't1w_se'): 'dataType' is a dcm2bids 2.x key"),
     (lambda c: c["descriptions"][5].update(datatype="diffusion"), "descriptions[5] (id 'dwi'): 'datatype' 'diffusion'"),
-    (lambda c: c["descriptions"][4].update(custom_entities="task rest"), "descriptions[4] (id 'task_rest'): 'custom_entities'"),
+    (lambda c: c["descriptions"][4].update(custom_entities="task rest"),
+     "descriptions[4] (id 'task_rest'): 'custom_entities'"),
     (lambda c: c.update(search_method="re") or c["descriptions"][0].update(criteria={"SeriesDescription": "T1w_(MP"}),
      "descriptions[0] (id 't1w_mprage'): criteria 'SeriesDescription'"),
-    (lambda c: c["descriptions"].append(dict(c["descriptions"][0])), "descriptions[6] (id 't1w_mprage'): id already used"),
+    (lambda c: c["descriptions"].append(dict(c["descriptions"][0])),
+     "descriptions[6] (id 't1w_mprage'): id already used"),
     (lambda c: c.update(Descriptions=[]), "unknown key(s) 'Descriptions'"),
 ])
 def test_malformed_config_is_one_error_naming_the_file_and_the_entry(tmp_path, change, expected):

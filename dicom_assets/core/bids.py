@@ -351,7 +351,8 @@ def run_dcm2niix_per_series(series: list[Series], dicom_dir: Path, work: Path, p
         except subprocess.TimeoutExpired:
             text, rc = f"dcm2niix did not finish within {timeout:.0f} s", "timeout"
         new = sorted(out / n for n in set(os.listdir(out)) - before)
-        s.dcm2niix_lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not _DCM2NIIX_NOISE.match(ln.strip())]
+        lines = (ln.strip() for ln in text.splitlines())
+        s.dcm2niix_lines = [ln for ln in lines if ln and not _DCM2NIIX_NOISE.match(ln)]
         why = _check_output(new) if rc == 0 else f"dcm2niix exit status {rc}"
         if why is not None:
             for f in new:
