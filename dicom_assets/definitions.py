@@ -8,7 +8,7 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 
 from .defs.archive import visit_metadata, visit_tarball
 from .defs.bids import bids_config_present, bids_session
-from .defs.ingest import build_downloads_sensor, organized_dicoms, raw_dicoms
+from .defs.ingest import build_downloads_sensor, downloads, organized_dicoms, raw_dicoms
 from .defs.publish import datalad_dataset, visit_catalog, xnat_resource_from_env, xnat_session
 from .defs.resources import DatasetResource, default_dataset_root
 from .defs.tcia import build_tcia_sensor, tcia_job, tcia_resource_from_env, tcia_series
@@ -50,7 +50,7 @@ def default_executor():
 def build_definitions(root: str | None = None) -> Definitions:
     return Definitions(
         executor=default_executor(),
-        assets=CHAIN_ASSETS + BIDS_ASSETS + [tcia_series],
+        assets=[downloads] + CHAIN_ASSETS + BIDS_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
         jobs=[visit_chain_job, tcia_job],
         sensors=[downloads_sensor, tcia_sensor],

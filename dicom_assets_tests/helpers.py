@@ -6,6 +6,7 @@ import socket
 from dagster import AssetSelection, materialize
 
 from dicom_assets.definitions import ARCHIVE_CHAIN, CHAIN_CHECKS, INDEX_ASSETS
+from dicom_assets.defs.ingest import downloads
 from dicom_assets.defs.publish import xnat_session
 from dicom_assets.defs.resources import DatasetResource
 
@@ -19,7 +20,7 @@ def run_chain(instance, root, visit, selection=None, raise_on_error=True, xnat=N
     if xnat is not None:
         resources["xnat"] = xnat
     return materialize(
-        ARCHIVE_CHAIN + (INDEX_ASSETS if datalad else []) + ([xnat_session] if xnat is not None else [])
+        [downloads] + ARCHIVE_CHAIN + (INDEX_ASSETS if datalad else []) + ([xnat_session] if xnat is not None else [])
         + CHAIN_CHECKS,
         partition_key=visit,
         resources=resources,
@@ -43,6 +44,8 @@ class Ticker:
         result = self.sensor(ctx)
         if isinstance(result, SensorResult):
             self.cursor = result.cursor or self.cursor
+            for event in result.asset_events or []:  # stored first, as the daemon does
+                self.instance.report_runless_asset_event(event)
             for req in result.dynamic_partitions_requests or []:
                 self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
         return result

@@ -180,6 +180,7 @@ class DownloadsState:
                 state TEXT NOT NULL, ready_gen INTEGER, taken_token TEXT);
             CREATE INDEX IF NOT EXISTS items_state ON items (state, ready_gen, rel);
             CREATE INDEX IF NOT EXISTS items_session ON items (session);
+            CREATE INDEX IF NOT EXISTS items_visit ON items (visit);
             CREATE TABLE IF NOT EXISTS participants (low TEXT NOT NULL, p TEXT NOT NULL);
             CREATE INDEX IF NOT EXISTS participants_low ON participants (low);
             CREATE TABLE IF NOT EXISTS undo (gen INTEGER NOT NULL, kind TEXT NOT NULL, key BLOB NOT NULL, row TEXT);
@@ -204,6 +205,22 @@ class DownloadsState:
             raise
         finally:
             db.close()
+
+    def taken_tokens(self, visits) -> dict[str, list[tuple[str, str]]]:
+        """The taken dumps of each visit: ``(<session>/<name>, signature token)`` pairs, what
+        the sensor reports as the visit's ``downloads`` data version (a dump split in parts
+        gives several; one still arriving or gone is not among them)."""
+        out: dict[str, list[tuple[str, str]]] = {v: [] for v in visits}
+        if not out:
+            return out
+        db = self.connect()
+        try:
+            for v in out:
+                out[v] = sorted((_s(rel), tok) for rel, tok in db.execute(
+                    "SELECT rel, taken_token FROM items WHERE visit=? AND state='taken'", (v,)))
+        finally:
+            db.close()
+        return out
 
 
 def _row(r) -> dict:

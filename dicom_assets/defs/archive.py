@@ -8,12 +8,14 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetKey,
-    AssetRecordsFilter,
     AssetExecutionContext,
+    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
 )
+
+from dagster._core.definitions.data_version import extract_data_version_from_entry
 
 from .. import __version__
 from ..core.curation import update_visit_status
@@ -21,6 +23,7 @@ from ..core.errors import DicomAssetsError
 from ..core.metadata import describe_tarball, write_metadata
 from ..core.organize import read_kept
 from ..core.tarball import organized_files, write_tarball
+from ..core.versions import file_md5
 from .ingest import organized_dicoms
 from .partitions import visit_asset, visit_of
 from .resources import DatasetResource
@@ -59,7 +62,7 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
         raise Failure(f"{dest}: {result.members} members written but the organize report lists {len(kept)} kept files")
     context.log.info(f"{dest}: {result.members} members, {result.size} bytes, sha256 {result.sha256}")
     update_visit_status(ds, visit)
-    return MaterializeResult(metadata={
+    return MaterializeResult(data_version=DataVersion(result.sha256), metadata={
         "path": path(dest),
         "size": MetadataValue.int(result.size),
         "members": result.members,
@@ -75,7 +78,7 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
     check_specs=[
         AssetCheckSpec("tarball_unchanged", asset="visit_metadata", blocking=True,
                        description="the tarball described (md5, sha256) is the one visit_tarball wrote: "
-                                   "same sha256 as recorded when writing it"),
+                                   "same sha256 as visit_tarball's data version (the sha256 it wrote)"),
         AssetCheckSpec("dicom_count_matches", asset="visit_metadata", blocking=True,
                        description="the metadata lists as many DICOMs as organized_dicoms kept "
                                    "(the kept rows of its report logs/organize/<visit>_files.tsv)"),
@@ -108,7 +111,7 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
     rows = [{"series_number": k[0], "series_description": k[1], "modality": k[2], "protocol_name": k[3],
              "files": n} for k, n in sorted(series.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0))]
     checks = _metadata_checks(context, ds, visit, tj, dj, meta)
-    return MaterializeResult(check_results=checks, metadata={
+    return MaterializeResult(check_results=checks, data_version=DataVersion(file_md5(dj)), metadata={
         "dicoms": meta.tarball["dicoms"],
         "members": meta.tarball["members"],
         "md5": meta.tarball["md5"],
@@ -123,18 +126,11 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
     })
 
 
-def _recorded_tarball_sha256(context, visit_key: str) -> str | None:
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("visit_tarball"), asset_partitions=[visit_key]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    value = records[0].asset_materialization.metadata.get("sha256")
-    return value.value if value is not None else None
-
-
 def _metadata_checks(context, ds, visit, tj_path, dj_path, meta) -> list[AssetCheckResult]:
-    recorded = _recorded_tarball_sha256(context, visit.key)
+    # visit_tarball's data version is the sha256 it wrote: the one Dagster holds for this visit
+    record = context.instance.get_latest_data_version_record(AssetKey("visit_tarball"), False, visit.key)
+    recorded = extract_data_version_from_entry(record.event_log_entry) if record else None
+    recorded = recorded.value if recorded is not None else None
     actual = meta.tarball["sha256"]
     written_tj = json.loads(tj_path.read_text())
     written_dj = json.loads(dj_path.read_text())

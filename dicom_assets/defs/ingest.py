@@ -9,6 +9,8 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetSpec,
+    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -21,25 +23,47 @@ from dagster import (
 
 from ..core.curation import update_visit_status
 from ..core.dicomscan import Rules
-from ..core.downloads import ITEM_FORMATS, DownloadItem, items_for_visit, problems_for_participant, read_dicom_dir_map
+from ..core.downloads import (
+    ITEM_FORMATS,
+    DownloadItem,
+    items_for_visit,
+    problems_for_participant,
+    read_dicom_dir_map,
+    signature,
+)
 from ..core.downloads_state import DownloadsState, Settings, context_token
 from ..core.errors import DicomAssetsError
 from ..core.extract import ExtractLimits, extract_visit
 from ..core.layout import Dataset, DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.tcia import find_visit as find_tcia_visit
+from ..core.versions import dump_version, kept_version
 from ..core.qc import build_montage, middle_images
-from .partitions import sensor_default_status, visit_asset, visit_of, visits_partitions
+from .lineage import DOWNLOADS, dump_observation
+from .partitions import OWNERS, sensor_default_status, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import SERIES_COLUMNS, path, qc_markdown, table
 
 VISIT_TAG = "dicom_assets/visit"
 DOWNLOAD_TAG = "dicom_assets/download"
 
+# where the graph starts: the scanner dumps as delivered, observed (never materialized) by the
+# downloads sensor (and the TCIA sensor for TCIA visits), one partition per visit
+downloads = AssetSpec(
+    DOWNLOADS, partitions_def=visits_partitions, group_name="ingest", kinds={"file"}, owners=OWNERS,
+    description=(
+        "The visit's scanner dump(s) as delivered in `downloads/<session>/` (or, for a TCIA visit, its series "
+        "zips in `downloads/tcia/<manifest>/series/`); never changed by the pipeline. Observed by the "
+        "downloads sensor when it takes a dump; data version: the signature (path, size, mtime, file count) of "
+        "the visit's dumps, so a re-delivered dump shows `raw_dicoms` stale."
+    ),
+)
+
 
 @visit_asset(
     group="ingest",
     kinds={"dicom", "file"},
+    deps=[downloads],
     description=(
         "The visit's scanner dump(s) from `downloads/<session>/`, extracted safely into "
         "`scratch/raw_dicoms/<session>/<participant>/` (no path escapes, bounded size, atomic swap; "
@@ -87,7 +111,9 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
     report_path.write_text(json.dumps({"target": report.target, "items": [vars(i) for i in report.items]},
                                       indent=2, sort_keys=True) + "\n")
     update_visit_status(ds, visit, in_downloads=True if tcia is None else None)
-    return MaterializeResult(metadata={
+    # the dump(s) extracted, signed as the sensor signs them: same value as their observation
+    dumps = [(i.path.relative_to(lay.downloads_root).as_posix(), signature(i.path).token()) for i in items]
+    return MaterializeResult(data_version=DataVersion(dump_version(dumps)), metadata={
         "files": report.files,
         "bytes": MetadataValue.int(report.bytes),
         "skipped": MetadataValue.json(report.skipped),
@@ -180,7 +206,8 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
     }
     if montage.path is not None:
         metadata["qc_montage_png"] = path(montage.path)
-    return MaterializeResult(metadata=metadata, check_results=_organize_checks(result, cfg.mixed_visit_policy))
+    return MaterializeResult(metadata=metadata, check_results=_organize_checks(result, cfg.mixed_visit_policy),
+                             data_version=DataVersion(kept_version((r.sop_instance_uid, r.size) for r in result.kept)))
 
 
 # --------------------------------------------------------------------------- the sensor
@@ -240,6 +267,8 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     # every visit of the batch is asked for: the daemon adds those missing (one look-up per key,
     # which it does anyway), so a partition deleted in the UI comes back with its re-delivered dump
     new_keys = sorted({r.partition_key for r in run_requests})
+    # each visit taken is observed: its downloads partition gets the signature of its taken dumps
+    observed = state.taken_tokens(new_keys)
     shown = ", ".join(r.partition_key for r in run_requests[:20])
     more = f" and {len(run_requests) - 20} more" if len(run_requests) > 20 else ""
     context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}"
@@ -248,6 +277,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     return SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[visits_partitions.build_add_request(new_keys)] if new_keys else [],
+        asset_events=[dump_observation(v, items, "downloads_sensor") for v, items in observed.items() if items],
         cursor=cursor,
     )
 

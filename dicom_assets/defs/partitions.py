@@ -24,10 +24,16 @@ def visit_of(context) -> Visit:
 OWNERS = ["team:imaging"]
 
 
-def visit_asset(*, group: str, kinds: set[str], code_version: str = "1", **kwargs):
-    """``@asset`` for a step of the visit chain: partitioned by visit, owned, grouped by stage."""
-    return asset(partitions_def=visits_partitions, group_name=group, kinds=kinds, owners=OWNERS,
-                 code_version=code_version, **kwargs)
+def visit_asset(*, group: str, kinds: set[str], **kwargs):
+    """``@asset`` for a step of the visit chain: partitioned by visit, owned, grouped by stage;
+    its ``code_version`` is its output format version, from ``lineage.CODE_VERSIONS`` (a stage
+    missing there fails at import)."""
+    from .lineage import CODE_VERSIONS
+
+    def decorate(fn):
+        return asset(partitions_def=visits_partitions, group_name=group, kinds=kinds, owners=OWNERS,
+                     code_version=CODE_VERSIONS[fn.__name__], **kwargs)(fn)
+    return decorate
 
 
 def sensor_default_status() -> DefaultSensorStatus:

@@ -11,6 +11,7 @@ from dagster import (
     AssetExecutionContext,
     Backoff,
     ConfigurableResource,
+    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -22,6 +23,7 @@ from ..core.catalog import update_catalog
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.tcia import find_visit as find_tcia_visit
 from ..core.curation import update_visit_status, xnat_marker_path
+from ..core.versions import xnat_version
 from ..core.xnat_upload import (
     XnatAuthError,
     XnatError,
@@ -73,7 +75,7 @@ def datalad_dataset(context: AssetExecutionContext, dataset: DatasetResource) ->
     context.log.info(f"{res.path}: {'new commit' if res.changed else 'unchanged'} {res.commit[:12]}, "
                      f"{res.files} DICOMs in {t.get('index', 0):.1f} s (git-annex {t.get('git_annex', 0):.1f} s), "
                      f"deposit {t.get('deposit', 0):.1f} s")
-    return MaterializeResult(metadata={
+    return MaterializeResult(data_version=DataVersion(res.commit), metadata={
         "path": path(res.path),
         "dataset_id": res.dataset_id,
         "version": res.commit,
@@ -212,6 +214,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     have = {s["scan"]: s["files"] for s in result.scans}
     context.log.info(f"{visit.key}: {result.status} as {result.project}/{result.subject}/{result.session_label}")
     return MaterializeResult(
+        data_version=DataVersion(xnat_version(result.session_uri, have)),
         metadata={
             "status": result.status,
             "xnat_session": MetadataValue.url(url),

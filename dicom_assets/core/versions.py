@@ -1,0 +1,71 @@
+"""Data versions of the chain's products: short strings that change exactly when the product
+changes, computed from what each step writes (no Dagster import: ``defs/`` turns them into
+``DataVersion``; docs/decisions.md, "Lineage", says what each one is and why).
+
+- a visit's dump(s) in ``downloads/``: :func:`dump_version` of each item's path and signature
+  (size, mtime, file count), the value the downloads sensor observes and ``raw_dicoms`` extracted;
+- ``organized_dicoms``: :func:`kept_version`, the kept (SOPInstanceUID, size) list;
+- ``visit_tarball``: the tarball's sha256; ``visit_metadata``: :func:`file_md5` of the dicoms JSON;
+- ``datalad_dataset``: its commit; ``xnat_session``: :func:`xnat_version` (session + scan counts);
+- ``bids_session``: :func:`tree_version` of the session folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+
+def _sha256_lines(lines: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def dump_version(items: Iterable[tuple[str, str]]) -> str:
+    """A visit's dump(s): ``(path under downloads/, signature token)`` pairs, in any order.
+    Same dumps, untouched: same version; a dump re-delivered, grown, renamed or added: another."""
+    return "dump-" + _sha256_lines(f"{rel}\t{token}" for rel, token in sorted(items))[:32]
+
+
+def kept_version(kept: Iterable[tuple[str, int]]) -> str:
+    """The kept DICOMs of a visit: ``(SOPInstanceUID, size in bytes)`` pairs, in any order.
+
+    A re-extracted identical dump gives the same version, so nothing after ``organized_dicoms``
+    needs to run; a file added, dropped, excluded or of another size gives another. (md5 is not
+    read here: organize reads headers only, and hashing every byte again would double its reads;
+    the tarball's sha256, the next version, covers the content.)"""
+    return "kept-" + _sha256_lines(f"{uid}\t{size}" for uid, size in sorted(kept))[:32]
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def xnat_version(session: str, scans: dict[str, int]) -> str:
+    """An XNAT session: its id (URI) and the file count of each scan, as XNAT reports them."""
+    counts = json.dumps({str(k): int(v) for k, v in scans.items()}, sort_keys=True, separators=(",", ":"))
+    return f"{session.rstrip('/').rsplit('/', 1)[-1]}:" + hashlib.sha256(counts.encode()).hexdigest()[:16]
+
+
+def tree_version(root: Path) -> str:
+    """Every file under ``root``: relative path and sha256 of its content (links followed)."""
+    lines = []
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            lines.append(f"{p.relative_to(root).as_posix()}\t{h.hexdigest()}")
+    return "files-" + _sha256_lines(sorted(lines))[:32]

@@ -1,0 +1,43 @@
+"""Lineage Dagster can reason about: each stage's ``code_version`` (the version of its output
+format) and the ``downloads`` observations the sensors report.
+
+The rule (docs/decisions.md, "Lineage"): a stage's code version changes exactly when what it
+writes for the same input changes (bytes, names, fields). Dagster then shows every partition
+materialized with the old version as stale ("has a new code version"); a refactoring that
+writes the same bytes keeps the version. The tarball's bytes are a contract
+(``dicom_assets_tests/test_lineage.py`` pins the demo tarball's sha256 per version).
+
+Data versions (``MaterializeResult(data_version=...)``) are computed in ``core/versions.py``.
+"""
+
+from dagster import AssetKey, AssetObservation, MetadataValue
+from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
+
+from ..core.bids import CONVERTER_VERSION
+from ..core.versions import dump_version
+
+# the output format version of each stage of the visit chain
+CODE_VERSIONS = {
+    "raw_dicoms": "1",        # scratch/raw_dicoms/<session>/<participant>/ + logs/extract/<visit>.json
+    "organized_dicoms": "1",  # dicom/<session>/<participant>/<SOPInstanceUID>.dcm + logs/organize/<visit>_files.tsv
+    "visit_tarball": "1",     # store/<study>/<visit>_dicom.tar, byte for byte
+    "visit_metadata": "1",    # store/<study>/<visit>_metadata_{tarball,dicoms}.json
+    "datalad_dataset": "1",   # datalad/<study>/<visit>/ and the XDLRA deposit
+    "visit_catalog": "1",     # the visit's entry of catalog/index.html
+    "xnat_session": "1",      # what is sent to XNAT: labels, scans, files, METADATA resource
+    "bids_session": CONVERTER_VERSION,  # bids/sub-*/ses-*/ (core.bids bumps it)
+}
+
+DOWNLOADS = AssetKey("downloads")
+
+
+def dump_observation(visit: str, items: list[tuple[str, str]], source: str) -> AssetObservation:
+    """The ``downloads`` partition of a visit observed: its data version is the signature of its
+    dump(s) (``core.versions.dump_version``), the same value ``raw_dicoms`` reports for what it
+    extracted."""
+    return AssetObservation(
+        asset_key=DOWNLOADS, partition=visit,
+        tags={DATA_VERSION_TAG: dump_version(items), DATA_VERSION_IS_USER_PROVIDED_TAG: "true"},
+        metadata={"dumps": MetadataValue.json([{"path": rel, "signature": tok} for rel, tok in items]),
+                  "observed_by": source},
+    )
