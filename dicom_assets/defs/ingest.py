@@ -9,8 +9,8 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    AssetSpec,
     DataVersion,
+    DataVersionsByPartition,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -18,6 +18,7 @@ from dagster import (
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    observable_source_asset,
     sensor,
 )
 
@@ -33,6 +34,7 @@ from ..core.downloads import (
 )
 from ..core.downloads_state import DownloadsState, Settings, context_token
 from ..core.errors import DicomAssetsError
+from ..core.ids import parse_visit_key
 from ..core.extract import ExtractLimits, extract_visit
 from ..core.layout import Dataset, DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
@@ -40,7 +42,7 @@ from ..core.tcia import find_visit as find_tcia_visit
 from ..core.versions import dump_version, kept_version
 from ..core.qc import build_montage, middle_images
 from .lineage import DOWNLOADS, dump_observation
-from .partitions import OWNERS, sensor_default_status, visit_asset, visit_of, visits_partitions
+from .partitions import sensor_default_status, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import SERIES_COLUMNS, path, qc_markdown, table
 
@@ -48,9 +50,10 @@ VISIT_TAG = "dicom_assets/visit"
 DOWNLOAD_TAG = "dicom_assets/download"
 
 # where the graph starts: the scanner dumps as delivered, observed (never materialized) by the
-# downloads sensor (and the TCIA sensor for TCIA visits), one partition per visit
-downloads = AssetSpec(
-    DOWNLOADS, partitions_def=visits_partitions, group_name="ingest", kinds={"file"}, owners=OWNERS,
+# downloads sensor when it takes a dump (the TCIA visits' series zips too, when observed from the
+# UI), one partition per visit; "Observe" in the UI signs the selected visits' dumps again
+@observable_source_asset(
+    key=DOWNLOADS, partitions_def=visits_partitions, group_name="ingest", tags={"dagster/kind/file": ""},
     description=(
         "The visit's scanner dump(s) as delivered in `downloads/<session>/` (or, for a TCIA visit, its series "
         "zips in `downloads/tcia/<manifest>/series/`); never changed by the pipeline. Observed by the "
@@ -58,6 +61,33 @@ downloads = AssetSpec(
         "the visit's dumps, so a re-delivered dump shows `raw_dicoms` stale."
     ),
 )
+def downloads(context, dataset: DatasetResource) -> DataVersionsByPartition:
+    ds = dataset.open()
+    keys = (context.partition_keys if context.has_partition_key or context.has_partition_key_range
+            else context.instance.get_dynamic_partitions(visits_partitions.name))
+    out = {}
+    for key in keys:
+        items = _visit_dumps(ds, parse_visit_key(key))
+        if items:
+            out[key] = DataVersion(dump_version(_signed(ds.layout, items)))
+    return DataVersionsByPartition(out)
+
+
+def _visit_dumps(ds: Dataset, visit) -> list[DownloadItem]:
+    """A visit's dump(s): the series zips of a TCIA visit, else its items in downloads/<session>/."""
+    lay = ds.layout
+    tcia = find_tcia_visit(lay.tcia_root, visit.key)
+    if tcia is not None:
+        return [DownloadItem(z, visit.session, "zip") for z in tcia.zips if z.is_file()]
+    if not ds.manifest.has_visit(visit):
+        return []
+    return items_for_visit(lay.downloads_root, visit, set(ds.manifest.participants),
+                           read_dicom_dir_map(lay.dicom_dir_map_path))
+
+
+def _signed(lay: DatasetLayout, items: list[DownloadItem]) -> list[tuple[str, str]]:
+    """(path under downloads/, signature token) of each dump, as the sensor signs them."""
+    return [(i.path.relative_to(lay.downloads_root).as_posix(), signature(i.path).token()) for i in items]
 
 
 @visit_asset(
@@ -112,8 +142,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
                                       indent=2, sort_keys=True) + "\n")
     update_visit_status(ds, visit, in_downloads=True if tcia is None else None)
     # the dump(s) extracted, signed as the sensor signs them: same value as their observation
-    dumps = [(i.path.relative_to(lay.downloads_root).as_posix(), signature(i.path).token()) for i in items]
-    return MaterializeResult(data_version=DataVersion(dump_version(dumps)), metadata={
+    return MaterializeResult(data_version=DataVersion(dump_version(_signed(lay, items))), metadata={
         "files": report.files,
         "bytes": MetadataValue.int(report.bytes),
         "skipped": MetadataValue.json(report.skipped),
