@@ -38,7 +38,7 @@ def _nonempty_dir(path: Path) -> bool:
 
 
 def xnat_marker_path(dataset: Dataset, visit_key: str) -> Path:
-    return dataset.layout.logs_dir / "xnat" / f"{visit_key}.json"
+    return dataset.layout.xnat_marker_path(visit_key)
 
 
 def visit_row(dataset: Dataset, visit, raw_id: str, in_downloads: bool) -> dict:

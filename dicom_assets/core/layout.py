@@ -8,18 +8,24 @@
       tabular/dicom_dir_map.tsv                     optional: visit -> download name
       tabular/curation_status.tsv                   how far each visit got
       downloads/<session>/<item>                    scanner dumps as delivered
+      downloads/tcia/<name>.tcia|.csv               TCIA manifests; <name>/series/*.zip, <name>/resolved.csv
       scratch/raw_dicoms/<session>/<participant>/   extracted, messy inside
       scratch/state/                                the downloads sensor's state (SQLite)
       dicom/<session>/<participant>/                flat list of validated DICOMs
       store/<study>/<visit>_dicom.tar               reproducible visit tarball
       store/<study>/<visit>_metadata_tarball.json
       store/<study>/<visit>_metadata_dicoms.json
+      store/<study>/<visit>_XDLRA--refs|--repo-export   the visit's DataLad dataset, clonable from the store
       datalad/<study>/<visit>/                      DataLad dataset of the visit
       catalog/                                      browsable catalog
       code/dcm2bids_config.json                     dcm2bids config (BIDS conversion)
       bids/sub-<participant>/ses-<session>/         BIDS dataset, one session per visit
       scratch/bids/<visit>.tmp-*/                   one BIDS conversion's scratch
-      logs/                                         human-readable reports
+      logs/organize/<visit>_files.tsv               every file of the dump: kept or excluded, and why
+      logs/extract/<visit>.json                     what raw_dicoms extracted from each dump
+      logs/qc/<visit>_montage.png                   QC montage (middle image of each kept series)
+      logs/xnat/<visit>.json                        the visit's XNAT session (labels, status, filtered files)
+      logs/bids/<visit>.json                        the last BIDS conversion of the visit
 
 Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
 label (``ses-01``); the BIDS participant form ``sub-QPN001`` is only produced for a BIDS
@@ -121,6 +127,10 @@ class DatasetLayout:
 
     def qc_path(self, visit: Visit) -> Path:
         return self.logs_dir / "qc" / f"{visit.key}_montage.png"
+
+    def xnat_marker_path(self, visit_key: str) -> Path:
+        """``logs/xnat/<visit>.json``: the visit's XNAT session as last uploaded."""
+        return self.logs_dir / "xnat" / f"{visit_key}.json"
 
     # --- BIDS ---------------------------------------------------------------------------
     @property
