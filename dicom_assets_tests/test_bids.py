@@ -20,6 +20,7 @@ from dicom_assets.core import bids
 from dicom_assets.core.demo import DEMO_DCM2BIDS_CONFIG, rewrite_dicom, write_dcm2bids_config
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import Dataset, DatasetLayout
+from dicom_assets.core.versions import tree_version
 from dicom_assets.defs.bids import bids_session
 from dicom_assets.defs.ingest import organized_dicoms, raw_dicoms
 from dicom_assets.defs.resources import DatasetResource
@@ -35,6 +36,14 @@ def run_bids(instance, root, visit, assets=None, raise_on_error=True):
     return materialize(assets or [raw_dicoms, organized_dicoms, bids_session], partition_key=visit,
                        resources={"dataset": DatasetResource(root=str(root))}, instance=instance,
                        raise_on_error=raise_on_error)
+
+
+def data_version_of(result) -> str | None:
+    """The data version the run recorded for bids_session (what the UI's lineage compares)."""
+    from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+    evs = [e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == "bids_session"]
+    return evs[-1].materialization.tags.get(DATA_VERSION_TAG)
 
 
 def official_validator(bids_root: Path) -> list[dict]:
@@ -112,11 +121,14 @@ def test_demo_visits_become_a_valid_bids_dataset(instance, demo_root):
 
 def test_rerun_of_an_unchanged_visit_writes_nothing_and_a_changed_one_replaces_its_session(instance, demo_root):
     lay, v = DatasetLayout(demo_root), Visit("QPN002", "ses-01")
-    run_bids(instance, demo_root, v.key)
+    first = data_version_of(run_bids(instance, demo_root, v.key))
+    # the data version Dagster records is the session's content: names and bytes of its files
+    assert first == tree_version(lay.bids_session_dir(v))
     before = snapshot(lay.bids_root)
     result = run_bids(instance, demo_root, v.key, assets=[bids_session])
     meta = metadata_of(result, "bids_session")
     assert meta["state"] == "unchanged (nothing written)" and snapshot(lay.bids_root) == before
+    assert data_version_of(result) == first  # unchanged visit: same version, nothing downstream stale
     assert checks_of(result)["bids_valid"] is True
     # without the record of the last conversion, the visit is converted again: same bytes, nothing written
     lay.bids_record_path(v).unlink()
@@ -136,6 +148,7 @@ def test_rerun_of_an_unchanged_visit_writes_nothing_and_a_changed_one_replaces_i
     result = run_bids(instance, demo_root, v.key, assets=[bids_session])
     meta = metadata_of(result, "bids_session")
     assert meta["state"] == "written" and "files_dwi" not in meta
+    assert data_version_of(result) not in (None, first)
     assert not (ses / "dwi").exists() and (ses / "anat").is_dir() and ses.stat().st_ino != inode
     rows = {r.data["series_description"]: r.data for r in meta["series"].records}
     assert rows["DTI_64dir"]["status"] == "unmatched"

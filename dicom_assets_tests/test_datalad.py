@@ -41,6 +41,20 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def failing_tool(tmp_path, monkeypatch, tool: str, subcommand: str, message: str, code: int) -> str:
+    """Put a wrapper of the real ``tool`` first on PATH whose ``subcommand`` dies with ``message``
+    (as on a full disk); every other call runs the real tool. Returns the PATH to restore."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    real = shutil.which(tool, path=tool_env()["PATH"])
+    (fake / tool).write_text(f"#!/bin/sh\ncase \" $* \" in *' {subcommand} '*)\n"
+                             f"  echo '{message}' >&2; exit {code};;\nesac\nexec {real} \"$@\"\n")
+    (fake / tool).chmod(0o755)
+    real_path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{tool_env()['PATH']}")
+    return real_path
+
+
 @pytest.fixture(scope="module")
 def indexed(pristine_demo, tmp_path_factory):
     """One demo visit through the chain up to the DataLad dataset and the catalog."""
@@ -217,16 +231,8 @@ def test_git_annex_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_path, m
     store = root / "store" / "QPN"
     tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
     # a git-annex whose registerurl dies (as on a full disk), ahead of the real one on PATH
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    real = shutil.which("git-annex", path=tool_env()["PATH"])
-    (fake / "git-annex").write_text(
-        "#!/bin/sh\ncase \" $* \" in *' registerurl '*)\n"
-        "  echo 'git-annex: .git/annex/journal: No space left on device' >&2; exit 1;;\nesac\n"
-        f"exec {real} \"$@\"\n")
-    (fake / "git-annex").chmod(0o755)
-    real_path = os.environ["PATH"]
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{tool_env()['PATH']}")
+    real_path = failing_tool(tmp_path, monkeypatch, "git-annex", "registerurl",
+                             "git-annex: .git/annex/journal: No space left on device", 1)
     ds = tmp_path / "ds"
     with pytest.raises(DataladError, match="No space left on device") as err:
         index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
@@ -418,16 +424,8 @@ def test_direct_writer_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_pat
     root, meta, dicoms = indexed
     store = root / "store" / "QPN"
     tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    real = shutil.which("git", path=tool_env()["PATH"])
-    (fake / "git").write_text(
-        "#!/bin/sh\ncase \" $* \" in *' fast-import '*)\n"
-        "  echo 'fatal: cannot write pack: No space left on device' >&2; exit 128;;\nesac\n"
-        f"exec {real} \"$@\"\n")
-    (fake / "git").chmod(0o755)
-    real_path = os.environ["PATH"]
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{tool_env()['PATH']}")
+    real_path = failing_tool(tmp_path, monkeypatch, "git", "fast-import",
+                             "fatal: cannot write pack: No space left on device", 128)
     ds = tmp_path / "ds"
     with pytest.raises(DataladError, match="No space left on device") as err:
         index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),

@@ -413,7 +413,6 @@ def test_tarball_of_a_hostile_organized_folder(seeds, tmp_path, entries):
             tried("tarball: a clear DicomAssetsError naming the entry")
             return
         assert not bad and len(files) == len(entries)
-        names = [n for _, n in files]
         try:
             a = write_tarball(files, work / "a.tar", "V")
             b = write_tarball(files, work / "b.tar", "V")

@@ -229,17 +229,23 @@ def parse_manifest(path: Path | str) -> TciaManifest:
         if m is None:
             raise TciaManifestError(f"{path}: line {n}: {line[:80]!r} is not a SeriesInstanceUID (the NBIA Data "
                                     f"Retriever would keep only its digits and dots, {digits[:80]!r})")
-        uid = m.group(1)
-        if len(uid) > 64 or not UID.match(uid):
-            raise TciaManifestError(f"{path}: line {n}: {uid[:80]!r} is not a DICOM UID")
-        if uid in seen:
-            duplicates.append(uid)
-            continue
-        seen[uid] = n
-        series.append(uid)
+        _take_uid(path, n, m.group(1), seen, series, duplicates)
     if not series:
         raise TciaManifestError(f"{path}: the manifest lists no series")
     return TciaManifest(str(path), tuple(series), header, {}, server, tuple(duplicates))
+
+
+def _take_uid(path, n: int, uid: str, seen: dict[str, int], series: list[str], duplicates: list[str]) -> bool:
+    """Add line ``n``'s SeriesInstanceUID to the list (a repeat goes to ``duplicates``); a value that
+    is not a DICOM UID refuses the manifest naming the line. True when the UID is new."""
+    if len(uid) > 64 or not UID.match(uid):
+        raise TciaManifestError(f"{path}: line {n}: {uid[:80]!r} is not a DICOM UID")
+    if uid in seen:
+        duplicates.append(uid)
+        return False
+    seen[uid] = n
+    series.append(uid)
+    return True
 
 
 def _norm_col(name: str) -> str:
@@ -262,13 +268,8 @@ def _parse_csv(path: Path, text: str) -> TciaManifest:
         uid = (row.get(series_col) or "").strip()
         if not uid:
             raise TciaManifestError(f"{path}: line {n}: empty {series_col}")
-        if len(uid) > 64 or not UID.match(uid):
-            raise TciaManifestError(f"{path}: line {n}: {uid[:80]!r} is not a DICOM UID")
-        if uid in seen:
-            duplicates.append(uid)
+        if not _take_uid(path, n, uid, seen, series, duplicates):
             continue
-        seen[uid] = n
-        series.append(uid)
         study = (row.get(study_col) or "").strip() if study_col else ""
         if study and not UID.match(study):
             raise TciaManifestError(f"{path}: line {n}: {study[:80]!r} is not a DICOM UID")

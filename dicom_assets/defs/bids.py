@@ -9,6 +9,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -16,6 +17,7 @@ from dagster import (
 
 from ..core.bids import BidsError, convert_visit, load_dcm2bids_config, tool_versions, validate
 from ..core.curation import update_visit_status
+from ..core.versions import tree_version
 from .ingest import organized_dicoms
 from .partitions import visit_asset, visit_of
 from .resources import DatasetResource, default_dataset_root
@@ -143,7 +145,10 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> Ma
     }
     if res.note:
         metadata["note"] = res.note
-    return MaterializeResult(metadata=metadata, check_results=[valid, converted_check])
+    # lineage: the session folder's content (relative paths + sha256), so Dagster tells a
+    # re-conversion that wrote the same files from one that changed them
+    version = DataVersion(tree_version(session_dir)) if session_dir.is_dir() else None
+    return MaterializeResult(metadata=metadata, check_results=[valid, converted_check], data_version=version)
 
 
 def _issue_table(issues: list[dict]) -> MetadataValue:
