@@ -35,11 +35,12 @@ def cmd_fetch_samples(args) -> int:
 
 def cmd_demo_data(args) -> int:
     from .core.demo import build_demo_dataset
+    from .core.layout import DatasetLayout
 
     root = Path(args.root)
     if root.exists() and any(root.iterdir()):
         if not args.force:
-            if (root / "global_config.json").exists():
+            if DatasetLayout(root).config_path.exists():
                 print(f"{root}: demo dataset already there (use --force to rebuild)", file=sys.stderr)
                 return 0
             print(f"{root}: exists and is not empty; refusing to write into it", file=sys.stderr)

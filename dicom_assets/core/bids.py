@@ -58,7 +58,6 @@ from .fsutil import atomic_write, file_lock
 
 CONVERTER_VERSION = "1"  # bump when a change here changes what a conversion writes
 BIDS_VERSION = "1.10.1"
-CONFIG_REL = Path("code") / "dcm2bids_config.json"
 DEFAULT_DCM2NIIX_OPTIONS = "-b y -ba y -z y -f '%3s_%f_%p_%t'"
 
 # dcm2bids 3.x config: top-level keys and the keys of one description (its documentation,
@@ -92,10 +91,6 @@ class Dcm2bidsConfig:
     @property
     def dcm2niix_options(self) -> str:
         return self.data.get("dcm2niixOptions", DEFAULT_DCM2NIIX_OPTIONS)
-
-
-def config_path(root: Path) -> Path:
-    return Path(root) / CONFIG_REL
 
 
 def _entry_name(i: int, desc: object) -> str:

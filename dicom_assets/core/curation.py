@@ -37,10 +37,6 @@ def _nonempty_dir(path: Path) -> bool:
         return False
 
 
-def xnat_marker_path(dataset: Dataset, visit_key: str) -> Path:
-    return dataset.layout.xnat_marker_path(visit_key)
-
-
 def visit_row(dataset: Dataset, visit, raw_id: str, in_downloads: bool) -> dict:
     """The row of one visit, from its own paths only."""
     lay, study = dataset.layout, dataset.study
@@ -54,8 +50,8 @@ def visit_row(dataset: Dataset, visit, raw_id: str, in_downloads: bool) -> dict:
         "in_store": lay.tarball_path(study, visit).is_file()
         and lay.metadata_tarball_path(study, visit).is_file()
         and lay.metadata_dicoms_path(study, visit).is_file(),
-        "in_datalad": (lay.datalad_dir(study, visit) / ".datalad").is_dir(),
-        "in_xnat": xnat_marker_path(dataset, visit.key).is_file(),
+        "in_datalad": lay.datalad_marker_path(study, visit).is_dir(),
+        "in_xnat": lay.xnat_marker_path(visit.key).is_file(),
         "in_bids": _nonempty_dir(lay.bids_session_dir(visit)),
     }
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from . import annexwrite as aw
 from .errors import DicomAssetsError
 from .fsutil import file_lock, temp_sibling
+from .layout import DatasetLayout
 
 # git-annex metadata fields attached to every DICOM key (from the metadata JSON)
 TAG_FIELDS = ("SeriesDescription", "SeriesNumber", "Modality", "ProtocolName")
@@ -539,7 +540,7 @@ def _deposit_direct(r: _Runner, store_dir: Path, visit: str, force: bool) -> lis
     ``<visit>_XDLRA--repo-export`` (ZIP of a bare repository with the two branches, one pack),
     then ``<visit>_XDLRA--refs`` (so the refs never name objects the ZIP lacks)."""
     store_dir = Path(store_dir).absolute()
-    refs_file, repo_file = store_dir / f"{visit}_XDLRA--refs", store_dir / f"{visit}_XDLRA--repo-export"
+    refs_file, repo_file = (DatasetLayout.deposit_file(store_dir, visit, p) for p in ("refs", "repo-export"))
     files = [refs_file, repo_file]
     if not force and all(f.is_file() for f in files):
         return [str(f) for f in files]
@@ -548,7 +549,7 @@ def _deposit_direct(r: _Runner, store_dir: Path, visit: str, force: bool) -> lis
     shas = r.run("git", "rev-parse", *names).split()
     refs = dict(zip(names, shas))
     store_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(store_dir / f"{visit}_XDLRA--pack")
+    tmp = temp_sibling(DatasetLayout.deposit_file(store_dir, visit, "pack"))
     tmp.mkdir()
     try:
         pack = _git(r.path, r.env, "pack-objects", "--revs", "-q", str(tmp / "pack"),
@@ -631,7 +632,7 @@ def _deposit(r: _Runner, store_dir: Path, visit: str, local_base: str, force: bo
     ``store_base_url`` equivalent, which serves the same files.
     """
     store_dir = Path(store_dir)
-    files = [store_dir / f"{visit}_XDLRA--refs", store_dir / f"{visit}_XDLRA--repo-export"]
+    files = [DatasetLayout.deposit_file(store_dir, visit, p) for p in ("refs", "repo-export")]
     if not force and all(f.is_file() for f in files):
         return [str(f) for f in files]
     _, local_url = store_urls(local_base, store_dir.name, visit)

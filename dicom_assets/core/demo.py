@@ -26,6 +26,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from .config import GlobalConfig, write_config
+from .layout import DatasetLayout
 from .samples import Samples
 
 # fixed timestamps inside generated archives, so their bytes never depend on "now"
@@ -312,7 +313,7 @@ DEMO_DCM2BIDS_CONFIG = {
 
 def write_dcm2bids_config(root: Path | str, config: dict | None = None) -> Path:
     """``code/dcm2bids_config.json`` of a dataset root (the demo's by default)."""
-    path = Path(root) / "code" / "dcm2bids_config.json"
+    path = DatasetLayout(Path(root)).dcm2bids_config_path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config or DEMO_DCM2BIDS_CONFIG, indent=2) + "\n")
     return path
@@ -336,11 +337,12 @@ def build_demo_dataset(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    lay = DatasetLayout(root)
     cfg = demo_config()
-    write_config(root / "global_config.json", cfg)
+    write_config(lay.config_path, cfg)
     if bids_config:
         write_dcm2bids_config(root)
-    manifest = root / "tabular" / "demographics" / "mr_proc_manifest.csv"
+    manifest = lay.manifest_path
     manifest.parent.mkdir(parents=True, exist_ok=True)
     rows = ["participant_id,visit_id,session_id,datatype"]
     for p in participants + extra_manifest_participants:
@@ -365,8 +367,9 @@ def visit_spec(participant: str, session: str, seed: int, i: int = 0, j: int = 0
 def write_visit_download(root: Path, samples: Samples, spec: VisitSpec, *, seed: int = 0, slices: int = 8,
                          name: str | None = None) -> Path:
     """Write one scanner dump into ``downloads/<session>/`` and return its path."""
-    files = _visit_files(samples, spec, seed, json.loads((root / "global_config.json").read_text())["dataset_name"], slices)
-    item = root / "downloads" / spec.session / (name or f"{spec.raw_participant}_MR")
+    lay = DatasetLayout(Path(root))
+    files = _visit_files(samples, spec, seed, json.loads(lay.config_path.read_text())["dataset_name"], slices)
+    item = lay.downloads_dir(spec.session) / (name or f"{spec.raw_participant}_MR")
     return write_dump(item, spec.form, files)
 
 

@@ -552,9 +552,7 @@ def read_resolved(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------- dataset layout
-# downloads/tcia/<name>.tcia            the manifest as dropped (never changed)
-# downloads/tcia/<name>/series/<uid>.zip  each series as NBIA sent it, + <uid>.json (verified)
-# downloads/tcia/<name>/resolved.csv    SeriesInstanceUID -> PatientID, study, visit, label
+# the paths under downloads/tcia/ are built by core.layout.DatasetLayout (tcia_*)
 MANIFEST_SUFFIXES = (".tcia", ".csv")
 
 
@@ -570,14 +568,6 @@ def manifest_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)
 
 
-def resolved_path(tcia_root: Path, name: str) -> Path:
-    return Path(tcia_root) / name / "resolved.csv"
-
-
-def series_dir(tcia_root: Path, name: str) -> Path:
-    return Path(tcia_root) / name / "series"
-
-
 @dataclass(frozen=True)
 class TciaVisitSource:
     manifest: Path
@@ -587,15 +577,16 @@ class TciaVisitSource:
     zips: tuple[Path, ...]
 
 
-def find_visit(tcia_root: Path, visit: str) -> TciaVisitSource | None:
-    """Where a TCIA visit's series zips are, and its labels; None for a scanner-dump visit."""
-    for m in manifests(tcia_root):
+def find_visit(layout, visit: str) -> TciaVisitSource | None:
+    """Where a TCIA visit's series zips are, and its labels; None for a scanner-dump visit.
+    ``layout``: the dataset's :class:`~dicom_assets.core.layout.DatasetLayout`."""
+    for m in manifests(layout.tcia_root):
         name = manifest_name(m)
-        res = resolved_path(tcia_root, name)
+        res = layout.tcia_resolved_path(name)
         if not res.is_file():
             continue
         rows = [r for r in read_resolved(res) if r["visit"] == visit]
         if rows:
-            zips = tuple(series_dir(tcia_root, name) / f"{r['SeriesInstanceUID']}.zip" for r in rows)
+            zips = tuple(layout.tcia_series_zip(name, r["SeriesInstanceUID"]) for r in rows)
             return TciaVisitSource(m, res, rows[0]["PatientID"], rows[0]["session_label"], zips)
     return None

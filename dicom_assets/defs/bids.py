@@ -85,7 +85,7 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> Ma
     unmatched = [s for s in res.series if s["status"] in ("unmatched", "several_matches")]
     update_visit_status(ds, visit)
 
-    if (lay.bids_root / "dataset_description.json").is_file():
+    if lay.bids_description_path.is_file():
         try:
             val = validate(lay.bids_root, visit.participant, visit.session, lock_path=lay.bids_lock_path)
         except BidsError as exc:

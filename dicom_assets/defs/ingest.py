@@ -76,7 +76,7 @@ def downloads(context, dataset: DatasetResource) -> DataVersionsByPartition:
 def _visit_dumps(ds: Dataset, visit) -> list[DownloadItem]:
     """A visit's dump(s): the series zips of a TCIA visit, else its items in downloads/<session>/."""
     lay = ds.layout
-    tcia = find_tcia_visit(lay.tcia_root, visit.key)
+    tcia = find_tcia_visit(lay, visit.key)
     if tcia is not None:
         return [DownloadItem(z, visit.session, "zip") for z in tcia.zips if z.is_file()]
     if not ds.manifest.has_visit(visit):
@@ -104,7 +104,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
     visit = visit_of(context)
     ds = dataset.open()
     lay = ds.layout
-    tcia = find_tcia_visit(lay.tcia_root, visit.key)
+    tcia = find_tcia_visit(lay, visit.key)
     if tcia is not None:  # a visit of a TCIA manifest: its series zips are the dump
         missing = [z for z in tcia.zips if not z.is_file()]
         if missing:

@@ -22,7 +22,7 @@ from pydantic import Field
 from ..core.catalog import update_catalog
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.tcia import find_visit as find_tcia_visit
-from ..core.curation import update_visit_status, xnat_marker_path
+from ..core.curation import update_visit_status
 from ..core.versions import xnat_version
 from ..core.xnat_upload import (
     XnatAuthError,
@@ -174,11 +174,11 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     files, excluded = select_files(load_dicoms_json(dj), lay.dicom_dir(visit), cfg.exclude_series)
     label = cfg.session_label_pattern.format(participant=visit.participant, session=visit.session)
     subject, project_files = visit.participant, None
-    tcia = find_tcia_visit(lay.tcia_root, visit.key)
+    tcia = find_tcia_visit(lay, visit.key)
     if tcia is not None:  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
         subject, label = tcia.patient_id, tcia.session_label
         project_files = {"TCIA": [tcia.manifest, tcia.resolved]}
-    marker = xnat_marker_path(ds, visit.key)
+    marker = lay.xnat_marker_path(visit.key)
     known_filtered = frozenset()
     if marker.is_file():  # files XNAT's import filter dropped on an earlier upload: not "missing"
         try:
@@ -191,7 +191,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
                 session, server=xnat.server, project=cfg.xnat_project, subject=subject, project_files=project_files,
                 session_label=label, files=files, excluded=excluded,
                 metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
-                policy=cfg.xnat_duplicate_policy, workdir=lay.root / "scratch", log=context.log.info,
+                policy=cfg.xnat_duplicate_policy, workdir=lay.scratch_dir, log=context.log.info,
                 known_filtered=known_filtered)
     except XnatAuthError as exc:
         raise Failure(str(exc), allow_retries=False) from None

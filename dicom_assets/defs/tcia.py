@@ -44,8 +44,6 @@ from ..core.tcia import (
     manifests,
     parse_manifest,
     read_resolved,
-    resolved_path,
-    series_dir,
     write_resolved,
 )
 from .ingest import VISIT_TAG, load_cursor
@@ -114,7 +112,7 @@ def tcia_series(context: AssetExecutionContext, dataset: DatasetResource, tcia: 
         context.log.warning(f"{name}: {len(manifest.duplicates)} series listed more than once, downloaded once: "
                             f"{', '.join(manifest.duplicates[:5])}")
     context.log.info(f"{name}: {len(manifest.series)} series from {client.base}")
-    results = download_series(client, manifest.series, series_dir(lay.tcia_root, name), workers=tcia.workers,
+    results = download_series(client, manifest.series, lay.tcia_series_dir(name), workers=tcia.workers,
                               log=context.log.info)
     failed = [r for r in results if r.status == "failed"]
     missing = [r for r in results if r.status == "missing"]
@@ -138,7 +136,7 @@ def tcia_series(context: AssetExecutionContext, dataset: DatasetResource, tcia: 
     for r in missing:
         context.log.warning(f"series {r.uid}: {r.message}; going on without it (tcia_allow_missing_series)")
     visits = group_visits(results)
-    out = resolved_path(lay.tcia_root, name)
+    out = lay.tcia_resolved_path(name)
     write_resolved(out, visits)
     context.log.info(f"{name}: {len(visits)} visit(s) from {len(results) - len(missing)} series -> {out}")
     return MaterializeResult(metadata={
@@ -176,7 +174,7 @@ def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, ch
             requests.append(RunRequest(run_key=f"tcia:{name}:{token}", partition_key=name, job_name=tcia_job.name))
             new_manifests.append(name)
             submitted[name] = token
-        res = resolved_path(lay.tcia_root, name)
+        res = lay.tcia_resolved_path(name)
         if not res.is_file():
             continue
         rtoken = signature(res).token()
