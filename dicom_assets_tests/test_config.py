@@ -20,7 +20,7 @@ def test_good_config_loads_and_normalizes(tmp_path):
     assert cfg.sessions == ("ses-01", "ses-02")
     assert cfg.exclude_series == ("Localizers", "AAHEAD")
     assert cfg.organize_mode == "copy"
-    assert cfg.limits["max_members"] > 0
+    assert cfg.limits.max_members > 0
 
 
 def test_exclude_as_plain_list(tmp_path):
@@ -53,6 +53,16 @@ def test_malformed_json_names_line(tmp_path):
     ({"limits": {"max_size": 1}}, "unknown field 'limits.max_size'"),
     ({"session_label_pattern": "{subject}"}, "field 'session_label_pattern'"),
     ({"xnat_project": "has space"}, "field 'xnat_project'"),
+    # a wrong type: one error naming the field, whatever the field's kind
+    ({"exclude_derived": "yes"}, "field 'exclude_derived' must be true or false"),
+    ({"limits": 3}, "field 'limits' must be an object"),
+    ({"limits": {"max_members": True}}, "field 'limits.max_members' must be a positive integer"),
+    ({"limits": {"max_extract_bytes": "1G"}}, "field 'limits.max_extract_bytes' must be a positive integer"),
+    ({"sessions": ["ses-01", 1.5]}, "field 'sessions' holds 1.5, not a session id"),
+    ({"dataset_name": 5}, "field 'dataset_name' must be a non-empty string"),
+    ({"mixed_visit_policy": "ignore"}, "field 'mixed_visit_policy' must be one of fail, warn, not 'ignore'"),
+    ({"datalad_store_url": "ftp://x"}, "field 'datalad_store_url' must be an http(s):// or file:// URL"),
+    ({"colour": "blue", "limits": {"max_size": 1}}, "unknown field(s) 'colour'"),
 ])
 @pytest.mark.faults
 def test_each_bad_field_is_named(tmp_path, change, message):
@@ -60,6 +70,36 @@ def test_each_bad_field_is_named(tmp_path, change, message):
         load_config(write(tmp_path, {**GOOD, **change}))
     assert message in str(err.value)
     assert "global_config.json" in str(err.value)
+
+
+@pytest.mark.faults
+def test_several_mistakes_give_one_error(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {**GOOD, "sessions": ["ses-01", "01"], "organize_mode": "move", "extra": 1}))
+    assert str(err.value).count("global_config.json") == 1
+    assert "unknown field(s) 'extra'" in str(err.value)
+
+
+def test_limits_are_the_extraction_limits(tmp_path):
+    from dicom_assets.core.extract import ExtractLimits
+
+    cfg = load_config(write(tmp_path, {**GOOD, "limits": {"max_members": 10}}))
+    assert isinstance(cfg.limits, ExtractLimits)
+    assert cfg.limits == ExtractLimits(max_members=10)  # the one set of defaults for the rest
+    assert load_config(write(tmp_path, GOOD)).limits == ExtractLimits()
+
+
+def test_config_round_trips_and_json_schema_is_current(tmp_path):
+    from pathlib import Path
+
+    from dicom_assets.core.config import json_schema, write_config
+
+    cfg = load_config(write(tmp_path, GOOD))
+    write_config(tmp_path / "again.json", cfg)
+    assert load_config(tmp_path / "again.json").to_json() == cfg.to_json()
+    schema = Path(__file__).parents[1] / "dicom_assets" / "schemas" / "global_config.schema.json"
+    assert json.loads(schema.read_text()) == json_schema(), \
+        "regenerate: python -c 'from dicom_assets.core.config import write_json_schema; write_json_schema()'"
 
 
 @pytest.mark.faults

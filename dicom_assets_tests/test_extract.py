@@ -130,17 +130,17 @@ def _patch_declared_size(path: Path, new_size: int) -> None:
 def test_zip_bomb_declared_size_is_refused_before_writing(tmp_path):
     z = make_zip(tmp_path / "P1.zip", {"big.dcm": b"\0" * 1000})
     _patch_declared_size(z, 0xFFFFFFF0)
-    assert_refused(tmp_path, z, "zip", "possible zip bomb", ExtractLimits(max_bytes=1 << 30))
+    assert_refused(tmp_path, z, "zip", "possible zip bomb", ExtractLimits(max_extract_bytes=1 << 30))
 
 
 def test_zip_bomb_ratio_is_refused(tmp_path):
     z = make_zip(tmp_path / "P1.zip", {"zeros.dcm": b"\0" * (8 << 20)})
-    assert_refused(tmp_path, z, "zip", r"expands \d+x \(limit 100x\)", ExtractLimits(max_ratio=100))
+    assert_refused(tmp_path, z, "zip", r"expands \d+x \(limit 100x\)", ExtractLimits(max_compression_ratio=100))
 
 
 def test_total_size_limit_counts_real_bytes(tmp_path):
     t = make_tar(tmp_path / "P1.tar", lambda tf: [add_file(tf, f"IM{i}", os.urandom(4096)) for i in range(8)])
-    assert_refused(tmp_path, t, "tar", "extracts to more than 10000 bytes", ExtractLimits(max_bytes=10000))
+    assert_refused(tmp_path, t, "tar", "extracts to more than 10000 bytes", ExtractLimits(max_extract_bytes=10000))
 
 
 def test_member_count_limit(tmp_path):

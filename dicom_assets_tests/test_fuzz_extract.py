@@ -45,7 +45,7 @@ from .fuzz import tried
 pytestmark = [pytest.mark.fuzz]
 
 LONG = os.environ.get("DICOM_ASSETS_FUZZ") == "long"
-LIMITS = ExtractLimits(max_bytes=64 << 20, max_members=2000, max_ratio=1000)
+LIMITS = ExtractLimits(max_extract_bytes=64 << 20, max_members=2000, max_compression_ratio=1000)
 SEED_FILES = ("rtplan.dcm", "SC_rgb_rle.dcm", "rtstruct.dcm", "priv_SQ.dcm", "UN_sequence.dcm")
 
 

@@ -11,199 +11,205 @@ Example::
       "organize_mode": "symlink"
     }
 
-Every problem is reported as one :class:`ConfigError` naming the file and the field.
+The file's schema is the pydantic model :class:`GlobalConfig` (unknown fields forbidden, typed
+fields, a nested :class:`Limits` model that extraction uses directly; its JSON Schema is
+``dicom_assets/schemas/global_config.schema.json``). Every problem is reported as one
+:class:`ConfigError` naming the file and the field.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError, field_validator
 
 from .errors import ConfigError
 from .ids import normalize_session_id
 
-ORGANIZE_MODES = ("symlink", "copy")
-MIXED_VISIT_POLICIES = ("fail", "warn")
-XNAT_DUPLICATE_POLICIES = ("skip", "append", "fail")
-_CHOICES = {"organize_mode": ORGANIZE_MODES, "mixed_visit_policy": MIXED_VISIT_POLICIES,
-            "xnat_duplicate_policy": XNAT_DUPLICATE_POLICIES}
-
-_DEFAULT_LIMITS = {
-    # refuse archives whose extracted size or member count exceeds these (zip bombs)
-    "max_extract_bytes": 64 * 1024**3,
-    "max_members": 200_000,
-    # a zip member compressing better than this ratio is treated as a bomb
-    "max_compression_ratio": 1000,
-}
+OrganizeMode = Literal["symlink", "copy"]
+MixedVisitPolicy = Literal["fail", "warn"]
+XnatDuplicatePolicy = Literal["skip", "append", "fail"]
+ORGANIZE_MODES = OrganizeMode.__args__
+MIXED_VISIT_POLICIES = MixedVisitPolicy.__args__
+XNAT_DUPLICATE_POLICIES = XnatDuplicatePolicy.__args__
 
 _STUDY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_STORE_URL = re.compile(r"^(https?|file)://[^\s&#?]+$")
 
 
-@dataclass(frozen=True)
-class GlobalConfig:
+class Limits(BaseModel):
+    """What extraction refuses (zip bombs); ``limits`` in global_config.json. The one set of defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # refuse archives whose extracted size or member count exceeds these (zip bombs)
+    max_extract_bytes: StrictInt = Field(64 * 1024**3, gt=0)
+    max_members: StrictInt = Field(200_000, gt=0)
+    # a zip member compressing better than this ratio is treated as a bomb
+    max_compression_ratio: StrictInt = Field(1000, gt=0)
+
+
+def _str_list(value: object) -> object:
+    if isinstance(value, dict):
+        # the established exclusion file form: {"Exclude": ["Localizers", ...]}
+        if set(value) != {"Exclude"}:
+            raise ValueError(f"as an object must have exactly the key 'Exclude', found {sorted(value)}")
+        value = value["Exclude"]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("must be a list of non-empty strings")
+    return tuple(v.strip() for v in value)
+
+
+class GlobalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     dataset_name: str
     study_id: str
     sessions: tuple[str, ...]
     xnat_project: str | None = None
     exclude_series: tuple[str, ...] = ()
-    organize_mode: str = "symlink"
-    exclude_derived: bool = True
+    organize_mode: OrganizeMode = "symlink"
+    exclude_derived: StrictBool = True
     derived_series_markers: tuple[str, ...] = ("MoCoSeries",)
-    mixed_visit_policy: str = "fail"
+    mixed_visit_policy: MixedVisitPolicy = "fail"
     session_label_pattern: str = "{participant}_{session}"
-    xnat_duplicate_policy: str = "fail"
+    xnat_duplicate_policy: XnatDuplicatePolicy = "fail"
     # base URL under which clones of the DataLad datasets reach store/ (default: its file:// URL)
     datalad_store_url: str | None = None
     # datalad/<study>/ as a DataLad superdataset of all visits (each visit a subdataset)
-    datalad_superdataset: bool = True
+    datalad_superdataset: StrictBool = True
     # a TCIA manifest run succeeds without the series its NBIA server does not know (default: it fails)
-    tcia_allow_missing_series: bool = False
-    limits: dict = field(default_factory=lambda: dict(_DEFAULT_LIMITS))
-    source: str = ""
+    tcia_allow_missing_series: StrictBool = False
+    limits: Limits = Limits()
+    _source: str = PrivateAttr("")
+
+    @field_validator("dataset_name", "study_id", mode="before")
+    @classmethod
+    def _non_empty(cls, v):
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("must be a non-empty string")
+        return v.strip()
+
+    @field_validator("study_id")
+    @classmethod
+    def _study_id(cls, v):
+        if not _STUDY_ID.match(v):
+            raise ValueError(f"({v!r}) may hold only letters, digits, '_' and '-' (it names a folder of the store)")
+        return v
+
+    @field_validator("sessions", mode="before")
+    @classmethod
+    def _sessions(cls, v):
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError("must be a non-empty list")
+        seen: dict[str, object] = {}
+        for raw in v:
+            if not isinstance(raw, (str, int)) or isinstance(raw, bool):
+                raise ValueError(f"holds {raw!r}, not a session id")
+            try:
+                ses = normalize_session_id(raw)
+            except ValueError as exc:
+                raise ValueError(f": {exc}") from None
+            if ses in seen:
+                raise ValueError(f"lists session {ses!r} twice (as {seen[ses]!r} and {raw!r})")
+            seen[ses] = raw
+        return tuple(seen)
+
+    @field_validator("xnat_project", mode="before")
+    @classmethod
+    def _xnat_project(cls, v):
+        if v is not None and (not isinstance(v, str) or not _STUDY_ID.match(v)):
+            raise ValueError("must be an XNAT project id (letters, digits, '_' and '-')")
+        return v
+
+    @field_validator("exclude_series", "derived_series_markers", mode="before")
+    @classmethod
+    def _series_lists(cls, v):
+        return _str_list(v)
+
+    @field_validator("session_label_pattern", mode="before")
+    @classmethod
+    def _pattern(cls, v):
+        try:
+            ok = isinstance(v, str) and bool(v.format(participant="P", session="ses-01"))
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("must be a format string using only {participant} and {session}")
+        return v
+
+    @field_validator("datalad_store_url", mode="before")
+    @classmethod
+    def _store_url(cls, v):
+        if v is None:
+            return None
+        if not isinstance(v, str) or not _STORE_URL.match(v):
+            raise ValueError("must be an http(s):// or file:// URL without spaces, '&', '#' or '?' "
+                             "(the base URL of store/)")
+        return v.rstrip("/")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from ('' when built in code)."""
+        return self._source
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data.pop("source")
-        for k, v in data.items():
-            if isinstance(v, tuple):
-                data[k] = list(v)
-        return data
+        return self.model_dump(mode="json")
 
 
-_FIELDS = {
-    "dataset_name",
-    "study_id",
-    "sessions",
-    "xnat_project",
-    "exclude_series",
-    "organize_mode",
-    "exclude_derived",
-    "derived_series_markers",
-    "mixed_visit_policy",
-    "session_label_pattern",
-    "xnat_duplicate_policy",
-    "datalad_store_url",
-    "datalad_superdataset",
-    "tcia_allow_missing_series",
-    "limits",
-}
-_REQUIRED = ("dataset_name", "study_id", "sessions")
+_TOP_FIELDS = tuple(GlobalConfig.model_fields)
+_LIMIT_FIELDS = tuple(Limits.model_fields)
+_ORDER = {"extra_forbidden": 0, "missing": 1}
 
 
-def _str_list(path: Path, name: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, dict):
-        # the established exclusion file form: {"Exclude": ["Localizers", ...]}
-        keys = set(value)
-        if keys != {"Exclude"}:
-            raise ConfigError(
-                f"{path}: field '{name}' as an object must have exactly the key 'Exclude', "
-                f"found {sorted(keys)}"
-            )
-        value = value["Exclude"]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise ConfigError(f"{path}: field '{name}' must be a list of non-empty strings")
-    return tuple(v.strip() for v in value)
+def _field(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int))
+
+
+def _message(path: Path, err: dict) -> str:
+    """One line naming the file and the field, for one pydantic error."""
+    kind, name, ctx = err["type"], _field(err["loc"]), err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        if len(err["loc"]) > 1:
+            return f"{path}: unknown field '{name}'; known: {', '.join(_LIMIT_FIELDS)}"
+        return f"{path}: unknown field(s) {{unknown}}; known fields are {', '.join(sorted(_TOP_FIELDS))}"
+    if kind == "missing":
+        return f"{path}: required field '{name}' is missing"
+    if kind == "value_error":
+        text = str(ctx.get("error", err["msg"]))
+        return f"{path}: field '{name}'{'' if text.startswith(':') else ' '}{text}"
+    if kind == "literal_error":
+        choices = ", ".join(a.strip("'") for a in str(ctx.get("expected", "")).replace(" or ", ", ").split(", "))
+        return f"{path}: field '{name}' must be one of {choices}, not {err['input']!r}"
+    if kind == "bool_type":
+        return f"{path}: field '{name}' must be true or false"
+    if kind in ("int_type", "greater_than"):
+        return f"{path}: field '{name}' must be a positive integer"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: field '{name}' must be an object"
+    if kind == "string_type":
+        return f"{path}: field '{name}' must be a string"
+    return f"{path}: field '{name}': {err['msg']}"
 
 
 def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalConfig:
     path = Path(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
-    unknown = sorted(set(data) - _FIELDS)
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown field(s) {', '.join(repr(u) for u in unknown)}; "
-            f"known fields are {', '.join(sorted(_FIELDS))}"
-        )
-    for name in _REQUIRED:
-        if name not in data:
-            raise ConfigError(f"{path}: required field '{name}' is missing")
-    kw: dict = {"source": str(path)}
-    for name in ("dataset_name", "study_id"):
-        v = data[name]
-        if not isinstance(v, str) or not v.strip():
-            raise ConfigError(f"{path}: field '{name}' must be a non-empty string")
-        kw[name] = v.strip()
-    if not _STUDY_ID.match(kw["study_id"]):
-        raise ConfigError(
-            f"{path}: field 'study_id' ({kw['study_id']!r}) may hold only letters, digits, '_' "
-            "and '-' (it names a folder of the store)"
-        )
-    sessions = data["sessions"]
-    if not isinstance(sessions, list) or not sessions:
-        raise ConfigError(f"{path}: field 'sessions' must be a non-empty list")
-    seen: dict[str, object] = {}
-    for raw in sessions:
-        if not isinstance(raw, (str, int)) or isinstance(raw, bool):
-            raise ConfigError(f"{path}: field 'sessions' holds {raw!r}, not a session id")
-        try:
-            ses = normalize_session_id(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{path}: field 'sessions': {exc}") from None
-        if ses in seen:
-            raise ConfigError(
-                f"{path}: field 'sessions' lists session {ses!r} twice "
-                f"(as {seen[ses]!r} and {raw!r})"
-            )
-        seen[ses] = raw
-    kw["sessions"] = tuple(seen)
-    if "xnat_project" in data and data["xnat_project"] is not None:
-        v = data["xnat_project"]
-        if not isinstance(v, str) or not _STUDY_ID.match(v):
-            raise ConfigError(
-                f"{path}: field 'xnat_project' must be an XNAT project id "
-                "(letters, digits, '_' and '-')"
-            )
-        kw["xnat_project"] = v
-    for name in ("exclude_series", "derived_series_markers"):
-        if name in data:
-            kw[name] = _str_list(path, name, data[name])
-    for name, choices in _CHOICES.items():
-        if name in data:
-            if data[name] not in choices:
-                raise ConfigError(f"{path}: field '{name}' must be one of {', '.join(choices)}, "
-                                  f"not {data[name]!r}")
-            kw[name] = data[name]
-    for name in ("exclude_derived", "datalad_superdataset", "tcia_allow_missing_series"):
-        if name in data:
-            if not isinstance(data[name], bool):
-                raise ConfigError(f"{path}: field '{name}' must be true or false")
-            kw[name] = data[name]
-    if "session_label_pattern" in data:
-        pat = data["session_label_pattern"]
-        try:
-            ok = isinstance(pat, str) and bool(pat.format(participant="P", session="ses-01"))
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(
-                f"{path}: field 'session_label_pattern' must be a format string using only "
-                "{participant} and {session}"
-            )
-        kw["session_label_pattern"] = pat
-    if data.get("datalad_store_url") is not None:
-        url = data["datalad_store_url"]
-        if not isinstance(url, str) or not re.match(r"^(https?|file)://[^\s&#?]+$", url):
-            raise ConfigError(f"{path}: field 'datalad_store_url' must be an http(s):// or file:// URL "
-                              "without spaces, '&', '#' or '?' (the base URL of store/)")
-        kw["datalad_store_url"] = url.rstrip("/")
-    limits = dict(_DEFAULT_LIMITS)
-    if "limits" in data:
-        given = data["limits"]
-        if not isinstance(given, dict):
-            raise ConfigError(f"{path}: field 'limits' must be an object")
-        for k, v in given.items():
-            if k not in _DEFAULT_LIMITS:
-                raise ConfigError(
-                    f"{path}: unknown field 'limits.{k}'; known: {', '.join(_DEFAULT_LIMITS)}"
-                )
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{path}: field 'limits.{k}' must be a positive integer")
-            limits[k] = v
-    kw["limits"] = limits
-    return GlobalConfig(**kw)
+    try:
+        cfg = GlobalConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: (_ORDER.get(e["type"], 2), len(e["loc"])))
+        msg = _message(path, errors[0])
+        if "{unknown}" in msg:
+            unknown = [e["loc"][0] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+            msg = msg.replace("{unknown}", ", ".join(repr(u) for u in sorted(unknown)))
+        raise ConfigError(msg) from None
+    cfg._source = str(path)
+    return cfg
 
 
 def load_config(path: Path | str) -> GlobalConfig:
@@ -225,3 +231,16 @@ def load_config(path: Path | str) -> GlobalConfig:
 
 def write_config(path: Path | str, config: GlobalConfig) -> None:
     Path(path).write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def json_schema() -> dict:
+    """The JSON Schema of global_config.json (``dicom_assets/schemas/global_config.schema.json``)."""
+    return GlobalConfig.model_json_schema()
+
+
+SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "global_config.schema.json"
+
+
+def write_json_schema(path: Path | str = SCHEMA_PATH) -> Path:
+    Path(path).write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return Path(path)

@@ -38,6 +38,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .config import Limits
 from .downloads import DownloadItem, safe_folder_name, shown
 from .errors import UnsafeArchiveError
 from .fsutil import temp_sibling
@@ -58,15 +59,8 @@ _ZIP_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 10: "PKWARE Impl
                      98: "PPMd", 99: "AES encryption"}
 
 
-@dataclass(frozen=True)
-class ExtractLimits:
-    max_bytes: int = 64 * 1024**3
-    max_members: int = 200_000
-    max_ratio: int = 1000
-
-    @classmethod
-    def from_config(cls, limits: dict) -> "ExtractLimits":
-        return cls(limits["max_extract_bytes"], limits["max_members"], limits["max_compression_ratio"])
+# what extraction refuses: the ``limits`` of global_config.json, one model and one set of defaults
+ExtractLimits = Limits
 
 
 @dataclass
@@ -170,9 +164,9 @@ class _Budget:
 
     def add(self, n: int) -> None:
         self.bytes += n
-        if self.bytes > self.limits.max_bytes:
+        if self.bytes > self.limits.max_extract_bytes:
             raise UnsafeArchiveError(
-                f"{self.archive}: extracts to more than {self.limits.max_bytes} bytes; refusing the archive "
+                f"{self.archive}: extracts to more than {self.limits.max_extract_bytes} bytes; refusing the archive "
                 "as a possible zip bomb (raise limits.max_extract_bytes if this is a real dump)")
 
 
@@ -252,17 +246,17 @@ def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
             budget.members = len(infos) - 1
             budget.member()
         declared = sum(i.file_size for i in infos)
-        if declared > limits.max_bytes:
+        if declared > limits.max_extract_bytes:
             raise UnsafeArchiveError(
-                f"{archive}: declares {declared} bytes once extracted, over the limit of {limits.max_bytes}; "
+                f"{archive}: declares {declared} bytes once extracted, over the limit of {limits.max_extract_bytes}; "
                 "refusing the archive as a possible zip bomb")
         plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
         for info in infos:  # every refusal before anything is written
             rel = safe_member_path(info.filename, archive)
             ratio = info.file_size / max(info.compress_size, 1)
-            if info.file_size > (1 << 20) and ratio > limits.max_ratio:
+            if info.file_size > (1 << 20) and ratio > limits.max_compression_ratio:
                 raise UnsafeArchiveError(
-                    f"{archive}: member {info.filename!r} expands {ratio:.0f}x (limit {limits.max_ratio}x); "
+                    f"{archive}: member {info.filename!r} expands {ratio:.0f}x (limit {limits.max_compression_ratio}x); "
                     "refusing the archive as a possible zip bomb")
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):

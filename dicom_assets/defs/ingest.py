@@ -35,7 +35,7 @@ from ..core.downloads import (
 from ..core.downloads_state import DownloadsState, Settings, context_token
 from ..core.errors import DicomAssetsError
 from ..core.ids import parse_visit_key
-from ..core.extract import ExtractLimits, extract_visit
+from ..core.extract import extract_visit
 from ..core.layout import Dataset, DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.tcia import find_visit as find_tcia_visit
@@ -131,7 +131,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
         )
     target = lay.raw_dir(visit)
     try:
-        report = extract_visit(items, target, ExtractLimits.from_config(ds.config.limits))
+        report = extract_visit(items, target, ds.config.limits)
     except DicomAssetsError as exc:
         raise Failure(str(exc)) from None
     for skipped in report.skipped:
