@@ -506,3 +506,63 @@ def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples
         exp = project.subjects[s.info["PatientID"]].experiments[label]
         assert len(exp.scans[str(s.info["SeriesNumber"])].files) == s.info["ImageCount"]
     assert sorted(project.resources["TCIA"]) == ["demo-basket.tcia", "resolved.csv"]
+    # curation_status.tsv: each TCIA visit has its row, kept up to date by the chain's steps
+    with (demo_root / "tabular" / "curation_status.tsv").open(newline="") as fh:
+        status = {r["visit"]: r for r in csv.DictReader(fh, delimiter="\t")}
+    for v in visits:
+        assert status[v]["participant_id"] == ("TCIA-A" if v.startswith("TCIAA") else "TCIA-B")
+        assert {k: status[v][k] for k in ("in_downloads", "in_raw_dicoms", "in_organized", "in_store", "in_xnat")} \
+            == dict.fromkeys(("in_downloads", "in_raw_dicoms", "in_organized", "in_store", "in_xnat"), "true")
+
+
+def _status(root):
+    with (root / "tabular" / "curation_status.tsv").open(newline="") as fh:
+        return {r["visit"]: r for r in csv.DictReader(fh, delimiter="\t")}
+
+
+def test_tcia_visit_has_its_row_in_curation_status(demo_root):
+    """One answer for a visit's source (core.sources): the assets' and the curation status's.
+    A TCIA visit gets its row from the full recompute and from a step's update alike."""
+    from dicom_assets.core.curation import update_curation_status, update_visit_status
+    from dicom_assets.core.ids import parse_visit_key
+    from dicom_assets.core.layout import Dataset
+    from dicom_assets.core.sources import visit_source
+    from dicom_assets.core.tcia import TciaVisit
+
+    ds = Dataset.open(demo_root)
+    lay = ds.layout
+    update_curation_status(ds)
+    before = _status(demo_root)
+    assert "TCIAA_ses-01" not in before
+    lay.tcia_root.mkdir(parents=True)
+    (lay.tcia_root / "basket.tcia").write_text("")
+    write_resolved(lay.tcia_resolved_path("basket"),
+                   [TciaVisit("TCIA-A", "1.2.3", "TCIAA_ses-01", "TCIA-A", ("1.2.3.4", "1.2.3.5"))])
+    lay.tcia_series_dir("basket").mkdir(parents=True)
+    lay.tcia_series_zip("basket", "1.2.3.4").write_bytes(b"zip")
+
+    src = visit_source(ds, "TCIAA_ses-01")
+    assert (src.kind, src.subject, src.session_label, src.raw_participant) == ("tcia", "TCIA-A", "TCIA-A", "TCIA-A")
+    assert src.project_files == {"TCIA": [lay.tcia_root / "basket.tcia", lay.tcia_resolved_path("basket")]}
+    assert [i.path for i in src.dumps(ds)] == [lay.tcia_series_zip("basket", "1.2.3.4")]
+    assert src.missing_zips() == [lay.tcia_series_zip("basket", "1.2.3.5")]
+    manifest_visit = visit_source(ds, "QPN001_ses-01")
+    assert (manifest_visit.kind, manifest_visit.subject, manifest_visit.raw_participant) == ("dump", "QPN001", "QPN_001")
+    assert visit_source(ds, "NOBODY_ses-01").kind == "unknown"
+
+    # a step of the TCIA visit: its row appended, the others untouched
+    update_visit_status(ds, parse_visit_key("TCIAA_ses-01"))
+    after = _status(demo_root)
+    assert {k: v for k, v in after.items() if k != "TCIAA_ses-01"} == before
+    row = after["TCIAA_ses-01"]
+    assert (row["participant_id"], row["session_id"], row["in_downloads"], row["in_store"]) == \
+        ("TCIA-A", "ses-01", "false", "false")  # one of its two series zips is missing
+    # the full recompute gives the same rows; with the second zip there, in_downloads is true
+    update_curation_status(ds)
+    assert _status(demo_root) == after
+    lay.tcia_series_zip("basket", "1.2.3.5").write_bytes(b"zip")
+    update_curation_status(ds)
+    assert _status(demo_root)["TCIAA_ses-01"]["in_downloads"] == "true"
+    # a step's update keeps in_downloads unless it knows it, as for a manifest visit
+    update_visit_status(ds, parse_visit_key("TCIAA_ses-01"), in_downloads=False)
+    assert _status(demo_root)["TCIAA_ses-01"]["in_downloads"] == "false"

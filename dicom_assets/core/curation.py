@@ -12,6 +12,10 @@ Two ways to write it:
   file, see bench/run.py). A file that is missing, has another header or lacks a row for a
   visit of the manifest (the manifest grew) is recomputed whole, once.
 * :func:`update_curation_status` (``dicom-assets status ROOT``): every row recomputed.
+
+Rows: every visit of the manifest, then every visit of a resolved TCIA manifest
+(``participant_id`` is TCIA's PatientID; ``in_downloads``: all its series zips are there), as
+:func:`core.sources.visit_source` tells a visit's source.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from .downloads import read_dicom_dir_map, scan_downloads
 from .fsutil import atomic_write, file_lock
 from .layout import Dataset
+from .sources import tcia_visits, visit_source
 
 COLUMNS = ("participant_id", "session_id", "visit", "in_downloads", "in_raw_dicoms", "in_organized",
            "in_store", "in_datalad", "in_xnat", "in_bids")
@@ -62,8 +67,14 @@ def compute_status(dataset: Dataset) -> list[dict]:
     dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
     # one scan of downloads/ for all visits, not one per visit
     downloaded = {s.visit for s in scan_downloads(lay.downloads_root, dataset.config.sessions, participants, dir_map)}
-    return [visit_row(dataset, visit, raw_id, visit in downloaded)
-            for visit, raw_id in zip(dataset.manifest.visits, dataset.manifest.table["participant_id"])]
+    tcia = tcia_visits(lay)
+    rows = [visit_row(dataset, visit, raw_id, visit in downloaded)
+            for visit, raw_id in zip(dataset.manifest.visits, dataset.manifest.table["participant_id"])
+            if visit.key not in tcia]  # a TCIA visit of the same key wins, as in the assets
+    for key in sorted(tcia):
+        source = visit_source(dataset, key, tcia=tcia)
+        rows.append(visit_row(dataset, source.visit, source.raw_participant, not source.missing_zips()))
+    return rows
 
 
 def _line(row: dict) -> str:
@@ -117,9 +128,16 @@ def update_visit_status(dataset: Dataset, visit, *, in_downloads: bool | None = 
             data = b""
         found = _find_row(data, visit.key) if data.startswith(_header()) else None
         if found is None:
-            if not data.startswith(_header()) or dataset.manifest.has_visit(visit):
+            source = visit_source(dataset, visit) if data.startswith(_header()) else None
+            if source is None or source.kind == "dump":
                 _write_all(dataset, path)  # no file yet, an old header, or the manifest grew
-            return path  # a visit outside the manifest (a TCIA visit) has no row
+            elif source.kind == "tcia":  # a TCIA visit resolved since: its row appended
+                keep = not source.missing_zips() if in_downloads is None else in_downloads
+                line = _line(visit_row(dataset, visit, source.raw_participant, keep)).encode("utf-8")
+                with atomic_write(path, "wb") as fh:
+                    fh.write(data if data.endswith(b"\n") else data + b"\n")
+                    fh.write(line)
+            return path  # a visit of no source has no row
         start, end = found
         old = next(csv.DictReader([_header().decode(), data[start:end].decode("utf-8")], delimiter="\t"))
         keep = old["in_downloads"] == "true" if in_downloads is None else in_downloads

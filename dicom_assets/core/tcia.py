@@ -570,23 +570,10 @@ def manifest_name(path: Path) -> str:
 
 @dataclass(frozen=True)
 class TciaVisitSource:
+    """A TCIA visit's manifest, resolved CSV, labels and series zips (see core.sources)."""
+
     manifest: Path
     resolved: Path
     patient_id: str
     session_label: str
     zips: tuple[Path, ...]
-
-
-def find_visit(layout, visit: str) -> TciaVisitSource | None:
-    """Where a TCIA visit's series zips are, and its labels; None for a scanner-dump visit.
-    ``layout``: the dataset's :class:`~dicom_assets.core.layout.DatasetLayout`."""
-    for m in manifests(layout.tcia_root):
-        name = manifest_name(m)
-        res = layout.tcia_resolved_path(name)
-        if not res.is_file():
-            continue
-        rows = [r for r in read_resolved(res) if r["visit"] == visit]
-        if rows:
-            zips = tuple(layout.tcia_series_zip(name, r["SeriesInstanceUID"]) for r in rows)
-            return TciaVisitSource(m, res, rows[0]["PatientID"], rows[0]["session_label"], zips)
-    return None

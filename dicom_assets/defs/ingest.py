@@ -27,7 +27,6 @@ from ..core.dicomscan import Rules
 from ..core.downloads import (
     ITEM_FORMATS,
     DownloadItem,
-    items_for_visit,
     problems_for_participant,
     read_dicom_dir_map,
     signature,
@@ -38,9 +37,9 @@ from ..core.ids import parse_visit_key
 from ..core.extract import extract_visit
 from ..core.layout import Dataset, DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
-from ..core.tcia import find_visit as find_tcia_visit
 from ..core.versions import dump_version, kept_version
 from ..core.qc import build_montage, middle_images
+from ..core.sources import DUMP, visit_source
 from .lineage import DOWNLOADS, dump_observation
 from .partitions import sensor_default_status, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
@@ -75,14 +74,7 @@ def downloads(context, dataset: DatasetResource) -> DataVersionsByPartition:
 
 def _visit_dumps(ds: Dataset, visit) -> list[DownloadItem]:
     """A visit's dump(s): the series zips of a TCIA visit, else its items in downloads/<session>/."""
-    lay = ds.layout
-    tcia = find_tcia_visit(lay, visit.key)
-    if tcia is not None:
-        return [DownloadItem(z, visit.session, "zip") for z in tcia.zips if z.is_file()]
-    if not ds.manifest.has_visit(visit):
-        return []
-    return items_for_visit(lay.downloads_root, visit, set(ds.manifest.participants),
-                           read_dicom_dir_map(lay.dicom_dir_map_path))
+    return visit_source(ds, visit).dumps(ds)
 
 
 def _signed(lay: DatasetLayout, items: list[DownloadItem]) -> list[tuple[str, str]]:
@@ -104,19 +96,20 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
     visit = visit_of(context)
     ds = dataset.open()
     lay = ds.layout
-    tcia = find_tcia_visit(lay, visit.key)
+    source = visit_source(ds, visit)
+    tcia = source.tcia
     if tcia is not None:  # a visit of a TCIA manifest: its series zips are the dump
-        missing = [z for z in tcia.zips if not z.is_file()]
+        missing = source.missing_zips()
         if missing:
             raise Failure(f"TCIA visit {visit.key}: {len(missing)} series zip(s) missing, first {missing[0]}; "
                           "materialize tcia_series of its manifest again")
-        items = [DownloadItem(z, visit.session, "zip") for z in tcia.zips]
-    elif not ds.manifest.has_visit(visit):
+        items = source.dumps(ds, present_only=False)
+    elif source.kind != DUMP:
         raise Failure(f"visit {visit.key} is not in the manifest {ds.layout.manifest_path}")
     else:
-        dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
-        items = items_for_visit(lay.downloads_root, visit, set(ds.manifest.participants), dir_map)
+        items = source.dumps(ds)
         if not items:
+            dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
             not_taken = problems_for_participant(lay.downloads_root, visit, set(ds.manifest.participants), dir_map)
             raise Failure(
                 f"no download for visit {visit.key} in {lay.downloads_dir(visit.session)} "
@@ -140,7 +133,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps({"target": report.target, "items": [vars(i) for i in report.items]},
                                       indent=2, sort_keys=True) + "\n")
-    update_visit_status(ds, visit, in_downloads=True if tcia is None else None)
+    update_visit_status(ds, visit, in_downloads=True)
     # the dump(s) extracted, signed as the sensor signs them: same value as their observation
     return MaterializeResult(data_version=DataVersion(dump_version(_signed(lay, items))), metadata={
         "files": report.files,

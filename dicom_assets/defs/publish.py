@@ -21,8 +21,8 @@ from pydantic import Field
 
 from ..core.catalog import update_catalog
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
-from ..core.tcia import find_visit as find_tcia_visit
 from ..core.curation import update_visit_status
+from ..core.sources import visit_source
 from ..core.versions import xnat_version
 from ..core.xnat_upload import (
     XnatAuthError,
@@ -172,12 +172,8 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     if not dj.is_file():
         raise Failure(f"{dj}: no metadata for {visit.key}; materialize visit_metadata first", allow_retries=False)
     files, excluded = select_files(load_dicoms_json(dj), lay.dicom_dir(visit), cfg.exclude_series)
-    label = cfg.session_label_pattern.format(participant=visit.participant, session=visit.session)
-    subject, project_files = visit.participant, None
-    tcia = find_tcia_visit(lay, visit.key)
-    if tcia is not None:  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
-        subject, label = tcia.patient_id, tcia.session_label
-        project_files = {"TCIA": [tcia.manifest, tcia.resolved]}
+    source = visit_source(ds, visit)  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
+    subject, label, project_files = source.subject, source.session_label, source.project_files
     marker = lay.xnat_marker_path(visit.key)
     known_filtered = frozenset()
     if marker.is_file():  # files XNAT's import filter dropped on an earlier upload: not "missing"

@@ -1,0 +1,106 @@
+"""Where a visit comes from: the one answer, used by the assets and the curation status.
+
+A visit is either a **scanner dump** (a manifest visit; its items in ``downloads/<session>/``)
+or a **TCIA** visit (a visit of a resolved TCIA manifest, ``downloads/tcia/<name>/resolved.csv``;
+its dump is the series zips, its XNAT subject TCIA's PatientID and its session label the
+XNAT-TCIA one). A TCIA visit wins over a manifest visit of the same key, as before.
+
+Each ``resolved.csv`` is read once per change of the file (size, mtime), not at every question.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .downloads import DownloadItem, items_for_visit, read_dicom_dir_map
+from .ids import Visit, parse_visit_key
+from .layout import Dataset, DatasetLayout
+from .tcia import TciaVisitSource, manifest_name, manifests, read_resolved
+
+DUMP, TCIA, UNKNOWN = "dump", "tcia", "unknown"
+
+_lock = threading.Lock()
+_resolved_cache: dict[str, tuple[tuple[int, int, int], list[dict]]] = {}
+
+
+def _resolved_rows(path: Path) -> list[dict] | None:
+    """The rows of one resolved.csv, re-read only when its size or mtime changed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    with _lock:
+        hit = _resolved_cache.get(str(path))
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    rows = read_resolved(path)
+    with _lock:
+        _resolved_cache[str(path)] = (sig, rows)
+    return rows
+
+
+def tcia_visits(layout: DatasetLayout) -> dict[str, TciaVisitSource]:
+    """Every visit of every resolved TCIA manifest, by visit key (the first manifest naming it wins)."""
+    by_visit: dict[str, list[dict]] = {}
+    where: dict[str, tuple[Path, str, Path]] = {}
+    for m in manifests(layout.tcia_root):
+        name = manifest_name(m)
+        res = layout.tcia_resolved_path(name)
+        rows = _resolved_rows(res)
+        for r in rows or ():
+            if r["visit"] not in where:
+                where[r["visit"]] = (m, name, res)
+            if where[r["visit"]][1] == name:
+                by_visit.setdefault(r["visit"], []).append(r)
+    return {v: TciaVisitSource(where[v][0], where[v][2], rows[0]["PatientID"], rows[0]["session_label"],
+                               tuple(layout.tcia_series_zip(where[v][1], r["SeriesInstanceUID"]) for r in rows))
+            for v, rows in by_visit.items()}
+
+
+@dataclass(frozen=True)
+class VisitSource:
+    """A visit's source: ``kind`` is ``dump``, ``tcia`` or ``unknown`` (neither)."""
+
+    visit: Visit
+    kind: str
+    subject: str                 # the XNAT subject (the participant; TCIA's PatientID)
+    session_label: str           # the XNAT session label
+    raw_participant: str | None  # the participant as the site (manifest) or TCIA names it
+    tcia: TciaVisitSource | None = None
+
+    @property
+    def project_files(self) -> dict[str, list[Path]] | None:
+        """Files kept as XNAT project resources (a TCIA visit: its manifest and resolved CSV)."""
+        return {"TCIA": [self.tcia.manifest, self.tcia.resolved]} if self.tcia else None
+
+    def missing_zips(self) -> list[Path]:
+        return [z for z in self.tcia.zips if not z.is_file()] if self.tcia else []
+
+    def dumps(self, dataset: Dataset, *, present_only: bool = True) -> list[DownloadItem]:
+        """The visit's dump(s): a TCIA visit's series zips (those present, unless ``present_only``
+        is false), a manifest visit's items in downloads/<session>/; none for an unknown visit."""
+        if self.tcia is not None:
+            return [DownloadItem(z, self.visit.session, "zip") for z in self.tcia.zips
+                    if not present_only or z.is_file()]
+        if self.kind != DUMP:
+            return []
+        lay = dataset.layout
+        return items_for_visit(lay.downloads_root, self.visit, set(dataset.manifest.participants),
+                               read_dicom_dir_map(lay.dicom_dir_map_path))
+
+
+def visit_source(dataset: Dataset, visit: Visit | str, *, tcia: dict[str, TciaVisitSource] | None = None) -> VisitSource:
+    """The source of one visit (``tcia``: :func:`tcia_visits` when already at hand)."""
+    visit = parse_visit_key(visit) if isinstance(visit, str) else visit
+    found = (tcia if tcia is not None else tcia_visits(dataset.layout)).get(visit.key)
+    if found is not None:  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
+        return VisitSource(visit, TCIA, found.patient_id, found.session_label, found.patient_id, found)
+    label = dataset.config.session_label_pattern.format(participant=visit.participant, session=visit.session)
+    if dataset.manifest.has_visit(visit):
+        return VisitSource(visit, DUMP, visit.participant, label,
+                           dataset.manifest.raw_participant_id(visit.participant))
+    return VisitSource(visit, UNKNOWN, visit.participant, label, None)
