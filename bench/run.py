@@ -91,7 +91,7 @@ def sensor_bench(items: int, work: Path, batch: int | None = None) -> dict:
     from dagster import SensorResult, build_sensor_context, instance_for_test
 
     from dicom_assets.core.downloads_state import Settings
-    from dicom_assets.defs.ingest import build_downloads_sensor
+    from dicom_assets.defs.sensors import build_downloads_sensor
     from dicom_assets.definitions import visit_chain_job
     from dicom_assets.defs.resources import DatasetResource
 

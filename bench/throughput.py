@@ -143,8 +143,8 @@ def chain_bench(samples, work: Path, files: int = 346) -> dict:
     from dagster import instance_for_test, materialize
 
     from dicom_assets.definitions import CHAIN_CHECKS, INDEX_ASSETS, ARCHIVE_CHAIN
-    from dicom_assets.defs.publish import XnatResource, xnat_session
-    from dicom_assets.defs.resources import DatasetResource
+    from dicom_assets.defs.publish import xnat_session
+    from dicom_assets.defs.resources import DatasetResource, XnatResource
 
     from corpus import build_real_corpus
 

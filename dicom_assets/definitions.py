@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import os
 
-from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor, multiprocess_executor
+from dagster import Definitions, in_process_executor, multiprocess_executor
 
-from .defs.archive import visit_metadata, visit_tarball
-from .defs.bids import bids_config_present, bids_session
-from .defs.ingest import build_downloads_sensor, downloads, organized_dicoms, raw_dicoms
-from .defs.publish import datalad_dataset, visit_catalog, xnat_resource_from_env, xnat_session
-from .defs.resources import DatasetResource, default_dataset_root
-from .defs.tcia import build_tcia_sensor, tcia_job, tcia_resource_from_env, tcia_series
-
-ARCHIVE_CHAIN = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
-INDEX_ASSETS = [datalad_dataset, visit_catalog]
-# the sensor's run covers the chain up to XNAT when an XNAT is configured (XNAT_HOST set)
-LOCAL_CHAIN = ARCHIVE_CHAIN + INDEX_ASSETS
-CHAIN_ASSETS = LOCAL_CHAIN + [xnat_session]
-# bids_session is always defined; the sensor's run includes it when the dataset root has a
-# dcm2bids config (code/dcm2bids_config.json) when the code location loads
-BIDS_ASSETS = [bids_session]
-CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
-
-# one run per visit: every step of the chain, from the raw dump on
-visit_chain_job = define_asset_job(
-    "visit_chain",
-    selection=AssetSelection.assets(*(CHAIN_ASSETS if os.environ.get("XNAT_HOST") else LOCAL_CHAIN),
-                                    *(BIDS_ASSETS if bids_config_present() else [])),
-    description="Run the whole chain for one visit (started by the downloads sensor).",
+from .defs.ingest import downloads
+from .defs.jobs import (  # noqa: F401 - the asset lists, re-exported for tests and bench
+    ARCHIVE_CHAIN,
+    BIDS_ASSETS,
+    CHAIN_ASSETS,
+    CHAIN_CHECKS,
+    INDEX_ASSETS,
+    LOCAL_CHAIN,
+    tcia_job,
+    visit_chain_job,
 )
+from .defs.resources import DatasetResource, default_dataset_root, tcia_resource_from_env, xnat_resource_from_env
+from .defs.sensors import downloads_sensor, tcia_sensor
+from .defs.tcia import tcia_series
 
-downloads_sensor = build_downloads_sensor(visit_chain_job)
-tcia_sensor = build_tcia_sensor(visit_chain_job)
 
 
 def default_executor():

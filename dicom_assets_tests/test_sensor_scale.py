@@ -18,7 +18,7 @@ from dicom_assets.core.downloads_state import DownloadsState, Settings
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import Dataset, DatasetLayout
 from dicom_assets.definitions import visit_chain_job
-from dicom_assets.defs.ingest import build_downloads_sensor
+from dicom_assets.defs.sensors import build_downloads_sensor
 from dicom_assets.defs.resources import DatasetResource
 
 from . import helpers

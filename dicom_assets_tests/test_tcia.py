@@ -96,8 +96,7 @@ def set_config(root, **fields):
 
 
 def tcia_resources(root, *servers, **kw):
-    from dicom_assets.defs.resources import DatasetResource
-    from dicom_assets.defs.tcia import TciaResource
+    from dicom_assets.defs.resources import DatasetResource, TciaResource
 
     return {"dataset": DatasetResource(root=str(root)),
             "tcia": TciaResource(servers=[s.server_url for s in servers], backoff=0.01, retries=2, **kw)}
@@ -458,7 +457,7 @@ def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples
     from dagster import SensorResult, materialize
 
     from dicom_assets.definitions import CHAIN_ASSETS, tcia_sensor
-    from dicom_assets.defs.publish import XnatResource
+    from dicom_assets.defs.resources import XnatResource
     from dicom_assets.defs.tcia import tcia_series
     from dicom_assets.testing.xnat_server import XnatTestServer
 

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from dagster import EnvVar
 
-from dicom_assets.defs.publish import XnatResource
+from dicom_assets.defs.resources import XnatResource
 from dicom_assets.testing.xnat_server import XnatTestServer
 
 from .helpers import AssetSelection, checks_of, metadata_of, run_chain

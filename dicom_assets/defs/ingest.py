@@ -1,8 +1,8 @@
-"""Ingest: the downloads sensor, ``raw_dicoms`` and ``organized_dicoms``."""
+"""Ingest: the ``downloads`` source asset, ``raw_dicoms`` and ``organized_dicoms`` (the downloads
+sensor is in sensors.py)."""
 
 
 import json
-from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
@@ -14,12 +14,7 @@ from dagster import (
     Failure,
     MaterializeResult,
     MetadataValue,
-    RunRequest,
-    SensorEvaluationContext,
-    SensorResult,
-    SkipReason,
     observable_source_asset,
-    sensor,
 )
 
 from ..core.curation import update_visit_status
@@ -31,7 +26,6 @@ from ..core.downloads import (
     read_dicom_dir_map,
     signature,
 )
-from ..core.downloads_state import DownloadsState, Settings, context_token
 from ..core.errors import DicomAssetsError
 from ..core.ids import parse_visit_key
 from ..core.extract import extract_visit
@@ -40,13 +34,11 @@ from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.versions import dump_version, kept_version
 from ..core.qc import build_montage, middle_images
 from ..core.sources import DUMP, visit_source
-from .lineage import DOWNLOADS, dump_observation
-from .partitions import sensor_default_status, visit_asset, visit_of, visits_partitions
+from .lineage import DOWNLOADS
+from .partitions import visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import SERIES_COLUMNS, path, qc_markdown, table
 
-VISIT_TAG = "dicom_assets/visit"
-DOWNLOAD_TAG = "dicom_assets/download"
 
 # where the graph starts: the scanner dumps as delivered, observed (never materialized) by the
 # downloads sensor when it takes a dump (the TCIA visits' series zips too, when observed from the
@@ -233,91 +225,3 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
 
 
 # --------------------------------------------------------------------------- the sensor
-def load_cursor(raw: str | None, *keys: str) -> list[dict]:
-    """The named maps of a sensor's JSON cursor (empty when missing or unreadable)."""
-    try:
-        data = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        data = {}
-    return [data.get(k, {}) for k in keys]
-
-
-def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource,
-                       settings: Settings | None = None):
-    """One tick: new complete downloads -> new visit partitions + one run each, at most
-    ``settings.batch`` per tick (the rest wait in order). The settled state lives in
-    ``scratch/state/downloads-<id>.sqlite`` (core/downloads_state.py); the cursor only names
-    it and the tick, so it stays a few dozen bytes whatever the number of downloads."""
-    try:
-        ds = Dataset(DatasetLayout(Path(dataset.root)))
-        sessions = ds.config.sessions  # the manifest is read only when a name needs classifying
-    except DicomAssetsError as exc:
-        return SkipReason(f"dataset not usable: {exc}")
-    lay = ds.layout
-    settings = settings or Settings.from_env()
-
-    def classifier():
-        return set(ds.manifest.participants), read_dicom_dir_map(lay.dicom_dir_map_path)
-
-    state, cursor_gen, notes, legacy = DownloadsState.for_cursor(lay.state_dir, context.cursor)
-    try:
-        out = state.tick(cursor_gen, downloads_root=lay.downloads_root, sessions=sessions,
-                         ctx_token=context_token(lay.config_path, lay.manifest_path, lay.dicom_dir_map_path, sessions),
-                         classifier=classifier, settings=settings, legacy=legacy, notes=notes)
-    except DicomAssetsError as exc:
-        return SkipReason(f"dataset not usable: {exc}")
-    for note in out.notes:
-        context.log.warning(note)
-    for problem in out.new_problems:
-        context.log.warning(problem)
-    if out.dropped:
-        context.log.info(f"{len(out.dropped)} pending download(s) vanished before they were taken, dropped: "
-                         + ", ".join(out.dropped[:5]) + (" ..." if len(out.dropped) > 5 else ""))
-    run_requests = [RunRequest(run_key=f"{t.rel}:{t.token}", partition_key=t.visit,
-                               tags={VISIT_TAG: t.visit, DOWNLOAD_TAG: t.rel}) for t in out.taken]
-    cursor = out.cursor()
-    if not run_requests:
-        reason = []
-        if out.waiting:
-            reason.append(f"{out.waiting} download(s) still arriving or not yet stable: {', '.join(out.waiting_first)}"
-                          + (" ..." if out.waiting > len(out.waiting_first) else ""))
-        if out.problems:
-            reason.append(f"{out.problems} download(s) not taken: {out.first_problem}"
-                          + (f" (and {out.problems - 1} more, in the sensor's log)" if out.problems > 1 else ""))
-        return SensorResult(skip_reason=SkipReason("; ".join(reason) or "no new complete download"),
-                            cursor=cursor)
-    # every visit of the batch is asked for: the daemon adds those missing (one look-up per key,
-    # which it does anyway), so a partition deleted in the UI comes back with its re-delivered dump
-    new_keys = sorted({r.partition_key for r in run_requests})
-    # each visit taken is observed: its downloads partition gets the signature of its taken dumps
-    observed = state.taken_tokens(new_keys)
-    shown = ", ".join(r.partition_key for r in run_requests[:20])
-    more = f" and {len(run_requests) - 20} more" if len(run_requests) > 20 else ""
-    context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}"
-                     + (f"; {out.queued} more complete, waiting in order ({settings.batch} per tick)"
-                        if out.queued else ""))
-    return SensorResult(
-        run_requests=run_requests,
-        dynamic_partitions_requests=[visits_partitions.build_add_request(new_keys)] if new_keys else [],
-        asset_events=[dump_observation(v, items, "downloads_sensor") for v, items in observed.items() if items],
-        cursor=cursor,
-    )
-
-
-def build_downloads_sensor(job, minimum_interval_seconds: int = 10, settings: Settings | None = None):
-    @sensor(
-        name="downloads_sensor",
-        job=job,
-        minimum_interval_seconds=minimum_interval_seconds,
-        default_status=sensor_default_status(),
-        description=(
-            "Watches downloads/<session>/ for complete scanner dumps (size and mtime unchanged over two "
-            "ticks, or a <item>.done marker), adds their visit partitions and runs the chain for each "
-            "new or re-delivered dump, at most DICOM_ASSETS_SENSOR_BATCH (200) per tick, the rest in order. "
-            "State: scratch/state/downloads-<id>.sqlite under the dataset root."
-        ),
-    )
-    def downloads_sensor(context: SensorEvaluationContext, dataset: DatasetResource):
-        return evaluate_downloads(context, dataset, settings)
-
-    return downloads_sensor

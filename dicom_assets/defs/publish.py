@@ -1,23 +1,19 @@
-"""Publish: the ``datalad_dataset`` and ``visit_catalog`` assets, the ``xnat_session`` asset and
-the XNAT connection resource."""
+"""Publish: the ``datalad_dataset`` and ``visit_catalog`` assets and the ``xnat_session`` asset
+(the XNAT connection resource is in resources.py)."""
 
 import json
-import os
-from contextlib import contextmanager
 
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
     Backoff,
-    ConfigurableResource,
     DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
     RetryPolicy,
 )
-from pydantic import Field
 
 from ..core.catalog import update_catalog
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
@@ -28,7 +24,6 @@ from ..core.xnat_upload import (
     XnatAuthError,
     XnatError,
     XnatTransientError,
-    classify_error,
     expected_scans,
     load_dicoms_json,
     select_files,
@@ -37,7 +32,7 @@ from ..core.xnat_upload import (
 from .archive import visit_metadata
 from .ingest import organized_dicoms
 from .partitions import visit_asset, visit_of
-from .resources import DatasetResource
+from .resources import DatasetResource, XnatResource
 from .ui import path, table
 
 
@@ -109,40 +104,6 @@ def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> M
     page = update_catalog(ds.layout.catalog_dir, entry)
     return MaterializeResult(metadata={"page": path(page), "dataset_id": entry["dataset_id"],
                                        "version": entry["version"]})
-
-
-class XnatResource(ConfigurableResource):
-    """The site's XNAT: URL, user and password from environment variables (never logged)."""
-
-    server: str = Field(description="XNAT base URL, e.g. https://xnat.example.org (XNAT_HOST)")
-    user: str = Field(description="XNAT user (XNAT_USER)")
-    password: str = Field(description="XNAT password (XNAT_PASSWORD)")
-    verify: bool = Field(default=True, description="verify TLS certificates")
-    timeout: int = Field(default=600, description="seconds before an upload request times out")
-
-    @contextmanager
-    def connect(self):
-        import xnat
-
-        try:
-            session = xnat.connect(self.server, user=self.user, password=self.password, verify=self.verify,
-                                   loglevel="ERROR", default_timeout=self.timeout)
-        except Exception as exc:
-            raise classify_error(exc, self.server) from None
-        try:
-            yield session
-        finally:
-            try:
-                session.disconnect()
-            except Exception:
-                pass
-
-
-def xnat_resource_from_env() -> XnatResource:
-    from dagster import EnvVar
-
-    return XnatResource(server=EnvVar("XNAT_HOST"), user=EnvVar("XNAT_USER"), password=EnvVar("XNAT_PASSWORD"),
-                        verify=os.environ.get("XNAT_VERIFY", "true").lower() != "false")
 
 
 @visit_asset(

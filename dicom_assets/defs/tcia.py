@@ -1,4 +1,4 @@
-"""TCIA manifests as a second source of visits: ``tcia_series`` and the ``tcia_sensor``.
+"""TCIA manifests as a second source of visits: ``tcia_series`` (the ``tcia_sensor`` is in sensors.py).
 
 A manifest dropped into ``downloads/tcia/`` becomes a ``tcia_manifests`` partition; its
 ``tcia_series`` run downloads the series (resumable), groups them into visits and writes
@@ -7,79 +7,33 @@ partitions and runs the same chain as for scanner dumps (``raw_dicoms`` takes th
 zips as the visit's dump; ``xnat_session`` uses the TCIA session label).
 """
 
-import json
-import os
-from typing import Literal
 
 from dagster import (
     AssetExecutionContext,
     Backoff,
-    ConfigurableResource,
     DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
     RetryPolicy,
-    RunRequest,
-    SensorEvaluationContext,
-    SensorResult,
-    SkipReason,
     asset,
-    define_asset_job,
-    sensor,
 )
-from pydantic import Field
 
-from ..core.downloads import signature
 from ..core.errors import DicomAssetsError
 from ..core.tcia import (
-    DEFAULT_API_VERSION,
-    PUBLIC_SERVERS,
-    NbiaClient,
-    TciaManifest,
     download_series,
     group_visits,
     manifest_name,
-    manifest_server,
     manifests,
     parse_manifest,
-    read_resolved,
     write_resolved,
 )
-from .ingest import VISIT_TAG, load_cursor
-from .partitions import sensor_default_status, OWNERS, VISITS_PARTITION_NAME, visits_partitions
-from .resources import DatasetResource
+from .partitions import OWNERS
+from .resources import DatasetResource, TciaResource
 from .ui import path, table
 
 TCIA_PARTITION_NAME = "tcia_manifests"
 tcia_manifests = DynamicPartitionsDefinition(name=TCIA_PARTITION_NAME)
-
-
-class TciaResource(ConfigurableResource):
-    """The NBIA servers that serve TCIA's series, and how to use their REST API.
-
-    A ``.tcia`` manifest names its server (``downloadServerUrl``): its series are asked there,
-    if it is one of ``servers``; a CSV export names none and goes to the first of ``servers``."""
-
-    servers: list[str] = Field(default=list(PUBLIC_SERVERS),
-                               description="NBIA servers manifests may name; the first is the default (TCIA_SERVERS, "
-                                           "comma-separated)")
-    api_version: Literal["v4", "v1"] = Field(default=DEFAULT_API_VERSION,
-                                             description="NBIA REST API version: v4 (default, tcia_utils') or v1 "
-                                                         "(the Data Retriever's) (TCIA_API_VERSION)")
-    workers: int = Field(default=2, description="series downloaded in parallel")
-    retries: int = Field(default=4, description="retries of a failing series, with exponential backoff")
-    backoff: float = Field(default=1.0, description="seconds before the first retry")
-
-    def client(self, manifest: TciaManifest) -> NbiaClient:
-        return NbiaClient(manifest_server(manifest, self.servers), self.api_version, retries=self.retries,
-                          backoff=self.backoff)
-
-
-def tcia_resource_from_env() -> TciaResource:
-    servers = [s.strip() for s in os.environ.get("TCIA_SERVERS", "").split(",") if s.strip()]
-    return TciaResource(servers=servers or list(PUBLIC_SERVERS),
-                        api_version=os.environ.get("TCIA_API_VERSION", DEFAULT_API_VERSION))
 
 
 @asset(
@@ -150,65 +104,3 @@ def tcia_series(context: AssetExecutionContext, dataset: DatasetResource, tcia: 
         "cached": sum(r.status == "cached" for r in results),
         "missing": len(missing),
     })
-
-
-tcia_job = define_asset_job("tcia_download", selection=[tcia_series],
-                            description="Download and group the series of one TCIA manifest.")
-
-
-def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, chain_job_name: str):
-    """New stable manifests -> tcia_download runs; new resolved visits -> chain runs."""
-    try:
-        lay = dataset.open().layout
-    except DicomAssetsError as exc:
-        return SkipReason(f"dataset not usable: {exc}")
-    pending, submitted, resolved = load_cursor(context.cursor, "pending", "submitted", "resolved")
-    new_pending, requests, new_manifests, new_visits = {}, [], [], []
-    for m in manifests(lay.tcia_root):
-        name = manifest_name(m)
-        token = signature(m).token()
-        if submitted.get(name) != token:
-            if pending.get(name) != token:
-                new_pending[name] = token  # wait one tick: size and mtime must settle
-                continue
-            requests.append(RunRequest(run_key=f"tcia:{name}:{token}", partition_key=name, job_name=tcia_job.name))
-            new_manifests.append(name)
-            submitted[name] = token
-        res = lay.tcia_resolved_path(name)
-        if not res.is_file():
-            continue
-        rtoken = signature(res).token()
-        if resolved.get(name) == rtoken:
-            continue  # the CSV is read only when it changed, not on every tick
-        resolved[name] = rtoken
-        for visit in sorted({r["visit"] for r in read_resolved(res)}):
-            new_visits.append(visit)
-            requests.append(RunRequest(run_key=f"tcia:{name}/{visit}:{rtoken}", partition_key=visit,
-                                       job_name=chain_job_name, tags={VISIT_TAG: visit}))
-    cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "resolved": resolved}, sort_keys=True)
-    if not requests:
-        return SensorResult(skip_reason=SkipReason(
-            f"{len(new_pending)} manifest(s) not yet stable" if new_pending else "no new TCIA manifest or visit"),
-            cursor=cursor_out)
-    existing_m = set(context.instance.get_dynamic_partitions(TCIA_PARTITION_NAME))
-    existing_v = set(context.instance.get_dynamic_partitions(VISITS_PARTITION_NAME))
-    adds = []
-    if set(new_manifests) - existing_m:
-        adds.append(tcia_manifests.build_add_request(sorted(set(new_manifests) - existing_m)))
-    if set(new_visits) - existing_v:
-        adds.append(visits_partitions.build_add_request(sorted(set(new_visits) - existing_v)))
-    context.log.info(f"TCIA: {len(new_manifests)} manifest run(s), {len(new_visits)} visit run(s)")
-    return SensorResult(run_requests=requests, dynamic_partitions_requests=adds, cursor=cursor_out)
-
-
-def build_tcia_sensor(chain_job, minimum_interval_seconds: int = 10):
-    @sensor(name="tcia_sensor", jobs=[tcia_job, chain_job], minimum_interval_seconds=minimum_interval_seconds,
-            default_status=sensor_default_status(),
-            description=("Watches downloads/tcia/ for TCIA manifests (.tcia or .csv): a new or changed manifest "
-                         "gets a tcia_download run; each visit it resolves gets a run of the chain."))
-    def tcia_sensor(context: SensorEvaluationContext, dataset: DatasetResource):
-        return evaluate_tcia(context, dataset, chain_job.name)
-
-    return tcia_sensor
-
-

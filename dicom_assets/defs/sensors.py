@@ -1,0 +1,171 @@
+"""The sensors: scanner dumps in ``downloads/<session>/`` and TCIA manifests in
+``downloads/tcia/``, each starting the visit chain for the visits it finds."""
+
+import json
+from pathlib import Path
+
+from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+
+from ..core.downloads import read_dicom_dir_map, signature
+from ..core.downloads_state import DownloadsState, Settings, context_token
+from ..core.errors import DicomAssetsError
+from ..core.layout import Dataset, DatasetLayout
+from ..core.tcia import manifest_name, manifests, read_resolved
+from .jobs import tcia_job, visit_chain_job
+from .lineage import dump_observation
+from .partitions import VISITS_PARTITION_NAME, sensor_default_status, visits_partitions
+from .resources import DatasetResource
+from .tcia import TCIA_PARTITION_NAME, tcia_manifests
+
+VISIT_TAG = "dicom_assets/visit"
+DOWNLOAD_TAG = "dicom_assets/download"
+
+
+def load_cursor(raw: str | None, *keys: str) -> list[dict]:
+    """The named maps of a sensor's JSON cursor (empty when missing or unreadable)."""
+    try:
+        data = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        data = {}
+    return [data.get(k, {}) for k in keys]
+
+
+def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource,
+                       settings: Settings | None = None):
+    """One tick: new complete downloads -> new visit partitions + one run each, at most
+    ``settings.batch`` per tick (the rest wait in order). The settled state lives in
+    ``scratch/state/downloads-<id>.sqlite`` (core/downloads_state.py); the cursor only names
+    it and the tick, so it stays a few dozen bytes whatever the number of downloads."""
+    try:
+        ds = Dataset(DatasetLayout(Path(dataset.root)))
+        sessions = ds.config.sessions  # the manifest is read only when a name needs classifying
+    except DicomAssetsError as exc:
+        return SkipReason(f"dataset not usable: {exc}")
+    lay = ds.layout
+    settings = settings or Settings.from_env()
+
+    def classifier():
+        return set(ds.manifest.participants), read_dicom_dir_map(lay.dicom_dir_map_path)
+
+    state, cursor_gen, notes, legacy = DownloadsState.for_cursor(lay.state_dir, context.cursor)
+    try:
+        out = state.tick(cursor_gen, downloads_root=lay.downloads_root, sessions=sessions,
+                         ctx_token=context_token(lay.config_path, lay.manifest_path, lay.dicom_dir_map_path, sessions),
+                         classifier=classifier, settings=settings, legacy=legacy, notes=notes)
+    except DicomAssetsError as exc:
+        return SkipReason(f"dataset not usable: {exc}")
+    for note in out.notes:
+        context.log.warning(note)
+    for problem in out.new_problems:
+        context.log.warning(problem)
+    if out.dropped:
+        context.log.info(f"{len(out.dropped)} pending download(s) vanished before they were taken, dropped: "
+                         + ", ".join(out.dropped[:5]) + (" ..." if len(out.dropped) > 5 else ""))
+    run_requests = [RunRequest(run_key=f"{t.rel}:{t.token}", partition_key=t.visit,
+                               tags={VISIT_TAG: t.visit, DOWNLOAD_TAG: t.rel}) for t in out.taken]
+    cursor = out.cursor()
+    if not run_requests:
+        reason = []
+        if out.waiting:
+            reason.append(f"{out.waiting} download(s) still arriving or not yet stable: {', '.join(out.waiting_first)}"
+                          + (" ..." if out.waiting > len(out.waiting_first) else ""))
+        if out.problems:
+            reason.append(f"{out.problems} download(s) not taken: {out.first_problem}"
+                          + (f" (and {out.problems - 1} more, in the sensor's log)" if out.problems > 1 else ""))
+        return SensorResult(skip_reason=SkipReason("; ".join(reason) or "no new complete download"),
+                            cursor=cursor)
+    # every visit of the batch is asked for: the daemon adds those missing (one look-up per key,
+    # which it does anyway), so a partition deleted in the UI comes back with its re-delivered dump
+    new_keys = sorted({r.partition_key for r in run_requests})
+    # each visit taken is observed: its downloads partition gets the signature of its taken dumps
+    observed = state.taken_tokens(new_keys)
+    shown = ", ".join(r.partition_key for r in run_requests[:20])
+    more = f" and {len(run_requests) - 20} more" if len(run_requests) > 20 else ""
+    context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}"
+                     + (f"; {out.queued} more complete, waiting in order ({settings.batch} per tick)"
+                        if out.queued else ""))
+    return SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[visits_partitions.build_add_request(new_keys)] if new_keys else [],
+        asset_events=[dump_observation(v, items, "downloads_sensor") for v, items in observed.items() if items],
+        cursor=cursor,
+    )
+
+
+def build_downloads_sensor(job, minimum_interval_seconds: int = 10, settings: Settings | None = None):
+    @sensor(
+        name="downloads_sensor",
+        job=job,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=sensor_default_status(),
+        description=(
+            "Watches downloads/<session>/ for complete scanner dumps (size and mtime unchanged over two "
+            "ticks, or a <item>.done marker), adds their visit partitions and runs the chain for each "
+            "new or re-delivered dump, at most DICOM_ASSETS_SENSOR_BATCH (200) per tick, the rest in order. "
+            "State: scratch/state/downloads-<id>.sqlite under the dataset root."
+        ),
+    )
+    def downloads_sensor(context: SensorEvaluationContext, dataset: DatasetResource):
+        return evaluate_downloads(context, dataset, settings)
+
+    return downloads_sensor
+
+
+def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, chain_job_name: str):
+    """New stable manifests -> tcia_download runs; new resolved visits -> chain runs."""
+    try:
+        lay = dataset.open().layout
+    except DicomAssetsError as exc:
+        return SkipReason(f"dataset not usable: {exc}")
+    pending, submitted, resolved = load_cursor(context.cursor, "pending", "submitted", "resolved")
+    new_pending, requests, new_manifests, new_visits = {}, [], [], []
+    for m in manifests(lay.tcia_root):
+        name = manifest_name(m)
+        token = signature(m).token()
+        if submitted.get(name) != token:
+            if pending.get(name) != token:
+                new_pending[name] = token  # wait one tick: size and mtime must settle
+                continue
+            requests.append(RunRequest(run_key=f"tcia:{name}:{token}", partition_key=name, job_name=tcia_job.name))
+            new_manifests.append(name)
+            submitted[name] = token
+        res = lay.tcia_resolved_path(name)
+        if not res.is_file():
+            continue
+        rtoken = signature(res).token()
+        if resolved.get(name) == rtoken:
+            continue  # the CSV is read only when it changed, not on every tick
+        resolved[name] = rtoken
+        for visit in sorted({r["visit"] for r in read_resolved(res)}):
+            new_visits.append(visit)
+            requests.append(RunRequest(run_key=f"tcia:{name}/{visit}:{rtoken}", partition_key=visit,
+                                       job_name=chain_job_name, tags={VISIT_TAG: visit}))
+    cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "resolved": resolved}, sort_keys=True)
+    if not requests:
+        return SensorResult(skip_reason=SkipReason(
+            f"{len(new_pending)} manifest(s) not yet stable" if new_pending else "no new TCIA manifest or visit"),
+            cursor=cursor_out)
+    existing_m = set(context.instance.get_dynamic_partitions(TCIA_PARTITION_NAME))
+    existing_v = set(context.instance.get_dynamic_partitions(VISITS_PARTITION_NAME))
+    adds = []
+    if set(new_manifests) - existing_m:
+        adds.append(tcia_manifests.build_add_request(sorted(set(new_manifests) - existing_m)))
+    if set(new_visits) - existing_v:
+        adds.append(visits_partitions.build_add_request(sorted(set(new_visits) - existing_v)))
+    context.log.info(f"TCIA: {len(new_manifests)} manifest run(s), {len(new_visits)} visit run(s)")
+    return SensorResult(run_requests=requests, dynamic_partitions_requests=adds, cursor=cursor_out)
+
+
+def build_tcia_sensor(chain_job, minimum_interval_seconds: int = 10):
+    @sensor(name="tcia_sensor", jobs=[tcia_job, chain_job], minimum_interval_seconds=minimum_interval_seconds,
+            default_status=sensor_default_status(),
+            description=("Watches downloads/tcia/ for TCIA manifests (.tcia or .csv): a new or changed manifest "
+                         "gets a tcia_download run; each visit it resolves gets a run of the chain."))
+    def tcia_sensor(context: SensorEvaluationContext, dataset: DatasetResource):
+        return evaluate_tcia(context, dataset, chain_job.name)
+
+    return tcia_sensor
+
+
+downloads_sensor = build_downloads_sensor(visit_chain_job)
+tcia_sensor = build_tcia_sensor(visit_chain_job)
