@@ -361,3 +361,21 @@ def test_chain_fails_on_a_broken_link_and_counts_from_the_report(instance, demo_
     # describing the previous tarball: the count check compares with the report, which agrees
     result = run_chain(instance, demo_root, visit, selection=AssetSelection.assets("visit_metadata"))
     assert checks_of(result)["dicom_count_matches"] is True
+
+
+@pytest.mark.faults
+def test_tarball_of_a_visit_never_organized_says_what_to_run_first(instance, demo_root):
+    """visit_tarball (and bids_session, which shares the check) run by hand on a visit whose
+    DICOMs were never organized: one message naming the folder and the step to run, no tarball."""
+    from dicom_assets.core.ids import Visit
+    from dicom_assets.core.layout import DatasetLayout
+
+    from .helpers import AssetSelection, run_chain
+
+    lay, v = DatasetLayout(demo_root), Visit("QPN003", "ses-02")
+    result = run_chain(instance, demo_root, v.key, selection=AssetSelection.assets("visit_tarball"),
+                       raise_on_error=False)
+    failure = next(ev for ev in result.all_events if ev.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert str(lay.dicom_dir(v)) in message and "materialize organized_dicoms first" in message
+    assert not lay.tarball_path("QPN", v).exists()

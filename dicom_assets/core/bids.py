@@ -54,7 +54,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import DicomAssetsError
-from .fsutil import atomic_write, file_lock
+from .fsutil import atomic_write, file_lock, tree_digests
 
 CONVERTER_VERSION = "1"  # bump when a change here changes what a conversion writes
 BIDS_VERSION = "1.10.1"
@@ -392,19 +392,7 @@ def run_dcm2bids(niix: Path, work: Path, participant: str, session_label: str, c
 # --------------------------------------------------------------------------- files and the swap
 def tree_files(root: Path) -> dict[str, str]:
     """sha256 of every file under root, by relative path (links are followed)."""
-    out: dict[str, str] = {}
-    if not root.is_dir():
-        return out
-    for dirpath, dirs, names in os.walk(root):
-        dirs.sort()
-        for n in sorted(names):
-            p = Path(dirpath) / n
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            out[p.relative_to(root).as_posix()] = h.hexdigest()
-    return out
+    return tree_digests(root)
 
 
 _libc = None

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import random
 import tarfile
 import zipfile
@@ -26,6 +25,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from .config import GlobalConfig, write_config
+from .fsutil import tree_digests
 from .layout import DatasetLayout
 from .samples import Samples
 
@@ -405,10 +405,4 @@ def build_corpus(out: Path | str, samples: Samples, *, n_files: int = 2000, file
 
 def tree_digest(root: Path | str) -> dict[str, str]:
     """sha256 of every file under root, by relative path (for reproducibility checks)."""
-    root = Path(root)
-    out = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            p = Path(dirpath) / n
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return tree_digests(Path(root))

@@ -8,6 +8,7 @@ shared file (the curation status, the catalog, the superdataset) take an exclusi
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import uuid
 from contextlib import contextmanager
@@ -49,3 +50,21 @@ def file_lock(lock_path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    """The hex digest of a file's content (read in 1 MiB blocks by hashlib)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, algo).hexdigest()
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative POSIX path (links followed); {} when
+    ``root`` is not a folder."""
+    root = Path(root)
+    out: dict[str, str] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            out[p.relative_to(root).as_posix()] = file_digest(p)
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from .dicomscan import KEPT, REASONS, FileRecord, Rules, apply_rules, read_records, walk_files
 from .errors import OrganizedFolderError
 from .extract import replace_dir_atomically
-from .fsutil import atomic_write, temp_sibling
+from .fsutil import atomic_write, file_digest, temp_sibling
 
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.]")
 # the longest flat name (".dcm" included): fits a ustar name field, far below any NAME_MAX
@@ -75,14 +75,6 @@ def cell(text: str, limit: int = MAX_CELL) -> str:
     """:func:`printable`, cut to ``limit`` characters with a note of how many were dropped."""
     text = printable(text)
     return text if len(text) <= limit else f"{text[:limit]}…[{len(text) - limit} more characters]"
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -243,9 +235,9 @@ def classify_tree(source_dir: Path, rules: Rules, workers: int | None = None) ->
             first = by_sop.get(rec.sop_instance_uid)
             if first is not None:
                 if first.source not in md5_cache:
-                    md5_cache[first.source] = _md5(source_dir / first.source)
+                    md5_cache[first.source] = file_digest(source_dir / first.source, "md5")
                 a = md5_cache[first.source]
-                b = _md5(path)
+                b = file_digest(path, "md5")
                 if a == b:
                     rec.exclude("duplicate", f"same SOPInstanceUID and bytes as {first.source}")
                 else:

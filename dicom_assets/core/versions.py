@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
+
+from .fsutil import file_digest, tree_digests
 
 
 def _sha256_lines(lines: Iterable[str]) -> str:
@@ -44,11 +45,7 @@ def kept_version(kept: Iterable[tuple[str, int]]) -> str:
 
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def xnat_version(session: str, scans: dict[str, int]) -> str:
@@ -59,13 +56,5 @@ def xnat_version(session: str, scans: dict[str, int]) -> str:
 
 def tree_version(root: Path) -> str:
     """Every file under ``root``: relative path and sha256 of its content (links followed)."""
-    lines = []
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            p = Path(dirpath) / n
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            lines.append(f"{p.relative_to(root).as_posix()}\t{h.hexdigest()}")
-    return "files-" + _sha256_lines(sorted(lines))[:32]
+    lines = sorted(f"{rel}\t{digest}" for rel, digest in tree_digests(root).items())
+    return "files-" + _sha256_lines(lines)[:32]

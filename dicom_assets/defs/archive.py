@@ -25,7 +25,7 @@ from ..core.organize import read_kept
 from ..core.tarball import organized_files, write_tarball
 from ..core.versions import file_md5
 from .ingest import organized_dicoms
-from .partitions import visit_asset, visit_of
+from .partitions import organized_dir_of, visit_asset, visit_of
 from .resources import DatasetResource
 from .ui import path, table
 
@@ -43,10 +43,7 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
     visit = visit_of(context)
     ds = dataset.open()
     lay = ds.layout
-    src = lay.dicom_dir(visit)
-    if not src.is_dir():
-        raise Failure(f"{src}: the organized DICOM folder of {visit.key} does not exist; "
-                      "materialize organized_dicoms first")
+    src = organized_dir_of(lay, visit)
     dest = lay.tarball_path(ds.study, visit)
     try:
         # the folder is checked against the organize report (an independent list of the kept

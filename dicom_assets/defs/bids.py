@@ -19,7 +19,7 @@ from ..core.bids import BidsError, convert_visit, load_dcm2bids_config, tool_ver
 from ..core.curation import update_visit_status
 from ..core.versions import tree_version
 from .ingest import organized_dicoms
-from .partitions import visit_asset, visit_of
+from .partitions import organized_dir_of, visit_asset, visit_of
 from .resources import DatasetResource, default_dataset_root
 from .ui import path, table
 
@@ -59,10 +59,7 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> Ma
     visit = visit_of(context)
     ds = dataset.open()
     lay = ds.layout
-    dicom_dir = lay.dicom_dir(visit)
-    if not dicom_dir.is_dir():
-        raise Failure(f"{dicom_dir}: the organized DICOM folder of {visit.key} does not exist; "
-                      "materialize organized_dicoms first")
+    dicom_dir = organized_dir_of(lay, visit)
     try:
         config = load_dcm2bids_config(lay.dcm2bids_config_path)
         res = convert_visit(visit=visit.key, participant=visit.participant, session=visit.session,

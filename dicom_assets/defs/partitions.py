@@ -21,6 +21,18 @@ def visit_of(context) -> Visit:
     return parse_visit_key(context.partition_key)
 
 
+def organized_dir_of(layout, visit: Visit):
+    """The visit's organized DICOM folder, which a step downstream of organized_dicoms reads;
+    a clear Failure when it was never made."""
+    from dagster import Failure
+
+    path = layout.dicom_dir(visit)
+    if not path.is_dir():
+        raise Failure(f"{path}: the organized DICOM folder of {visit.key} does not exist; "
+                      "materialize organized_dicoms first")
+    return path
+
+
 OWNERS = ["team:imaging"]
 
 
