@@ -3,7 +3,7 @@
 ``build_real_corpus``: a visit of real GE MR files as the scanner wrote them (the 10-series
 session of the xnat 0.8.1 sdist: 325 files of about 130 KiB, 256 x 256 16-bit images), copied
 round-robin up to ``n_files``. Each copy gets new SOPInstanceUID / SeriesInstanceUID (one new
-series per source series and round), as ``core.demo.build_corpus`` does, so organize keeps
+series per source series and round), as ``testing.demo.build_corpus`` does, so organize keeps
 every copy; the pixel data and the rest of the header stay as the scanner wrote them. The
 256 KiB synthetic corpus hides the per-file overhead; this one shows it (issue 14).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_assets.core.demo import _uid, rewrite_dicom
-from dicom_assets.core.samples import Samples
+from dicom_assets.testing.demo import _uid, rewrite_dicom
+from dicom_assets.testing.samples import Samples
 
 
 def real_ge_files(samples: Samples) -> list[Path]:

@@ -42,11 +42,11 @@ sys.path.insert(0, str(REPO))
 import pydicom  # noqa: E402
 
 from dicom_assets import __version__  # noqa: E402
-from dicom_assets.core.demo import build_corpus  # noqa: E402
+from dicom_assets.testing.demo import build_corpus  # noqa: E402
 from dicom_assets.core.dicomscan import Rules  # noqa: E402
 from dicom_assets.core.metadata import describe_tarball  # noqa: E402
 from dicom_assets.core.organize import organize_visit  # noqa: E402
-from dicom_assets.core.samples import ensure_samples  # noqa: E402
+from dicom_assets.testing.samples import ensure_samples  # noqa: E402
 from dicom_assets.core.tarball import organized_files, write_tarball  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

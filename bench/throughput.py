@@ -125,7 +125,7 @@ def _step_seconds(instance, run_id: str) -> dict[str, float]:
 
 
 def _demo_root(samples, root: Path, participants: tuple[str, ...], slices: int) -> Path:
-    from dicom_assets.core.demo import build_demo_dataset
+    from dicom_assets.testing.demo import build_demo_dataset
 
     return build_demo_dataset(root, samples, slices=slices, participants=participants,
                               extra_manifest_participants=())
@@ -150,7 +150,7 @@ def chain_bench(samples, work: Path, files: int = 346) -> dict:
 
     root = work / "chain_root"
     shutil.rmtree(root, ignore_errors=True)
-    from dicom_assets.core.demo import build_demo_dataset
+    from dicom_assets.testing.demo import build_demo_dataset
 
     build_demo_dataset(root, samples, participants=("QPN_001",), extra_manifest_participants=(), with_downloads=False)
     build_real_corpus(root / "downloads" / "ses-01" / "QPN_001_MR", samples, n_files=files, participant="QPN001")

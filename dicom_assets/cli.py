@@ -22,7 +22,7 @@ from .core.errors import DicomAssetsError
 
 
 def _samples(args):
-    from .core.samples import ensure_samples
+    from .testing.samples import ensure_samples
 
     return ensure_samples(args.cache, log=lambda m: print(m, file=sys.stderr))
 
@@ -34,7 +34,7 @@ def cmd_fetch_samples(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from .core.demo import build_demo_dataset
+    from .testing.demo import build_demo_dataset
     from .core.layout import DatasetLayout
 
     root = Path(args.root)
@@ -52,7 +52,7 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_corpus(args) -> int:
-    from .core.demo import build_corpus
+    from .testing.demo import build_corpus
 
     out = build_corpus(args.out, _samples(args), n_files=args.files, file_kb=args.kb, seed=args.seed)
     print(out)

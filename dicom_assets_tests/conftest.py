@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from dagster import instance_for_test
 
-from dicom_assets.core.demo import build_demo_dataset
-from dicom_assets.core.samples import ensure_samples
+from dicom_assets.testing.demo import build_demo_dataset
+from dicom_assets.testing.samples import ensure_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def _downloads_untouched(request):
             or request.node.get_closest_marker("changes_downloads") is not None):
         yield
         return
-    from dicom_assets.core.demo import tree_digest
+    from dicom_assets.testing.demo import tree_digest
 
     downloads = request.getfixturevalue("demo_root") / "downloads"
     before = tree_digest(downloads)

@@ -14,7 +14,7 @@ import jsonschema
 import pydicom
 import pytest
 
-from dicom_assets.core.demo import rewrite_dicom
+from dicom_assets.testing.demo import rewrite_dicom
 from dicom_assets.core.metadata import describe_tarball, write_metadata
 from dicom_assets.core.tarball import organized_files, parse_da_tm, write_tarball
 

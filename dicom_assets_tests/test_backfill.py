@@ -65,7 +65,7 @@ def _wait(predicate, timeout: float, what: str, log: Path):
 def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path, monkeypatch):
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-    from dicom_assets.core.demo import build_demo_dataset
+    from dicom_assets.testing.demo import build_demo_dataset
     from dicom_assets.testing.xnat_server import XnatTestServer
 
     root = build_demo_dataset(tmp_path / "dataset", samples, slices=2,

@@ -17,7 +17,7 @@ import pytest
 from dagster import materialize
 
 from dicom_assets.core import bids
-from dicom_assets.core.demo import DEMO_DCM2BIDS_CONFIG, rewrite_dicom, write_dcm2bids_config
+from dicom_assets.testing.demo import DEMO_DCM2BIDS_CONFIG, rewrite_dicom, write_dcm2bids_config
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import Dataset, DatasetLayout
 from dicom_assets.core.versions import tree_version

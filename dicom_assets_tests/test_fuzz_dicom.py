@@ -33,7 +33,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dicom_assets.core.demo import preambleless
+from dicom_assets.testing.demo import preambleless
 from dicom_assets.core.dicomscan import KEPT, REASONS, Rules, read_record
 from dicom_assets.core.errors import DicomAssetsError
 from dicom_assets.core.metadata import describe_tarball, dump_json
@@ -264,7 +264,7 @@ def test_organize_accounts_for_every_file_of_a_hostile_tree(seeds, t1_bytes, tmp
 
 @pytest.fixture(scope="module")
 def t1_bytes(samples) -> Blobs:
-    from dicom_assets.core.demo import rewrite_dicom
+    from dicom_assets.testing.demo import rewrite_dicom
 
     srcs = sorted((samples.xnat_case001 / "scans").glob("5_*/DICOM/*.dcm"))[:3]
     return Blobs([rewrite_dicom(src, patient_id="P1", patient_name="x^y", study_uid="1.2.3", series_uid="1.2.3.5",

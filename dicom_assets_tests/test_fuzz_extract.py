@@ -50,7 +50,7 @@ SEED_FILES = ("rtplan.dcm", "SC_rgb_rle.dcm", "rtstruct.dcm", "priv_SQ.dcm", "UN
 
 
 def _seeds() -> list[bytes]:
-    from dicom_assets.core.samples import ensure_samples
+    from dicom_assets.testing.samples import ensure_samples
 
     cache = os.environ.get("DICOM_ASSETS_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
     files = ensure_samples(cache).pydicom_files

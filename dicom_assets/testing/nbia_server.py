@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ..core.demo import _uid, rewrite_dicom, series_library
+from .demo import _uid, rewrite_dicom, series_library
 
 API = "/nbia-api/services"
 SERVLET = "/nbia-download/servlet/DownloadServlet"

@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SampleFetchError
+from ..core.errors import SampleFetchError
 
 
 @dataclass(frozen=True)

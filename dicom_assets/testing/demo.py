@@ -24,9 +24,9 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from .config import GlobalConfig, write_config
-from .fsutil import tree_digests
-from .layout import DatasetLayout
+from ..core.config import GlobalConfig, write_config
+from ..core.fsutil import tree_digests
+from ..core.layout import DatasetLayout
 from .samples import Samples
 
 # fixed timestamps inside generated archives, so their bytes never depend on "now"
