@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -271,6 +269,8 @@ def backfill_bench(samples, work: Path, visits_n: int = 30, slices: int = 8, tim
     (whole chain: archive, DataLad, catalog, XNAT test server), as the UI launches a backfill."""
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+    from dicom_assets.testing.dagster_dev import DagsterDev
+
     n_part = -(-visits_n // 2)
     root = _demo_root(samples, work / "backfill_root", tuple(f"BF_{i:03d}" for i in range(n_part)), slices)
     visits = sorted(f"BF{i:03d}_{s}" for i in range(n_part) for s in ("ses-01", "ses-02"))[:visits_n]
@@ -279,34 +279,20 @@ def backfill_bench(samples, work: Path, visits_n: int = 30, slices: int = 8, tim
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     xnat = _xnat(samples, work / "backfill_xnat")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "DAGSTER_HOME": str(home), "DICOM_ASSETS_ROOT": str(root), "XNAT_HOST": xnat.url,
-           "XNAT_USER": "admin", "XNAT_PASSWORD": "pw", "DICOM_ASSETS_SENSORS": "off",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    log = work / "backfill-dagster-dev.log"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"DAGSTER_HOME": str(home), "DICOM_ASSETS_ROOT": str(root), "XNAT_HOST": xnat.url,
+           "XNAT_USER": "admin", "XNAT_PASSWORD": "pw", "DICOM_ASSETS_SENSORS": "off"}
+    dev = DagsterDev(REPO / "workspace.yaml", cwd=REPO, env=env, log=work / "backfill-dagster-dev.log",
+                     start_timeout=240, stop_timeout=60)
     out: dict = {"visits": len(visits), "executor": os.environ.get("DICOM_ASSETS_EXECUTOR", "in_process")}
     rss: list[tuple[float, float]] = []
     try:
-        end = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > end or proc.poll() is not None:
-                    raise RuntimeError(f"dagster dev did not start; see {log}") from None
-                time.sleep(1)
+        dev.start()
         time.sleep(5)  # the daemon's first loop
-        idle_mb = _tree_rss_mb(proc.pid)
+        idle_mb = _tree_rss_mb(dev.pid)
         with _dagster_home(home), DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions("visits", visits)
             from dicom_assets.definitions import CHAIN_ASSETS
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", method="POST", headers={
+            req = urllib.request.Request(f"{dev.url}/graphql", method="POST", headers={
                 "Content-Type": "application/json"}, data=json.dumps({"query": LAUNCH, "variables": {"params": {
                     "partitionNames": visits, "fromFailure": False,
                     "assetSelection": [{"path": [a.key.path[-1]]} for a in CHAIN_ASSETS]}}}).encode())
@@ -317,7 +303,7 @@ def backfill_bench(samples, work: Path, visits_n: int = 30, slices: int = 8, tim
                 raise RuntimeError(f"backfill not launched: {launched}")
             bid = launched["backfillId"]
             while time.monotonic() - t0 < timeout:
-                rss.append((time.monotonic() - t0, _tree_rss_mb(proc.pid)))
+                rss.append((time.monotonic() - t0, _tree_rss_mb(dev.pid)))
                 runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": bid}))
                 if len(runs) == len(visits) and all(r.is_finished for r in runs):
                     break
@@ -338,11 +324,7 @@ def backfill_bench(samples, work: Path, visits_n: int = 30, slices: int = 8, tim
             out["RSS, mean of first / last quarter MB"] = (
                 f"{sum(m for _, m in rss[:q]) / q:.0f} / {sum(m for _, m in rss[-q:]) / q:.0f}")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        dev.stop()
         xnat.stop()
     return out
 
