@@ -4,6 +4,11 @@ queued run coordinator, the repository's dagster.yaml), launched the way the UI 
 once (a user clicking twice). The promises checked:
 
 - never two runs of the same visit at once (run records: start/end intervals per partition);
+- no duplicate runs under the tag limit (Dagster has had reports of backfills launching a
+  partition twice with tag concurrency limits): each backfill has exactly one run per visit
+  (tags `dagster/backfill`, `dagster/partition`), counted once both backfills are done, and no
+  other run of a visit exists (sensors are off here: the sensor's run keys are checked in
+  test_sensor.py / test_sensor_scale.py);
 - never more runs at once than `max_concurrent_runs`;
 - never more XNAT uploads at once than the `xnat_upload` pool allows (the XNAT test server
   counts concurrent imports, each made slow on purpose so that overlaps would show);
@@ -64,6 +69,7 @@ def _wait(predicate, timeout: float, what: str, log: Path):
 
 def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path, monkeypatch):
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+    from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
 
     from dicom_assets.testing.demo import build_demo_dataset
     from dicom_assets.testing.xnat_server import XnatTestServer
@@ -114,7 +120,9 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
             parts = [{r.tags.get("dagster/partition") for r in instance.get_runs(RunsFilter(tags={"dagster/backfill": b}))
                       if r.is_finished} for b in ids]
             return ([len(p) for p in parts] == [len(visits), len(twice)]
-                    and all(r.is_finished for r in instance.get_runs()))
+                    and all(r.is_finished for r in instance.get_runs())
+                    # the backfills are done too, so no late duplicate can still be launched
+                    and all(instance.get_backfill(b).status in BULK_ACTION_TERMINAL_STATUSES for b in ids))
         _wait(finished, 1500, "both backfills to finish", log)
         records = instance.get_run_records()
     finally:
@@ -132,7 +140,16 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
     for r in chain_runs:
         by_visit.setdefault(r.dagster_run.tags["dagster/partition"], []).append((r.start_time, r.end_time))
     assert sorted(by_visit) == visits
-    assert all(len(by_visit[v]) >= 2 for v in twice)  # the limits had something to hold back
+    # no duplicates: one run per visit per backfill, and no run outside the backfills
+    runs_of: dict[tuple[str, str], list[str]] = {}
+    for r in chain_runs:
+        run = r.dagster_run
+        runs_of.setdefault((run.tags.get("dagster/backfill"), run.tags["dagster/partition"]), []).append(run.run_id)
+    expected = {(ids[0], v) for v in visits} | {(ids[1], v) for v in twice}
+    assert set(runs_of) == expected, f"runs outside the two backfills: {sorted(set(runs_of) - expected)}"
+    dupes = {k: ids_ for k, ids_ in runs_of.items() if len(ids_) != 1}
+    assert not dupes, f"visits run more than once for one backfill: {dupes}"
+    assert all(len(by_visit[v]) == 2 for v in twice)  # the limits had something to hold back
     for visit, spans in by_visit.items():
         spans.sort()
         for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
