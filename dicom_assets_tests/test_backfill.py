@@ -16,11 +16,7 @@ once (a user clicking twice). The promises checked:
 """
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -71,6 +67,7 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
     from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
 
+    from dicom_assets.testing.dagster_dev import DagsterDev
     from dicom_assets.testing.demo import build_demo_dataset
     from dicom_assets.testing.xnat_server import XnatTestServer
 
@@ -88,21 +85,13 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
     xnat = XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=tmp_path / "xnat").start()
     xnat.import_seconds = 2.0  # every upload takes a while: overlapping uploads would show
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "DICOM_ASSETS_ROOT": str(root), "XNAT_HOST": xnat.url,
+    env = {"DAGSTER_HOME": str(home), "DICOM_ASSETS_ROOT": str(root), "XNAT_HOST": xnat.url,
            "XNAT_USER": "admin", "XNAT_PASSWORD": "pw",
-           "DICOM_ASSETS_SENSORS": "off", "DICOM_ASSETS_EXECUTOR": "in_process", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "DICOM_ASSETS_SENSORS": "off", "DICOM_ASSETS_EXECUTOR": "in_process"}
     log = tmp_path / "dagster-dev.log"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"),
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    dev = DagsterDev(REPO / "workspace.yaml", cwd=REPO, env=env, log=log, port=port, start_timeout=180)
     try:
-        def up():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
-                    return True
-            except OSError:
-                return False
-        _wait(up, 180, "the Dagster webserver", log)
+        dev.start()
         instance = DagsterInstance.from_config(str(home))
         instance.add_dynamic_partitions("visits", visits)
         # a backfill of the 50 visits, and a second one of 10 of them launched at once (a user
@@ -126,11 +115,7 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
         _wait(finished, 1500, "both backfills to finish", log)
         records = instance.get_run_records()
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        dev.stop()
         xnat.stop()
 
     chain_runs = [r for r in records if r.dagster_run.tags.get("dagster/partition") in visits]
