@@ -1,6 +1,6 @@
 # dicom-assets: two commands on a fresh machine.
 #   make demo   set up, build the demo dataset, start the Dagster UI + daemon
-#   make test   set up and run the whole test suite
+#   make test   set up, lint (ruff: pyflakes + syntax) and run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= $(CURDIR)/.venv
@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DICOM_ASSETS_CACHE ?= $(CURDIR)/.cache
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: demo test setup samples bench clean
+.PHONY: demo test lint setup samples bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dicom-assets needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -30,7 +30,11 @@ samples: setup
 demo: samples
 	VENV=$(VENV) DEMO_ROOT=$(DEMO_ROOT) HOST=$(HOST) PORT=$(PORT) DAGSTER_YAML=$(DAGSTER_YAML) scripts/demo.sh
 
-test: samples
+# pyflakes (unused imports, undefined names) and syntax errors, before any test runs
+lint: setup
+	$(VENV)/bin/ruff check dicom_assets dicom_assets_tests bench --select F,E9
+
+test: lint samples
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: samples
