@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,11 +269,11 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
     try:
         used: set[str] = set()
         for rec in result.kept:
-            name = dest_name(rec.sop_instance_uid)
+            name = base = dest_name(rec.sop_instance_uid)
             n = 1
             while name.lower() in used:  # a digest collision (or a case-insensitive disk): stay unique
                 n += 1
-                name = f"{dest_name(rec.sop_instance_uid)[:-4]}-{n}.dcm"
+                name = f"{base[:-4]}-{n}.dcm"
             used.add(name.lower())
             rec.dest = name
             src = source_dir / rec.source
@@ -291,8 +290,8 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
         else:
             # the report is written (to a temporary file) first: if it cannot be, the previous
             # dicom/ folder and report stay as they were; it replaces the old one after the swap
-            with _report_writer(report_path) as write_rows:
-                write_rows(result)
+            with atomic_write(report_path, newline="", encoding="utf-8") as fh:
+                _write_rows(fh, result)
                 replace_dir_atomically(staging, dest_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -313,26 +312,20 @@ def _row(r: FileRecord) -> list:
     return row
 
 
-@contextmanager
-def _report_writer(path: Path):
-    """Yields a function writing the report to a temporary sibling; replaces ``path`` when
-    the block ends without error."""
-    with atomic_write(path, newline="", encoding="utf-8") as fh:
-        def write_rows(result: OrganizeResult) -> None:
-            w = csv.writer(fh, delimiter="\t", lineterminator="\n")
-            w.writerow(REPORT_COLUMNS)
-            for r in result.records:
-                w.writerow(_row(r))
-            fh.flush()
-
-        yield write_rows
+def _write_rows(fh, result: OrganizeResult) -> None:
+    """The report's rows to ``fh`` (flushed, so a full disk fails here, before any swap)."""
+    w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+    w.writerow(REPORT_COLUMNS)
+    for r in result.records:
+        w.writerow(_row(r))
+    fh.flush()
 
 
 def write_report(result: OrganizeResult, path: Path) -> None:
     """``logs/organize/<visit>_files.tsv``: one row per file, valid UTF-8 whatever the file
     names (see :func:`printable`)."""
-    with _report_writer(path) as write_rows:
-        write_rows(result)
+    with atomic_write(path, newline="", encoding="utf-8") as fh:
+        _write_rows(fh, result)
 
 
 def read_kept(path: Path) -> list[str]:
