@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .downloads import DONE_SUFFIX, classify_entry, names_by_download, participant_index, passed_over, signature
+from .downloads import (DONE_SUFFIX, classify_entry, entry_is_dir, names_by_download, participant_index, passed_over,
+                        signature)
 
 STATE_VERSION = 2
 CLASSIFY_VERSION = "1"  # bump when classify_entry changes what it decides: every name is classified again
@@ -381,7 +382,7 @@ class _Tick:
             if passed_over(e.name):
                 continue
             rel = f"{ses}/{e.name}"
-            key = rel.encode("utf-8", "surrogateescape")
+            key = _b(rel)
             seen.add(key)
             done = int((e.name + DONE_SUFFIX) in names)
             k = known.get(key)
@@ -420,7 +421,7 @@ class _Tick:
 
     def _classified(self, ses: str, e: os.DirEntry, done: int):
         participants, index, by_name = self.classify()
-        return classify_entry(ses, e.name, Path(e.path), _is_dir(e), e.is_symlink(), bool(done), participants,
+        return classify_entry(ses, e.name, Path(e.path), entry_is_dir(e), e.is_symlink(), bool(done), participants,
                               index, by_name)
 
     def first_sight(self, ses: str, e: os.DirEntry, row: dict | None, done: int, gen: int) -> None:
@@ -602,11 +603,4 @@ class _SqlIndex:
 
     def get(self, key: str, default=()):
         return [r[0] for r in self.db.execute("SELECT p FROM participants WHERE low=?", (key,))] or default
-
-
-def _is_dir(e: os.DirEntry) -> bool:
-    try:
-        return e.is_dir(follow_symlinks=False)
-    except OSError:
-        return False
 
