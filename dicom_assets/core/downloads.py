@@ -252,7 +252,7 @@ def names_by_download(dir_map: dict[tuple[str, str], str] | None) -> dict[tuple[
 
 def passed_over(name: str) -> bool:
     """Entries a scan passes over without a word: hidden names, ``.done`` markers, partial names."""
-    return name[:1] == "." or name.endswith(DONE_SUFFIX) or name.lower().endswith(PARTIAL_SUFFIXES)
+    return name[:1] == "." or name.endswith(DONE_SUFFIX) or is_partial_name(name)
 
 
 def entry_is_dir(e: os.DirEntry) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
 from ..core.downloads import read_dicom_dir_map, signature
-from ..core.downloads_state import DownloadsState, Settings, context_token
+from ..core.downloads_state import DownloadsState, Settings, context_token, parse_cursor
 from ..core.errors import DicomAssetsError
 from ..core.layout import Dataset, DatasetLayout
 from ..core.tcia import manifest_name, manifests, read_resolved
@@ -23,10 +23,7 @@ DOWNLOAD_TAG = "dicom_assets/download"
 
 def load_cursor(raw: str | None, *keys: str) -> list[dict]:
     """The named maps of a sensor's JSON cursor (empty when missing or unreadable)."""
-    try:
-        data = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        data = {}
+    data = parse_cursor(raw)
     return [data.get(k, {}) for k in keys]
 
 
