@@ -20,9 +20,7 @@ from queue import Queue
 from .errors import DicomAssetsError
 from .fasttags import KEYWORDS, parse_tags, read_tags
 from .fsutil import atomic_write
-from .tarball import BLOCK
-
-ZERO_BLOCK = bytes(BLOCK)
+from .tarball import BLOCK, ZERO_BLOCK
 
 HEAD_BYTES = 1 << 20
 TAG_BYTES = 16 << 10  # the tags sit in a header's first few KiB; the first MiB, then pydicom, if not

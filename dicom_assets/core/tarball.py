@@ -34,6 +34,7 @@ from .fasttags import DATE_TAGS_END, parse_tags, read_tags
 from .fsutil import temp_sibling
 
 BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 RECORD = 10240
 HEAD_BYTES = 64 << 10  # header tags are parsed from the first 64 KiB (pydicom beyond that)
 _CHUNK = 1 << 20
@@ -109,7 +110,7 @@ def _header(name: bytes, prefix: bytes, size: int, mtime: int, mode: int, typefl
     h[108:116] = _octal(0, 8)
     h[116:124] = _octal(0, 8)
     h[124:136] = _octal(size, 12)
-    h[136:148] = _octal(min(max(0, mtime), MAX_MTIME), 12)
+    h[136:148] = _octal(clamp_mtime(mtime), 12)
     h[148:156] = b" " * 8
     h[156:157] = typeflag
     h[257:263] = b"ustar\x00"
@@ -290,7 +291,7 @@ class _Writer:
                 if last and copied != m.size:
                     raise TarballError(f"{m.source} changed size while being archived ({m.size} -> {copied})")
                 self._used = end
-                self._write((header, view[start:end], _ZEROS[:-m.size % BLOCK] if last else b""))
+                self._write((header, view[start:end], ZERO_BLOCK[:-m.size % BLOCK] if last else b""))
                 header = b""
                 if last:
                     return
@@ -304,9 +305,6 @@ class _Writer:
         self._todo.put(None)
         self._thread.join()
         return self.sha256.hexdigest()
-
-
-_ZEROS = bytes(BLOCK)
 
 
 def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_after: int | None = None) -> TarballResult:
