@@ -158,13 +158,12 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
     names: set[str] = set()
     members = 0
     latest = 0
-    hasher = _StreamHasher()
-    on_bytes = hasher.update
     try:
         fh = open(tar_path, "rb", buffering=0)
     except OSError as exc:
-        hasher.close()
         raise TarFormatError(f"{tar_path}: the visit tarball cannot be read ({exc.strerror or exc})") from None
+    hasher = _StreamHasher()  # started once the file is open: nothing to stop if it cannot be
+    on_bytes = hasher.update
     try:
         with fh:
             for name, msize, mtime, typeflag, data in iter_tar(fh, on_bytes):
