@@ -39,6 +39,7 @@ import subprocess
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _MIXED = "0123456789zqjxkmvwgpfZQJXKMVWGPF"
 _TS = re.compile(rb"^(\d+(?:\.\d+)?)s ")
@@ -286,7 +287,7 @@ def format_refs(refs: dict[str, str], head_ref: str) -> str:
     return "".join(f"{sha} {ref}\n" for ref, sha in sorted(refs.items())) + f"@{head_ref} HEAD\n"
 
 
-def write_repo_zip(dest: Path, refs: dict[str, str], head_ref: str, pack: bytes, idx: bytes, pack_name: str) -> None:
+def write_repo_zip(dest: Path | BinaryIO, refs: dict[str, str], head_ref: str, pack: bytes, idx: bytes, pack_name: str) -> None:
     """The ZIP of a bare repository holding ``refs`` (objects: one pack), as datalad-annex's
     helper extracts it (top-level ``HEAD``, ``config``, ``objects/``, ``refs/``, ...)."""
     small = zipfile.ZIP_LZMA

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import annexwrite as aw
 from .errors import DicomAssetsError
-from .fsutil import file_lock, temp_sibling
+from .fsutil import atomic_write, file_lock, temp_sibling
 from .layout import DatasetLayout
 
 # git-annex metadata fields attached to every DICOM key (from the metadata JSON)
@@ -555,16 +555,11 @@ def _deposit_direct(r: _Runner, store_dir: Path, visit: str, force: bool) -> lis
         pack = _git(r.path, r.env, "pack-objects", "--revs", "-q", str(tmp / "pack"),
                     input="".join(n + "\n" for n in names).encode()).decode().strip()
         name = f"pack-{pack}"
-        zip_tmp = temp_sibling(repo_file)
-        try:
-            aw.write_repo_zip(zip_tmp, refs, head, (tmp / f"{name}.pack").read_bytes(),
+        with atomic_write(repo_file, "wb") as fh:
+            aw.write_repo_zip(fh, refs, head, (tmp / f"{name}.pack").read_bytes(),
                               (tmp / f"{name}.idx").read_bytes(), name)
-            os.replace(zip_tmp, repo_file)
-        finally:
-            zip_tmp.unlink(missing_ok=True)
-        refs_tmp = temp_sibling(refs_file)
-        refs_tmp.write_text(aw.format_refs(refs, head))
-        os.replace(refs_tmp, refs_file)
+        with atomic_write(refs_file) as fh:
+            fh.write(aw.format_refs(refs, head))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [str(f) for f in files]
