@@ -55,6 +55,14 @@ def failing_tool(tmp_path, monkeypatch, tool: str, subcommand: str, message: str
     return real_path
 
 
+def visit_inputs(indexed) -> tuple[Path, dict]:
+    """The demo visit's store folder and the ``index_visit`` arguments describing the visit."""
+    root, _, dicoms = indexed
+    store = root / "store" / "QPN"
+    tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
+    return store, {"visit": VISIT, "study": "QPN", "tarball_meta": tarball_meta, "dicoms_meta": list(dicoms.values())}
+
+
 @pytest.fixture(scope="module")
 def indexed(pristine_demo, tmp_path_factory):
     """One demo visit through the chain up to the DataLad dataset and the catalog."""
@@ -227,22 +235,18 @@ def test_git_lock_left_by_a_crash_is_reported_and_a_rerun_succeeds(indexed, tmp_
 
 @pytest.mark.faults
 def test_git_annex_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_path, monkeypatch):
-    root, meta, dicoms = indexed
-    store = root / "store" / "QPN"
-    tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
+    store, visit = visit_inputs(indexed)
     # a git-annex whose registerurl dies (as on a full disk), ahead of the real one on PATH
     real_path = failing_tool(tmp_path, monkeypatch, "git-annex", "registerurl",
                              "git-annex: .git/annex/journal: No space left on device", 1)
     ds = tmp_path / "ds"
     with pytest.raises(DataladError, match="No space left on device") as err:
-        index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
-                    store_dir=store, deposit=False, writer="batch")  # the direct writer starts no git-annex
+        index_visit(ds, **visit, store_dir=store, deposit=False, writer="batch")  # the direct writer starts no git-annex
     assert "git annex" in str(err.value)
     assert not ds.exists()  # the half-made dataset was built aside and removed
     monkeypatch.setenv("PATH", real_path)
-    res = index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
-                      store_dir=store, deposit=False)
-    assert res.changed and res.files == len(dicoms)
+    res = index_visit(ds, **visit, store_dir=store, deposit=False)
+    assert res.changed and res.files == len(visit["dicoms_meta"])
 
 
 @pytest.mark.browser
@@ -384,11 +388,9 @@ def test_direct_dataset_passes_git_annex_fsck_whereis_and_metadata(indexed, tmp_
     """git-annex's own checks on the direct writer's dataset: in a copy of the dataset folder
     (its .git as written here) and in a clone of the deposit."""
     root, meta, dicoms = indexed
-    store = root / "store" / "QPN"
-    tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
+    _, visit = visit_inputs(indexed)
     ds, deposit = tmp_path / "datalad" / VISIT, tmp_path / "store" / "QPN"
-    res = index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
-                      store_dir=deposit, store_base_url=(root / "store").as_uri(), writer="direct")
+    res = index_visit(ds, **visit, store_dir=deposit, store_base_url=(root / "store").as_uri(), writer="direct")
     assert not (ds / ".git" / "annex").exists()  # written without git-annex
     copy = tmp_path / "copy"
     shutil.copytree(ds, copy, symlinks=True)
@@ -421,22 +423,18 @@ def test_direct_dataset_passes_git_annex_fsck_whereis_and_metadata(indexed, tmp_
 def test_direct_writer_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_path, monkeypatch):
     """git fast-import dying (as on a full disk): the error names it, no half-made dataset is
     left, and a rerun builds it."""
-    root, meta, dicoms = indexed
-    store = root / "store" / "QPN"
-    tarball_meta = json.loads((store / f"{VISIT}_metadata_tarball.json").read_text())
+    _, visit = visit_inputs(indexed)
     real_path = failing_tool(tmp_path, monkeypatch, "git", "fast-import",
                              "fatal: cannot write pack: No space left on device", 128)
     ds = tmp_path / "ds"
     with pytest.raises(DataladError, match="No space left on device") as err:
-        index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
-                    store_dir=tmp_path / "store", writer="direct")
+        index_visit(ds, **visit, store_dir=tmp_path / "store", writer="direct")
     assert "fast-import" in str(err.value)
     assert not ds.exists() and not any(p.name.startswith(".ds.tmp") for p in tmp_path.iterdir())
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
     monkeypatch.setenv("PATH", real_path)
-    res = index_visit(ds, visit=VISIT, study="QPN", tarball_meta=tarball_meta, dicoms_meta=list(dicoms.values()),
-                      store_dir=tmp_path / "store", writer="direct")
-    assert res.changed and res.files == len(dicoms)
+    res = index_visit(ds, **visit, store_dir=tmp_path / "store", writer="direct")
+    assert res.changed and res.files == len(visit["dicoms_meta"])
 
 
 def test_writer_knob_is_validated(tmp_path, monkeypatch):
