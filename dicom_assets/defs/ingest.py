@@ -29,11 +29,11 @@ from ..core.downloads import (
 from ..core.errors import DicomAssetsError
 from ..core.ids import parse_visit_key
 from ..core.extract import extract_visit
-from ..core.layout import Dataset, DatasetLayout
+from ..core.layout import DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.versions import dump_version, kept_version
 from ..core.qc import build_montage, middle_images
-from ..core.sources import DUMP, visit_source
+from ..core.sources import DUMP, tcia_visits, visit_source
 from .lineage import DOWNLOADS
 from .partitions import visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
@@ -56,17 +56,14 @@ def downloads(context, dataset: DatasetResource) -> DataVersionsByPartition:
     ds = dataset.open()
     keys = (context.partition_keys if context.has_partition_key or context.has_partition_key_range
             else context.instance.get_dynamic_partitions(visits_partitions.name))
+    tcia = tcia_visits(ds.layout)  # once, not once per visit
     out = {}
     for key in keys:
-        items = _visit_dumps(ds, parse_visit_key(key))
+        # a visit's dump(s): the series zips of a TCIA visit, else its items in downloads/<session>/
+        items = visit_source(ds, parse_visit_key(key), tcia=tcia).dumps(ds)
         if items:
             out[key] = DataVersion(dump_version(_signed(ds.layout, items)))
     return DataVersionsByPartition(out)
-
-
-def _visit_dumps(ds: Dataset, visit) -> list[DownloadItem]:
-    """A visit's dump(s): the series zips of a TCIA visit, else its items in downloads/<session>/."""
-    return visit_source(ds, visit).dumps(ds)
 
 
 def _signed(lay: DatasetLayout, items: list[DownloadItem]) -> list[tuple[str, str]]:
