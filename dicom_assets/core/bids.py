@@ -54,7 +54,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import DicomAssetsError
-from .fsutil import atomic_write, file_lock, tree_digests
+from .fsutil import atomic_write, file_lock, temp_sibling, tree_digests
 
 CONVERTER_VERSION = "1"  # bump when a change here changes what a conversion writes
 BIDS_VERSION = "1.10.1"
@@ -389,12 +389,7 @@ def run_dcm2bids(niix: Path, work: Path, participant: str, session_label: str, c
     return out, text
 
 
-# --------------------------------------------------------------------------- files and the swap
-def tree_files(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path (links are followed)."""
-    return tree_digests(root)
-
-
+# --------------------------------------------------------------------------- the swap
 _libc = None
 
 
@@ -673,7 +668,7 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
     previous = _read_record(record_path)
     acq_times = {}
     if previous and previous.get("fingerprint") == fp and target.is_dir() \
-            and tree_files(target) == previous.get("tree"):
+            and tree_digests(target) == previous.get("tree"):
         with file_lock(lock_path):
             if previous.get("acq_time"):
                 acq_times[(sub, session)] = previous["acq_time"]
@@ -704,14 +699,14 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
                                     note=f"no series matched an entry of {config.path}: nothing written"
                                     + (" (the session folder of an earlier conversion is left as it was)"
                                        if target.exists() else ""))
-        new_tree = tree_files(staged)
+        new_tree = tree_digests(staged)
         acq = acq_time_of(dicom_dir / series[0].files[0])
         files = sorted(f"{session_rel}/{k}" for k in new_tree)
         with file_lock(lock_path):
-            changed = tree_files(target) != new_tree
+            changed = tree_digests(target) != new_tree
             if changed:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                final = target.with_name(f".{session}.tmp-{uuid.uuid4().hex[:8]}")
+                final = temp_sibling(target)
                 os.replace(staged, final)  # same filesystem: scratch/ and bids/ share the root
                 try:
                     swap_in(final, target)
