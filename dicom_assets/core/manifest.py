@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +30,10 @@ class Manifest:
     table: pd.DataFrame  # one row per participant-session, with normalized columns added
     source: str
 
-    @property
+    @cached_property
     def participants(self) -> dict[str, str]:
-        """normalized id -> raw id as written in the manifest."""
+        """normalized id -> raw id as written in the manifest (built once: ``raw_participant_id``
+        and every caller's ``set(...)`` used to rebuild it from the table, per call)."""
         t = self.table
         return dict(zip(t["participant"].tolist(), t["participant_id"].tolist()))
 
