@@ -435,6 +435,17 @@ def parse_upload_zip(body: bytes, ignore_unparsable: bool) -> tuple[list[tuple[s
 _ROW_STATUS_IN_TABLE = {"_ARCHIVING": "ARCHIVING"}
 
 
+def _file_rows(base: str, label: str, files: dict[str, str]) -> list[dict]:
+    """FileList rows of one scan resource (``collection`` is the resource label)."""
+    return [{"Name": n, "Size": str(Path(p).stat().st_size), "collection": label,
+             "URI": f"{base}/resources/{label}/files/{n}"} for n, p in sorted(files.items())]
+
+
+def _prearchive_key(src: str) -> str:
+    """The row key (``<project>/<timestamp>/<name>``) of a prearchive URI as a ``src`` names it."""
+    return src.replace("/data/prearchive/projects/", "").replace("/prearchive/projects/", "").strip("/")
+
+
 class _Handler(BaseHTTPRequestHandler):
     xnat: XnatTestServer
     protocol_version = "HTTP/1.1"
@@ -662,14 +673,14 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._experiments(method, subj, parts[4:], q, body)
             if len(parts) >= 2 and parts[0] == "subjects":
                 subj = x.find_subject(parts[1])
-                if subj is None or self.user not in x.projects[subj.project].roles:
+                if subj is None or x.role(subj.project, self.user) is None:
                     raise _HttpError(404, f"Subject {parts[1]} not found")
                 if len(parts) == 2:
                     return self._send(200, self._subject_item(subj))
                 return self._experiments(method, subj, parts[2:], q, body)
             if len(parts) >= 2 and parts[0] == "experiments":
                 exp = x.find_experiment(parts[1])
-                if exp is None or self.user not in x.projects[exp.project].roles:
+                if exp is None or x.role(exp.project, self.user) is None:
                     raise _HttpError(404, f"Experiment {parts[1]} not found")
                 return self._experiment(method, exp, parts[2:], q, body)
             if parts == ["experiments"]:
@@ -736,10 +747,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "ID": scan.id, "type": scan.series_description, "series_description": scan.series_description,
                     "image_session_ID": exp.id, "UID": scan.uid, "frames": len(scan.files)}))
             if rest[2:] == ["files"]:  # FileList: every resource's files, the resource label in "collection"
-                return self._send(200, _result_set([
-                    {"Name": n, "Size": str(Path(p).stat().st_size), "collection": label,
-                     "URI": f"{base}/resources/{label}/files/{n}"}
-                    for label, res in scan.resources.items() for n, p in sorted(res.items())]))
+                return self._send(200, _result_set([row for label, res in scan.resources.items()
+                                                    for row in _file_rows(base, label, res)]))
             if rest[2:] == ["resources"]:
                 return self._send(200, _result_set([
                     {"xnat_abstractresource_id": label, "label": label, "element_name": "xnat:resourceCatalog",
@@ -749,9 +758,7 @@ class _Handler(BaseHTTPRequestHandler):
                 res = scan.resources.get(rest[3])
                 if res is None:
                     raise _HttpError(404, f"Resource {rest[3]} not found")
-                return self._send(200, _result_set([
-                    {"Name": n, "Size": str(Path(p).stat().st_size), "collection": rest[3],
-                     "URI": f"{base}/resources/{rest[3]}/files/{n}"} for n, p in sorted(res.items())]))
+                return self._send(200, _result_set(_file_rows(base, rest[3], res)))
         if rest and rest[0] == "resources":
             return self._resources(method, exp.resources, rest, self.xnat.storage / exp.project / exp.label / "RESOURCES",
                                    f"/data/experiments/{exp.id}", body)
@@ -821,7 +828,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, "Unsupported format UNKNOWN" if mtype != "application/x-tar"
                              else "tar uploads are not modelled by this test server")
         project = q.get("project")
-        if not project or project not in x.projects or self.user not in x.projects[project].roles:
+        if not project or x.role(project, self.user) is None:
             # GradualDicomImporter.getProject: no project the user may create data in
             raise _HttpError(400, f"Project {project!r} does not exist or the user may not upload to it")
         ignore = q.get("Ignore-Unparsable", "false").lower() == "true"
@@ -872,7 +879,7 @@ class _Handler(BaseHTTPRequestHandler):
         x = self.xnat
         parts = path.strip("/").split("/")[2:]  # after data/prearchive
         with x.lock:
-            visible = {k: e for k, e in x.prearchive.items() if self.user in x.projects.get(e.project, Project("", "")).roles}
+            visible = {k: e for k, e in x.prearchive.items() if x.role(e.project, self.user) is not None}
             if parts in ([], ["projects"]):
                 return self._send(200, _result_set([self._pre_row(e) for e in visible.values()]))
             if len(parts) == 2 and parts[0] == "projects":
@@ -900,9 +907,8 @@ class _Handler(BaseHTTPRequestHandler):
         rows = []
         with x.lock:
             for src in srcs:
-                key = unquote(src).replace("/data/prearchive/projects/", "").replace("/prearchive/projects/", "")
-                e = x.prearchive.get(key.strip("/"))
-                if e is None or self.user not in x.projects.get(e.project, Project("", "")).roles:
+                e = x.prearchive.get(_prearchive_key(unquote(src)))
+                if e is None or x.role(e.project, self.user) is None:
                     continue
                 rows.append(self._pre_row(e))
                 if e.status not in LOCKED:
@@ -922,10 +928,10 @@ class _Handler(BaseHTTPRequestHandler):
         form = {k: v[-1] for k, v in parse_qs(body.decode(errors="replace")).items()}
         arg = {**form, **q}
         src = arg.get("src") or ""
-        key = src.replace("/data/prearchive/projects/", "").replace("/prearchive/projects/", "").strip("/")
+        key = _prearchive_key(src)
         with x.lock:
             e = x.prearchive.get(key)
-            if e is None or self.user not in x.projects.get(e.project, Project("", "")).roles:
+            if e is None or x.role(e.project, self.user) is None:
                 raise _HttpError(404, f"No prearchive session {src}")
             if e.status in LOCKED:
                 raise _HttpError(423, "Duplicate archive attempt. Prearchive session already archiving.")
