@@ -256,8 +256,9 @@ class NbiaTestServer:
                                 buf.flush()
                                 server.pause[uid].wait(60)
                             if short and k == len(images) // 2:
-                                # the file is missing on NBIA's storage: FileNotFoundException ends the loop,
-                                # the zip is closed as it is and the md5 list is never written
+                                # the file is missing on NBIA's storage: in V1_getImageWithMD5Hash's
+                                # StreamingOutput a FileNotFoundException ends the loop, the finally
+                                # closes the zip as it is and the md5 list is never written
                                 with_md5 = False
                                 break
                             hashes[name] = hashlib.md5(data).hexdigest()  # what NBIA's database holds
