@@ -5,7 +5,7 @@ changes, computed from what each step writes (no Dagster import: ``defs/`` turns
 - a visit's dump(s) in ``downloads/``: :func:`dump_version` of each item's path and signature
   (size, mtime, file count), the value the downloads sensor observes and ``raw_dicoms`` extracted;
 - ``organized_dicoms``: :func:`kept_version`, the kept (SOPInstanceUID, size) list;
-- ``visit_tarball``: the tarball's sha256; ``visit_metadata``: :func:`file_md5` of the dicoms JSON;
+- ``visit_tarball``: the tarball's sha256; ``visit_metadata``: the md5 of the dicoms JSON;
 - ``datalad_dataset``: its commit; ``xnat_session``: :func:`xnat_version` (session + scan counts);
 - ``bids_session``: :func:`tree_version` of the session folder.
 """
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from .fsutil import file_digest, tree_digests
+from .fsutil import tree_digests
 
 
 def _sha256_lines(lines: Iterable[str]) -> str:
@@ -42,10 +42,6 @@ def kept_version(kept: Iterable[tuple[str, int]]) -> str:
     read here: organize reads headers only, and hashing every byte again would double its reads;
     the tarball's sha256, the next version, covers the content.)"""
     return "kept-" + _sha256_lines(f"{uid}\t{size}" for uid, size in sorted(kept))[:32]
-
-
-def file_md5(path: Path) -> str:
-    return file_digest(path, "md5")
 
 
 def xnat_version(session: str, scans: dict[str, int]) -> str:

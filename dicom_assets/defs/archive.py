@@ -1,6 +1,7 @@
 """Archive: the reproducible ``visit_tarball`` and the ``visit_metadata`` JSON files."""
 
 
+import hashlib
 import json
 from collections import Counter
 
@@ -23,7 +24,6 @@ from ..core.errors import DicomAssetsError
 from ..core.metadata import describe_tarball, write_metadata
 from ..core.organize import read_kept
 from ..core.tarball import organized_files, write_tarball
-from ..core.versions import file_md5
 from .ingest import organized_dicoms
 from .partitions import organized_dir_of, visit_asset, visit_of
 from .resources import DatasetResource
@@ -107,8 +107,10 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
                      for d in meta.dicoms)
     rows = [{"series_number": k[0], "series_description": k[1], "modality": k[2], "protocol_name": k[3],
              "files": n} for k, n in sorted(series.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0))]
-    checks = _metadata_checks(context, ds, visit, tj, dj, meta)
-    return MaterializeResult(check_results=checks, data_version=DataVersion(file_md5(dj)), metadata={
+    dj_bytes = dj.read_bytes()  # read back once: for the checks and for the data version (its md5)
+    checks = _metadata_checks(context, ds, visit, tj, json.loads(dj_bytes), meta)
+    version = DataVersion(hashlib.md5(dj_bytes).hexdigest())
+    return MaterializeResult(check_results=checks, data_version=version, metadata={
         "dicoms": meta.tarball["dicoms"],
         "members": meta.tarball["members"],
         "md5": meta.tarball["md5"],
@@ -123,14 +125,13 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
     })
 
 
-def _metadata_checks(context, ds, visit, tj_path, dj_path, meta) -> list[AssetCheckResult]:
+def _metadata_checks(context, ds, visit, tj_path, written_dj: list, meta) -> list[AssetCheckResult]:
     # visit_tarball's data version is the sha256 it wrote: the one Dagster holds for this visit
     record = context.instance.get_latest_data_version_record(AssetKey("visit_tarball"), False, visit.key)
     recorded = extract_data_version_from_entry(record.event_log_entry) if record else None
     recorded = recorded.value if recorded is not None else None
     actual = meta.tarball["sha256"]
     written_tj = json.loads(tj_path.read_text())
-    written_dj = json.loads(dj_path.read_text())
     try:  # from the organize report, not from a listing of the folder the tarball was made of
         kept: int | str = len(read_kept(ds.layout.organize_report_path(visit)))
     except DicomAssetsError as exc:
