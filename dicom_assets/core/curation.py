@@ -84,14 +84,13 @@ def _line(row: dict) -> str:
     return buf.getvalue()
 
 
-def _header() -> bytes:
-    return ("\t".join(COLUMNS) + "\n").encode("utf-8")
+_HEADER = ("\t".join(COLUMNS) + "\n").encode("utf-8")
 
 
 def _write_all(dataset: Dataset, path: Path) -> None:
     rows = compute_status(dataset)
     with atomic_write(path, "wb") as fh:
-        fh.write(_header() + "".join(_line(r) for r in rows).encode("utf-8"))
+        fh.write(_HEADER + "".join(_line(r) for r in rows).encode("utf-8"))
 
 
 def update_curation_status(dataset: Dataset) -> Path:
@@ -126,9 +125,10 @@ def update_visit_status(dataset: Dataset, visit, *, in_downloads: bool | None = 
             data = path.read_bytes()
         except FileNotFoundError:
             data = b""
-        found = _find_row(data, visit.key) if data.startswith(_header()) else None
+        current = data.startswith(_HEADER)
+        found = _find_row(data, visit.key) if current else None
         if found is None:
-            source = visit_source(dataset, visit) if data.startswith(_header()) else None
+            source = visit_source(dataset, visit) if current else None
             if source is None or source.kind == "dump":
                 _write_all(dataset, path)  # no file yet, an old header, or the manifest grew
             elif source.kind == "tcia":  # a TCIA visit resolved since: its row appended
@@ -139,7 +139,7 @@ def update_visit_status(dataset: Dataset, visit, *, in_downloads: bool | None = 
                     fh.write(line)
             return path  # a visit of no source has no row
         start, end = found
-        old = next(csv.DictReader([_header().decode(), data[start:end].decode("utf-8")], delimiter="\t"))
+        old = next(csv.DictReader([_HEADER.decode(), data[start:end].decode("utf-8")], delimiter="\t"))
         keep = old["in_downloads"] == "true" if in_downloads is None else in_downloads
         line = _line(visit_row(dataset, visit, old["participant_id"], keep)).encode("utf-8")
         if line != data[start:end]:
