@@ -141,6 +141,21 @@ def redeliver(path: Path, data: bytes | None = None) -> None:
     os.replace(tmp, path)
 
 
+def chain_run(instance, root, xnat):
+    """The sensor takes the demo dump and the whole chain runs: the sensor (to tick again) and
+    the data versions the UI shows then."""
+    ticker = sensor(instance, root)
+    take(ticker)
+    full_chain(instance, root, xnat)
+    with ui(instance) as view:
+        return ticker, versions(view)
+
+
+def commit_count(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-list", "--count", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -175,14 +190,9 @@ def test_data_versions_are_the_hashes_of_the_files(instance, demo_root, xnat):
 
 
 def test_redelivered_identical_dump_leaves_downstream_fresh(instance, demo_root, xnat):
-    ticker = sensor(instance, demo_root)
-    take(ticker)
-    full_chain(instance, demo_root, xnat)
-    with ui(instance) as view:
-        before = versions(view)
+    ticker, before = chain_run(instance, demo_root, xnat)
     head = DatasetLayout(demo_root).datalad_dir("QPN", V)
-    commits = subprocess.run(["git", "-C", str(head), "rev-list", "--count", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout
+    commits = commit_count(head)
 
     redeliver(demo_root / "downloads" / DUMP)  # the same bytes, delivered again
     take(ticker)
@@ -203,8 +213,7 @@ def test_redelivered_identical_dump_leaves_downstream_fresh(instance, demo_root,
     with ui(instance) as view:
         assert {a: view(a)["version"] for a in AFTER_ORGANIZE} == {a: before[a] for a in AFTER_ORGANIZE}
         assert statuses(view, ALL[1:]) == {a: "FRESH" for a in ALL[1:]}
-    assert subprocess.run(["git", "-C", str(head), "rev-list", "--count", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout == commits
+    assert commit_count(head) == commits
 
 
 def without_member(zip_path: Path, name_part: str) -> bytes:
@@ -221,11 +230,7 @@ def without_member(zip_path: Path, name_part: str) -> bytes:
 
 
 def test_changed_dump_marks_downstream_stale(instance, demo_root, xnat):
-    ticker = sensor(instance, demo_root)
-    take(ticker)
-    full_chain(instance, demo_root, xnat)
-    with ui(instance) as view:
-        before = versions(view)
+    ticker, before = chain_run(instance, demo_root, xnat)
 
     dump = demo_root / "downloads" / DUMP
     redeliver(dump, without_member(dump, "03_T1w_MPRAGE/DICOM/IM0001"))  # one kept DICOM fewer
