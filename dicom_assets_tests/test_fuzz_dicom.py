@@ -200,6 +200,19 @@ def _archive_twice(out: Path, work: Path, report: Path) -> None:
     tried("metadata: same JSON twice, one record per member")
 
 
+def _organize_checked(raw: Path, out: Path, report: Path):
+    """organize_visit of the fuzzed visit, every file accounted for (:func:`_check_organized`)."""
+    result = organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
+    _check_organized(result, raw, out, report)
+    tried("organize: every file kept or excluded with a reason, in the report")
+    return result
+
+
+def _raw_unchanged(raw: Path, before) -> None:
+    assert _digest(raw) == before
+    tried("raw inputs: bytes and names unchanged")
+
+
 def _fresh(tmp_path: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=tmp_path))
 
@@ -247,17 +260,14 @@ def test_organize_accounts_for_every_file_of_a_hostile_tree(seeds, t1_bytes, tmp
         before = _digest(raw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
-            _check_organized(result, raw, out, report)
-            tried("organize: every file kept or excluded with a reason, in the report")
+            result = _organize_checked(raw, out, report)
             assert len(result.kept) >= good
             again = organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
             assert [(r.source, r.reason, r.dest) for r in again.records] == \
                 [(r.source, r.reason, r.dest) for r in result.records]
             tried("organize: same records and names on a re-run")
             _archive_twice(out, work, report)
-        assert _digest(raw) == before
-        tried("raw inputs: bytes and names unchanged")
+        _raw_unchanged(raw, before)
     finally:
         shutil.rmtree(work)
 
@@ -301,12 +311,9 @@ def test_random_tag_values_organize_and_archive_reproducibly(seeds, t1_bytes, tm
             _write(raw, b"dump/odd", data)
             _write(raw, b"dump/good", t1_bytes[0])
             before = _digest(raw)
-            result = organize_visit("P1_ses-01", raw, out, RULES, report_path=report)
-            _check_organized(result, raw, out, report)
-            tried("organize: every file kept or excluded with a reason, in the report")
+            _organize_checked(raw, out, report)
             _archive_twice(out, work, report)
-        assert _digest(raw) == before
-        tried("raw inputs: bytes and names unchanged")
+        _raw_unchanged(raw, before)
     finally:
         shutil.rmtree(work)
 
