@@ -123,7 +123,8 @@ def expected_scans(files: list[UploadFile]) -> dict[str, int]:
     """Series number -> file count the XNAT session should end with."""
     out: dict[str, int] = {}
     for f in files:
-        out[_scan_key(f)] = out.get(_scan_key(f), 0) + 1
+        key = _scan_key(f)
+        out[key] = out.get(key, 0) + 1
     return out
 
 
@@ -320,9 +321,10 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
                     "session_label_pattern or rename the session in XNAT")
             result.subject = existing["subject"]
             have = dicom_names(session, existing["id"])
-            missing = _missing(want, have) - set(known_filtered)
+            absent = _missing(want, have)
+            missing = absent - known_filtered
             foreign = _foreign(want, have)
-            result.filtered = sorted(_missing(want, have) & set(known_filtered))
+            result.filtered = sorted(absent & known_filtered)
 
             def unchanged(status: str, why: str) -> UploadResult:
                 result.status, result.session_uri = status, existing["uri"]
