@@ -167,7 +167,8 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
                                   "warnings": result.warnings}, indent=2) + "\n")
     update_visit_status(ds, visit)
     # the kept, non-excluded series, minus what XNAT's own import filter dropped (reported)
-    want = expected_scans([f for f in files if f.arcname not in set(result.filtered)])
+    filtered = set(result.filtered)
+    want = expected_scans([f for f in files if f.arcname not in filtered])
     have = {s["scan"]: s["files"] for s in result.scans}
     context.log.info(f"{visit.key}: {result.status} as {result.project}/{result.subject}/{result.session_label}")
     return MaterializeResult(
