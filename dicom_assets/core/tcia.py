@@ -252,16 +252,20 @@ def _norm_col(name: str) -> str:
     return re.sub(r"[\s_]", "", name.strip().strip('"').lower())
 
 
-def _csv_series_column(fieldnames) -> str | None:
-    wanted = {_norm_col(c) for c in CSV_SERIES_COLUMNS}
+def _csv_column(fieldnames, names) -> str | None:
+    """The first of ``fieldnames`` that is one of ``names`` (case, spaces and ``_`` ignored)."""
+    wanted = {_norm_col(c) for c in names}
     return next((f for f in fieldnames or [] if _norm_col(f) in wanted), None)
+
+
+def _csv_series_column(fieldnames) -> str | None:
+    return _csv_column(fieldnames, CSV_SERIES_COLUMNS)
 
 
 def _parse_csv(path: Path, text: str) -> TciaManifest:
     reader = csv.DictReader(io.StringIO(text.lstrip("\r\n")))
     series_col = _csv_series_column(reader.fieldnames)
-    study_wanted = {_norm_col(c) for c in CSV_STUDY_COLUMNS}
-    study_col = next((f for f in reader.fieldnames or [] if _norm_col(f) in study_wanted), None)
+    study_col = _csv_column(reader.fieldnames, CSV_STUDY_COLUMNS)
     series, study_of, seen, duplicates = [], {}, {}, []
     for row in reader:
         n = reader.line_num
