@@ -660,6 +660,11 @@ class _Handler(BaseHTTPRequestHandler):
                 subj = p.subjects.get(parts[3]) or next((s for s in p.subjects.values() if s.id == parts[3]), None)
                 if len(parts) == 4:
                     if method == "PUT":
+                        # SubjectResource.handlePut (xnat-web, restlet/resources): a new subject takes the
+                        # URI's SUBJECT_ID as its label and is looked up first by project + label
+                        # (GetSubjectByProjectIdentifier). That class calls no cleanValue: cleaning a label
+                        # here is this server's choice, not read in XNAT's code (XNAT's validateSubject, not
+                        # yet read, may refuse such a label instead); the client sends labels it has cleaned.
                         if subj is None:
                             label = clean_value(parts[3])
                             subj = p.subject_ci(label) or p.subjects.setdefault(
