@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -254,22 +253,12 @@ def _tree_rss_mb(session: int) -> float:
     return total / 1024
 
 
-LAUNCH = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-  }
-}"""
-
-
 def backfill_bench(samples, work: Path, visits_n: int = 30, slices: int = 8, timeout: float = 3600) -> dict:
     """``visits_n`` demo visits backfilled through ``dagster dev`` with the project's dagster.yaml
     (whole chain: archive, DataLad, catalog, XNAT test server), as the UI launches a backfill."""
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-    from dicom_assets.testing.dagster_dev import DagsterDev
+    from dicom_assets.testing.dagster_dev import LAUNCH_BACKFILL, DagsterDev
 
     n_part = -(-visits_n // 2)
     root = _demo_root(samples, work / "backfill_root", tuple(f"BF_{i:03d}" for i in range(n_part)), slices)
@@ -292,13 +281,10 @@ def backfill_bench(samples, work: Path, visits_n: int = 30, slices: int = 8, tim
         with _dagster_home(home), DagsterInstance.from_config(str(home)) as instance:
             instance.add_dynamic_partitions("visits", visits)
             from dicom_assets.definitions import CHAIN_ASSETS
-            req = urllib.request.Request(f"{dev.url}/graphql", method="POST", headers={
-                "Content-Type": "application/json"}, data=json.dumps({"query": LAUNCH, "variables": {"params": {
-                    "partitionNames": visits, "fromFailure": False,
-                    "assetSelection": [{"path": [a.key.path[-1]]} for a in CHAIN_ASSETS]}}}).encode())
+            params = {"partitionNames": visits, "fromFailure": False,
+                      "assetSelection": [{"path": [a.key.path[-1]]} for a in CHAIN_ASSETS]}
             t0 = time.monotonic()
-            with urllib.request.urlopen(req, timeout=120) as r:
-                launched = json.loads(r.read())["data"]["launchPartitionBackfill"]
+            launched = dev.graphql(LAUNCH_BACKFILL, {"params": params}, timeout=120)["launchPartitionBackfill"]
             if launched["__typename"] != "LaunchBackfillSuccess":
                 raise RuntimeError(f"backfill not launched: {launched}")
             bid = launched["backfillId"]

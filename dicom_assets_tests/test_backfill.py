@@ -15,43 +15,19 @@ once (a user clicking twice). The promises checked:
 - every visit ends on XNAT.
 """
 
-import json
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 N_PARTICIPANTS = 25  # x 2 sessions = 50 visits
 ASSETS = ["raw_dicoms", "organized_dicoms", "visit_tarball", "visit_metadata", "xnat_session"]
 
 pytestmark = pytest.mark.scale
-
-
-def graphql(port: int, query: str, variables: dict) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", method="POST",
-                                 data=json.dumps({"query": query, "variables": variables}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        out = json.loads(r.read())
-    assert "errors" not in out, out
-    return out["data"]
-
-
-LAUNCH = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on UnauthorizedError { message }
-  }
-}"""
 
 
 def _wait(predicate, timeout: float, what: str, log: Path):
@@ -67,7 +43,7 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
     from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
 
-    from dicom_assets.testing.dagster_dev import DagsterDev
+    from dicom_assets.testing.dagster_dev import LAUNCH_BACKFILL, DagsterDev
     from dicom_assets.testing.demo import build_demo_dataset
     from dicom_assets.testing.xnat_server import XnatTestServer
 
@@ -84,12 +60,11 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
 
     xnat = XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=tmp_path / "xnat").start()
     xnat.import_seconds = 2.0  # every upload takes a while: overlapping uploads would show
-    port = free_port()
     env = {"DAGSTER_HOME": str(home), "DICOM_ASSETS_ROOT": str(root), "XNAT_HOST": xnat.url,
            "XNAT_USER": "admin", "XNAT_PASSWORD": "pw",
            "DICOM_ASSETS_SENSORS": "off", "DICOM_ASSETS_EXECUTOR": "in_process"}
     log = tmp_path / "dagster-dev.log"
-    dev = DagsterDev(REPO / "workspace.yaml", cwd=REPO, env=env, log=log, port=port, start_timeout=180)
+    dev = DagsterDev(REPO / "workspace.yaml", cwd=REPO, env=env, log=log, start_timeout=180)
     try:
         dev.start()
         instance = DagsterInstance.from_config(str(home))
@@ -98,7 +73,7 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
         # clicking twice): the queue must hold the second run of each of those visits back
         ids, twice = [], visits[::5]
         for names in (visits, twice):
-            launched = graphql(port, LAUNCH, {"params": {
+            launched = dev.graphql(LAUNCH_BACKFILL, {"params": {
                 "partitionNames": names, "fromFailure": False,
                 "assetSelection": [{"path": [a]} for a in ASSETS],
             }})["launchPartitionBackfill"]

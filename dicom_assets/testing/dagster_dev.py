@@ -4,13 +4,14 @@
 Used by the backfill scale test and the throughput benchmark, which drive a real daemon::
 
     with dagster_dev(workspace, cwd=repo, env={"DAGSTER_HOME": ...}, log=tmp / "dev.log") as dev:
-        urllib.request.urlopen(f"{dev.url}/graphql", ...)
+        dev.graphql(LAUNCH_BACKFILL, {"params": ...})
 
 or, inside an existing ``try``/``finally``, ``dev.start()`` and ``dev.stop()`` (idempotent).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,6 +28,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+  }
+}"""
 
 
 class DagsterDev:
@@ -58,6 +70,17 @@ class DagsterDev:
         """Process id of ``dagster dev``, also the id of the session it leads."""
         assert self.proc is not None, "dagster dev not started"
         return self.proc.pid
+
+    def graphql(self, query: str, variables: dict, timeout: float = 60) -> dict:
+        """The ``data`` of a GraphQL request to the webserver (``RuntimeError`` when it reports errors)."""
+        req = urllib.request.Request(f"{self.url}/graphql", method="POST",
+                                     data=json.dumps({"query": query, "variables": variables}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            out = json.loads(r.read())
+        if "errors" in out:
+            raise RuntimeError(f"GraphQL errors: {out}")
+        return out["data"]
 
     def _up(self) -> bool:
         try:
