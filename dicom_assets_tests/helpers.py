@@ -1,5 +1,7 @@
 """Test helpers: materialize the chain of one visit on a real instance; ports and the browser."""
 
+import os
+import pickle
 import shutil
 import socket
 
@@ -49,6 +51,39 @@ class Ticker:
             for req in result.dynamic_partitions_requests or []:
                 self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
         return result
+
+
+def as_nobody(fn):
+    """fn() in a forked child running as uid/gid 65534 (nobody), so that file permissions are
+    enforced (the tests run as root, who reads everything). ("ok", value) or ("error", type, message)."""
+    if os.geteuid() != 0:
+        try:
+            return ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return ("error", type(exc).__name__, str(exc))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop root, run, report through the pipe, never return into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                res = ("ok", fn())
+            except Exception as exc:  # noqa: BLE001
+                res = ("error", type(exc).__name__, str(exc))
+            os.write(w, pickle.dumps(res))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, "the unprivileged child failed"
+    return pickle.loads(data)
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

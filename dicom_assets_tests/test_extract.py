@@ -4,7 +4,6 @@ nothing outside the target is written, downloads are never changed."""
 import hashlib
 import io
 import os
-import pickle
 import shutil
 import struct
 import tarfile
@@ -17,6 +16,8 @@ import pytest
 from dicom_assets.core.downloads import DownloadItem
 from dicom_assets.core.errors import UnsafeArchiveError
 from dicom_assets.core.extract import ExtractLimits, extract_visit
+
+from .helpers import as_nobody
 
 # every refusal compares the archive's sha256 before and after (assert_refused)
 pytestmark = [pytest.mark.faults, pytest.mark.checks_inputs]
@@ -282,38 +283,6 @@ def test_vanished_zip_is_named(tmp_path):
         run(tmp_path / "P1.zip", "zip", tmp_path / "raw" / "P1")
     assert not (tmp_path / "raw" / "P1").exists()
 
-
-def as_nobody(fn):
-    """fn() in a forked child running as uid/gid 65534 (nobody), so that file permissions are
-    enforced (the tests run as root, who reads everything). ("ok", value) or ("error", type, message)."""
-    if os.geteuid() != 0:
-        try:
-            return ("ok", fn())
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            return ("error", type(exc).__name__, str(exc))
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop root, run, report through the pipe, never return into pytest
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                res = ("ok", fn())
-            except Exception as exc:  # noqa: BLE001
-                res = ("error", type(exc).__name__, str(exc))
-            os.write(w, pickle.dumps(res))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and data, "the unprivileged child failed"
-    return pickle.loads(data)
 
 
 @pytest.fixture
