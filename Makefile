@@ -1,6 +1,6 @@
 # dicom-assets: two commands on a fresh machine.
 #   make demo   set up, build the demo dataset, start the Dagster UI + daemon
-#   make test   set up, lint (ruff: pyflakes + syntax) and run the whole test suite
+#   make test   set up, lint (ruff: pyflakes, syntax, import order) and run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= $(CURDIR)/.venv
@@ -30,9 +30,9 @@ samples: setup
 demo: samples
 	VENV=$(VENV) DEMO_ROOT=$(DEMO_ROOT) HOST=$(HOST) PORT=$(PORT) DAGSTER_YAML=$(DAGSTER_YAML) scripts/demo.sh
 
-# pyflakes (unused imports, undefined names) and syntax errors, before any test runs
+# ruff (pyproject.toml [tool.ruff]): pyflakes, syntax errors and import order, before any test runs
 lint: setup
-	$(VENV)/bin/ruff check dicom_assets dicom_assets_tests bench --select F,E9
+	$(VENV)/bin/ruff check dicom_assets dicom_assets_tests bench
 
 test: lint samples
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -42,12 +42,12 @@ sys.path.insert(0, str(REPO))
 import pydicom  # noqa: E402
 
 from dicom_assets import __version__  # noqa: E402
-from dicom_assets.testing.demo import build_corpus  # noqa: E402
 from dicom_assets.core.dicomscan import Rules  # noqa: E402
 from dicom_assets.core.metadata import describe_tarball  # noqa: E402
 from dicom_assets.core.organize import organize_visit  # noqa: E402
-from dicom_assets.testing.samples import ensure_samples  # noqa: E402
 from dicom_assets.core.tarball import organized_files, write_tarball  # noqa: E402
+from dicom_assets.testing.demo import build_corpus  # noqa: E402
+from dicom_assets.testing.samples import ensure_samples  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp  # noqa: E402
@@ -88,14 +88,14 @@ def sensor_bench(items: int, work: Path, batch: int | None = None) -> dict:
     (cursor kept, partition adds applied): the fresh archive taken tick by tick (each download
     exactly once, in order), idle ticks, the periodic full listing, 10 new dumps; then one
     chain step's curation-status update (issue 15)."""
+    import logging
+
     from dagster import SensorResult, build_sensor_context, instance_for_test
 
     from dicom_assets.core.downloads_state import Settings
-    from dicom_assets.defs.sensors import build_downloads_sensor
     from dicom_assets.definitions import visit_chain_job
     from dicom_assets.defs.resources import DatasetResource
-
-    import logging
+    from dicom_assets.defs.sensors import build_downloads_sensor
 
     logging.getLogger("dagster").setLevel(logging.WARNING)  # one INFO line per batch otherwise
     settings = Settings.from_env(batch=batch)
@@ -228,8 +228,15 @@ def datalad_bench(work: Path, tarball: Path, vmeta, peer: str, writers=("direct"
     for the first 40 DICOMs of the visit and for all of them, with the direct writer and the
     batch-command reference, first build and re-run; and the peer tool, `datalad addurls`,
     registering the same member URLs in a dataset made beforehand (untimed)."""
-    from dicom_assets.core.datalad_index import (DataladError, archive_locator, create_dataset, index_visit,
-                                                 members_from_metadata, tarball_key, tool_env)
+    from dicom_assets.core.datalad_index import (
+        DataladError,
+        archive_locator,
+        create_dataset,
+        index_visit,
+        members_from_metadata,
+        tarball_key,
+        tool_env,
+    )
 
     store = tarball.parent
     out: dict = {}

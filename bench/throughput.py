@@ -137,13 +137,12 @@ def _xnat(samples, storage: Path):
 def chain_bench(samples, work: Path, files: int = 346) -> dict:
     """One visit through materialize() of the whole chain, XNAT included: a folder dump of
     ``files`` real GE MR files (the real-file corpus), the visit size of issue 14."""
+    from corpus import build_real_corpus
     from dagster import instance_for_test, materialize
 
-    from dicom_assets.definitions import CHAIN_CHECKS, INDEX_ASSETS, ARCHIVE_CHAIN
+    from dicom_assets.definitions import ARCHIVE_CHAIN, CHAIN_CHECKS, INDEX_ASSETS
     from dicom_assets.defs.publish import xnat_session
     from dicom_assets.defs.resources import DatasetResource, XnatResource
-
-    from corpus import build_real_corpus
 
     root = work / "chain_root"
     shutil.rmtree(root, ignore_errors=True)

@@ -1,6 +1,7 @@
 """dicom-assets: a Dagster data platform for research MRI/CT imaging sites."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("dicom-assets")

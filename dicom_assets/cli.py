@@ -34,8 +34,8 @@ def cmd_fetch_samples(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from .testing.demo import build_demo_dataset
     from .core.layout import DatasetLayout
+    from .testing.demo import build_demo_dataset
 
     root = Path(args.root)
     if root.exists() and any(root.iterdir()):

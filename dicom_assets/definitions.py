@@ -22,7 +22,6 @@ from .defs.sensors import downloads_sensor, tcia_sensor
 from .defs.tcia import tcia_series
 
 
-
 def default_executor():
     """All steps of a run in the run's own process (the default, ``in_process``: the chain is
     linear, so nothing runs in parallel anyway, and each step saves a Python start and a code

@@ -14,9 +14,9 @@ import jsonschema
 import pydicom
 import pytest
 
-from dicom_assets.testing.demo import rewrite_dicom
 from dicom_assets.core.metadata import describe_tarball, write_metadata
 from dicom_assets.core.tarball import organized_files, parse_da_tm, write_tarball
+from dicom_assets.testing.demo import rewrite_dicom
 
 
 def schema(name):

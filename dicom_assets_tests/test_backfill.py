@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-
 REPO = Path(__file__).resolve().parents[1]
 N_PARTICIPANTS = 25  # x 2 sessions = 50 visits
 ASSETS = ["raw_dicoms", "organized_dicoms", "visit_tarball", "visit_metadata", "xnat_session"]

@@ -12,19 +12,19 @@ import threading
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
 import pytest
 from dagster import materialize
+from pydicom.uid import generate_uid
 
 from dicom_assets.core import bids
-from dicom_assets.testing.demo import DEMO_DCM2BIDS_CONFIG, rewrite_dicom, write_dcm2bids_config
+from dicom_assets.core.fsutil import tree_digests
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import Dataset, DatasetLayout
-from dicom_assets.core.fsutil import tree_digests
 from dicom_assets.core.versions import tree_version
 from dicom_assets.defs.bids import bids_session
 from dicom_assets.defs.ingest import organized_dicoms, raw_dicoms
 from dicom_assets.defs.resources import DatasetResource
+from dicom_assets.testing.demo import DEMO_DCM2BIDS_CONFIG, rewrite_dicom, write_dcm2bids_config
 
 from .helpers import checks_of, metadata_of
 

@@ -15,11 +15,12 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from .helpers import BROWSER_ARGS, CHROMIUM, free_port, metadata_of, run_chain
 
-from dicom_assets.core.datalad_index import DataladError, index_visit, store_urls, tool_env
 from dicom_assets.core import annexwrite
+from dicom_assets.core.datalad_index import DataladError, index_visit, store_urls, tool_env
 from dicom_assets.core.layout import Dataset
+
+from .helpers import BROWSER_ARGS, CHROMIUM, free_port, metadata_of, run_chain
 
 VISIT = "QPN001_ses-01"
 

@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pydicom
 
-from dicom_assets.testing.demo import build_corpus, build_demo_dataset, tree_digest
 from dicom_assets.core.layout import Dataset
+from dicom_assets.testing.demo import build_corpus, build_demo_dataset, tree_digest
 
 
 def _dicoms_of_zip(path):

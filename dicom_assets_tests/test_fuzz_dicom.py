@@ -33,12 +33,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dicom_assets.testing.demo import preambleless
 from dicom_assets.core.dicomscan import KEPT, REASONS, Rules, read_record
 from dicom_assets.core.errors import DicomAssetsError
 from dicom_assets.core.metadata import describe_tarball, dump_json
 from dicom_assets.core.organize import MAX_NAME, organize_visit, read_kept
 from dicom_assets.core.tarball import organized_files, write_tarball
+from dicom_assets.testing.demo import preambleless
 
 from .fuzz import tried
 

@@ -34,7 +34,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from dicom_assets.core.downloads import (DONE_SUFFIX, DownloadItem, is_partial_name, scan_downloads)
+from dicom_assets.core.downloads import DONE_SUFFIX, DownloadItem, is_partial_name, scan_downloads
 from dicom_assets.core.errors import DicomAssetsError, ManifestError
 from dicom_assets.core.extract import ExtractLimits, extract_visit
 from dicom_assets.core.ids import normalize_participant_id, normalize_session_id

@@ -8,9 +8,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_assets.testing.demo import preambleless, rewrite_dicom
 from dicom_assets.core.dicomscan import REASONS, Rules
 from dicom_assets.core.organize import organize_visit
+from dicom_assets.testing.demo import preambleless, rewrite_dicom
 
 RULES = Rules(exclude_series=("Localizers", "AAHEAD"))
 

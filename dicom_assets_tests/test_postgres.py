@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from .helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]

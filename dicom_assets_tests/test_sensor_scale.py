@@ -18,8 +18,8 @@ from dicom_assets.core.downloads_state import DownloadsState, Settings
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import Dataset, DatasetLayout
 from dicom_assets.definitions import visit_chain_job
-from dicom_assets.defs.sensors import build_downloads_sensor
 from dicom_assets.defs.resources import DatasetResource
+from dicom_assets.defs.sensors import build_downloads_sensor
 
 from . import helpers
 

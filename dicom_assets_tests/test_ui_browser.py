@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from .helpers import BROWSER_ARGS, CHROMIUM, free_port
 
 REPO = Path(__file__).resolve().parents[1]

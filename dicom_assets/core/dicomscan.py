@@ -37,8 +37,16 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fasttags import (LONG_VRS, PIXEL_TAGS, HeaderScan, InflateError, deflated_dataset, scan_dataset, scan_header,
-                       tags_from_dataset)
+from .fasttags import (
+    LONG_VRS,
+    PIXEL_TAGS,
+    HeaderScan,
+    InflateError,
+    deflated_dataset,
+    scan_dataset,
+    scan_header,
+    tags_from_dataset,
+)
 
 KEPT = "kept"
 REASONS = (

@@ -44,8 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .downloads import (DONE_SUFFIX, classify_entry, entry_is_dir, names_by_download, participant_index, passed_over,
-                        signature)
+from .downloads import (
+    DONE_SUFFIX,
+    classify_entry,
+    entry_is_dir,
+    names_by_download,
+    participant_index,
+    passed_over,
+    signature,
+)
 
 STATE_VERSION = 2
 CLASSIFY_VERSION = "1"  # bump when classify_entry changes what it decides: every name is classified again

@@ -8,14 +8,13 @@ from collections import Counter
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
-    AssetKey,
     AssetExecutionContext,
+    AssetKey,
     DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
 )
-
 from dagster._core.definitions.data_version import extract_data_version_from_entry
 
 from .. import __version__

@@ -27,13 +27,13 @@ from ..core.downloads import (
     signature,
 )
 from ..core.errors import DicomAssetsError
-from ..core.ids import parse_visit_key
 from ..core.extract import extract_visit
+from ..core.ids import parse_visit_key
 from ..core.layout import DatasetLayout
 from ..core.organize import excluded_summary, organize_visit, series_rows
-from ..core.versions import dump_version, kept_version
 from ..core.qc import build_montage, middle_images
 from ..core.sources import DUMP, tcia_visits, visit_source
+from ..core.versions import dump_version, kept_version
 from .lineage import DOWNLOADS
 from .partitions import visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource

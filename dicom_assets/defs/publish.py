@@ -16,8 +16,8 @@ from dagster import (
 )
 
 from ..core.catalog import update_catalog
-from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.curation import update_visit_status
+from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.sources import visit_source
 from ..core.versions import xnat_version
 from ..core.xnat_upload import (
