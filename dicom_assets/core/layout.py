@@ -1,36 +1,67 @@
 """The folder layout of a dataset root: the one place in the code that knows it.
 
+Every path is built by a member of :class:`DatasetLayout`, registered with ``@layout_path``
+(its pattern and a one-line description); the tree below and the table of docs/layout.md are
+generated from those entries (``python -m dicom_assets.core.layout --write``;
+dicom_assets_tests/test_layout_docs.py fails when they drift):
+
 ::
 
     <root>/
-      global_config.json
-      tabular/demographics/mr_proc_manifest.csv     participant manifest
-      tabular/dicom_dir_map.tsv                     optional: visit -> download name
-      tabular/curation_status.tsv                   how far each visit got
-      downloads/<session>/<item>                    scanner dumps as delivered
-      downloads/tcia/<name>.tcia|.csv               TCIA manifest as dropped (never changed)
-      downloads/tcia/<name>/series/<uid>.zip|.json  each series as NBIA sent it, and its verification record
-      downloads/tcia/<name>/resolved.csv            SeriesInstanceUID -> PatientID, study, visit, session label
-      scratch/raw_dicoms/<session>/<participant>/   extracted, messy inside
-      scratch/state/                                the downloads sensor's state (SQLite)
-      scratch/                                      the XNAT upload's temporary zips
-      dicom/<session>/<participant>/                flat list of validated DICOMs
-      store/<study>/<visit>_dicom.tar               reproducible visit tarball
-      store/<study>/<visit>_metadata_tarball.json   the tarball's size, md5, sha256, store and dataset paths
-      store/<study>/<visit>_metadata_dicoms.json    per DICOM: path in the tar, md5, size, series tags
-      store/<study>/<visit>_XDLRA--refs|--repo-export   the visit's DataLad dataset, clonable from the store
-      datalad/<study>/<visit>/                      DataLad dataset of the visit (``.datalad/`` once made)
-      catalog/                                      browsable catalog
-      code/dcm2bids_config.json                     dcm2bids config (BIDS conversion)
-      bids/dataset_description.json                 the BIDS dataset's description (created when missing)
-      bids/sub-<participant>/ses-<session>/         BIDS dataset, one session per visit
-      scratch/bids/<visit>.tmp-*/                   one BIDS conversion's scratch
-      scratch/bids/.bids.lock                       held while a BIDS session is swapped in
-      logs/organize/<visit>_files.tsv               every file of the dump: kept or excluded, and why
-      logs/extract/<visit>.json                     what raw_dicoms extracted from each dump
-      logs/qc/<visit>_montage.png                   QC montage (middle image of each kept series)
-      logs/xnat/<visit>.json                        the visit's XNAT session (labels, status, filtered files)
-      logs/bids/<visit>.json                        the last BIDS conversion of the visit
+      global_config.json                                     the dataset's config (study, sessions, XNAT, DataLad, TCIA)
+      tabular/                                               the dataset's tables
+      tabular/demographics/mr_proc_manifest.csv              participant manifest (nipoppy's): one row per visit
+      tabular/dicom_dir_map.tsv                              optional: visit -> download name (dumps named by no convention)
+      tabular/curation_status.tsv                            how far each visit got, read from its files
+      tabular/.curation_status.lock                          held while a row of curation_status.tsv is written
+      downloads/                                             what arrives: one folder per session, and tcia/
+      downloads/<session>/                                   the session's scanner dumps, as delivered
+      downloads/<session>/<item>                             one scanner dump, named as the site names it
+      downloads/tcia/                                        TCIA manifests as dropped (<name>.tcia or <name>.csv), never changed
+      downloads/tcia/<name>/                                 what was fetched for manifest <name>
+      downloads/tcia/<name>/series/                          the manifest's series, one zip and one record each
+      downloads/tcia/<name>/series/<uid>.{zip,json}          a series as NBIA sent it, and its verification record
+      downloads/tcia/<name>/series/<uid>.zip                 a series as NBIA sent it (md5 verified)
+      downloads/tcia/<name>/resolved.csv                     SeriesInstanceUID -> PatientID, study, visit, session label
+      scratch/                                               temporary files; safe to delete when nothing runs
+      scratch/                                               the XNAT upload's temporary zips (xnat-upload-*.zip)
+      scratch/state/                                         the platform's own state; safe to delete (costs one full rescan)
+      scratch/state/downloads-<id>.sqlite                    the downloads sensor's settled state (SQLite, WAL)
+      scratch/raw_dicoms/<session>/<participant>/            the visit's dumps extracted, messy inside (nipoppy's convention)
+      dicom/<session>/<participant>/                         flat list of the visit's validated DICOMs (a BIDS converter's input)
+      store/                                                 tarballs and DataLad deposits, served at datalad_store_url
+      store/<study>/                                         the study's visit tarballs and deposits
+      store/<study>/<visit>_dicom.tar                        reproducible visit tarball
+      store/<study>/<visit>_metadata_tarball.json            the tarball's size, md5, sha256, store and dataset paths
+      store/<study>/<visit>_metadata_dicoms.json             per DICOM: path in the tar, md5, size, series tags
+      store/<study>/<visit>_XDLRA--<part>                    a file of the visit's DataLad deposit (datalad-annex:: export)
+      store/<study>/<visit>_XDLRA--{refs,repo-export}        the visit's DataLad dataset, clonable from the store
+      datalad/<study>/                                       the study's visit datasets (a superdataset if datalad_superdataset)
+      datalad/.<study>.superdataset.lock                     held while a visit is recorded in the study's superdataset
+      datalad/<study>/<visit>/                               the visit's DataLad dataset, indexing its tarball
+      datalad/<study>/<visit>/.datalad/                      there once the visit's dataset was made
+      catalog/                                               the browsable catalog (any static HTTP server shows it)
+      catalog/index.html                                     the catalog page, rendered from the entries
+      catalog/visits/                                        the catalog's entries, one per visit
+      catalog/visits/<visit>.json                            the visit's entry: its dataset's id, version, series
+      catalog/.lock                                          held while an entry is written and the page rendered
+      code/dcm2bids_config.json                              the dcm2bids config (BIDS's own place for code)
+      bids/                                                  the BIDS dataset
+      bids/dataset_description.json                          created when missing, never overwritten
+      bids/README.md                                         created when missing (unless README, README.txt or README.rst)
+      bids/participants.tsv                                  one row per sub-* folder with a session; added columns kept
+      bids/sub-<participant>/                                a participant of the BIDS dataset
+      bids/sub-<participant>/sub-<participant>_sessions.tsv  session_id, acq_time (StudyDate + StudyTime); added columns kept
+      bids/sub-<participant>/<session>/                      one visit's session, replaced whole when the visit changes
+      scratch/bids/                                          the BIDS conversions' scratch folders
+      scratch/bids/<visit>.tmp-<tag>/                        one BIDS conversion's scratch (in/, niix/, out/); removed at its end
+      scratch/bids/.bids.lock                                held while a session is swapped in and the dataset files written
+      logs/                                                  per-visit reports of the chain's steps
+      logs/organize/<visit>_files.tsv                        every file of the dump: kept or excluded, and why
+      logs/extract/<visit>.json                              what raw_dicoms extracted from each dump
+      logs/qc/<visit>_montage.png                            QC montage (middle image of each kept series)
+      logs/xnat/<visit>.json                                 the visit's XNAT session: labels, status, files XNAT filtered
+      logs/bids/<visit>.json                                 the visit's last BIDS conversion: inputs' fingerprint, files, series
 
 Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
 label (``ses-01``); the BIDS participant form ``sub-QPN001`` is only produced for a BIDS
@@ -39,6 +70,10 @@ converter downstream (see docs/layout.md).
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -46,6 +81,70 @@ from pathlib import Path
 from .config import GlobalConfig, load_config
 from .ids import Visit
 from .manifest import Manifest, read_manifest
+
+# --- the registry: every path-building member of DatasetLayout, described once --------------
+
+#: What each ``<placeholder>`` of a pattern stands for (every one used must be here).
+PLACEHOLDERS: dict[str, str] = {
+    "session": "a session label in BIDS form (`ses-01`): of `global_config.json`, or `ses-NN` for a TCIA visit",
+    "participant": "a participant id normalized to letters and digits: the manifest's (`QPN001`), or a PatientID",
+    "visit": "the visit id, the Dagster partition key: `<participant>_<session>` (`QPN001_ses-01`)",
+    "study": "`study_id` of `global_config.json` (`QPN`)",
+    "item": "a dump (zip, tar or folder) as the site named it (`QPN_001_MR.zip`)",
+    "name": "a TCIA manifest's name: the stem of `<name>.tcia` or `<name>.csv`, made safe",
+    "uid": "a SeriesInstanceUID",
+    "id": "the downloads sensor's state id (random, held by its cursor)",
+    "part": "a file of a DataLad deposit: `refs`, `repo-export` (`pack` while it is written)",
+    "tag": "random hex making a scratch folder unique",
+}
+
+_ENTRY_ATTR = "__layout_path__"
+
+
+@dataclass(frozen=True)
+class PathEntry:
+    """One registered member: the path it builds (relative to the root, ``<placeholders>``,
+    a trailing ``/`` for a folder, ``{a,b}`` for a tuple of paths) and what is there."""
+
+    member: str
+    signature: str
+    pattern: str
+    description: str
+
+
+def layout_path(pattern: str, description: str):
+    """Register a path-building member of :class:`DatasetLayout` (put it under ``@property``
+    or ``@staticmethod``): the pattern of the path it returns and one line on what is there."""
+    if "|" in pattern + description or "\n" in pattern + description:
+        raise ValueError(f"{pattern}: a pattern or description holds no '|' and no newline")
+
+    def mark(fn):
+        setattr(fn, _ENTRY_ATTR, (pattern, description))
+        return fn
+
+    return mark
+
+
+def _function(attr):
+    if isinstance(attr, property):
+        return attr.fget
+    if isinstance(attr, (staticmethod, classmethod)):
+        return attr.__func__
+    return attr if inspect.isfunction(attr) else None
+
+
+def layout_entries() -> list[PathEntry]:
+    """The registered members of :class:`DatasetLayout`, in the order of the class."""
+    out = []
+    for name, attr in vars(DatasetLayout).items():
+        fn = _function(attr)
+        entry = getattr(fn, _ENTRY_ATTR, None)
+        if entry is None:
+            continue
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        sig = name if isinstance(attr, property) else f"{name}({', '.join(params)})"
+        out.append(PathEntry(name, sig, *entry))
+    return out
 
 
 @dataclass(frozen=True)
@@ -57,147 +156,257 @@ class DatasetLayout:
 
     # --- files describing the dataset -------------------------------------------------
     @property
+    @layout_path("global_config.json", "the dataset's config (study, sessions, XNAT, DataLad, TCIA)")
     def config_path(self) -> Path:
         return self.root / "global_config.json"
 
     @property
+    @layout_path("tabular/", "the dataset's tables")
     def tabular_dir(self) -> Path:
         return self.root / "tabular"
 
     @property
+    @layout_path("tabular/demographics/mr_proc_manifest.csv", "participant manifest (nipoppy's): one row per visit")
     def manifest_path(self) -> Path:
         return self.tabular_dir / "demographics" / "mr_proc_manifest.csv"
 
     @property
+    @layout_path("tabular/dicom_dir_map.tsv", "optional: visit -> download name (dumps named by no convention)")
     def dicom_dir_map_path(self) -> Path:
         return self.tabular_dir / "dicom_dir_map.tsv"
 
     @property
+    @layout_path("tabular/curation_status.tsv", "how far each visit got, read from its files")
     def curation_status_path(self) -> Path:
         return self.tabular_dir / "curation_status.tsv"
 
-    # --- stage folders ----------------------------------------------------------------
     @property
+    @layout_path("tabular/.curation_status.lock", "held while a row of curation_status.tsv is written")
+    def curation_lock_path(self) -> Path:
+        return self.tabular_dir / ".curation_status.lock"
+
+    # --- downloads --------------------------------------------------------------------
+    @property
+    @layout_path("downloads/", "what arrives: one folder per session, and tcia/")
     def downloads_root(self) -> Path:
         return self.root / "downloads"
 
-    @property
-    def tcia_root(self) -> Path:
-        """``downloads/tcia/``: TCIA manifests, and per manifest its series and resolved CSV."""
-        return self.downloads_root / "tcia"
-
-    def tcia_manifest_dir(self, name: str) -> Path:
-        """``downloads/tcia/<name>/``: what was fetched for manifest ``<name>``."""
-        return self.tcia_root / name
-
-    def tcia_series_dir(self, name: str) -> Path:
-        """``downloads/tcia/<name>/series/``: ``<uid>.zip`` as NBIA sent it, ``<uid>.json`` verified."""
-        return self.tcia_manifest_dir(name) / "series"
-
-    def tcia_series_zip(self, name: str, series_uid: str) -> Path:
-        return self.tcia_series_dir(name) / f"{series_uid}.zip"
-
-    def tcia_resolved_path(self, name: str) -> Path:
-        """``downloads/tcia/<name>/resolved.csv``: SeriesInstanceUID -> PatientID, study, visit, label."""
-        return self.tcia_manifest_dir(name) / "resolved.csv"
-
+    @layout_path("downloads/<session>/", "the session's scanner dumps, as delivered")
     def downloads_dir(self, session: str) -> Path:
         return self.downloads_root / session
 
+    @layout_path("downloads/<session>/<item>", "one scanner dump, named as the site names it")
+    def download_path(self, session: str, item: str) -> Path:
+        return self.downloads_dir(session) / item
+
     @property
+    @layout_path("downloads/tcia/", "TCIA manifests as dropped (<name>.tcia or <name>.csv), never changed")
+    def tcia_root(self) -> Path:
+        return self.downloads_root / "tcia"
+
+    @layout_path("downloads/tcia/<name>/", "what was fetched for manifest <name>")
+    def tcia_manifest_dir(self, name: str) -> Path:
+        return self.tcia_root / name
+
+    @layout_path("downloads/tcia/<name>/series/", "the manifest's series, one zip and one record each")
+    def tcia_series_dir(self, name: str) -> Path:
+        return self.tcia_manifest_dir(name) / "series"
+
+    @staticmethod
+    @layout_path("downloads/tcia/<name>/series/<uid>.{zip,json}",
+                 "a series as NBIA sent it, and its verification record")
+    def tcia_series_files(series_dir: Path, series_uid: str) -> tuple[Path, Path]:
+        return Path(series_dir) / f"{series_uid}.zip", Path(series_dir) / f"{series_uid}.json"
+
+    @layout_path("downloads/tcia/<name>/series/<uid>.zip", "a series as NBIA sent it (md5 verified)")
+    def tcia_series_zip(self, name: str, series_uid: str) -> Path:
+        return self.tcia_series_files(self.tcia_series_dir(name), series_uid)[0]
+
+    @layout_path("downloads/tcia/<name>/resolved.csv", "SeriesInstanceUID -> PatientID, study, visit, session label")
+    def tcia_resolved_path(self, name: str) -> Path:
+        return self.tcia_manifest_dir(name) / "resolved.csv"
+
+    # --- scratch ----------------------------------------------------------------------
+    @property
+    @layout_path("scratch/", "temporary files; safe to delete when nothing runs")
     def scratch_dir(self) -> Path:
-        """``scratch/``: temporary files (the XNAT upload's zips); safe to delete when nothing runs."""
         return self.root / "scratch"
 
     @property
+    @layout_path("scratch/", "the XNAT upload's temporary zips (xnat-upload-*.zip)")
+    def xnat_upload_dir(self) -> Path:
+        return self.scratch_dir
+
+    @property
+    @layout_path("scratch/state/", "the platform's own state; safe to delete (costs one full rescan)")
     def state_dir(self) -> Path:
-        """``scratch/state/``: small state files of the platform itself (the downloads sensor's
-        settled state, ``downloads-<id>.sqlite``); safe to delete, at the cost of one full rescan."""
         return self.scratch_dir / "state"
 
+    @layout_path("scratch/state/downloads-<id>.sqlite", "the downloads sensor's settled state (SQLite, WAL)")
+    def downloads_state_path(self, state_id: str) -> Path:
+        return self.state_dir / f"downloads-{state_id}.sqlite"
+
+    @layout_path("scratch/raw_dicoms/<session>/<participant>/", "the visit's dumps extracted, messy inside (nipoppy's convention)")
     def raw_dir(self, visit: Visit) -> Path:
         return self.scratch_dir / "raw_dicoms" / visit.session / visit.participant
 
+    # --- organized DICOMs, store, DataLad, catalog ------------------------------------
+    @layout_path("dicom/<session>/<participant>/", "flat list of the visit's validated DICOMs (a BIDS converter's input)")
     def dicom_dir(self, visit: Visit) -> Path:
         return self.root / "dicom" / visit.session / visit.participant
 
-    def store_dir(self, study: str) -> Path:
-        return self.root / "store" / study
+    @property
+    @layout_path("store/", "tarballs and DataLad deposits, served at datalad_store_url")
+    def store_root(self) -> Path:
+        return self.root / "store"
 
+    @layout_path("store/<study>/", "the study's visit tarballs and deposits")
+    def store_dir(self, study: str) -> Path:
+        return self.store_root / study
+
+    @layout_path("store/<study>/<visit>_dicom.tar", "reproducible visit tarball")
     def tarball_path(self, study: str, visit: Visit) -> Path:
         return self.store_dir(study) / f"{visit.key}_dicom.tar"
 
+    @layout_path("store/<study>/<visit>_metadata_tarball.json",
+                 "the tarball's size, md5, sha256, store and dataset paths")
     def metadata_tarball_path(self, study: str, visit: Visit) -> Path:
         return self.store_dir(study) / f"{visit.key}_metadata_tarball.json"
 
+    @layout_path("store/<study>/<visit>_metadata_dicoms.json", "per DICOM: path in the tar, md5, size, series tags")
     def metadata_dicoms_path(self, study: str, visit: Visit) -> Path:
         return self.store_dir(study) / f"{visit.key}_metadata_dicoms.json"
 
     @staticmethod
+    @layout_path("store/<study>/<visit>_XDLRA--<part>",
+                 "a file of the visit's DataLad deposit (datalad-annex:: export)")
     def deposit_file(store_dir: Path, visit_key: str, part: str) -> Path:
-        """``<store_dir>/<visit>_XDLRA--<part>``: a file of the visit's DataLad deposit (datalad-next's
-        ``datalad-annex::`` export: ``refs``, ``repo-export``; ``pack`` is its staging folder)."""
         return Path(store_dir) / f"{visit_key}_XDLRA--{part}"
 
+    @layout_path("store/<study>/<visit>_XDLRA--{refs,repo-export}",
+                 "the visit's DataLad dataset, clonable from the store")
     def deposit_paths(self, study: str, visit: Visit) -> tuple[Path, Path]:
-        """``store/<study>/<visit>_XDLRA--refs`` and ``--repo-export``."""
         return tuple(self.deposit_file(self.store_dir(study), visit.key, p) for p in ("refs", "repo-export"))
 
-    def datalad_dir(self, study: str, visit: Visit) -> Path:
-        return self.root / "datalad" / study / visit.key
+    @layout_path("datalad/<study>/", "the study's visit datasets (a superdataset if datalad_superdataset)")
+    def datalad_study_dir(self, study: str) -> Path:
+        return self.root / "datalad" / study
 
+    @staticmethod
+    @layout_path("datalad/.<study>.superdataset.lock",
+                 "held while a visit is recorded in the study's superdataset")
+    def superdataset_lock_path(superdataset: Path) -> Path:
+        superdataset = Path(superdataset)
+        return superdataset.parent / f".{superdataset.name}.superdataset.lock"
+
+    @layout_path("datalad/<study>/<visit>/", "the visit's DataLad dataset, indexing its tarball")
+    def datalad_dir(self, study: str, visit: Visit) -> Path:
+        return self.datalad_study_dir(study) / visit.key
+
+    @layout_path("datalad/<study>/<visit>/.datalad/", "there once the visit's dataset was made")
     def datalad_marker_path(self, study: str, visit: Visit) -> Path:
-        """``datalad/<study>/<visit>/.datalad/``: there once the visit's dataset was made."""
         return self.datalad_dir(study, visit) / ".datalad"
 
     @property
+    @layout_path("catalog/", "the browsable catalog (any static HTTP server shows it)")
     def catalog_dir(self) -> Path:
         return self.root / "catalog"
 
     @property
-    def logs_dir(self) -> Path:
-        return self.root / "logs"
+    @layout_path("catalog/index.html", "the catalog page, rendered from the entries")
+    def catalog_page_path(self) -> Path:
+        return self.catalog_dir / "index.html"
 
-    def organize_report_path(self, visit: Visit) -> Path:
-        return self.logs_dir / "organize" / f"{visit.key}_files.tsv"
+    @property
+    @layout_path("catalog/visits/", "the catalog's entries, one per visit")
+    def catalog_entries_dir(self) -> Path:
+        return self.catalog_dir / "visits"
 
-    def extract_report_path(self, visit: Visit) -> Path:
-        return self.logs_dir / "extract" / f"{visit.key}.json"
+    @layout_path("catalog/visits/<visit>.json", "the visit's entry: its dataset's id, version, series")
+    def catalog_entry_path(self, visit_key: str) -> Path:
+        return self.catalog_entries_dir / f"{visit_key}.json"
 
-    def qc_path(self, visit: Visit) -> Path:
-        return self.logs_dir / "qc" / f"{visit.key}_montage.png"
-
-    def xnat_marker_path(self, visit_key: str) -> Path:
-        """``logs/xnat/<visit>.json``: the visit's XNAT session as last uploaded."""
-        return self.logs_dir / "xnat" / f"{visit_key}.json"
+    @property
+    @layout_path("catalog/.lock", "held while an entry is written and the page rendered")
+    def catalog_lock_path(self) -> Path:
+        return self.catalog_dir / ".lock"
 
     # --- BIDS ---------------------------------------------------------------------------
     @property
+    @layout_path("code/dcm2bids_config.json", "the dcm2bids config (BIDS's own place for code)")
     def dcm2bids_config_path(self) -> Path:
-        """``code/dcm2bids_config.json``: the dcm2bids config (BIDS's own place for code)."""
         return self.root / "code" / "dcm2bids_config.json"
 
     @property
+    @layout_path("bids/", "the BIDS dataset")
     def bids_root(self) -> Path:
         return self.root / "bids"
 
     @property
+    @layout_path("bids/dataset_description.json", "created when missing, never overwritten")
     def bids_description_path(self) -> Path:
         return self.bids_root / "dataset_description.json"
 
-    def bids_session_dir(self, visit: Visit) -> Path:
-        return self.bids_root / f"sub-{visit.participant}" / visit.session
+    @property
+    @layout_path("bids/README.md", "created when missing (unless README, README.txt or README.rst)")
+    def bids_readme_path(self) -> Path:
+        return self.bids_root / "README.md"
 
     @property
+    @layout_path("bids/participants.tsv", "one row per sub-* folder with a session; added columns kept")
+    def bids_participants_path(self) -> Path:
+        return self.bids_root / "participants.tsv"
+
+    @layout_path("bids/sub-<participant>/", "a participant of the BIDS dataset")
+    def bids_subject_dir(self, participant: str) -> Path:
+        return self.bids_root / f"sub-{participant}"
+
+    @layout_path("bids/sub-<participant>/sub-<participant>_sessions.tsv",
+                 "session_id, acq_time (StudyDate + StudyTime); added columns kept")
+    def bids_sessions_path(self, participant: str) -> Path:
+        return self.bids_subject_dir(participant) / f"sub-{participant}_sessions.tsv"
+
+    @layout_path("bids/sub-<participant>/<session>/", "one visit's session, replaced whole when the visit changes")
+    def bids_session_dir(self, visit: Visit) -> Path:
+        return self.bids_subject_dir(visit.participant) / visit.session
+
+    @property
+    @layout_path("scratch/bids/", "the BIDS conversions' scratch folders")
     def bids_scratch_root(self) -> Path:
-        """``scratch/bids/``: per-conversion scratch folders (``<visit>.tmp-*``, dcm2bids' tmp_dcm2bids inside)."""
         return self.scratch_dir / "bids"
 
+    @layout_path("scratch/bids/<visit>.tmp-<tag>/", "one BIDS conversion's scratch (in/, niix/, out/); removed at its end")
+    def bids_work_dir(self, visit_key: str, tag: str) -> Path:
+        return self.bids_scratch_root / f"{visit_key}.tmp-{tag}"
+
     @property
+    @layout_path("scratch/bids/.bids.lock", "held while a session is swapped in and the dataset files written")
     def bids_lock_path(self) -> Path:
-        """Held while a session is swapped in and the dataset files are rewritten."""
         return self.bids_scratch_root / ".bids.lock"
 
+    # --- logs ---------------------------------------------------------------------------
+    @property
+    @layout_path("logs/", "per-visit reports of the chain's steps")
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @layout_path("logs/organize/<visit>_files.tsv", "every file of the dump: kept or excluded, and why")
+    def organize_report_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "organize" / f"{visit.key}_files.tsv"
+
+    @layout_path("logs/extract/<visit>.json", "what raw_dicoms extracted from each dump")
+    def extract_report_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "extract" / f"{visit.key}.json"
+
+    @layout_path("logs/qc/<visit>_montage.png", "QC montage (middle image of each kept series)")
+    def qc_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "qc" / f"{visit.key}_montage.png"
+
+    @layout_path("logs/xnat/<visit>.json", "the visit's XNAT session: labels, status, files XNAT filtered")
+    def xnat_marker_path(self, visit_key: str) -> Path:
+        return self.logs_dir / "xnat" / f"{visit_key}.json"
+
+    @layout_path("logs/bids/<visit>.json", "the visit's last BIDS conversion: inputs' fingerprint, files, series")
     def bids_record_path(self, visit: Visit) -> Path:
         return self.logs_dir / "bids" / f"{visit.key}.json"
 
@@ -226,3 +435,111 @@ class Dataset:
     @property
     def study(self) -> str:
         return self.config.study_id
+
+
+# --- the generated documentation --------------------------------------------------------------
+
+REGENERATE = "python -m dicom_assets.core.layout --write"
+LAYOUT_PY = Path(__file__)
+LAYOUT_MD = Path(__file__).parents[2] / "docs" / "layout.md"
+MD_BEGIN = f"<!-- generated by {REGENERATE} from DatasetLayout: do not edit -->"
+MD_END = "<!-- end generated -->"
+_TREE_TOP = "<root>/"
+_DOC_INDENT = "    "
+
+
+def render_tree() -> str:
+    """The tree of the module docstring: ``<root>/``, then one line per entry."""
+    entries = layout_entries()
+    width = max(len(e.pattern) for e in entries) + 2
+    return _TREE_TOP + "\n" + "".join(f"  {e.pattern.ljust(width)}{e.description}\n" for e in entries)
+
+
+def _md(text: str) -> str:
+    """Words holding ``<`` or ``*`` (placeholders, globs) as code: markdown would read them as
+    HTML tags or emphasis."""
+    return re.sub(r"[^\s(),;:]*[<*][^\s(),;:]*", lambda m: f"`{m.group(0)}`", text)
+
+
+def render_markdown() -> str:
+    """The generated part of docs/layout.md, markers included."""
+    rows = "".join(f"| `{e.pattern}` | `{e.signature}` | {_md(e.description)} |\n" for e in layout_entries())
+    legend = "".join(f"- `<{k}>`: {v}\n" for k, v in PLACEHOLDERS.items())
+    return (f"{MD_BEGIN}\n| path under the root | built by `DatasetLayout.` | what is there |\n|---|---|---|\n"
+            f"{rows}\nA folder's pattern ends with `/`; `{{a,b}}` is a pair of paths built together.\n\n"
+            f"{legend}{MD_END}\n")
+
+
+def _tree_span(lines: list[str]) -> tuple[int, int] | None:
+    """Lines [i, j) of the indented tree block (``<root>/`` and the lines under it)."""
+    top = _DOC_INDENT + _TREE_TOP
+    for i, line in enumerate(lines):
+        if line.rstrip("\n") == top:
+            j = i + 1
+            while j < len(lines) and lines[j].startswith(_DOC_INDENT + "  "):
+                j += 1
+            return i, j
+    return None
+
+
+def docstring_tree(doc: str) -> str | None:
+    """The tree block of a docstring, unindented (None when it has none)."""
+    lines = doc.splitlines(keepends=True)
+    span = _tree_span(lines)
+    if span is None:
+        return None
+    return "".join(line.removeprefix(_DOC_INDENT) for line in lines[span[0]:span[1]])
+
+
+def markdown_block(text: str) -> str | None:
+    """The generated part of docs/layout.md, markers included (None when it has none)."""
+    m = re.search(re.escape(MD_BEGIN) + r"\n.*?" + re.escape(MD_END) + r"\n", text, re.S)
+    return m.group(0) if m else None
+
+
+def _with_tree(source: str) -> str:
+    """layout.py's source with the docstring's tree block regenerated."""
+    lines = source.splitlines(keepends=True)
+    doc = ast.parse(source).body[0]
+    span = _tree_span(lines[:doc.end_lineno])
+    if span is None or not isinstance(doc, ast.Expr):
+        raise SystemExit(f"{LAYOUT_PY}: no '{_DOC_INDENT}{_TREE_TOP}' block in the module docstring")
+    tree = "".join(_DOC_INDENT + line for line in render_tree().splitlines(keepends=True))
+    return "".join(lines[:span[0]]) + tree + "".join(lines[span[1]:])
+
+
+def _with_table(text: str) -> str:
+    block = markdown_block(text)
+    if block is None:
+        raise SystemExit(f"{LAYOUT_MD}: no block between '{MD_BEGIN}' and '{MD_END}'")
+    return text.replace(block, render_markdown(), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dicom_assets.core.layout",
+                                description="The dataset layout's documentation, generated from DatasetLayout.")
+    p.add_argument("--write", action="store_true", help="rewrite the tree in layout.py's docstring and the "
+                                                        "table in docs/layout.md")
+    p.add_argument("--check", action="store_true", help="exit 1 when either is not the generated text")
+    args = p.parse_args(argv)
+    if not (args.write or args.check):
+        sys.stdout.write(render_tree() + "\n" + render_markdown())
+        return 0
+    stale = []
+    for path, rewrite in ((LAYOUT_PY, _with_tree), (LAYOUT_MD, _with_table)):
+        text = path.read_text(encoding="utf-8")
+        new = rewrite(text)
+        if new != text:
+            stale.append(path)
+            if args.write:
+                path.write_text(new, encoding="utf-8")
+    for path in stale:
+        print(f"{path}: {'rewritten' if args.write else f'not the generated text; run {REGENERATE}'}",
+              file=sys.stderr)
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
