@@ -264,11 +264,15 @@ def entry_is_dir(e: os.DirEntry) -> bool:
 
 def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants: set[str],
                    dir_map: dict[tuple[str, str], str] | None = None,
-                   name_filter=None) -> list[ScannedItem]:
+                   name_filter=None, index: dict[str, list[str]] | None = None) -> list[ScannedItem]:
     """Every item of every session folder, each with its visit or the reason it has none
-    (with ``name_filter``, only the entries whose name it accepts are classified)."""
+    (with ``name_filter``, only the entries whose name it accepts are classified).
+
+    ``index``: :func:`participant_index` of ``participants`` when the caller keeps one (a
+    caller asking visit after visit builds it once per manifest, not once per question);
+    built here otherwise."""
     by_name = names_by_download(dir_map)
-    index = participant_index(participants)
+    index = index if index is not None else participant_index(participants)
     out: list[ScannedItem] = []
     for ses in sessions:
         folder = downloads_root / ses
@@ -305,20 +309,23 @@ def _could_be_visit(visit: Visit, dir_map: dict[tuple[str, str], str] | None):
 
 
 def items_for_visit(downloads_root: Path, visit: Visit, participants: set[str],
-                    dir_map: dict[tuple[str, str], str] | None = None) -> list[DownloadItem]:
-    """The downloads of one visit (usually one; a dump split in parts gives several)."""
+                    dir_map: dict[tuple[str, str], str] | None = None,
+                    index: dict[str, list[str]] | None = None) -> list[DownloadItem]:
+    """The downloads of one visit (usually one; a dump split in parts gives several).
+    ``index``: the participants' prebuilt :func:`participant_index`, if at hand."""
     scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map,
-                             name_filter=_could_be_visit(visit, dir_map))
+                             name_filter=_could_be_visit(visit, dir_map), index=index)
     return [s.item for s in scanned if s.visit == visit]
 
 
 def problems_for_participant(downloads_root: Path, visit: Visit, participants: set[str],
-                             dir_map: dict[tuple[str, str], str] | None = None) -> list[str]:
+                             dir_map: dict[tuple[str, str], str] | None = None,
+                             index: dict[str, list[str]] | None = None) -> list[str]:
     """Why entries of the visit's session folder whose name starts like the participant were
     not taken (a .7z, a link, another session's dump): for the message of a visit without
-    download."""
+    download. ``index`` as for :func:`items_for_visit`."""
     scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map,
-                             name_filter=_could_be_visit(visit, dir_map))
+                             name_filter=_could_be_visit(visit, dir_map), index=index)
     return [s.problem for s in scanned if s.problem and s.visit is None
             and _consumes(_bare_stem(s.item.name), visit.participant) is not None]
 

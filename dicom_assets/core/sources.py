@@ -5,19 +5,23 @@ or a **TCIA** visit (a visit of a resolved TCIA manifest, ``downloads/tcia/<name
 its dump is the series zips, its XNAT subject TCIA's PatientID and its session label the
 XNAT-TCIA one). A TCIA visit wins over a manifest visit of the same key, as before.
 
-Each ``resolved.csv`` is read once per change of the file (size, mtime), not at every question.
+Each ``resolved.csv`` is read once per change of the file (size, mtime), not at every question;
+what the questions look up in the manifest (its participants' prefix index) is built once per
+manifest read (:func:`manifest_index`), not once per visit.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from .downloads import DownloadItem, items_for_visit, read_dicom_dir_map
+from .downloads import DownloadItem, items_for_visit, participant_index, read_dicom_dir_map
 from .ids import Visit, parse_visit_key
 from .layout import Dataset, DatasetLayout
+from .manifest import Manifest
 from .tcia import TciaVisitSource, manifest_name, manifests, read_resolved
 
 DUMP, TCIA, UNKNOWN = "dump", "tcia", "unknown"
@@ -41,6 +45,37 @@ def _resolved_rows(path: Path) -> list[dict] | None:
     with _lock:
         _resolved_cache[str(path)] = (sig, rows)
     return rows
+
+
+class ManifestIndex:
+    """What the visit questions look up in one manifest, built once: its participants and their
+    :func:`~.downloads.participant_index` (a visit's dumps are matched against it)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.participants = frozenset(manifest.participants)
+        self.index = participant_index(self.participants)
+
+
+# id(manifest) -> (weak reference to it, its index): a Manifest's table does not change once
+# read, and the entry goes with the manifest (a frozen dataclass holding a DataFrame cannot be
+# a dict key itself)
+_manifest_indexes: dict[int, tuple[weakref.ref, ManifestIndex]] = {}
+
+
+def manifest_index(manifest: Manifest) -> ManifestIndex:
+    """The :class:`ManifestIndex` of ``manifest``, built on the first question about it."""
+    key = id(manifest)
+    with _lock:
+        hit = _manifest_indexes.get(key)
+    if hit is not None and hit[0]() is manifest:
+        return hit[1]
+    built = ManifestIndex(manifest)
+    # the callback runs when the manifest is collected (before its id can be reused); no lock
+    # there: it may run inside a `with _lock` block of this thread (dict.pop is atomic anyway)
+    ref = weakref.ref(manifest, lambda _r, key=key: _manifest_indexes.pop(key, None))
+    with _lock:
+        _manifest_indexes[key] = (ref, built)
+    return built
 
 
 def tcia_visits(layout: DatasetLayout) -> dict[str, TciaVisitSource]:
@@ -89,8 +124,9 @@ class VisitSource:
         if self.kind != DUMP:
             return []
         lay = dataset.layout
-        return items_for_visit(lay.downloads_root, self.visit, set(dataset.manifest.participants),
-                               read_dicom_dir_map(lay.dicom_dir_map_path))
+        found = manifest_index(dataset.manifest)
+        return items_for_visit(lay.downloads_root, self.visit, found.participants,
+                               read_dicom_dir_map(lay.dicom_dir_map_path), index=found.index)
 
 
 def visit_source(dataset: Dataset, visit: Visit | str, *, tcia: dict[str, TciaVisitSource] | None = None) -> VisitSource:

@@ -1,0 +1,52 @@
+"""core.sources: a visit's source and dumps, with what they look up in the manifest built once
+per manifest, not once per visit."""
+
+import gc
+
+from dicom_assets.core import downloads, sources
+from dicom_assets.core.ids import Visit, parse_visit_key
+from dicom_assets.core.layout import Dataset
+
+
+def test_dumps_build_the_participant_index_once_per_manifest(demo_root, monkeypatch):
+    ds = Dataset.open(demo_root)
+    built = []
+    real = downloads.participant_index
+    monkeypatch.setattr(sources, "participant_index", lambda ps: built.append(1) or real(ps))
+    monkeypatch.setattr(downloads, "participant_index", lambda ps: built.append(1) or real(ps))
+    keys = [v.key for v in ds.manifest.visits]
+    got = {k: [i.name for i in sources.visit_source(ds, k).dumps(ds)] for k in keys}
+    assert len(built) == 1
+    # the same items as a scan building its own index from the manifest's participants
+    lay = ds.layout
+    dir_map = downloads.read_dicom_dir_map(lay.dicom_dir_map_path)
+    assert got == {k: [i.name for i in downloads.items_for_visit(lay.downloads_root, parse_visit_key(k),
+                                                                  set(ds.manifest.participants), dir_map)]
+                   for k in keys}
+    assert got["QPN001_ses-01"] == ["QPN_001_MR.zip"]
+
+
+def test_manifest_index_is_kept_per_manifest_object_and_goes_with_it(demo_root):
+    ds = Dataset.open(demo_root)
+    first = sources.manifest_index(ds.manifest)
+    assert sources.manifest_index(ds.manifest) is first
+    assert first.participants == set(ds.manifest.participants)
+    assert first.index == downloads.participant_index(ds.manifest.participants)
+    other = Dataset.open(demo_root)  # the manifest read again: its own index
+    assert sources.manifest_index(other.manifest) is not first
+    key = id(other.manifest)
+    assert key in sources._manifest_indexes
+    del other
+    gc.collect()
+    assert key not in sources._manifest_indexes
+
+
+def test_problems_for_participant_with_a_prebuilt_index(tmp_path):
+    ses = tmp_path / "ses-01"
+    ses.mkdir()
+    (ses / "QPN_001.7z").write_bytes(b"x")
+    participants = {"QPN001", "QPN002"}
+    index = downloads.participant_index(participants)
+    visit = Visit("QPN001", "ses-01")
+    assert downloads.problems_for_participant(tmp_path, visit, participants, index=index) == \
+        downloads.problems_for_participant(tmp_path, visit, participants) != []
