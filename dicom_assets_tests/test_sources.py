@@ -50,3 +50,20 @@ def test_problems_for_participant_with_a_prebuilt_index(tmp_path):
     visit = Visit("QPN001", "ses-01")
     assert downloads.problems_for_participant(tmp_path, visit, participants, index=index) == \
         downloads.problems_for_participant(tmp_path, visit, participants) != []
+
+
+def test_visit_source_looks_the_visit_up_by_key(demo_root, monkeypatch):
+    """The manifest's visits as a set, built once: no whole-table comparison per question,
+    the same answer as Manifest.has_visit."""
+    from dicom_assets.core.manifest import Manifest
+
+    ds = Dataset.open(demo_root)
+    m = ds.manifest
+    asked = [*m.visits, Visit("QPN001", "ses-09"), Visit("NOBODY", "ses-01"), Visit("QPN0010", "ses-01")]
+    expected = {v: m.has_visit(v) for v in asked}
+    assert sum(expected.values()) == len(m.visits)
+    monkeypatch.setattr(Manifest, "has_visit", lambda self, v: (_ for _ in ()).throw(AssertionError("table scan")))
+    found = sources.manifest_index(m)
+    assert {v: found.has_visit(v) for v in asked} == expected
+    kinds = {v: sources.visit_source(ds, v).kind for v in asked}
+    assert kinds == {v: sources.DUMP if ok else sources.UNKNOWN for v, ok in expected.items()}

@@ -6,8 +6,8 @@ its dump is the series zips, its XNAT subject TCIA's PatientID and its session l
 XNAT-TCIA one). A TCIA visit wins over a manifest visit of the same key, as before.
 
 Each ``resolved.csv`` is read once per change of the file (size, mtime), not at every question;
-what the questions look up in the manifest (its participants' prefix index) is built once per
-manifest read (:func:`manifest_index`), not once per visit.
+what the questions look up in the manifest (its visit keys, its participants' prefix index) is
+built once per manifest read (:func:`manifest_index`), not once per visit.
 """
 
 from __future__ import annotations
@@ -48,12 +48,19 @@ def _resolved_rows(path: Path) -> list[dict] | None:
 
 
 class ManifestIndex:
-    """What the visit questions look up in one manifest, built once: its participants and their
-    :func:`~.downloads.participant_index` (a visit's dumps are matched against it)."""
+    """What the visit questions look up in one manifest, built once: its (participant, session)
+    pairs (``Manifest.has_visit`` compares the whole table, per question), its participants and
+    their :func:`~.downloads.participant_index` (a visit's dumps are matched against it)."""
 
     def __init__(self, manifest: Manifest) -> None:
+        t = manifest.table
+        self.visits = frozenset(zip(t["participant"].tolist(), t["session"].tolist()))
         self.participants = frozenset(manifest.participants)
         self.index = participant_index(self.participants)
+
+    def has_visit(self, visit: Visit) -> bool:
+        """``Manifest.has_visit``, one set look-up."""
+        return (visit.participant, visit.session) in self.visits
 
 
 # id(manifest) -> (weak reference to it, its index): a Manifest's table does not change once
@@ -136,7 +143,7 @@ def visit_source(dataset: Dataset, visit: Visit | str, *, tcia: dict[str, TciaVi
     if found is not None:  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
         return VisitSource(visit, TCIA, found.patient_id, found.session_label, found.patient_id, found)
     label = dataset.config.session_label_pattern.format(participant=visit.participant, session=visit.session)
-    if dataset.manifest.has_visit(visit):
+    if manifest_index(dataset.manifest).has_visit(visit):
         return VisitSource(visit, DUMP, visit.participant, label,
                            dataset.manifest.raw_participant_id(visit.participant))
     return VisitSource(visit, UNKNOWN, visit.participant, label, None)
