@@ -236,6 +236,29 @@ def test_idle_tick_lists_no_folder_and_audits_a_bounded_slice(tmp_path):
     assert out.listed == list(SESSIONS)
 
 
+def test_taken_tokens_of_a_tick_come_from_its_own_connection(tmp_path, monkeypatch):
+    root = make_root(tmp_path, 4)
+    (root / "downloads" / "ses-01" / "P_000_MR_part2.zip").write_bytes(b"PK\x05\x06" + b"\1" * 18)
+    state = DownloadsState(tmp_path / "state", "t1")
+    opened = []
+    connect = DownloadsState.connect
+    monkeypatch.setattr(DownloadsState, "connect", lambda self: opened.append(1) or connect(self))
+    first = state_tick(state, 0, root, settle_window=0.0)
+    assert not first.taken and first.observed == {}
+    out = state_tick(state, first.gen, root, settle_window=0.0)
+    visits = sorted({t.visit for t in out.taken})
+    assert visits == ["P000_ses-01", "P001_ses-02", "P002_ses-01", "P003_ses-02"]
+    opened.clear()
+    got = state.taken_tokens(visits)
+    assert opened == []  # the tick's reading: no second connection to the state file
+    assert list(got) == visits and len(got["P000_ses-01"]) == 2
+    assert got == out.observed == DownloadsState(tmp_path / "state", "t1").taken_tokens(visits)  # read anew
+    assert opened == [1]
+    assert state.taken_tokens([]) == {}
+    assert state.taken_tokens(["P000_ses-01", "P009_ses-02"]) == {"P000_ses-01": got["P000_ses-01"],
+                                                                "P009_ses-02": []}
+
+
 # ------------------------------------------------------------- curation status, row by row
 def read_rows(path):
     return {r["visit"]: r for r in csv.DictReader(open(path), delimiter="\t")}

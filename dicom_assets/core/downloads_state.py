@@ -115,6 +115,9 @@ class TickOutcome:
     notes: list[str] = field(default_factory=list)         # state resets and the like
     listed: list[str] = field(default_factory=list)        # session folders listed this tick
     audited: int = 0
+    # the taken dumps of each visit taken this tick (what DownloadsState.taken_tokens answers),
+    # read in the tick's own transaction, after its writes
+    observed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def cursor(self) -> str:
         return json.dumps({"v": STATE_VERSION, "state": self.state_id, "gen": self.gen, "queued": self.queued,
@@ -153,6 +156,7 @@ class DownloadsState:
     def __init__(self, state_dir: Path, state_id: str):
         self.state_dir, self.state_id = Path(state_dir), state_id
         self.path = self.state_dir / f"downloads-{state_id}.sqlite"
+        self._observed: dict[str, list[tuple[str, str]]] = {}  # the last tick's TickOutcome.observed
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -205,7 +209,9 @@ class DownloadsState:
             db.execute("BEGIN IMMEDIATE")
             out = _Tick(db, self.state_id, cursor_gen, downloads_root, sessions, ctx_token, classifier, settings,
                         legacy or {}, list(notes or [])).run()
+            out.observed = _taken_tokens(db, sorted({t.visit for t in out.taken}))
             db.execute("COMMIT")
+            self._observed = out.observed
             return out
         except BaseException:
             if db.in_transaction:
@@ -217,18 +223,25 @@ class DownloadsState:
     def taken_tokens(self, visits) -> dict[str, list[tuple[str, str]]]:
         """The taken dumps of each visit: ``(<session>/<name>, signature token)`` pairs, what
         the sensor reports as the visit's ``downloads`` data version (a dump split in parts
-        gives several; one still arriving or gone is not among them)."""
-        out: dict[str, list[tuple[str, str]]] = {v: [] for v in visits}
-        if not out:
-            return out
+        gives several; one still arriving or gone is not among them).
+
+        The visits taken by the last :meth:`tick` are answered from what that tick read on its
+        own connection (nothing else writes the state in between: the sensor asks right after
+        its tick); other visits open the state file."""
+        visits = list(dict.fromkeys(visits))
+        if all(v in self._observed for v in visits):
+            return {v: list(self._observed[v]) for v in visits}
         db = self.connect()
         try:
-            for v in out:
-                out[v] = sorted((_s(rel), tok) for rel, tok in db.execute(
-                    "SELECT rel, taken_token FROM items WHERE visit=? AND state='taken'", (v,)))
+            return _taken_tokens(db, visits)
         finally:
             db.close()
-        return out
+
+
+def _taken_tokens(db: sqlite3.Connection, visits) -> dict[str, list[tuple[str, str]]]:
+    """:meth:`DownloadsState.taken_tokens` on an open connection."""
+    return {v: sorted((_s(rel), tok) for rel, tok in db.execute(
+        "SELECT rel, taken_token FROM items WHERE visit=? AND state='taken'", (v,))) for v in visits}
 
 
 def _row(r) -> dict:
