@@ -15,9 +15,7 @@ import json
 from pathlib import Path
 
 from .fsutil import atomic_write, file_lock
-
-ENTRY_DIR = "visits"
-PAGE = "index.html"
+from .layout import DatasetLayout
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -25,13 +23,9 @@ def _write_text(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def entry_path(catalog_dir: Path, visit: str) -> Path:
-    return Path(catalog_dir) / ENTRY_DIR / f"{visit}.json"
-
-
-def read_entries(catalog_dir: Path) -> list[dict]:
+def read_entries(layout: DatasetLayout) -> list[dict]:
     out = []
-    for p in sorted((Path(catalog_dir) / ENTRY_DIR).glob("*.json")):
+    for p in sorted(layout.catalog_entries_dir.glob("*.json")):
         try:
             out.append(json.loads(p.read_text(encoding="utf-8")))
         except (OSError, ValueError):
@@ -39,13 +33,12 @@ def read_entries(catalog_dir: Path) -> list[dict]:
     return out
 
 
-def update_catalog(catalog_dir: Path | str, entry: dict) -> Path:
+def update_catalog(layout: DatasetLayout, entry: dict) -> Path:
     """Write (or replace) one visit's entry and re-render the page; returns the page path."""
-    catalog_dir = Path(catalog_dir)
-    with file_lock(catalog_dir / ".lock"):
-        _write_text(entry_path(catalog_dir, entry["visit"]), json.dumps(entry, indent=2, sort_keys=True) + "\n")
-        page = catalog_dir / PAGE
-        _write_text(page, render(read_entries(catalog_dir)))
+    with file_lock(layout.catalog_lock_path):
+        _write_text(layout.catalog_entry_path(entry["visit"]), json.dumps(entry, indent=2, sort_keys=True) + "\n")
+        page = layout.catalog_page_path
+        _write_text(page, render(read_entries(layout)))
     return page
 
 

@@ -96,7 +96,7 @@ def _write_all(dataset: Dataset, path: Path) -> None:
 def update_curation_status(dataset: Dataset) -> Path:
     """Every row recomputed (``dicom-assets status ROOT``): scans downloads/ once and every visit."""
     path = dataset.layout.curation_status_path
-    with file_lock(path.with_name(".curation_status.lock")):
+    with file_lock(dataset.layout.curation_lock_path):
         _write_all(dataset, path)
     return path
 
@@ -120,7 +120,7 @@ def update_visit_status(dataset: Dataset, visit, *, in_downloads: bool | None = 
     """The row of one visit brought up to date (each chain step): O(1) in the number of
     visits, no scan. ``in_downloads`` is kept from the row unless given."""
     path = dataset.layout.curation_status_path
-    with file_lock(path.with_name(".curation_status.lock")):
+    with file_lock(dataset.layout.curation_lock_path):
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -571,7 +571,7 @@ def register_direct(dataset_path: Path, env: dict[str, str], commit: str, datase
     ``datalad create`` makes it, on first use)."""
     sup = dataset_path.parent
     name = dataset_path.name
-    with file_lock(sup.parent / f".{sup.name}.superdataset.lock"):
+    with file_lock(DatasetLayout.superdataset_lock_path(sup)):
         if not (sup / ".datalad" / "config").is_file():
             uuids, _ = _init_direct(sup, env, f"dicom-assets: all visits of {sup.name}", ())
             t = int(time.time())
@@ -611,7 +611,7 @@ def register_in_superdataset(dataset_path: Path, env: dict[str, str], timings: d
     """
     sup = dataset_path.parent
     datalad_bin = str(Path(sys.executable).parent / "datalad")
-    with file_lock(sup.parent / f".{sup.name}.superdataset.lock"):
+    with file_lock(DatasetLayout.superdataset_lock_path(sup)):
         r = _Runner(sup, env, timings)
         if not (sup / ".datalad" / "config").is_file():
             r.run(datalad_bin, "-l", "error", "create", "--force", "--description",

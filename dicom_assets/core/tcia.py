@@ -54,6 +54,7 @@ from .errors import DicomAssetsError
 from .fasttags import read_tags
 from .fsutil import atomic_write
 from .ids import normalize_participant_id
+from .layout import DatasetLayout
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 LIST_KEY = "ListOfSeriesToDownload"
@@ -474,7 +475,7 @@ def download_series(client: NbiaClient, uids, series_dir: Path, *, workers: int 
         return n, hdr, size
 
     def one(uid: str) -> SeriesResult:
-        zpath, rec = series_dir / f"{uid}.zip", series_dir / f"{uid}.json"
+        zpath, rec = DatasetLayout.tcia_series_files(series_dir, uid)
         if zpath.is_file() and rec.is_file():
             try:
                 done = json.loads(rec.read_text())

@@ -101,7 +101,7 @@ def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> M
     except DataladError as exc:
         raise Failure(f"{exc}; materialize datalad_dataset first") from None
     entry.update(participant=visit.participant, session=visit.session, study=ds.study)
-    page = update_catalog(ds.layout.catalog_dir, entry)
+    page = update_catalog(ds.layout, entry)
     return MaterializeResult(metadata={"page": path(page), "dataset_id": entry["dataset_id"],
                                        "version": entry["version"]})
 
@@ -148,7 +148,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
                 session, server=xnat.server, project=cfg.xnat_project, subject=subject, project_files=project_files,
                 session_label=label, files=files, excluded=excluded,
                 metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
-                policy=cfg.xnat_duplicate_policy, workdir=lay.scratch_dir, log=context.log.info,
+                policy=cfg.xnat_duplicate_policy, workdir=lay.xnat_upload_dir, log=context.log.info,
                 known_filtered=known_filtered)
     except XnatAuthError as exc:
         raise Failure(str(exc), allow_retries=False) from None
