@@ -2,6 +2,7 @@
 per manifest, not once per visit."""
 
 import gc
+import os
 
 from dicom_assets.core import downloads, sources
 from dicom_assets.core.ids import Visit, parse_visit_key
@@ -67,3 +68,32 @@ def test_visit_source_looks_the_visit_up_by_key(demo_root, monkeypatch):
     assert {v: found.has_visit(v) for v in asked} == expected
     kinds = {v: sources.visit_source(ds, v).kind for v in asked}
     assert kinds == {v: sources.DUMP if ok else sources.UNKNOWN for v, ok in expected.items()}
+
+
+def test_resolved_csv_is_read_again_only_when_its_file_token_changes(tmp_path, monkeypatch):
+    """One answer to "has this file changed" (fsutil.file_token) for the resolved CSVs and the
+    sensor state's context token."""
+    from dicom_assets.core import fsutil
+    from dicom_assets.core.downloads_state import CLASSIFY_VERSION, context_token
+
+    path = tmp_path / "resolved.csv"
+    assert fsutil.file_token(path) == fsutil.NO_FILE == "-"
+    assert sources._resolved_rows(path) is None
+    reads = []
+    real = sources.read_resolved
+    monkeypatch.setattr(sources, "read_resolved", lambda p: reads.append(p) or real(p))
+    path.write_text("visit,PatientID\nA_ses-01,A\n")
+    st = path.stat()
+    assert fsutil.file_token(path) == f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    assert sources._resolved_rows(path) == [{"visit": "A_ses-01", "PatientID": "A"}]
+    assert sources._resolved_rows(path) == [{"visit": "A_ses-01", "PatientID": "A"}] and len(reads) == 1
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: read again
+    sources._resolved_rows(path)
+    assert len(reads) == 2
+    other = tmp_path / "new.csv"  # replaced by a rename, same size and mtime: another inode
+    other.write_text("visit,PatientID\nB_ses-01,B\n")
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    os.replace(other, path)
+    assert sources._resolved_rows(path) == [{"visit": "B_ses-01", "PatientID": "B"}] and len(reads) == 3
+    assert context_token(path, tmp_path / "none", path, ("ses-01",)) == \
+        f"{CLASSIFY_VERSION}|ses-01|{fsutil.file_token(path)}|-|{fsutil.file_token(path)}"

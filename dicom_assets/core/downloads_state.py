@@ -53,6 +53,7 @@ from .downloads import (
     passed_over,
     signature,
 )
+from .fsutil import file_token
 
 STATE_VERSION = 2
 CLASSIFY_VERSION = "1"  # bump when classify_entry changes what it decides: every name is classified again
@@ -132,17 +133,10 @@ def parse_cursor(raw: str | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _file_token(path: Path) -> str:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return "-"
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-
-
 def context_token(config_path: Path, manifest_path: Path, dir_map_path: Path, sessions) -> str:
-    """What classification depends on: config (sessions), manifest, dicom_dir_map.tsv."""
-    return "|".join([CLASSIFY_VERSION, ",".join(sessions)] + [_file_token(p) for p in
+    """What classification depends on: config (sessions), manifest, dicom_dir_map.tsv (each
+    file by its :func:`~.fsutil.file_token`)."""
+    return "|".join([CLASSIFY_VERSION, ",".join(sessions)] + [file_token(p) for p in
                                                               (config_path, manifest_path, dir_map_path)])
 
 

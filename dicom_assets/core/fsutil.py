@@ -52,6 +52,20 @@ def file_lock(lock_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+NO_FILE = "-"  # the file_token of a path where there is no file
+
+
+def file_token(path: Path) -> str:
+    """What tells that a file changed, as one string: ``<size>:<mtime_ns>:<inode>`` (a rewrite
+    in place moves the size or the mtime, a replacement by rename the inode), :data:`NO_FILE`
+    when there is no file. One stat, links followed; the file is not read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return NO_FILE
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
 def file_digest(path: Path, algo: str = "sha256") -> str:
     """The hex digest of a file's content (read in 1 MiB blocks by hashlib)."""
     with open(path, "rb") as fh:

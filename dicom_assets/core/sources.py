@@ -5,20 +5,21 @@ or a **TCIA** visit (a visit of a resolved TCIA manifest, ``downloads/tcia/<name
 its dump is the series zips, its XNAT subject TCIA's PatientID and its session label the
 XNAT-TCIA one). A TCIA visit wins over a manifest visit of the same key, as before.
 
-Each ``resolved.csv`` is read once per change of the file (size, mtime), not at every question;
+Each ``resolved.csv`` is read once per change of the file (its :func:`~.fsutil.file_token`: size,
+mtime, inode), not at every question;
 what the questions look up in the manifest (its visit keys, its participants' prefix index) is
 built once per manifest read (:func:`manifest_index`), not once per visit.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from .downloads import DownloadItem, items_for_visit, participant_index, read_dicom_dir_map
+from .fsutil import NO_FILE, file_token
 from .ids import Visit, parse_visit_key
 from .layout import Dataset, DatasetLayout
 from .manifest import Manifest
@@ -27,16 +28,14 @@ from .tcia import TciaVisitSource, manifest_name, manifests, read_resolved
 DUMP, TCIA, UNKNOWN = "dump", "tcia", "unknown"
 
 _lock = threading.Lock()
-_resolved_cache: dict[str, tuple[tuple[int, int, int], list[dict]]] = {}
+_resolved_cache: dict[str, tuple[str, list[dict]]] = {}
 
 
 def _resolved_rows(path: Path) -> list[dict] | None:
-    """The rows of one resolved.csv, re-read only when its size or mtime changed."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    """The rows of one resolved.csv, re-read only when its file token (size, mtime, inode) changed."""
+    sig = file_token(path)
+    if sig == NO_FILE:
         return None
-    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
     with _lock:
         hit = _resolved_cache.get(str(path))
     if hit is not None and hit[0] == sig:
