@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DownloadError
+from .fsutil import printable
 from .ids import Visit, normalize_participant_id, normalize_session_id
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".txz", ".tar", ".zip")
@@ -92,8 +93,9 @@ def item_stem(name: str) -> str:
 
 def shown(name: str) -> str:
     """A file name as messages show it: bytes that are no UTF-8 (kept by the OS as lone
-    surrogates) as ``\\xNN``, so a message can always be logged and stored."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    surrogates) as ``\\xNN``, so a message can always be logged and stored
+    (:func:`~.fsutil.printable`, control characters left as they are)."""
+    return printable(name, controls=False)
 
 
 def is_partial_name(name: str) -> bool:

@@ -3,6 +3,9 @@
 Every file or folder the platform produces is built under a temporary sibling name
 (``.<name>.tmp-<random>``, hidden, same filesystem) and renamed into place; writers of a
 shared file (the curation status, the catalog, the superdataset) take an exclusive lock first.
+
+And the small file helpers the core modules share: whether a file changed (:func:`file_token`),
+digests, and a file name as printable text for messages and reports (:func:`printable`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,38 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, line/paragraph separators
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NOT_UTF8 = re.compile(r"[\ud800-\udfff]")
+
+
+def printable(text: str | os.PathLike | bytes, *, controls: bool = True) -> str:
+    """A file name, path (or tag value) as valid UTF-8 text for a message or a report: a byte
+    that is not UTF-8 (kept by Python as a lone surrogate) is written ``\\xNN``.
+
+    With ``controls`` (the organize report, one line per file) a control character (tab, CR,
+    LF, ...) is written ``\\xNN`` too (``\\u2028`` for the line separators); without, control
+    characters are left as they are (the names in the messages of the downloads, extraction and
+    tarball steps; a name is no UTF-8 exactly when this changes it). Anything else is left as
+    it is."""
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    if not (_UNPRINTABLE if controls else _NOT_UTF8).search(text):
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte (a decoder's oddity)
+        raw = text.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    if not controls:
+        return text
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
 
 
 def temp_sibling(path: Path) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .dicomscan import KEPT, REASONS, FileRecord, Rules, apply_rules, read_records, walk_files
 from .errors import OrganizedFolderError
 from .extract import replace_dir_atomically
-from .fsutil import atomic_write, file_digest, temp_sibling
+from .fsutil import atomic_write, file_digest, printable, temp_sibling
 
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.]")
 # the longest flat name (".dcm" included): fits a ustar name field, far below any NAME_MAX
@@ -48,30 +48,11 @@ def dest_name(sop_uid: str) -> str:
     return f"{safe}.dcm"
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, line/paragraph separators
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def printable(text: str) -> str:
-    """A file name (or tag value) as one line of valid UTF-8 text: a byte that is not UTF-8
-    (kept by Python as a lone surrogate) and a control character (tab, CR, LF, ...) are
-    written ``\\xNN`` (``\\u2028`` for the line separators); anything else is left as it is."""
-    if not _UNPRINTABLE.search(text):
-        return text
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that is no escaped byte (a decoder's oddity)
-        raw = text.encode("utf-8", "surrogatepass")
-    text = raw.decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
-                        text)
-
-
 MAX_CELL = 1000  # a longer tag value (a corrupt length swallowing the file) is cut in the report
 
 
 def cell(text: str, limit: int = MAX_CELL) -> str:
-    """:func:`printable`, cut to ``limit`` characters with a note of how many were dropped."""
+    """:func:`~.fsutil.printable`, cut to ``limit`` characters with a note of how many were dropped."""
     text = printable(text)
     return text if len(text) <= limit else f"{text[:limit]}…[{len(text) - limit} more characters]"
 
@@ -323,7 +304,8 @@ def _write_rows(fh, result: OrganizeResult) -> None:
 
 def write_report(result: OrganizeResult, path: Path) -> None:
     """``logs/organize/<visit>_files.tsv``: one row per file, valid UTF-8 whatever the file
-    names (see :func:`printable`)."""
+    names (see :func:`~.fsutil.printable`: a byte that is no UTF-8 and a control character as
+    ``\\xNN``)."""
     with atomic_write(path, newline="", encoding="utf-8") as fh:
         _write_rows(fh, result)
 

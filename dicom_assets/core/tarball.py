@@ -31,7 +31,7 @@ from queue import Queue
 
 from .errors import OrganizedFolderError, TarballError
 from .fasttags import DATE_TAGS_END, parse_tags, read_tags
-from .fsutil import temp_sibling
+from .fsutil import printable, temp_sibling
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -167,7 +167,8 @@ class TarballResult:
 def _unreadable(src: Path, exc: OSError, when: str) -> TarballError:
     what = "is a broken link or vanished" if isinstance(exc, FileNotFoundError) else \
         f"cannot be read ({exc.strerror or exc})"
-    return TarballError(f"{_shown(src)}: the organized file {what} {when}; materialize organized_dicoms again")
+    return TarballError(f"{printable(src, controls=False)}: the organized file {what} {when}; "
+                        "materialize organized_dicoms again")
 
 
 SCAN_BYTES = 16 << 10  # a file's dates sit in its first few hundred bytes; 64 KiB, then pydicom, if not
@@ -349,11 +350,6 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
     return TarballResult(str(dest), total, sha256, len(members), len(times), latest)
 
 
-def _shown(path) -> str:
-    """A path as valid UTF-8 text for a message: bytes that are not UTF-8 as ``\\xNN``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[tuple[Path, str]]:
     """The files of an organized visit folder as (path, name) pairs, sorted.
 
@@ -364,8 +360,8 @@ def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[
     try:
         entries = sorted(os.scandir(dicom_dir), key=lambda e: e.name)
     except OSError as exc:
-        raise OrganizedFolderError(f"{_shown(dicom_dir)}: the organized DICOM folder cannot be listed "
-                                   f"({exc.strerror or exc})") from None
+        raise OrganizedFolderError(f"{printable(dicom_dir, controls=False)}: the organized DICOM folder cannot be "
+                                   f"listed ({exc.strerror or exc})") from None
     out = []
     for e in entries:
         p = Path(e.path)
@@ -375,15 +371,16 @@ def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[
             ok = False
         if not ok:
             if e.is_symlink():
-                what = (f"a broken link (to {_shown(os.readlink(p))!r})" if not p.exists()
+                what = (f"a broken link (to {printable(os.readlink(p), controls=False)!r})" if not p.exists()
                         else "a link to something else than a file")
             else:
                 what = "a folder" if e.is_dir(follow_symlinks=False) else "not a regular file"
-            raise OrganizedFolderError(f"{_shown(p)}: {what} in the organized DICOM folder; its DICOM would be "
-                                       "missing from the tarball; materialize raw_dicoms and organized_dicoms again")
-        if _shown(e.name) != e.name:
-            raise OrganizedFolderError(f"{_shown(p)}: a name that is not UTF-8 in the organized DICOM folder "
-                                       "(organize writes <SOPInstanceUID>.dcm names only)")
+            raise OrganizedFolderError(f"{printable(p, controls=False)}: {what} in the organized DICOM folder; its "
+                                       "DICOM would be missing from the tarball; materialize raw_dicoms and "
+                                       "organized_dicoms again")
+        if printable(e.name, controls=False) != e.name:  # changed exactly when the name is no UTF-8
+            raise OrganizedFolderError(f"{printable(p, controls=False)}: a name that is not UTF-8 in the organized "
+                                       "DICOM folder (organize writes <SOPInstanceUID>.dcm names only)")
         out.append((p, e.name))
     if expected is not None:
         names = {n for _, n in out}
@@ -395,6 +392,7 @@ def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[
                 parts.append(f"{len(missing)} kept file(s) missing (first {missing[0]!r})")
             if extra:
                 parts.append(f"{len(extra)} file(s) the report does not list (first {extra[0]!r})")
-            raise OrganizedFolderError(f"{_shown(dicom_dir)}: the organized folder disagrees with the organize report: "
-                                       + "; ".join(parts) + "; materialize organized_dicoms again")
+            raise OrganizedFolderError(f"{printable(dicom_dir, controls=False)}: the organized folder disagrees with "
+                                       "the organize report: " + "; ".join(parts)
+                                       + "; materialize organized_dicoms again")
     return out
