@@ -54,7 +54,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import DicomAssetsError
-from .fsutil import atomic_write, file_lock, temp_sibling, tree_digests
+from .fsutil import atomic_write, file_digest, file_lock, temp_sibling, tree_digests
 
 CONVERTER_VERSION = "1"  # bump when a change here changes what a conversion writes
 BIDS_VERSION = "1.10.1"
@@ -608,6 +608,10 @@ class ConversionResult:
     versions: dict
     seconds: float
     note: str = ""  # why nothing was written, when nothing matched the config
+    # sha256 of every file of the session folder as the conversion leaves it (relative path:
+    # digest; None without a folder): the asset's data version is made from it, so the session
+    # is hashed once per run
+    tree: dict[str, str] | None = None
 
     def files_per_datatype(self) -> dict[str, int]:
         return dict(sorted(Counter(f.split("/")[2] for f in self.files if f.count("/") >= 3).items()))
@@ -650,6 +654,18 @@ def _assign(series: list[Series], out: Path, niix: Path, tmp: Path, log: str, se
             s.detail = "no config entry matches it (SeriesDescription " + repr(s.description) + ")"
 
 
+def _holds(root: Path, digests: dict[str, str]) -> bool:
+    """Whether the folder ``root`` holds exactly the files of ``digests`` (relative path: sha256),
+    with that content: the names are compared first, and the reading stops at the first file
+    that differs (only a folder that is the same is read whole)."""
+    if not root.is_dir() or not isinstance(digests, dict):
+        return False
+    names = set()
+    for dirpath, _dirs, files in os.walk(root):
+        names.update((Path(dirpath) / n).relative_to(root).as_posix() for n in files)
+    return names == set(digests) and all(file_digest(root / rel) == digests[rel] for rel in sorted(names))
+
+
 def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path, report_path: Path,
                   config: Dcm2bidsConfig, bids_root: Path, scratch_root: Path, record_path: Path,
                   dataset_name: str, lock_path: Path) -> ConversionResult:
@@ -667,15 +683,14 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
     fp = input_fingerprint(series, dicom_dir, config, participant, session)
     previous = _read_record(record_path)
     acq_times = {}
-    if previous and previous.get("fingerprint") == fp and target.is_dir() \
-            and tree_digests(target) == previous.get("tree"):
+    if previous and previous.get("fingerprint") == fp and _holds(target, previous["tree"]):
         with file_lock(lock_path):
             if previous.get("acq_time"):
                 acq_times[(sub, session)] = previous["acq_time"]
             written = update_dataset_files(bids_root, dataset_name, acq_times)
         return ConversionResult(visit, str(target), False, False, previous["files"], previous["series"],
                                 previous["dcm2niix_warnings"], written, fp, tool_versions(),
-                                time.monotonic() - t0)
+                                time.monotonic() - t0, tree=previous["tree"])
     scratch_root.mkdir(parents=True, exist_ok=True)
     work = scratch_root / f"{visit}.tmp-{uuid.uuid4().hex[:8]}"
     work.mkdir()
@@ -698,12 +713,13 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
                                     [], fp, tool_versions(), time.monotonic() - t0,
                                     note=f"no series matched an entry of {config.path}: nothing written"
                                     + (" (the session folder of an earlier conversion is left as it was)"
-                                       if target.exists() else ""))
+                                       if target.exists() else ""),
+                                    tree=tree_digests(target) if target.is_dir() else None)
         new_tree = tree_digests(staged)
         acq = acq_time_of(dicom_dir / series[0].files[0])
         files = sorted(f"{session_rel}/{k}" for k in new_tree)
         with file_lock(lock_path):
-            changed = tree_digests(target) != new_tree
+            changed = not _holds(target, new_tree)
             if changed:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 final = temp_sibling(target)
@@ -719,8 +735,8 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = ConversionResult(visit, str(target), changed, True, files, [_series_row(s) for s in series], warnings,
-                              written, fp, tool_versions(), time.monotonic() - t0)
-    record = {**asdict(result), "tree": new_tree, "acq_time": acq, "config": str(config.path)}
+                              written, fp, tool_versions(), time.monotonic() - t0, tree=new_tree)
+    record = {**asdict(result), "acq_time": acq, "config": str(config.path)}
     for k in ("seconds", "note"):
         record.pop(k)
     _write_if_changed(record_path, json.dumps(record, indent=1, sort_keys=True) + "\n")

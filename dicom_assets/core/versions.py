@@ -7,7 +7,9 @@ changes, computed from what each step writes (no Dagster import: ``defs/`` turns
 - ``organized_dicoms``: :func:`kept_version`, the kept (SOPInstanceUID, size) list;
 - ``visit_tarball``: the tarball's sha256; ``visit_metadata``: the md5 of the dicoms JSON;
 - ``datalad_dataset``: its commit; ``xnat_session``: :func:`xnat_version` (session + scan counts);
-- ``bids_session``: :func:`tree_version` of the session folder.
+- ``bids_session``: :func:`digests_version` of the session folder's file digests, the ones
+  ``core.bids.convert_visit`` computed (and records in ``logs/bids/<visit>.json``), so the
+  session is hashed once per run; :func:`tree_version` is the same value read from disk.
 """
 
 from __future__ import annotations
@@ -50,7 +52,13 @@ def xnat_version(session: str, scans: dict[str, int]) -> str:
     return f"{session.rstrip('/').rsplit('/', 1)[-1]}:" + hashlib.sha256(counts.encode()).hexdigest()[:16]
 
 
+def digests_version(digests: dict[str, str]) -> str:
+    """A folder's files given as ``{relative POSIX path: sha256 of the content}`` (what
+    ``fsutil.tree_digests`` returns): same names and bytes, same version."""
+    return "files-" + _sha256_lines(sorted(f"{rel}\t{digest}" for rel, digest in digests.items()))[:32]
+
+
 def tree_version(root: Path) -> str:
-    """Every file under ``root``: relative path and sha256 of its content (links followed)."""
-    lines = sorted(f"{rel}\t{digest}" for rel, digest in tree_digests(root).items())
-    return "files-" + _sha256_lines(lines)[:32]
+    """Every file under ``root``: relative path and sha256 of its content (links followed);
+    :func:`digests_version` of ``root`` read now."""
+    return digests_version(tree_digests(root))

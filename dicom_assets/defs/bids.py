@@ -17,7 +17,7 @@ from dagster import (
 
 from ..core.bids import BidsError, convert_visit, load_dcm2bids_config, tool_versions, validate
 from ..core.curation import update_visit_status
-from ..core.versions import tree_version
+from ..core.versions import digests_version
 from .ingest import organized_dicoms
 from .partitions import organized_dir_of, visit_asset, visit_of
 from .resources import DatasetResource, default_dataset_root
@@ -142,9 +142,10 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> Ma
     }
     if res.note:
         metadata["note"] = res.note
-    # lineage: the session folder's content (relative paths + sha256), so Dagster tells a
-    # re-conversion that wrote the same files from one that changed them
-    version = DataVersion(tree_version(session_dir)) if session_dir.is_dir() else None
+    # lineage: the session folder's content (relative paths + sha256, as convert_visit hashed
+    # them: not read again here), so Dagster tells a re-conversion that wrote the same files
+    # from one that changed them
+    version = DataVersion(digests_version(res.tree)) if res.tree is not None else None
     return MaterializeResult(metadata=metadata, check_results=[valid, converted_check], data_version=version)
 
 
