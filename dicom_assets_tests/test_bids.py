@@ -1,11 +1,13 @@
 """BIDS: real demo visits (GE and Siemens files) converted by dcm2bids + dcm2niix through the
 ``bids_session`` asset, checked by the official BIDS validator; bad input (a series dcm2niix
-cannot decode, malformed configs, two sessions of one participant at once)."""
+cannot decode, a slice sent twice, malformed configs, two sessions of one participant at once)."""
 
 import csv
+import gzip
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -16,11 +18,11 @@ import pytest
 from dagster import materialize
 from pydicom.uid import generate_uid
 
-from dicom_assets.core import bids
+from dicom_assets.core import bids, fsutil
 from dicom_assets.core.fsutil import tree_digests
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import Dataset, DatasetLayout
-from dicom_assets.core.versions import tree_version
+from dicom_assets.core.versions import digests_version, tree_version
 from dicom_assets.defs.bids import bids_session
 from dicom_assets.defs.ingest import organized_dicoms, raw_dicoms
 from dicom_assets.defs.resources import DatasetResource
@@ -73,24 +75,28 @@ def test_demo_visits_become_a_valid_bids_dataset(instance, demo_root):
         assert checks_of(result)["bids_valid"] is True
         metas[key] = metadata_of(result, "bids_session")
     m = metas["QPN001_ses-01"]
-    assert m["files_per_datatype"] == {"anat": 4, "dwi": 4, "func": 2}  # GE T1w + T2w, Siemens mosaic bold + DTI
+    # GE 3D T1w + SE T1w + T2w, Siemens mosaic bold + DTI
+    assert m["files_per_datatype"] == {"anat": 6, "dwi": 4, "func": 2}
     ses = lay.bids_session_dir(Visit("QPN001", "ses-01"))
     assert {p.relative_to(ses).as_posix() for p in ses.rglob("*.nii.gz")} == {
-        "anat/sub-QPN001_ses-01_acq-se_T1w.nii.gz", "anat/sub-QPN001_ses-01_T2w.nii.gz",
-        "func/sub-QPN001_ses-01_task-rest_bold.nii.gz", "dwi/sub-QPN001_ses-01_dwi.nii.gz"}
+        "anat/sub-QPN001_ses-01_acq-mprage_T1w.nii.gz", "anat/sub-QPN001_ses-01_acq-se_T1w.nii.gz",
+        "anat/sub-QPN001_ses-01_T2w.nii.gz", "func/sub-QPN001_ses-01_task-rest_bold.nii.gz",
+        "dwi/sub-QPN001_ses-01_dwi.nii.gz"}
     assert json.loads((ses / "func" / "sub-QPN001_ses-01_task-rest_bold.json").read_text())["TaskName"] == "rest"
     assert (ses / "dwi" / "sub-QPN001_ses-01_dwi.bval").is_file()
     status = {r.data["series_description"]: r.data["status"] for r in m["series"].records}
-    assert status == {"T1w_MPRAGE": "not_converted", "T2w_PD_dual_echo": "converted", "T1_SE_axial": "converted",
+    assert status == {"T1w_MPRAGE": "converted", "T2w_PD_dual_echo": "converted", "T1_SE_axial": "converted",
                       "SWI_HEME": "unmatched", "fmap_acq-3mm": "unmatched", "rsfMRI_mosaic": "converted",
                       "DTI_64dir": "converted"}
     assert {r.data["series_description"] for r in m["unmatched_series"].records} == {"SWI_HEME", "fmap_acq-3mm"}
-    # the demo T1w holds two copies of one slice: dcm2niix writes an image, no sidecar, exit 1;
-    # reported with its own words, and nothing of it reaches the dataset
+    # the demo T1w: 9 slices of a real GE 3D volume, each at its own position (one of them the
+    # preamble-less IM9999), stacked by dcm2niix into one 3D image of 9 slices of 256 x 256
     t1 = next(r.data for r in m["series"].records if r.data["series_description"] == "T1w_MPRAGE")
-    assert "no JSON sidecar" in t1["detail"] or "exit status" in t1["detail"]
-    assert "slice" in t1["detail"]
-    assert not list(lay.bids_root.rglob("*MPRAGE*")) and not list(lay.bids_root.rglob("*mprage*"))
+    assert t1["dicoms"] == 9 and t1["bids_files"] == "sub-QPN001_ses-01_acq-mprage_T1w.nii.gz"
+    with gzip.open(ses / "anat" / "sub-QPN001_ses-01_acq-mprage_T1w.nii.gz") as fh:
+        dim = struct.unpack("<8h", fh.read(56)[40:56])  # NIfTI-1 dim[] (dcm2niix turns the sagittal stack)
+    assert dim[0] == 3 and sorted(dim[1:4]) == [9, 256, 256]
+    assert checks_of(result)["all_series_converted"] is True
     assert any("GE protocol data block" in r.data["message"] for r in m["dcm2niix_warnings"].records)
     assert "0 errors" in m["validator"]
     # dataset files, current for all three visits
@@ -120,13 +126,29 @@ def test_demo_visits_become_a_valid_bids_dataset(instance, demo_root):
     assert issues  # it did run (warnings: no authors, recommended sidecar keys...)
 
 
-def test_rerun_of_an_unchanged_visit_writes_nothing_and_a_changed_one_replaces_its_session(instance, demo_root):
+def _counting(fn, calls: list):
+    def digest(path, *args, **kw):
+        calls.append(Path(path))
+        return fn(path, *args, **kw)
+    return digest
+
+
+def test_rerun_of_an_unchanged_visit_writes_nothing_and_a_changed_one_replaces_its_session(instance, demo_root,
+                                                                                          monkeypatch):
     lay, v = DatasetLayout(demo_root), Visit("QPN002", "ses-01")
     first = data_version_of(run_bids(instance, demo_root, v.key))
-    # the data version Dagster records is the session's content: names and bytes of its files
+    # the data version Dagster records is the session's content: names and bytes of its files,
+    # as the conversion hashed them (its record) and as they are on disk
     assert first == tree_version(lay.bids_session_dir(v))
+    assert first == digests_version(json.loads(lay.bids_record_path(v).read_text())["tree"])
     before = snapshot(lay.bids_root)
+    hashed = []  # every file hashed on the re-run: each file of the session once, no more
+    monkeypatch.setattr(fsutil, "file_digest", _counting(fsutil.file_digest, hashed))
+    monkeypatch.setattr(bids, "file_digest", _counting(bids.file_digest, hashed))
     result = run_bids(instance, demo_root, v.key, assets=[bids_session])
+    monkeypatch.undo()
+    ses = lay.bids_session_dir(v)
+    assert sorted(hashed) == sorted(p for p in ses.rglob("*") if p.is_file())
     meta = metadata_of(result, "bids_session")
     assert meta["state"] == "unchanged (nothing written)" and snapshot(lay.bids_root) == before
     assert data_version_of(result) == first  # unchanged visit: same version, nothing downstream stale
@@ -136,7 +158,6 @@ def test_rerun_of_an_unchanged_visit_writes_nothing_and_a_changed_one_replaces_i
     meta = metadata_of(run_bids(instance, demo_root, v.key, assets=[bids_session]), "bids_session")
     assert meta["state"] == "unchanged (nothing written)" and snapshot(lay.bids_root) == before
     # a session folder changed by hand is converted again and replaced whole
-    ses = lay.bids_session_dir(v)
     (ses / "anat" / "notes.txt").write_text("x")
     run_bids(instance, demo_root, v.key, assets=[bids_session])
     assert not (ses / "anat" / "notes.txt").exists() and (ses / "dwi").is_dir()
@@ -179,8 +200,10 @@ def test_sensor_chain_includes_bids_session_only_with_a_config(demo_root, tmp_pa
 # --------------------------------------------------------------------------- bad input
 def _add_undecodable_series(root: Path, visit: Visit, samples) -> None:
     """A second dump for the visit holding a real JPEG (12/16-bit, 1.2.840.10008.1.2.4.51) image
-    with the visit's identity: dcm2niix (built with OpenJPEG and CharLS) cannot decode it."""
-    kept = next((DatasetLayout(root).dicom_dir(visit)).iterdir())
+    with the visit's identity: dcm2niix (built with OpenJPEG and CharLS) cannot decode it; and a
+    slice of the T1w sent twice, under a second SOPInstanceUID (one position twice in a series)."""
+    lay = DatasetLayout(root)
+    kept = next(lay.dicom_dir(visit).iterdir())
     ref = pydicom.dcmread(kept, stop_before_pixels=True)
     src = samples.pydicom_files / "JPEG-lossy.dcm"
     data = rewrite_dicom(src, patient_id=str(ref.PatientID), patient_name=str(ref.PatientName),
@@ -196,20 +219,36 @@ def _add_undecodable_series(root: Path, visit: Visit, samples) -> None:
     extra = root / "downloads" / visit.session / "QPN_001_extra" / "20_T1w_MPR_cor"
     extra.mkdir(parents=True)
     ds.save_as(extra / "IM0001")
+    with open(lay.organize_report_path(visit), newline="", encoding="utf-8") as fh:
+        t1 = sorted(r["dest"] for r in csv.DictReader(fh, delimiter="\t")
+                    if r["decision"] == "kept" and r["series_description"] == "T1w_MPRAGE")
+    again = pydicom.dcmread(lay.dicom_dir(visit) / t1[0])
+    again.SOPInstanceUID = again.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[again.SOPInstanceUID, "again"])
+    (extra.parent / "03_T1w_MPRAGE").mkdir()
+    again.save_as(extra.parent / "03_T1w_MPRAGE" / "IM0001")
 
 
 @pytest.mark.faults
-def test_a_series_dcm2niix_cannot_decode_is_reported_and_the_rest_converted(instance, demo_root, samples):
+def test_undecodable_series_and_repeated_slice_are_reported_and_the_rest_converted(instance, demo_root, samples):
     lay, v = DatasetLayout(demo_root), Visit("QPN001", "ses-01")
     run_bids(instance, demo_root, v.key, assets=[raw_dicoms, organized_dicoms])
     _add_undecodable_series(demo_root, v, samples)
     result = run_bids(instance, demo_root, v.key)
     assert result.success
+    # organize keeps the slice sent twice (another SOPInstanceUID: another instance, not a copy
+    # of one): the data problem is not hidden there
+    assert metadata_of(result, "organized_dicoms")["kept"] == 42
     meta = metadata_of(result, "bids_session")
     rows = {r.data["series_number"]: r.data for r in meta["series"].records}
     assert rows[20]["status"] == "not_converted"
     assert "1.2.840.10008.1.2.4.51" in rows[20]["detail"] and "exit status" in rows[20]["detail"]
-    assert meta["files_per_datatype"] == {"anat": 4, "dwi": 4, "func": 2}
+    # the T1w with one position twice: dcm2niix stacks it all the same, and its warning is listed
+    # for the series, so the data problem shows
+    assert rows[3]["dicoms"] == 10
+    assert [w.data["message"] for w in meta["dcm2niix_warnings"].records if w.data["series_number"] == 3
+            and "Interslice distance varies" in w.data["message"]]
+    assert meta["files_per_datatype"] == {"anat": 6, "dwi": 4, "func": 2}
     assert not list(lay.bids_root.rglob("*acq-cor*"))  # the config matches it: it would be there if converted
     checks = checks_of(result)
     assert checks["all_series_converted"] is False and checks["bids_valid"] is True
@@ -321,7 +360,7 @@ def test_conversion_and_validation_need_no_network(instance, demo_root):
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["errors"] == 0 and out["warnings"] > 0 and out["files"] == {"anat": 2, "dwi": 4, "func": 2}
+    assert out["errors"] == 0 and out["warnings"] > 0 and out["files"] == {"anat": 4, "dwi": 4, "func": 2}
 
 
 @pytest.mark.faults

@@ -50,6 +50,22 @@ def test_demo_dicoms_carry_new_identities(pristine_demo, samples):
     assert {d.StudyDate for _, d in found} and all(len(d.StudyDate) == 8 for _, d in found)
 
 
+def test_demo_t1w_is_one_volume(pristine_demo):
+    """The T1w of a dump (the preamble-less IM9999 included, the truncated IM9998 left out) is a
+    stack of a real volume: each slice at its own position, one step between neighbours, its
+    InstanceNumbers 1..n in slice order; dcm2niix converts it as it is."""
+    with zipfile.ZipFile(pristine_demo / "downloads/ses-01/QPN_001_MR.zip") as zf:
+        t1 = {n: pydicom.dcmread(io.BytesIO(zf.read(n)), stop_before_pixels=True, force=True)
+              for n in zf.namelist() if "/03_T1w_MPRAGE/" in n and not n.endswith("IM9998")}
+    assert sorted(n.rsplit("/", 1)[1] for n in t1) == [f"IM{i:04d}" for i in range(1, 9)] + ["IM9999"]
+    slices = sorted((int(d.InstanceNumber), [float(x) for x in d.ImagePositionPatient]) for d in t1.values())
+    assert [i for i, _ in slices] == list(range(1, 10))
+    positions = [p for _, p in slices]
+    assert len({tuple(p) for p in positions}) == 9
+    steps = {round(b[0] - a[0], 3) for a, b in zip(positions, positions[1:])}
+    assert len(steps) == 1 and steps.pop() != 0 and all(p[1:] == positions[0][1:] for p in positions)  # sagittal
+
+
 def test_other_session_is_another_study(pristine_demo):
     a = {d.StudyInstanceUID for _, d in _dicoms_of_zip(pristine_demo / "downloads/ses-01/QPN_001_MR.zip")}
     b = {d.StudyInstanceUID for _, d in _dicoms_of_zip(pristine_demo / "downloads/ses-02/QPN_001_MR.zip")}

@@ -43,8 +43,9 @@ ALL = ["downloads", "raw_dicoms", "organized_dicoms", "visit_tarball", "visit_me
 AFTER_ORGANIZE = ALL[3:]
 USER = "site-uploader"
 # sha256 of the demo visit QPN001_ses-01's tarball for each code version of visit_tarball: the
-# tarball's bytes are a contract; a change of them without a new code version fails here
-TARBALL_SHA256 = {"1": "bbf23a374698550932916f57d8942d85017c2e3300883f482941dc3b285b1722"}
+# tarball's bytes are a contract; a change of them without a new code version fails here (a
+# change of the demo's DICOMs, testing/demo.py, changes the pin of the same version)
+TARBALL_SHA256 = {"1": "6e1ab424ded0f67902e4e9f463fa733448018ed47583488a3a1d0b0fdf6c7467"}
 
 STALE_QUERY = """
 query Lineage($key: AssetKeyInput!, $partition: String!) {

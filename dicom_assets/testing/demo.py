@@ -51,6 +51,18 @@ def _case001_series(samples: Samples, number: int) -> list[Path]:
     return sorted((folder / "DICOM").iterdir())
 
 
+def _volume(files: list[Path], n: int) -> tuple[Path, ...]:
+    """n slices of one real volume, evenly spaced (one step between all of them) and centred on
+    it, in the scanner's slice order (its InstanceNumber): a stack dcm2niix converts as it is,
+    each slice at its own position."""
+    files = sorted(files, key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True,
+                                                            specific_tags=["InstanceNumber"]).InstanceNumber))
+    n = min(n, len(files))
+    step = (len(files) - 1) // (n - 1) if n > 1 else 1
+    start = (len(files) - 1 - step * (n - 1)) // 2
+    return tuple(files[start + k * step] for k in range(n))
+
+
 def _pick(files: list[Path], n: int) -> tuple[Path, ...]:
     """n files spread evenly over a series (the middle of the volume included)."""
     if n >= len(files):
@@ -59,13 +71,20 @@ def _pick(files: list[Path], n: int) -> tuple[Path, ...]:
     return tuple(files[i] for i in idx)
 
 
+def t1w_volume(samples: Samples, slices: int = 8) -> tuple[Path, ...]:
+    """The demo T1w's slices (of the GE 3D SPGR volume, Case001 series 5): ``slices`` of them
+    written as the series' files ``IM0001``..., and one more, the last of the stack, written
+    preamble-less as ``IM9999``. Every slice has its own position and InstanceNumber."""
+    return _volume(_case001_series(samples, 5), slices + 1)
+
+
 def series_library(samples: Samples, slices: int = 8) -> list[SeriesTemplate]:
     h = samples.heudiconv_data
     nb = samples.nibabel_data
     return [
         SeriesTemplate(1, "Localizers", (h / "01-anat-scout" / "0001.dcm",) * 3, optional=False),
         SeriesTemplate(2, "AAHEAD_Scout_32ch-head-coil", (h / "Phoenix" / "01+AA" / "01+AA+00001.dcm",) * 2),
-        SeriesTemplate(3, "T1w_MPRAGE", _pick(_case001_series(samples, 5), slices), optional=False),
+        SeriesTemplate(3, "T1w_MPRAGE", t1w_volume(samples, slices)[:-1], optional=False),
         SeriesTemplate(4, "T2w_PD_dual_echo", _pick(_case001_series(samples, 3), slices)),
         SeriesTemplate(5, "T1_SE_axial", _pick(_case001_series(samples, 2), slices)),
         SeriesTemplate(6, "SWI_HEME", _pick(_case001_series(samples, 9), slices)),
@@ -213,13 +232,15 @@ def _visit_files(samples: Samples, spec: VisitSpec, seed: int, dataset: str, sli
     folder, data = first_kept
     # a transfer cut short: the end of the pixel data is missing
     files[f"{folder}/IM9998"] = data[: len(data) * 2 // 3]
-    # a preamble-less file (no 128-byte preamble, no file meta), as old exporters write
-    src = next(iter(series_library(samples, slices)[2].sources))
+    # a preamble-less file (no 128-byte preamble, no file meta), as old exporters write: the
+    # last slice of the T1w stack (its own position, the next InstanceNumber), so the series is
+    # still one volume dcm2niix converts
+    volume = t1w_volume(samples, slices)
     files[f"{folder}/IM9999"] = preambleless(rewrite_dicom(
-        src, patient_id=spec.raw_participant, patient_name=f"{dataset}^{spec.raw_participant}",
+        volume[-1], patient_id=spec.raw_participant, patient_name=f"{dataset}^{spec.raw_participant}",
         study_uid=study_uid, series_uid=_uid(study_uid, 3, "series"),
         sop_uid=_uid(study_uid, "nometa"), series_number=3, series_description="T1w_MPRAGE",
-        instance_number=9999, study_date=sdate, study_time=spec.study_time,
+        instance_number=len(volume), study_date=sdate, study_time=spec.study_time,
     ))
     return files
 
@@ -292,9 +313,7 @@ def demo_config() -> GlobalConfig:
 
 # the demo's dcm2bids config (code/dcm2bids_config.json), for the series of series_library:
 # SWI_HEME and fmap_acq-3mm are left out on purpose (dcm2niix splits the SWI into echoes and
-# converts only one phase image of the field map), so the UI shows unmatched series; the
-# T1w_MPRAGE of every demo dump holds a second copy of a slice (the preamble-less IM9999), which
-# dcm2niix cannot stack: it shows a series that is reported "not converted"
+# converts only one phase image of the field map), so the UI shows unmatched series
 DEMO_DCM2BIDS_CONFIG = {
     "descriptions": [
         {"id": "t1w_mprage", "datatype": "anat", "suffix": "T1w", "custom_entities": "acq-mprage",
