@@ -307,11 +307,8 @@ def test_two_sessions_of_one_participant_converted_at_once(instance, demo_root):
     def convert(v):
         barrier.wait()
         try:
-            results[v.key] = bids.convert_visit(
-                visit=v.key, participant=v.participant, session=v.session, dicom_dir=lay.dicom_dir(v),
-                report_path=lay.organize_report_path(v), config=config, bids_root=lay.bids_root,
-                scratch_root=lay.bids_scratch_root, record_path=lay.bids_record_path(v),
-                dataset_name=ds.config.dataset_name, lock_path=lay.bids_lock_path)
+            results[v.key] = bids.convert_visit(visit=v, layout=lay, dicom_dir=lay.dicom_dir(v), config=config,
+                                                dataset_name=ds.config.dataset_name)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -340,10 +337,8 @@ from dicom_assets.core import bids
 from dicom_assets.core.ids import parse_visit_key
 from dicom_assets.core.layout import Dataset
 ds = Dataset.open(sys.argv[1]); lay = ds.layout; v = parse_visit_key(sys.argv[2])
-r = bids.convert_visit(visit=v.key, participant=v.participant, session=v.session, dicom_dir=lay.dicom_dir(v),
-    report_path=lay.organize_report_path(v), config=bids.load_dcm2bids_config(lay.dcm2bids_config_path),
-    bids_root=lay.bids_root, scratch_root=lay.bids_scratch_root, record_path=lay.bids_record_path(v),
-    dataset_name=ds.config.dataset_name, lock_path=lay.bids_lock_path)
+r = bids.convert_visit(visit=v, layout=lay, dicom_dir=lay.dicom_dir(v),
+    config=bids.load_dcm2bids_config(lay.dcm2bids_config_path), dataset_name=ds.config.dataset_name)
 val = bids.validate(lay.bids_root, v.participant, v.session)
 print(json.dumps({"files": r.files_per_datatype(), "errors": len(val.errors), "warnings": len(val.warnings)}))
 """

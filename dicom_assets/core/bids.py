@@ -55,6 +55,8 @@ from pathlib import Path
 
 from .errors import DicomAssetsError
 from .fsutil import atomic_write, file_digest, file_lock, temp_sibling, tree_digests
+from .ids import Visit
+from .layout import DatasetLayout
 
 CONVERTER_VERSION = "1"  # bump when a change here changes what a conversion writes
 BIDS_VERSION = "1.10.1"
@@ -468,12 +470,13 @@ def _merge_tsv(path: Path, key: str, wanted: dict[str, dict], first_columns: lis
     return _write_if_changed(path, _tsv_text(cols, out))
 
 
-def update_dataset_files(bids_root: Path, dataset_name: str, acq_times: dict[tuple[str, str], str]) -> list[str]:
+def update_dataset_files(layout: DatasetLayout, dataset_name: str, acq_times: dict[tuple[str, str], str]) -> list[str]:
     """``dataset_description.json`` and ``README`` when missing (a site's own are never
     overwritten), ``participants.tsv`` and every ``sub-*/sub-*_sessions.tsv`` from the session
     folders present. Call under the dataset lock. Returns the files written."""
     written = []
-    desc = bids_root / "dataset_description.json"
+    bids_root = layout.bids_root
+    desc = layout.bids_description_path
     if not desc.exists():
         v = tool_versions()
         _write_if_changed(desc, json.dumps({
@@ -483,19 +486,20 @@ def update_dataset_files(bids_root: Path, dataset_name: str, acq_times: dict[tup
                             {"Name": "dicom-assets", "Description": "bids_session asset"}],
         }, indent=2) + "\n")
         written.append(desc.name)
-    readme = bids_root / "README.md"
-    if not readme.exists() and not any((bids_root / n).exists() for n in ("README", "README.txt", "README.rst")):
+    readme = layout.bids_readme_path
+    if not readme.exists() and not any(readme.with_name(n).exists() for n in ("README", "README.txt", "README.rst")):
         _write_if_changed(readme, f"# {dataset_name}\n\nBIDS dataset converted from the site's DICOM visits by "
                                   "dicom-assets (dcm2bids + dcm2niix). Edit this file to describe the dataset.\n")
         written.append(readme.name)
     subjects = sorted(p.name for p in bids_root.glob("sub-*") if p.is_dir()
                       and any(q.is_dir() for q in p.glob("ses-*")))
-    if _merge_tsv(bids_root / "participants.tsv", "participant_id", {s: {} for s in subjects}, ["participant_id"]):
+    if _merge_tsv(layout.bids_participants_path, "participant_id", {s: {} for s in subjects}, ["participant_id"]):
         written.append("participants.tsv")
     for sub in subjects:
-        sessions = sorted(q.name for q in (bids_root / sub).glob("ses-*") if q.is_dir())
+        participant = sub.removeprefix("sub-")
+        sessions = sorted(q.name for q in layout.bids_subject_dir(participant).glob("ses-*") if q.is_dir())
         wanted = {s: ({"acq_time": acq_times[(sub, s)]} if (sub, s) in acq_times else {}) for s in sessions}
-        path = bids_root / sub / f"{sub}_sessions.tsv"
+        path = layout.bids_sessions_path(participant)
         columns, _ = _read_tsv(path)
         first = ["session_id", "acq_time"] if ("acq_time" in columns or any(wanted.values())) else ["session_id"]
         if _merge_tsv(path, "session_id", wanted, first):
@@ -666,20 +670,24 @@ def _holds(root: Path, digests: dict[str, str]) -> bool:
     return names == set(digests) and all(file_digest(root / rel) == digests[rel] for rel in sorted(names))
 
 
-def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path, report_path: Path,
-                  config: Dcm2bidsConfig, bids_root: Path, scratch_root: Path, record_path: Path,
-                  dataset_name: str, lock_path: Path) -> ConversionResult:
-    """Convert one visit to ``bids/sub-<participant>/<session>/`` (see the module docstring).
+def convert_visit(*, visit: Visit, layout: DatasetLayout, dicom_dir: Path, config: Dcm2bidsConfig,
+                  dataset_name: str) -> ConversionResult:
+    """Convert one visit to ``bids/sub-<participant>/<session>/`` (see the module docstring), from
+    its organized DICOMs in ``dicom_dir`` and its organize report; every other path (session
+    folder, scratch, record, lock) is the layout's.
 
     Raises :class:`BidsError` when nothing could be converted; the session folder is then left
     as it was."""
     t0 = time.monotonic()
+    participant, session = visit.participant, visit.session
+    report_path, record_path = layout.organize_report_path(visit), layout.bids_record_path(visit)
+    lock_path = layout.bids_lock_path
     series = read_series(report_path)
     if not series:
         raise BidsError(f"{report_path}: the visit has no kept DICOM to convert")
     sub = f"sub-{participant}"
     session_rel = f"{sub}/{session}"
-    target = bids_root / sub / session
+    target = layout.bids_session_dir(visit)
     fp = input_fingerprint(series, dicom_dir, config, participant, session)
     previous = _read_record(record_path)
     acq_times = {}
@@ -687,17 +695,17 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
         with file_lock(lock_path):
             if previous.get("acq_time"):
                 acq_times[(sub, session)] = previous["acq_time"]
-            written = update_dataset_files(bids_root, dataset_name, acq_times)
-        return ConversionResult(visit, str(target), False, False, previous["files"], previous["series"],
+            written = update_dataset_files(layout, dataset_name, acq_times)
+        return ConversionResult(visit.key, str(target), False, False, previous["files"], previous["series"],
                                 previous["dcm2niix_warnings"], written, fp, tool_versions(),
                                 time.monotonic() - t0, tree=previous["tree"])
-    scratch_root.mkdir(parents=True, exist_ok=True)
-    work = scratch_root / f"{visit}.tmp-{uuid.uuid4().hex[:8]}"
+    work = layout.bids_work_dir(visit.key, uuid.uuid4().hex[:8])
+    work.parent.mkdir(parents=True, exist_ok=True)
     work.mkdir()
     try:
         niix = run_dcm2niix_per_series(series, dicom_dir, work, participant, config.dcm2niix_options)
         if not any(niix.glob("*.json")):
-            raise BidsError(f"{visit}: dcm2niix converted none of the {len(series)} series: " + "; ".join(
+            raise BidsError(f"{visit.key}: dcm2niix converted none of the {len(series)} series: " + "; ".join(
                 f"{s.label}: {s.detail}" for s in series)[:2000])
         out, log = run_dcm2bids(niix, work, participant, session.removeprefix("ses-"), config)
         tmp = out / "tmp_dcm2bids" / f"{sub}_{session}"
@@ -709,7 +717,7 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
             # a visit with nothing for the BIDS dataset (a config matching none of its series):
             # nothing is written, and a session folder of an earlier conversion is left as it was
             # (a config typo must not delete sessions); the record is not written either
-            return ConversionResult(visit, str(target), False, True, [], [_series_row(s) for s in series], warnings,
+            return ConversionResult(visit.key, str(target), False, True, [], [_series_row(s) for s in series], warnings,
                                     [], fp, tool_versions(), time.monotonic() - t0,
                                     note=f"no series matched an entry of {config.path}: nothing written"
                                     + (" (the session folder of an earlier conversion is left as it was)"
@@ -731,10 +739,10 @@ def convert_visit(*, visit: str, participant: str, session: str, dicom_dir: Path
                     raise
             if acq:
                 acq_times[(sub, session)] = acq
-            written = update_dataset_files(bids_root, dataset_name, acq_times)
+            written = update_dataset_files(layout, dataset_name, acq_times)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = ConversionResult(visit, str(target), changed, True, files, [_series_row(s) for s in series], warnings,
+    result = ConversionResult(visit.key, str(target), changed, True, files, [_series_row(s) for s in series], warnings,
                               written, fp, tool_versions(), time.monotonic() - t0, tree=new_tree)
     record = {**asdict(result), "acq_time": acq, "config": str(config.path)}
     for k in ("seconds", "note"):
@@ -756,7 +764,3 @@ def _read_record(path: Path) -> dict | None:
         return None
     return data if isinstance(data, dict) and {"fingerprint", "tree", "files", "series"} <= set(data) else None
 
-
-def session_present(bids_root: Path, participant: str, session: str) -> bool:
-    d = bids_root / f"sub-{participant}" / session
-    return d.is_dir() and any(d.iterdir())

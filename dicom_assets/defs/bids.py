@@ -62,11 +62,8 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> Ma
     dicom_dir = organized_dir_of(lay, visit)
     try:
         config = load_dcm2bids_config(lay.dcm2bids_config_path)
-        res = convert_visit(visit=visit.key, participant=visit.participant, session=visit.session,
-                            dicom_dir=dicom_dir, report_path=lay.organize_report_path(visit), config=config,
-                            bids_root=lay.bids_root, scratch_root=lay.bids_scratch_root,
-                            record_path=lay.bids_record_path(visit), dataset_name=ds.config.dataset_name,
-                            lock_path=lay.bids_lock_path)
+        res = convert_visit(visit=visit, layout=lay, dicom_dir=dicom_dir, config=config,
+                            dataset_name=ds.config.dataset_name)
     except BidsError as exc:
         raise Failure(str(exc)) from None
     session_dir = lay.bids_session_dir(visit)
