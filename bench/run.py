@@ -323,6 +323,8 @@ def main() -> int:
                     help="files of the visit run through materialize() of the whole chain; 0 skips it")
     ap.add_argument("--executor", type=int, default=1, help="0 skips the in-process vs multiprocess run")
     ap.add_argument("--backfill", type=int, default=0, help="N visits backfilled through `dagster dev` (slow; 0 skips)")
+    ap.add_argument("--backfill-timeout", type=float, default=3600,
+                    help="seconds to wait for the backfill's runs before reporting what finished")
     ap.add_argument("--work", help="work folder (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus for another run")
     args = ap.parse_args()
@@ -390,7 +392,8 @@ def main() -> int:
     if args.executor:
         throughput["executor"] = tp.executor_bench(samples, work)
     if args.backfill:
-        throughput["backfill"] = tp.backfill_bench(samples, work, visits_n=args.backfill)
+        throughput["backfill"] = tp.backfill_bench(samples, work, visits_n=args.backfill,
+                                                  timeout=args.backfill_timeout)
 
     datalad = (datalad_bench(work, dest, vmeta, args.datalad_peer, tuple(args.datalad_writers.split(",")))
                if args.datalad else {})
