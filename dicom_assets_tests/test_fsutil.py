@@ -5,6 +5,7 @@
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 from dicom_assets.core import downloads, organize, tarball
@@ -65,3 +66,35 @@ def test_printable_without_controls_is_the_old_message_form_of_names():
         # the tarball's check "a name that is not UTF-8": the same names as before
         assert (printable(n, controls=False) != n) == (old_tarball_shown(n) != n)
     assert not hasattr(tarball, "_shown")
+
+
+def test_background_digests_are_hashlib_digests_of_the_stream():
+    """The one background hashing design of the tarball writer (buffers handed over with a
+    release) and the metadata reader (batches of about 1 MiB)."""
+    import hashlib
+
+    from dicom_assets.core.fsutil import BackgroundDigests
+
+    rng = random.Random(3)
+    parts = [rng.randbytes(rng.choice((0, 1, 512, 4096, 300_000, 1 << 20))) for _ in range(60)]
+    whole = b"".join(parts)
+    by_size = BackgroundDigests("md5", "sha256", batch=1 << 20, depth=2)
+    for p in parts:
+        by_size.add(memoryview(p))
+    assert by_size.close() == [hashlib.md5(whole).hexdigest(), hashlib.sha256(whole).hexdigest()]
+    assert by_size.size == len(whole)
+    assert by_size.close() == [hashlib.md5(whole).hexdigest(), hashlib.sha256(whole).hexdigest()]  # again: same
+
+    buf = bytearray(1 << 16)  # one reused buffer: each batch hashed before the buffer is written again
+    released = []
+    by_buffer = BackgroundDigests("sha256")
+    for i, p in enumerate(parts):
+        n = min(len(p), len(buf))
+        buf[:n] = p[:n]
+        by_buffer.extend((b"header", memoryview(buf)[:n], b""))
+        done = []
+        by_buffer.hand_over(release=lambda i=i: done.append(i) or released.append(i))
+        while not done:  # the caller waits for the buffer to come back, as the writer's pool makes it
+            time.sleep(0.0005)
+    want = hashlib.sha256(b"".join(b"header" + p[:len(buf)] for p in parts)).hexdigest()
+    assert by_buffer.close() == [want] and released == list(range(len(parts)))

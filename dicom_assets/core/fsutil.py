@@ -5,7 +5,8 @@ Every file or folder the platform produces is built under a temporary sibling na
 shared file (the curation status, the catalog, the superdataset) take an exclusive lock first.
 
 And the small file helpers the core modules share: whether a file changed (:func:`file_token`),
-digests, and a file name as printable text for messages and reports (:func:`printable`).
+digests (of a file; of a stream, on a thread: :class:`BackgroundDigests`), and a file name as
+printable text for messages and reports (:func:`printable`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import fcntl
 import hashlib
 import os
 import re
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from queue import Queue
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1, line/paragraph separators
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
@@ -114,3 +117,78 @@ def tree_digests(root: Path) -> dict[str, str]:
             p = Path(dirpath) / n
             out[p.relative_to(root).as_posix()] = file_digest(p)
     return out
+
+
+class BackgroundDigests:
+    """Digests of a stream computed on one thread while the caller reads or writes it: the visit
+    tarball's sha256 as ``tarball._Writer`` writes it, its md5 and sha256 as
+    ``metadata.describe_tarball`` reads it (the one design of both).
+
+    The bytes go to the thread in batches, so it wakes once per batch, not once per 512-byte
+    header or per file: :meth:`add` collects parts (bytes or memoryviews, not copied: the caller
+    leaves them unchanged until hashed), :meth:`hand_over` gives the batch to the thread, with
+    ``release`` (called on the thread once the batch is hashed) when its memory is to be reused,
+    e.g. a read buffer back to its pool. With ``batch``, :meth:`add` hands over by itself every
+    ``batch`` bytes. Each digest runs over the whole batch in turn (md5 over a MiB, then sha256
+    over the same MiB, still in cache). At most ``depth`` batches wait: memory stays bounded when
+    the caller is faster than the hashing. hashlib releases the GIL while it hashes more than
+    2 KiB at once, so the thread's hashing and the caller's reading, writing and parsing overlap
+    on two cores."""
+
+    def __init__(self, *algorithms: str, batch: int | None = None, depth: int = 8) -> None:
+        self.hashes = [hashlib.new(a) for a in algorithms]
+        self.size = 0  # bytes added
+        self._batch = batch
+        self._parts: list = []
+        self._pending = 0
+        self._q: Queue = Queue(maxsize=depth)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            parts, release = item
+            for h in self.hashes:
+                for p in parts:
+                    h.update(p)
+            if release is not None:
+                release()
+
+    def add(self, part) -> None:
+        self._parts.append(part)
+        n = len(part)
+        self.size += n
+        if self._batch is not None:
+            self._pending += n
+            if self._pending >= self._batch:
+                self.hand_over()
+
+    def extend(self, parts) -> None:
+        """:meth:`add` of several parts (one call per written member, not per part)."""
+        self._parts.extend(parts)
+        n = sum(map(len, parts))
+        self.size += n
+        if self._batch is not None:
+            self._pending += n
+            if self._pending >= self._batch:
+                self.hand_over()
+
+    def hand_over(self, release=None) -> None:
+        """The parts added since the last hand-over, to the thread (``release`` as above)."""
+        self._q.put((self._parts, release))
+        self._parts, self._pending = [], 0
+
+    def close(self) -> list[str]:
+        """Hash what is left, stop the thread; the hex digests, in the order of ``algorithms``.
+        Called again (an error path after a successful close), it only returns them."""
+        if not self._closed:
+            self._closed = True
+            if self._parts:
+                self.hand_over()
+            self._q.put(None)
+            self._thread.join()
+        return [h.hexdigest() for h in self.hashes]

@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from queue import Queue
 
 from .errors import DicomAssetsError
 from .fasttags import KEYWORDS, parse_tags, read_tags
-from .fsutil import atomic_write
+from .fsutil import BackgroundDigests, atomic_write
 from .tarball import BLOCK, ZERO_BLOCK
 
 HEAD_BYTES = 1 << 20
@@ -107,46 +105,6 @@ class VisitMetadata:
     member_names: set[str]  # every regular file of the tarball, as read in the same pass
 
 
-class _StreamHasher:
-    """md5 and sha256 of the whole tarball on one thread, fed in batches of about 1 MiB (the
-    thread wakes once per batch, not per block), while the caller hashes the members."""
-
-    def __init__(self) -> None:
-        self.md5, self.sha256 = hashlib.md5(), hashlib.sha256()
-        self.size = 0
-        self._batch: list = []
-        self._batched = 0
-        self._q: Queue = Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            parts = self._q.get()
-            if parts is None:
-                return
-            for p in parts:
-                self.md5.update(p)
-            for p in parts:
-                self.sha256.update(p)
-
-    def update(self, b) -> None:
-        self._batch.append(b)
-        self._batched += len(b)
-        self.size += len(b)
-        if self._batched >= _BATCH:
-            self._q.put(self._batch)
-            self._batch, self._batched = [], 0
-
-    def close(self) -> tuple[str, str]:
-        if self._batch:
-            self._q.put(self._batch)
-            self._batch = []
-        self._q.put(None)
-        self._thread.join()
-        return self.md5.hexdigest(), self.sha256.hexdigest()
-
-
 def _looks_dicom(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
@@ -162,8 +120,13 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
         fh = open(tar_path, "rb", buffering=0)
     except OSError as exc:
         raise TarFormatError(f"{tar_path}: the visit tarball cannot be read ({exc.strerror or exc})") from None
-    hasher = _StreamHasher()  # started once the file is open: nothing to stop if it cannot be
-    on_bytes = hasher.update
+    # md5 and sha256 of the whole file on a thread (fsutil.BackgroundDigests, the tarball writer's
+    # design too), handed over every MiB, while this thread hashes each member. What the writer
+    # adds, a pool of reused read buffers, would not pay here: iter_tar's reads give fresh bytes
+    # the thread can keep (nothing to give back), and this pass is bound by its two md5 (the whole
+    # file's on the thread, each member's here), not by allocating its reads.
+    hasher = BackgroundDigests("md5", "sha256", batch=_BATCH)  # started once the file is open
+    on_bytes = hasher.add
     try:
         with fh:
             for name, msize, mtime, typeflag, data in iter_tar(fh, on_bytes):

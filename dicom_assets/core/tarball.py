@@ -21,17 +21,16 @@ the previous tarball, which stays untouched until the new one is complete.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from queue import Queue
 
 from .errors import OrganizedFolderError, TarballError
 from .fasttags import DATE_TAGS_END, parse_tags, read_tags
-from .fsutil import printable, temp_sibling
+from .fsutil import BackgroundDigests, printable, temp_sibling
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -206,38 +205,29 @@ def scan_members(files: list[tuple[Path, str]]) -> list[Member]:
 
 class _Writer:
     """Writes the members to ``fd``, one ``writev`` per member (header, content, padding),
-    and hashes the same bytes on a thread.
+    and hashes the same bytes on a thread (:class:`~.fsutil.BackgroundDigests`, the design
+    ``metadata.describe_tarball`` hashes the tarball with too).
 
     Content is read (``readv``) into a few reused 1 MiB buffers, several small files one after
     the other in one buffer (no allocation per file, memory bounded whatever the file sizes, a
     large file in buffer-sized pieces); a full buffer goes to the hashing thread and back to the
-    pool once hashed, so the thread wakes once per buffer, not once per file. One read of each
-    file's bytes, then one write."""
+    pool once hashed (the hand-over's ``release``), so the thread wakes once per buffer, not once
+    per file. One read of each file's bytes, then one write. (The metadata pass needs no pool:
+    its reads give fresh bytes, and its two md5, not its reads, bound it.)"""
 
     def __init__(self, fd: int, buffers: int = 4) -> None:
         self.fd = fd
-        self.total = 0
-        self.sha256 = hashlib.sha256()
         self._free: Queue = Queue()
         for _ in range(buffers):
             self._free.put(bytearray(_CHUNK))
-        self._todo: Queue = Queue()
-        self._thread = threading.Thread(target=self._hash, daemon=True)
-        self._thread.start()
+        self._digests = BackgroundDigests("sha256")  # handed over per buffer, by _flush
         self._buf = self._free.get()
         self._used = 0
-        self._parts: list = []  # written, not yet handed to the hashing thread
 
-    def _hash(self) -> None:
-        while True:
-            item = self._todo.get()
-            if item is None:
-                return
-            parts, buf = item
-            for p in parts:
-                self.sha256.update(p)
-            if buf is not None:
-                self._free.put(buf)
+    @property
+    def total(self) -> int:
+        """Bytes written."""
+        return self._digests.size
 
     def _write(self, parts) -> None:
         views = [memoryview(p) for p in parts if len(p)]
@@ -248,14 +238,12 @@ class _Writer:
                 views.pop(0)
             if views and n:
                 views[0] = views[0][n:]
-        for p in parts:
-            self.total += len(p)
-        self._parts.extend(parts)
+        self._digests.extend(parts)
 
     def _flush(self) -> None:
-        """Hand the current buffer (and the headers written with it) to the hashing thread."""
-        self._todo.put((self._parts, self._buf))
-        self._parts = []
+        """Hand the current buffer (and the headers written with it) to the hashing thread; the
+        buffer goes back to the pool once hashed."""
+        self._digests.hand_over(release=partial(self._free.put, self._buf))
         self._buf = self._free.get()
         self._used = 0
 
@@ -300,12 +288,8 @@ class _Writer:
             os.close(src)
 
     def close(self) -> str:
-        if self._buf is not None:
-            self._todo.put((self._parts, None))
-            self._buf = None
-        self._todo.put(None)
-        self._thread.join()
-        return self.sha256.hexdigest()
+        self._buf = None
+        return self._digests.close()[0]
 
 
 def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_after: int | None = None) -> TarballResult:
