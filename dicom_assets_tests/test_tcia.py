@@ -267,10 +267,15 @@ def test_v4_is_the_default_api_and_v1_an_option(nbia, collection, tmp_path):
 @pytest.mark.faults
 def test_v4_answers_400_to_a_parameter_it_does_not_know(nbia, collection):
     uid = next(iter(collection))
-    status, _, body = get(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}&format=zip")
+    status, headers, body = get(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}&format=zip")
     assert status == 400 and body.startswith(b"Invalid query parameter: 'format'. Allowed parameters are: [")
-    status, _, _ = get(f"{nbia.api('v4')}/getSeries?SeriesInstanceUID={uid}&IncludeMD5=yes")
-    assert status == 400
+    # V4_getImage sets no type on that answer: JAX-RS takes the method's @Produces
+    assert headers["Content-Type"] == "application/octet-stream"
+    status, headers, _ = get(f"{nbia.api('v4')}/getSeries?SeriesInstanceUID={uid}&IncludeMD5=yes")
+    assert status == 400 and headers["Content-Type"] == "application/xml"  # V4_getSeries' first @Produces
+    status, headers, body = get(f"{nbia.api('v4')}/getImage?NewFileNames=yes")  # checked after the parameters
+    assert (status, headers["Content-Type"]) == (400, "application/json")
+    assert body == b"A parameter, SeriesInstanceUID, is required for this API call."
     status, _, body = get(f"{nbia.api('v1')}/getImage?SeriesInstanceUID={uid}&format=zip")  # v1 ignores it
     assert status == 200 and zipfile.ZipFile(io.BytesIO(body)).namelist()[0] == "LICENSE"
 
@@ -286,7 +291,10 @@ def test_zips_are_laid_out_as_nbia_sends_them(nbia, collection):
         assert headers["Transfer-Encoding"] == "chunked" and headers["Content-Disposition"].endswith(f'"{uid}.zip"')
         return zipfile.ZipFile(io.BytesIO(body))
 
+    # no IncludeMD5: V4_getImage's includeHash.equalsIgnoreCase throws after the images, the zip
+    # is closed complete, without the list
     assert names(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}").namelist() == ["LICENSE", *images]
+    assert names(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}&IncludeMD5=YES").namelist()[-1] == "md5hashes.csv"
     assert names(f"{nbia.api('v1')}/getImage?SeriesInstanceUID={uid}").namelist() == ["LICENSE", *images]
     zf = names(f"{nbia.api('v4')}/getImage?SeriesInstanceUID={uid}&IncludeMD5=yes")
     assert zf.namelist() == ["LICENSE", *images, "md5hashes.csv"]

@@ -17,6 +17,19 @@ Each behaviour follows an NBIA class of ``CBIIT/NBIA-TCIA``
 - A series that is unknown or not public: ``getSeries`` answers nothing, the zip endpoints 400
   with a text message.
 
+``v4/V4_getImage.java`` as read (snapshot of 2026-06): the query parameters are checked first
+(``SeriesInstanceUID``, ``NewFileNames``, ``IncludeMD5``; another one: 400, typed by the
+method's ``@Produces``, ``application/octet-stream``), then a missing ``SeriesInstanceUID`` and
+``isUserHasAccess`` (400, typed ``application/json``). The zip is ``application/octet-stream``
+with ``Content-Disposition: attachment; filename="<uid>.zip"``: ``LICENSE``, the images
+(``%08d`` + the stored extension, or the stored new names with ``NewFileNames`` equal to "yes"
+in any case), then ``md5hashes.csv`` when ``IncludeMD5`` equals "yes" in any case. Without
+``IncludeMD5`` the ``includeHash.equalsIgnoreCase`` after the images throws, the catch closes the
+zip: a complete zip without the list, as here. Not modelled: ``getData.getUserName`` under the
+keycloak configuration reads the ``Authorization`` header and would throw without one, yet
+``tcia_utils`` (2026-06) calls v4 ``getImage`` with no header, so the deployed servers answer
+anonymous calls; this server asks for no credentials.
+
 The series are real DICOM files (pydicom's and other packages' scanner samples) rewritten per
 patient and study by :func:`build_collection`.
 
@@ -57,6 +70,10 @@ V4_PARAMS = {
     "getImage": {"SeriesInstanceUID", "NewFileNames", "IncludeMD5"},
     "getImageWithMD5Hash": {"SeriesInstanceUID"},
 }
+# their @Produces: V4_getImage and V4_getImageWithMD5Hash APPLICATION_OCTET_STREAM; V4_getSeries
+# {APPLICATION_XML, APPLICATION_JSON, TEXT_HTML, text/csv}
+V4_PRODUCES = {"getSeries": "application/xml", "getImage": "application/octet-stream",
+               "getImageWithMD5Hash": "application/octet-stream"}
 NOT_PROCESSED = "Server was not able to process your request"  # getData.formatResponse's 500
 ERROR_PAGE = ("<!doctype html><html lang=\"en\"><head><title>HTTP Status {code} - {reason}</title></head>"
               "<body><h1>HTTP Status {code} - {reason}</h1><hr class=\"line\" /><p><b>Type</b> Status Report</p>"
@@ -182,8 +199,12 @@ class NbiaTestServer:
                 if version == "v4":  # V4_getSeries / V4_getImage / V4_getImageWithMD5Hash: allowedParams
                     unknown = [p for p in query if p not in V4_PARAMS[endpoint]]
                     if unknown:
+                        # the message lists a Java Set.of, whose order varies between JVM runs (sorted
+                        # here); the answer sets no type, so JAX-RS takes the method's @Produces:
+                        # application/octet-stream for the zips, the first of getSeries' list (XML)
                         return self._send(400, (f"Invalid query parameter: '{unknown[0]}'. Allowed parameters are: "
-                                                f"[{', '.join(sorted(V4_PARAMS[endpoint]))}]").encode(), "text/plain")
+                                                f"[{', '.join(sorted(V4_PARAMS[endpoint]))}]").encode(),
+                                          V4_PRODUCES[endpoint])
                 if endpoint == "getSeries":
                     return self._get_series(version, query)
                 return self._get_zip(version, endpoint, query)
