@@ -17,7 +17,16 @@ below names the XNAT class (``NrgXnat/xnat-web``) it was read from; no XNAT code
 * Prearchive: ``/data/prearchive/projects[/<p>[/<ts>/<name>]]``, ``POST /data/services/archive``,
   ``POST /data/services/prearchive/delete`` (``PrearchiveBatchDelete``: locked rows stay) and
   ``DELETE`` of a row (refused with 409 while ARCHIVING).
-* Projects (owner / member roles), subjects, experiments (also at project level), scans with
+* Projects with XNAT's accessibility (``private``/``protected``/``public``, ``protected`` by
+  default as ``BaseXnatProjectdata.createProject`` sets it) and owner / member roles: who sees a
+  project, its data, and what a GET, PUT or DELETE of it answers follow ``ProjectResource``,
+  ``DefaultUserProjectCache.get`` and ``Permissions.canReadProject`` (see ``_project``).
+* Uploaded files: a file without SOPClassUID or SOPInstanceUID is refused as
+  ``GradualDicomImporter.call`` refuses it; StudyInstanceUID is not required (see
+  ``parse_upload_zip``).
+* Subject PUT as ``SubjectResource.handlePut`` does it: the label is kept as the URI gives it
+  (not cleaned, not refused for its characters), only XFT's 255-character limit applies.
+* Subjects, experiments (also at project level), scans with
   several resources (``DICOM`` plus e.g. ``SNAPSHOTS``), experiment and project resources
   (project resources need the owner role), ``/data/services/auth``, ``/data/JSESSION``,
   ``/xapi/siteConfig/buildInfo``, ``/xapi/schemas`` (XNAT's real ``xnat.xml``/``xdat.xml`` from
@@ -62,6 +71,18 @@ VERSION = "1.8.10"
 # every one of these characters becomes "_" in subject and session labels.
 CLEANED_CHARS = " `~@#$%^&*()+=[]{}|\\/?:;\"',.<>"
 _CLEAN_TABLE = str.maketrans({c: "_" for c in CLEANED_CHARS})
+
+# XftStringUtils.REGEX_VALID_ID (Patterns.ALPHANUMERIC_AND_DASHES): the project ID rule of
+# ProjectResource.handlePut ("Invalid character in project ID.", 417)
+VALID_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+# XFTValidator: an xs:string without a declared size is limited to GenericWrapperField's
+# DEFAULT_STRING_SIZE (labels of xnat:subjectData and xnat:experimentData declare none, xnat.xsd)
+MAX_STRING = 255
+# DefaultGroupsAndPermissionsCache.PERMISSIONS: the actions ProjectListResource's
+# PermissionsProjectHandler accepts, and which project role holds each (owner: all; member: all
+# but delete; a public project gives everyone read: PermissionsServiceImpl.setAccessibility)
+ROLE_ACTIONS = {"read": ("owner", "member"), "create": ("owner", "member"), "edit": ("owner", "member"),
+                "active": ("owner", "member"), "delete": ("owner",)}
 
 # PrearcUtils.PrearcStatus: rows a new upload may join (interruptable) and rows that are locked.
 JOINABLE = ("RECEIVING", "READY", "ERROR", "CONFLICT")
@@ -120,6 +141,17 @@ class Project:
     subjects: dict[str, Subject] = field(default_factory=dict)  # label -> subject
     resources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> name -> path
     roles: dict[str, str] = field(default_factory=dict)  # user -> "owner" | "member"
+    accessibility: str = "protected"  # private | protected | public (BaseXnatProjectdata.createProject)
+
+    def readable_by(self, user: str) -> bool:
+        """Permissions.canReadProject: a member, or anyone when the project is not private
+        (DefaultUserProjectCache.get returns null to everyone else, as if there were no project)."""
+        return user in self.roles or self.accessibility != "private"
+
+    def data_readable_by(self, user: str) -> bool:
+        """Subjects and experiments: members only, everyone in a public project (a protected
+        project makes only xnat:projectData/ID readable, PermissionsServiceImpl.setAccessibility)."""
+        return user in self.roles or self.accessibility == "public"
 
     def experiment(self, label: str) -> Experiment | None:
         """Experiment labels are unique per project (BaseXnatExperimentdata.GetExptByProjectIdentifier)."""
@@ -234,9 +266,10 @@ class XnatTestServer:
     def add_user(self, user: str, password: str) -> None:
         self.users[user] = password
 
-    def add_project(self, pid: str, owner: str | None = None, members: tuple[str, ...] = ()) -> Project:
+    def add_project(self, pid: str, owner: str | None = None, members: tuple[str, ...] = (),
+                    accessibility: str = "protected") -> Project:
         with self.lock:
-            p = self.projects.setdefault(pid, Project(pid, pid))
+            p = self.projects.setdefault(pid, Project(pid, pid, accessibility=accessibility))
             if owner:
                 p.roles[owner] = "owner"
             for m in members:
@@ -303,7 +336,7 @@ class XnatTestServer:
         """GradualDicomImporter: put each file into the prearchive row of (project,
         StudyInstanceUID, session label), joining a RECEIVING/READY/ERROR/CONFLICT row
         (PrearcDatabase.eitherGetOrCreateSession) or opening a new one (new timestamp)."""
-        tag = str(files[0][2].StudyInstanceUID)
+        tag = str(files[0][2].get("StudyInstanceUID", "") or "")  # none: an empty tag, as XNAT
         with self.lock:
             row = next((e for e in self.prearchive.values() if e.project == project and e.tag == tag
                         and e.name == name and e.status in JOINABLE), None)
@@ -333,6 +366,10 @@ class XnatTestServer:
             subject_label = clean_value(subject or row.subject or "")
             if not subject_label:
                 raise _HttpError(400, "Unable to identify subject.")
+            if len(label) > MAX_STRING:
+                # PrearcSessionArchiver.validateSession: src.validate() (XFTValidator maxLength)
+                # fails, thrown on as a ServerException (500)
+                raise _HttpError(500, f"Must Be Less Than {MAX_STRING} Characters : Current Length ({len(label)})")
             # the import service's overwrite: append = allowSessionMerge; delete = also overrideExceptions
             allow_merge = allow_merge or overwrite in ("append", "delete")
             override = overwrite == "delete"
@@ -406,13 +443,24 @@ def _item(xsi_type: str, data_fields: dict, children: list | None = None) -> dic
                        "children": children or []}]}
 
 
-def parse_upload_zip(body: bytes, ignore_unparsable: bool) -> tuple[list[tuple[str, bytes, object]], list[str]]:
-    """(DICOM files as (name, bytes, header), names that are not DICOM). Raises on a broken zip."""
+def parse_upload_zip(body: bytes) -> list[tuple[str, bytes, object, str | None]]:
+    """The zip's files in order, as ``(name, bytes, header or None, refusal or None)``; raises
+    on a broken zip.
+
+    The refusals are ``GradualDicomImporter.call``'s (xnat-web, read in the ``NrgXnat/xnat``
+    monorepo, web/src/main/java/org/nrg/xnat/archive/GradualDicomImporter.java): a file dcm4che
+    cannot read is "unable to read DICOM object <name>"; an empty or absent SOPClassUID
+    (0008,0016) is "object <name> contains no SOP Class UID" (MediaStorageSOPClassUID in the
+    file meta does not stand in for it), then the same for SOPInstanceUID. Nothing else is
+    required: a file without StudyInstanceUID is staged under an empty tag, as the importer
+    does (``initialize.setTag(studyInstanceUID)`` with null). The checks come after the series
+    import filter (``shouldIncludeDicomObject``), so a filtered file is dropped, not refused.
+    """
     try:
         zf = zipfile.ZipFile(io.BytesIO(body))
     except zipfile.BadZipFile:
         raise _HttpError(400, "The uploaded file is not a valid zip archive (upload interrupted?)") from None
-    good, bad = [], []
+    out = []
     with zf:
         for info in zf.infolist():
             if info.is_dir():
@@ -421,15 +469,16 @@ def parse_upload_zip(body: bytes, ignore_unparsable: bool) -> tuple[list[tuple[s
             try:
                 # like XNAT's importer, accept data sets without the 128-byte preamble too
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-                if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds or "StudyInstanceUID" not in ds:
-                    raise ValueError("no SOP Class/Instance UID")
-                good.append((info.filename, data, ds))
             except Exception:
-                bad.append(info.filename)
-    if bad and not ignore_unparsable:
-        raise _HttpError(400, f"unable to read DICOM object {bad[0]} ({len(bad)} file(s) not DICOM); "
-                              "the upload was refused")
-    return good, bad
+                out.append((info.filename, data, None, f"unable to read DICOM object {info.filename}"))
+                continue
+            why = None
+            if not str(ds.get("SOPClassUID", "") or "").strip():
+                why = f"object {info.filename} contains no SOP Class UID"
+            elif not str(ds.get("SOPInstanceUID", "") or "").strip():
+                why = f"object {info.filename} contains no SOP Instance UID"
+            out.append((info.filename, data, ds, why))
+    return out
 
 
 _ROW_STATUS_IN_TABLE = {"_ARCHIVING": "ARCHIVING"}
@@ -613,26 +662,16 @@ class _Handler(BaseHTTPRequestHandler):
         parts = path.strip("/").split("/")[1:]  # drop "data"
         with x.lock:
             if parts == ["projects"]:
+                if "permissions" in q:
+                    return self._projects_allowing(q)
+                # ProjectListResource.DefaultProjectHandler: the projects the user may read
+                # (Permissions.getAllowedValues on xnat:projectData/ID): protected and public ones too
                 return self._send(200, _result_set([
                     {"ID": p.id, "secondary_ID": p.id, "name": p.name, "description": "", "pi_firstname": "",
                      "pi_lastname": "", "URI": f"/data/projects/{p.id}", "xsiType": "xnat:projectData"}
-                    for p in x.projects.values() if self.user in p.roles]))
+                    for p in x.projects.values() if p.readable_by(self.user)]))
             if len(parts) == 2 and parts[0] == "projects":
-                pid = parts[1]
-                if method == "PUT":
-                    if pid in x.projects:
-                        self._project(pid, "owner")
-                        return self._send(200, pid)
-                    if not x.can_create_projects:
-                        raise _HttpError(403, f"User does not have permission to create project {pid}")
-                    x.add_project(pid, owner=self.user).name = q.get("name") or pid
-                    return self._send(200, pid)
-                if method == "DELETE":
-                    self._project(pid, "owner")
-                    x.projects.pop(pid, None)
-                    return self._send(200, "")
-                p = self._project(pid)
-                return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.id, "name": p.name}))
+                return self._project_item(method, parts[1], q)
             if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "resources":
                 # DefaultCatalogService.insertProjectResourceCatalog saves the project itself
                 # (SaveItemHelper.authorizedSave): editing a project is for its owners only
@@ -642,34 +681,28 @@ class _Handler(BaseHTTPRequestHandler):
                                        f"/data/projects/{p.id}", body)
             if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "experiments":
                 p = self._project(parts[1])
+                visible = p.data_readable_by(self.user)
                 if len(parts) == 3:
                     return self._send(200, _result_set([self._exp_row(e) for s in p.subjects.values()
-                                                        for e in s.experiments.values()]))
+                                                        for e in s.experiments.values() if visible]))
                 exp = p.experiment(parts[3]) or next((e for s in p.subjects.values() for e in s.experiments.values()
                                                       if e.id == parts[3]), None)
-                if exp is None:
+                if exp is None or not visible:
                     raise _HttpError(404, f"Experiment {parts[3]} not found")
                 return self._experiment(method, exp, parts[4:], q, body)
+            if len(parts) == 4 and parts[0] == "projects" and parts[2] == "subjects" and method == "PUT":
+                return self._put_subject(parts[1], parts[3])
             if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "subjects":
                 p = self._project(parts[1])
-                if len(parts) == 3:
+                if len(parts) == 3:  # ProjectSubjectList: XFT's security filter hides others' subjects
                     return self._send(200, _result_set([
                         {"ID": s.id, "label": s.label, "project": p.id, "insert_date": "",
                          "URI": f"/data/subjects/{s.id}", "xsiType": "xnat:subjectData"}
-                        for s in p.subjects.values()]))
+                        for s in p.subjects.values() if p.data_readable_by(self.user)]))
                 subj = p.subjects.get(parts[3]) or next((s for s in p.subjects.values() if s.id == parts[3]), None)
+                if not p.data_readable_by(self.user):
+                    subj = None
                 if len(parts) == 4:
-                    if method == "PUT":
-                        # SubjectResource.handlePut (xnat-web, restlet/resources): a new subject takes the
-                        # URI's SUBJECT_ID as its label and is looked up first by project + label
-                        # (GetSubjectByProjectIdentifier). That class calls no cleanValue: cleaning a label
-                        # here is this server's choice, not read in XNAT's code (XNAT's validateSubject, not
-                        # yet read, may refuse such a label instead); the client sends labels it has cleaned.
-                        if subj is None:
-                            label = clean_value(parts[3])
-                            subj = p.subject_ci(label) or p.subjects.setdefault(
-                                label, Subject(x._next_id("S"), label, p.id))
-                        return self._send(200, subj.id)
                     if subj is None:
                         raise _HttpError(404, f"Subject {parts[3]} not found")
                     return self._send(200, self._subject_item(subj))
@@ -678,32 +711,132 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._experiments(method, subj, parts[4:], q, body)
             if len(parts) >= 2 and parts[0] == "subjects":
                 subj = x.find_subject(parts[1])
-                if subj is None or x.role(subj.project, self.user) is None:
+                if subj is None or not x.projects[subj.project].data_readable_by(self.user):
                     raise _HttpError(404, f"Subject {parts[1]} not found")
                 if len(parts) == 2:
                     return self._send(200, self._subject_item(subj))
                 return self._experiments(method, subj, parts[2:], q, body)
             if len(parts) >= 2 and parts[0] == "experiments":
                 exp = x.find_experiment(parts[1])
-                if exp is None or x.role(exp.project, self.user) is None:
+                if exp is None or not x.projects[exp.project].data_readable_by(self.user):
                     raise _HttpError(404, f"Experiment {parts[1]} not found")
                 return self._experiment(method, exp, parts[2:], q, body)
             if parts == ["experiments"]:
                 rows = []
                 for p in x.projects.values():
-                    if self.user in p.roles:
+                    if p.data_readable_by(self.user):
                         rows += [self._exp_row(e) for s in p.subjects.values() for e in s.experiments.values()]
                 return self._send(200, _result_set(rows))
         raise _HttpError(404, f"Not found: {path}")
 
     def _project(self, pid: str, need: str | None = None, refusal: str | None = None) -> Project:
+        """The project of a sub-resource URI. Every restlet resource finds it through
+        XnatProjectdata.getProjectByIDorAlias(id, user) = DefaultUserProjectCache.get, which
+        returns null unless Permissions.canReadProject: a private project of others is answered
+        as an unknown one (404), a protected or public one is found (its data stays hidden:
+        Project.data_readable_by). Read in the NrgXnat/xnat monorepo (web/.../services/cache/
+        DefaultUserProjectCache.java, libs/xdat/.../security/helpers/Permissions.java)."""
         p = self.xnat.projects.get(pid)
-        role = p.roles.get(self.user) if p else None
-        if p is None or role is None:  # private projects are invisible to non-members
+        if p is None or not p.readable_by(self.user):
             raise _HttpError(404, f"Project {pid} not found")
+        role = p.roles.get(self.user)
         if need == "owner" and role != "owner":
             raise _HttpError(403, refusal or f"User {self.user} may not edit project {pid} (role {role})")
         return p
+
+    def _project_item(self, method: str, pid: str, q: dict) -> None:
+        """/data/projects/<id> as ProjectResource (xnat-web, restlet/resources) answers it. Its
+        constructor's getProjectByIDorAlias gives null for a project the user may not read, so
+        a private project of others looks absent: GET 404 (``represent``'s text, "experiment"
+        included), DELETE 400; a PUT takes it for a new project and is refused as XNAT refuses
+        it: 403 when the site lets only admins create projects, else 403 again once
+        ``item.getCurrentDBVersion()`` finds the stored project the user may not edit."""
+        x = self.xnat
+        p = x.projects.get(pid)
+        visible = p is not None and p.readable_by(self.user)
+        role = p.roles.get(self.user) if visible else None
+        if method == "PUT":
+            if not visible:
+                if not x.can_create_projects:  # siteConfig uiAllowNonAdminProjectCreation false
+                    raise _HttpError(403, f"User {self.user} doesn't have permission to create projects on this "
+                                          "system")
+                if not VALID_ID.match(pid):  # XftStringUtils.isValidId
+                    raise _HttpError(417, "Invalid character in project ID.")
+                if p is not None:  # item.getCurrentDBVersion() != null, Permissions.canEdit false
+                    raise _HttpError(403, "User account doesn't have permission to edit this project.")
+                # BaseXnatProjectdata.createProject: accessibility defaults to "protected"
+                accessibility = q.get("accessibility") or "protected"
+                x.add_project(pid, owner=self.user, accessibility=accessibility).name = q.get("name") or pid
+                return self._send(200, "")
+            if role not in ("owner", "member"):  # Permissions.canEditProject: members and owners
+                raise _HttpError(403, f"User {self.user} doesn't have permission to edit the project {pid}")
+            if role != "owner":  # Permissions.canEdit(user, project): the xnat:projectData item, owners
+                raise _HttpError(403, "User account doesn't have permission to edit this project.")
+            return self._send(200, "")
+        if method == "DELETE":
+            if not visible:
+                raise _HttpError(400, "")
+            if role != "owner":  # Permissions.canDelete
+                raise _HttpError(403, "")
+            x.projects.pop(pid, None)
+            return self._send(200, "")
+        if not visible:
+            raise _HttpError(404, "Unable to find the specified experiment.")
+        return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.id, "name": p.name}))
+
+    def _projects_allowing(self, q: dict) -> None:
+        """/data/projects?permissions=<action>&dataType=<type>: ProjectListResource's
+        PermissionsProjectHandler, DefaultGroupsAndPermissionsCache.getProjectsForDatatypeAction:
+        the projects where the user's groups (or the guest's: read on public projects) allow the
+        action, as the table ``SELECT ID,secondary_ID FROM xnat_projectData`` gives them (column
+        names lower-cased by PostgreSQL). An unknown action or type throws: a 500 without text."""
+        action, dtype = q.get("permissions") or "", q.get("dataType") or ""
+        if action not in ROLE_ACTIONS or not re.fullmatch(r"xnat:\w+", dtype):
+            raise _HttpError(500, "")
+        rows = [{"id": p.id, "secondary_id": p.id} for p in self.xnat.projects.values()
+                if p.roles.get(self.user) in ROLE_ACTIONS[action]
+                or (action == "read" and p.accessibility == "public")]
+        return self._send(200, _result_set(sorted(rows, key=lambda r: r["secondary_id"])))
+
+    def _put_subject(self, pid: str, segment: str) -> None:
+        """PUT /data/projects/<p>/subjects/<label>, as SubjectResource.handlePut does it (xnat-web,
+        restlet/resources; read in the NrgXnat/xnat monorepo):
+
+        * the label is the URI's SUBJECT_ID attribute through SecureResource.getParameter:
+          TurbineUtils.escapeParam (StringEscapeUtils.escapeXml11), not URL-decoded (XNAT decodes
+          only where it calls getUrlEncodedParameter) and never cleaned: no cleanValue here;
+        * the subject is looked up by project + label (GetSubjectByProjectIdentifier, exact case;
+          only the archiver's lookup is case-insensitive), then by ID;
+        * SecureResource.validateSubject's "Invalid character in subject label." (417) tests
+          XftStringUtils.isValidId on the subject's *ID*, which XNAT has just generated
+          (XnatSubjectdata.CreateNewID), so a label is never refused for its characters; its
+          ``subject.validate()`` (XFTValidator) checks xnat.xsd, where ``label`` is an
+          ``xs:string`` without pattern or size: only the 255-character default limit applies
+          (400, ValidationResults.toFullString);
+        * a project the user may not read is not found and the empty record has no project: 422;
+          creating needs the create right (owner or member), else 403; 201 with the ID for a new
+          subject, 200 for an existing one."""
+        x = self.xnat
+        p = x.projects.get(pid)
+        if p is None or not p.readable_by(self.user):
+            raise _HttpError(422, "Submitted subject record must include the project attribute.")
+        label = _escape_xml11(segment)
+        role = p.roles.get(self.user)
+        subj = None
+        if p.data_readable_by(self.user):  # XFT's search runs with the user's permissions
+            subj = p.subjects.get(label) or next((s for s in p.subjects.values() if s.id == label), None)
+        if subj is not None:
+            if role not in ROLE_ACTIONS["edit"]:
+                raise _HttpError(403, "Specified user account has insufficient edit privileges for subjects in this "
+                                      "project.")
+            return self._send(200, subj.id)
+        if role not in ROLE_ACTIONS["create"]:
+            raise _HttpError(403, "Specified user account has insufficient create privileges for subjects in this "
+                                  "project.")
+        if len(label) > MAX_STRING:
+            raise _HttpError(400, f"Must Be Less Than {MAX_STRING} Characters : Current Length ({len(label)})\n")
+        subj = p.subjects[label] = Subject(x._next_id("S"), label, p.id)
+        return self._send(201, subj.id)
 
     def _subject_item(self, s: Subject) -> dict:
         return _item("xnat:subjectData", {"ID": s.id, "label": s.label, "project": s.project})
@@ -834,22 +967,43 @@ class _Handler(BaseHTTPRequestHandler):
                              else "tar uploads are not modelled by this test server")
         project = q.get("project")
         if not project or x.role(project, self.user) is None:
-            # GradualDicomImporter.getProject: no project the user may create data in
+            # GradualDicomImporter.getProject asks UserProjectCache.get (read access): a private
+            # project of others is not found and the files would go to the unassigned prearchive;
+            # a protected or public one the user may read but not add to is staged, and archiving
+            # then fails on the save's permission check (PrearcSessionArchiver, XFTItem.save:
+            # InvalidPermissionException), with a status that differs between XNAT versions.
+            # Neither path is modelled: this server refuses at once. Our client never gets here:
+            # it asks first which projects it may create subjects in (ensure_project).
             raise _HttpError(400, f"Project {project!r} does not exist or the user may not upload to it")
         ignore = q.get("Ignore-Unparsable", "false").lower() == "true"
-        files, _bad = parse_upload_zip(body, ignore)
+        rx = re.compile(x.series_import_filter) if x.series_import_filter else None
+        files, refused = [], None
+        for fname, data, ds, why in parse_upload_zip(body):
+            # GradualDicomImporter.shouldIncludeDicomObject (SeriesImportFilter): dropped silently
+            if ds is not None and rx and rx.search(str(ds.get("SeriesDescription", "") or "")):
+                continue
+            if why is None:
+                files.append((fname, data, ds))
+                continue
+            # DicomZipImporter.importZipFile: with Ignore-Unparsable the refusal is kept and the
+            # next entry read; without it the import stops here, the entries before it staying
+            # in their prearchive row (RECEIVING, as GradualDicomImporter left them)
+            if ignore:
+                refused = why
+                continue
+            if files:
+                self._stage_for_import(q, files)
+            raise _HttpError(400, why)
         if not files:
-            raise _HttpError(400, "The upload holds no DICOM file")
-        if len({str(ds.StudyInstanceUID) for _, _, ds in files}) > 1:
+            # DicomZipImporter.call: no session and a kept refusal: that refusal; nothing at all
+            # (empty zip, everything filtered): an empty answer
+            if refused:
+                raise _HttpError(400, refused)
+            return self._send(200, "")
+        if len({str(ds.get("StudyInstanceUID", "") or "") for _, _, ds in files}) > 1:
             # XNAT would open one prearchive row per study; this server refuses instead
             raise _HttpError(400, "The upload contains files for multiple imaging sessions")
-        if x.series_import_filter:  # GradualDicomImporter.shouldIncludeDicomObject (SeriesImportFilter)
-            rx = re.compile(x.series_import_filter)
-            files = [f for f in files if not rx.search(str(f[2].get("SeriesDescription", "") or ""))]
-            if not files:
-                return self._send(200, "")
-        subject = q.get("subject") or str(files[0][2].get("PatientName", "") or "")
-        name = q.get("session") or str(files[0][2].get("PatientID", "") or "dicom_upload")
+        subject, name = self._import_labels(q, files)
         dest = q.get("dest") or ""
         direct = q.get("Direct-Archive", "false").lower() == "true"
         if direct and not dest:
@@ -874,11 +1028,25 @@ class _Handler(BaseHTTPRequestHandler):
             exp = x.archive(row, subject=q.get("subject"), label=q.get("session"), overwrite=q.get("overwrite"),
                             overwrite_files=q.get("overwrite_files", "").lower() == "true",
                             allow_merge=q.get("allowSessionMerge", "").lower() == "true")
-        except _HttpError as exc:
-            with x.lock:  # PrearcDatabase.LockAndSync: CONFLICT on a 409, ERROR otherwise
-                row.status, row.lastmod = ("CONFLICT" if exc.status == 409 else "ERROR"), _now()
+        except Exception as exc:
+            with x.lock:  # PrearcDatabase.LockAndSync: CONFLICT on a 409, ERROR otherwise (any failure)
+                status = exc.status if isinstance(exc, _HttpError) else 500
+                row.status, row.lastmod = ("CONFLICT" if status == 409 else "ERROR"), _now()
             raise
         return self._send(200, f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}\r\n")
+
+    @staticmethod
+    def _import_labels(q: dict, files: list) -> tuple[str, str]:
+        """GradualDicomImporter.call: the subject and session label of the row (query, then DICOM)."""
+        first = files[0][2]
+        subject = q.get("subject") or str(first.get("PatientName", "") or "")
+        name = q.get("session") or str(first.get("PatientID", "") or "dicom_upload")
+        return subject, name
+
+    def _stage_for_import(self, q: dict, files: list) -> None:
+        """The entries an import read before it stopped: received, the row left RECEIVING."""
+        subject, name = self._import_labels(q, files)
+        self.xnat.receive(q["project"], subject, name, files)
 
     def _prearchive(self, method: str, path: str) -> None:
         x = self.xnat
@@ -944,11 +1112,18 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             exp = x.archive(e, subject=arg.get("subject"), label=arg.get("session") or arg.get("label"),
                             overwrite=arg.get("overwrite"), overwrite_files=arg.get("overwrite_files", "") == "true")
-        except _HttpError as exc:
+        except Exception as exc:
             with x.lock:
-                e.status = "CONFLICT" if exc.status == 409 else "ERROR"
+                e.status = "CONFLICT" if isinstance(exc, _HttpError) and exc.status == 409 else "ERROR"
             raise
         return self._send(200, f"/data/archive/projects/{e.project}/subjects/{exp.subject_id}/experiments/{exp.id}")
+
+
+def _escape_xml11(value: str) -> str:
+    """StringEscapeUtils.escapeXml11 as TurbineUtils.escapeParam applies it (the five entities;
+    characters XML 1.1 forbids, such as NUL, are dropped)."""
+    out = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return out.replace('"', "&quot;").replace("'", "&apos;").replace("\x00", "")
 
 
 def _first_multipart_part(body: bytes, ctype: str) -> bytes:
