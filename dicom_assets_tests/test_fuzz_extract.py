@@ -38,6 +38,7 @@ from dicom_assets.core.downloads import DONE_SUFFIX, DownloadItem, is_partial_na
 from dicom_assets.core.errors import DicomAssetsError, ManifestError
 from dicom_assets.core.extract import ExtractLimits, extract_visit
 from dicom_assets.core.ids import normalize_participant_id, normalize_session_id
+from dicom_assets.core.layout import DatasetLayout
 from dicom_assets.core.manifest import read_manifest
 
 from .fuzz import tried
@@ -478,8 +479,8 @@ def test_downloads_scan_accounts_for_every_entry(entries):
     participants = {"QPN001", "QPN002", "QPN003", "QPN004"}
     with _work() as w:
         root = Path(w)
-        ses = root / "ses-01"
-        ses.mkdir()
+        ses = DatasetLayout(root).downloads_dir("ses-01")
+        ses.mkdir(parents=True)
         for stem, suffix, kind in entries:
             p = ses / (stem + suffix)
             if p.exists() or p.is_symlink():
@@ -493,7 +494,7 @@ def test_downloads_scan_accounts_for_every_entry(entries):
                     p.write_bytes(b"x")
             except OSError:
                 continue
-        scanned = scan_downloads(root, ("ses-01",), participants)
+        scanned = scan_downloads(DatasetLayout(root), ("ses-01",), participants)
         names = [s.item.name for s in scanned]
         assert len(names) == len(set(names))
         expected = {n for n in os.listdir(ses)

@@ -145,9 +145,11 @@ def test_item_names_match_participants_at_a_boundary(name, expected):
 @pytest.mark.faults
 def test_every_download_not_taken_is_reported_with_its_reason(tmp_path):
     from dicom_assets.core.downloads import scan_downloads
+    from dicom_assets.core.layout import DatasetLayout
 
-    ses = tmp_path / "ses-01"
-    ses.mkdir()
+    lay = DatasetLayout(tmp_path)
+    ses = lay.downloads_dir("ses-01")
+    ses.mkdir(parents=True)
     for name in ("QPN_001.7z", "QPN_002.rar", "QPN_003.tar.zst", "QPN_001_ses-02.zip", "notes.txt"):
         (ses / name).write_bytes(b"x")
     (tmp_path / "elsewhere" / "s1").mkdir(parents=True)
@@ -155,7 +157,7 @@ def test_every_download_not_taken_is_reported_with_its_reason(tmp_path):
     (ses / "QPN_005.tar.xz").write_bytes(b"x")
     (ses / ".hidden").write_bytes(b"x")
     (ses / "QPN_005.tar.xz.done").touch()
-    scanned = {s.item.name: s for s in scan_downloads(tmp_path, ("ses-01",), {f"QPN00{i}" for i in range(1, 6)})}
+    scanned = {s.item.name: s for s in scan_downloads(lay, ("ses-01",), {f"QPN00{i}" for i in range(1, 6)})}
     assert scanned["QPN_005.tar.xz"].visit.key == "QPN005_ses-01" and scanned["QPN_005.tar.xz"].item.kind == "tar.xz"
     reasons = {n: s.problem for n, s in scanned.items() if s.visit is None}
     assert reasons == {

@@ -215,13 +215,13 @@ def test_cursor_of_the_previous_format_carries_what_was_taken(instance, tmp_path
 # ------------------------------------------------------------- the state itself (no Dagster)
 def state_tick(state, gen, root, **settings):
     ds = Dataset(DatasetLayout(root))
-    return state.tick(gen, downloads_root=root / "downloads", sessions=SESSIONS, ctx_token="fixed",
+    return state.tick(gen, sessions=SESSIONS, ctx_token="fixed",
                       classifier=lambda: (set(ds.manifest.participants), {}), settings=Settings(**settings))
 
 
 def test_idle_tick_lists_no_folder_and_audits_a_bounded_slice(tmp_path):
     root = make_root(tmp_path, 12, extra=1)
-    state = DownloadsState(tmp_path / "state", "t1")
+    state = DownloadsState(DatasetLayout(root), "t1")
     opts = dict(settle_window=0.0, audit=5, relist_every=50)
     gen = 0
     for _ in range(5):
@@ -239,7 +239,7 @@ def test_idle_tick_lists_no_folder_and_audits_a_bounded_slice(tmp_path):
 def test_taken_tokens_of_a_tick_come_from_its_own_connection(tmp_path, monkeypatch):
     root = make_root(tmp_path, 4)
     (root / "downloads" / "ses-01" / "P_000_MR_part2.zip").write_bytes(b"PK\x05\x06" + b"\1" * 18)
-    state = DownloadsState(tmp_path / "state", "t1")
+    state = DownloadsState(DatasetLayout(root), "t1")
     opened = []
     connect = DownloadsState.connect
     monkeypatch.setattr(DownloadsState, "connect", lambda self: opened.append(1) or connect(self))
@@ -252,7 +252,7 @@ def test_taken_tokens_of_a_tick_come_from_its_own_connection(tmp_path, monkeypat
     got = state.taken_tokens(visits)
     assert opened == []  # the tick's reading: no second connection to the state file
     assert list(got) == visits and len(got["P000_ses-01"]) == 2
-    assert got == out.observed == DownloadsState(tmp_path / "state", "t1").taken_tokens(visits)  # read anew
+    assert got == out.observed == DownloadsState(DatasetLayout(root), "t1").taken_tokens(visits)  # read anew
     assert opened == [1]
     assert state.taken_tokens([]) == {}
     assert state.taken_tokens(["P000_ses-01", "P009_ses-02"]) == {"P000_ses-01": got["P000_ses-01"],

@@ -6,7 +6,7 @@ import os
 
 from dicom_assets.core import downloads, sources
 from dicom_assets.core.ids import Visit, parse_visit_key
-from dicom_assets.core.layout import Dataset
+from dicom_assets.core.layout import Dataset, DatasetLayout
 
 
 def test_dumps_build_the_participant_index_once_per_manifest(demo_root, monkeypatch):
@@ -21,7 +21,7 @@ def test_dumps_build_the_participant_index_once_per_manifest(demo_root, monkeypa
     # the same items as a scan building its own index from the manifest's participants
     lay = ds.layout
     dir_map = downloads.read_dicom_dir_map(lay.dicom_dir_map_path)
-    assert got == {k: [i.name for i in downloads.items_for_visit(lay.downloads_root, parse_visit_key(k),
+    assert got == {k: [i.name for i in downloads.items_for_visit(lay, parse_visit_key(k),
                                                                   set(ds.manifest.participants), dir_map)]
                    for k in keys}
     assert got["QPN001_ses-01"] == ["QPN_001_MR.zip"]
@@ -43,14 +43,15 @@ def test_manifest_index_is_kept_per_manifest_object_and_goes_with_it(demo_root):
 
 
 def test_problems_for_participant_with_a_prebuilt_index(tmp_path):
-    ses = tmp_path / "ses-01"
-    ses.mkdir()
+    lay = DatasetLayout(tmp_path)
+    ses = lay.downloads_dir("ses-01")
+    ses.mkdir(parents=True)
     (ses / "QPN_001.7z").write_bytes(b"x")
     participants = {"QPN001", "QPN002"}
     index = downloads.participant_index(participants)
     visit = Visit("QPN001", "ses-01")
-    assert downloads.problems_for_participant(tmp_path, visit, participants, index=index) == \
-        downloads.problems_for_participant(tmp_path, visit, participants) != []
+    assert downloads.problems_for_participant(lay, visit, participants, index=index) == \
+        downloads.problems_for_participant(lay, visit, participants) != []
 
 
 def test_visit_source_looks_the_visit_up_by_key(demo_root, monkeypatch):

@@ -66,7 +66,7 @@ def compute_status(dataset: Dataset) -> list[dict]:
     participants = set(dataset.manifest.participants)
     dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
     # one scan of downloads/ for all visits, not one per visit
-    downloaded = {s.visit for s in scan_downloads(lay.downloads_root, dataset.config.sessions, participants, dir_map)}
+    downloaded = {s.visit for s in scan_downloads(lay, dataset.config.sessions, participants, dir_map)}
     tcia = tcia_visits(lay)
     rows = [visit_row(dataset, visit, raw_id, visit in downloaded)
             for visit, raw_id in zip(dataset.manifest.visits, dataset.manifest.table["participant_id"])

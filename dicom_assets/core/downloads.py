@@ -25,6 +25,7 @@ from pathlib import Path
 from .errors import DownloadError
 from .fsutil import printable
 from .ids import Visit, normalize_participant_id, normalize_session_id
+from .layout import DatasetLayout
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".txz", ".tar", ".zip")
 # archives seen in the wild that cannot be extracted here: reported, with what to do
@@ -264,10 +265,10 @@ def entry_is_dir(e: os.DirEntry) -> bool:
         return False
 
 
-def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants: set[str],
+def scan_downloads(layout: DatasetLayout, sessions: tuple[str, ...], participants: set[str],
                    dir_map: dict[tuple[str, str], str] | None = None,
                    name_filter=None, index: dict[str, list[str]] | None = None) -> list[ScannedItem]:
-    """Every item of every session folder, each with its visit or the reason it has none
+    """Every item of every session folder (``layout.downloads_dir``), each with its visit or the reason it has none
     (with ``name_filter``, only the entries whose name it accepts are classified).
 
     ``index``: :func:`participant_index` of ``participants`` when the caller keeps one (a
@@ -277,7 +278,7 @@ def scan_downloads(downloads_root: Path, sessions: tuple[str, ...], participants
     index = index if index is not None else participant_index(participants)
     out: list[ScannedItem] = []
     for ses in sessions:
-        folder = downloads_root / ses
+        folder = layout.downloads_dir(ses)
         try:
             entries = list(os.scandir(folder))
         except FileNotFoundError:
@@ -310,23 +311,23 @@ def _could_be_visit(visit: Visit, dir_map: dict[tuple[str, str], str] | None):
     return accept
 
 
-def items_for_visit(downloads_root: Path, visit: Visit, participants: set[str],
+def items_for_visit(layout: DatasetLayout, visit: Visit, participants: set[str],
                     dir_map: dict[tuple[str, str], str] | None = None,
                     index: dict[str, list[str]] | None = None) -> list[DownloadItem]:
     """The downloads of one visit (usually one; a dump split in parts gives several).
     ``index``: the participants' prebuilt :func:`participant_index`, if at hand."""
-    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map,
+    scanned = scan_downloads(layout, (visit.session,), participants, dir_map,
                              name_filter=_could_be_visit(visit, dir_map), index=index)
     return [s.item for s in scanned if s.visit == visit]
 
 
-def problems_for_participant(downloads_root: Path, visit: Visit, participants: set[str],
+def problems_for_participant(layout: DatasetLayout, visit: Visit, participants: set[str],
                              dir_map: dict[tuple[str, str], str] | None = None,
                              index: dict[str, list[str]] | None = None) -> list[str]:
     """Why entries of the visit's session folder whose name starts like the participant were
     not taken (a .7z, a link, another session's dump): for the message of a visit without
     download. ``index`` as for :func:`items_for_visit`."""
-    scanned = scan_downloads(downloads_root, (visit.session,), participants, dir_map,
+    scanned = scan_downloads(layout, (visit.session,), participants, dir_map,
                              name_filter=_could_be_visit(visit, dir_map), index=index)
     return [s.problem for s in scanned if s.problem and s.visit is None
             and _consumes(_bare_stem(s.item.name), visit.participant) is not None]

@@ -54,6 +54,7 @@ from .downloads import (
     signature,
 )
 from .fsutil import file_token
+from .layout import DatasetLayout
 
 STATE_VERSION = 2
 CLASSIFY_VERSION = "1"  # bump when classify_entry changes what it decides: every name is classified again
@@ -145,23 +146,24 @@ def _sign(path, kind: str) -> str:
 
 
 class DownloadsState:
-    """The state file of one sensor (one id) under ``state_dir``."""
+    """The state file of one sensor (one id): ``layout.downloads_state_path(id)``, of the
+    downloads under ``layout.downloads_root``."""
 
-    def __init__(self, state_dir: Path, state_id: str):
-        self.state_dir, self.state_id = Path(state_dir), state_id
-        self.path = self.state_dir / f"downloads-{state_id}.sqlite"
+    def __init__(self, layout: DatasetLayout, state_id: str):
+        self.layout, self.state_id = layout, state_id
+        self.path = layout.downloads_state_path(state_id)
         self._observed: dict[str, list[tuple[str, str]]] = {}  # the last tick's TickOutcome.observed
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def for_cursor(cls, state_dir: Path, raw_cursor: str | None) -> tuple["DownloadsState", int, list[str], dict]:
+    def for_cursor(cls, layout: DatasetLayout, raw_cursor: str | None) -> tuple["DownloadsState", int, list[str], dict]:
         """The state a cursor names (created when it names none), the cursor's tick number,
         notes for the log, and what an old (v1, JSON maps) cursor had taken, to carry over."""
         data = parse_cursor(raw_cursor)
         notes: list[str] = []
         legacy: dict = {}
         if data.get("v") == STATE_VERSION and isinstance(data.get("state"), str) and data["state"].isalnum():
-            st = cls(state_dir, data["state"])
+            st = cls(layout, data["state"])
             if st.path.exists():
                 return st, int(data.get("gen", 0)), notes, legacy
             notes.append(f"sensor state {st.path} is missing (scratch/ cleaned?): starting a new state; "
@@ -170,11 +172,11 @@ class DownloadsState:
             legacy = {k: v for k, v in data["submitted"].items() if isinstance(k, str) and isinstance(v, str)}
             notes.append(f"cursor of the previous format: {len(legacy)} taken download(s) carried over into the "
                          "sensor's state file")
-        st = cls(state_dir, uuid.uuid4().hex[:16])
+        st = cls(layout, uuid.uuid4().hex[:16])
         return st, 0, notes, legacy
 
     def connect(self) -> sqlite3.Connection:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -195,13 +197,13 @@ class DownloadsState:
         return db
 
     # ----------------------------------------------------------------- one tick
-    def tick(self, cursor_gen: int, *, downloads_root: Path, sessions: tuple[str, ...], ctx_token: str,
+    def tick(self, cursor_gen: int, *, sessions: tuple[str, ...], ctx_token: str,
              classifier: Callable[[], tuple[set[str], dict]], settings: Settings = Settings(),
              legacy: dict | None = None, notes: list[str] | None = None) -> TickOutcome:
         db = self.connect()
         try:
             db.execute("BEGIN IMMEDIATE")
-            out = _Tick(db, self.state_id, cursor_gen, downloads_root, sessions, ctx_token, classifier, settings,
+            out = _Tick(db, self.state_id, cursor_gen, self.layout, sessions, ctx_token, classifier, settings,
                         legacy or {}, list(notes or [])).run()
             out.observed = _taken_tokens(db, sorted({t.visit for t in out.taken}))
             db.execute("COMMIT")
@@ -249,10 +251,9 @@ def _enc(d: dict) -> tuple:
 
 
 class _Tick:
-    def __init__(self, db, state_id, cursor_gen, downloads_root, sessions, ctx_token, classifier, settings,
+    def __init__(self, db, state_id, cursor_gen, layout: DatasetLayout, sessions, ctx_token, classifier, settings,
                  legacy, notes):
-        self.db, self.root, self.sessions, self.ctx_token = db, Path(downloads_root), tuple(sessions), ctx_token
-        self.root_s = str(self.root)
+        self.db, self.layout, self.sessions, self.ctx_token = db, layout, tuple(sessions), ctx_token
         self.classifier, self.s, self.legacy = classifier, settings, legacy
         self.rows: dict[str, dict | None] = {}   # rel -> new row (None: deleted), written at the end
         self.old: dict[str, dict | None] = {}    # rel -> row before this tick (journal)
@@ -358,7 +359,7 @@ class _Tick:
         for i, ses in enumerate(self.sessions):
             # each folder listed in full every `relist_every` ticks, the folders in turn
             full = reclassify or (gen + i * every // len(self.sessions)) % every == 0
-            folder = self.root / ses
+            folder = self.layout.downloads_dir(ses)
             try:
                 st = os.stat(folder)
                 dir_token = f"{st.st_ino}:{st.st_mtime_ns}"
@@ -477,7 +478,7 @@ class _Tick:
         .done marker, taken already when its token is the one taken (an identical copy back)."""
         rel = new["rel"]
         try:
-            token = _sign(os.path.join(self.root_s, rel), new["kind"])
+            token = _sign(self.layout.download_path(new["session"], new["name"]), new["kind"])
         except FileNotFoundError:
             new.update(state=NEW, token=None)  # vanished between listing and stat: next tick
             return
@@ -500,7 +501,7 @@ class _Tick:
             rel = row["rel"]
             if rel in self.rows:
                 continue  # first seen (or changed) in this very tick
-            if not os.path.lexists(os.path.join(self.root_s, rel)):  # vanished since the last tick
+            if not os.path.lexists(self.layout.download_path(row["session"], row["name"])):  # vanished since the last tick
                 self.vanish(rel, row)
                 continue
             new = dict(row)
@@ -529,7 +530,7 @@ class _Tick:
             self.out.audited += 1
             if rel not in self.rows:
                 try:
-                    token = _sign(os.path.join(self.root_s, rel), row["kind"])
+                    token = _sign(self.layout.download_path(row["session"], row["name"]), row["kind"])
                 except FileNotFoundError:
                     token = None  # its folder's listing will say it is gone
                 except OSError:
@@ -561,7 +562,7 @@ class _Tick:
                 continue
             if base["ready_gen"] != gen:  # settled in an earlier tick: still there, unchanged?
                 try:
-                    token = _sign(os.path.join(self.root_s, rel), base["kind"])
+                    token = _sign(self.layout.download_path(base["session"], base["name"]), base["kind"])
                 except FileNotFoundError:
                     self.vanish(rel, row)
                     continue

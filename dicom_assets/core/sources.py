@@ -131,7 +131,7 @@ class VisitSource:
             return []
         lay = dataset.layout
         found = manifest_index(dataset.manifest)
-        return items_for_visit(lay.downloads_root, self.visit, found.participants,
+        return items_for_visit(lay, self.visit, found.participants,
                                read_dicom_dir_map(lay.dicom_dir_map_path), index=found.index)
 
 

@@ -99,7 +99,7 @@ def raw_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -> Mate
         items = source.dumps(ds)
         if not items:
             dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
-            not_taken = problems_for_participant(lay.downloads_root, visit, set(ds.manifest.participants), dir_map)
+            not_taken = problems_for_participant(lay, visit, set(ds.manifest.participants), dir_map)
             raise Failure(
                 f"no download for visit {visit.key} in {lay.downloads_dir(visit.session)} "
                 f"(expected a {ITEM_FORMATS} named after participant "

@@ -44,9 +44,9 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     def classifier():
         return set(ds.manifest.participants), read_dicom_dir_map(lay.dicom_dir_map_path)
 
-    state, cursor_gen, notes, legacy = DownloadsState.for_cursor(lay.state_dir, context.cursor)
+    state, cursor_gen, notes, legacy = DownloadsState.for_cursor(lay, context.cursor)
     try:
-        out = state.tick(cursor_gen, downloads_root=lay.downloads_root, sessions=sessions,
+        out = state.tick(cursor_gen, sessions=sessions,
                          ctx_token=context_token(lay.config_path, lay.manifest_path, lay.dicom_dir_map_path, sessions),
                          classifier=classifier, settings=settings, legacy=legacy, notes=notes)
     except DicomAssetsError as exc:
