@@ -62,6 +62,12 @@ def test_docs_layout_md_table_is_generated():
     assert block == layout_mod.render_markdown(), f"docs/layout.md's table is not DatasetLayout's; {FIX}"
 
 
+def test_readme_tree_is_generated():
+    block = layout_mod.markdown_block(layout_mod.README.read_text(encoding="utf-8"))
+    assert block is not None, f"README.md lost its layout tree markers {layout_mod.MD_BEGIN!r}; {FIX}"
+    assert block == layout_mod.render_readme_tree(), f"README.md's layout tree is not DatasetLayout's; {FIX}"
+
+
 def test_write_check_command_agrees(capsys):
     assert layout_mod.main(["--check"]) == 0, capsys.readouterr().err
 
