@@ -154,7 +154,11 @@ def test_no_right_to_create_the_project(instance, demo_root, samples, tmp_path, 
         res = XnatResource(server=srv.url, user=USER, password=password)
         result = run_chain(instance, demo_root, VISIT, xnat=res, selection=only_xnat(), raise_on_error=False)
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-        assert "(403): the user lacks the right" in failure.event_specific_data.error.message
+        message = failure.event_specific_data.error.message
+        # ProjectResource.handlePut: non-admins may not create projects on this site
+        assert (f"XNAT project QPN_DEMO is not visible to this user and XNAT refused to create it (403: User {USER} "
+                "doesn't have permission to create projects on this system)") in message
+        assert "or the user may not create projects (ask an XNAT admin to create it)" in message
     finally:
         srv.stop()
 
@@ -425,3 +429,173 @@ def test_site_anonymization_rewrites_patient_id(instance, demo_root, server, xna
     assert ds.PatientID == "QPN001_ses-01" and str(ds.PatientName) == "QPN001"
     again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 1
+
+
+# ------------------------------------------------- project accessibility, importer refusals, labels
+def visit_folder(samples, tmp_path, edit=None):
+    """One real series as organize keeps it, and its files to send; ``edit(ds)`` changes the
+    first file's header."""
+    import shutil
+
+    from dicom_assets.core.dicomscan import Rules
+    from dicom_assets.core.organize import classify_tree
+    from dicom_assets.core.xnat_upload import files_from_records
+
+    folder = tmp_path / "visit"
+    shutil.copytree(next((samples.xnat_case001 / "scans").glob("2_*")), folder)
+    if edit:
+        first = sorted(folder.rglob("*.dcm"))[0]
+        ds = pydicom.dcmread(first)
+        edit(ds)
+        ds.save_as(first)
+    return files_from_records(classify_tree(folder, Rules()), folder)
+
+
+def upload(server, password, files, *, project="QPN_DEMO", subject="Case001", label="Case001_MR1"):
+    from dicom_assets.core.xnat_upload import upload_visit
+
+    with xnatpy_session(server, USER, password) as s:
+        return upload_visit(s, server=server.url, project=project, subject=subject, session_label=label,
+                            files=files, excluded=[], metadata_files=[])
+
+
+@pytest.mark.faults
+def test_projects_are_seen_as_their_accessibility_allows(server, password):
+    """ProjectResource / DefaultUserProjectCache.get / Permissions.canReadProject: a private
+    project of others looks absent (GET 404; a PUT is a creation XNAT refuses with 403), a
+    protected or public one is listed and readable, its data only when public; only owners and
+    members may create data (ProjectListResource's permissions query)."""
+    server.add_user("pi", "pi-pw")
+    server.add_project("PRIV", owner="pi", accessibility="private")
+    server.add_project("PROT", owner="pi")  # XNAT's default accessibility
+    server.add_project("PUB", owner="pi", accessibility="public")
+    for pid in ("PROT", "PUB"):
+        server.add_subject(pid, "S1")
+    with xnatpy_session(server, USER, password) as s:
+        assert {r["ID"] for r in s.get_json("/data/projects")["ResultSet"]["Result"]} == {"PROT", "PUB"}
+        r = s.get("/data/projects/PRIV", accepted_status=[404])
+        assert r.text == "Unable to find the specified experiment."  # ProjectResource.represent, sic
+        assert s.get_json("/data/projects/PROT")["items"][0]["data_fields"]["ID"] == "PROT"
+        r = s.put("/data/projects/PRIV", accepted_status=[403])
+        assert r.text == "User account doesn't have permission to edit this project."
+        r = s.put("/data/projects/PROT", accepted_status=[403])
+        assert r.text == f"User {USER} doesn't have permission to edit the project PROT"
+        assert s.get_json("/data/projects/PROT/subjects")["ResultSet"]["Result"] == []
+        assert [r["label"] for r in s.get_json("/data/projects/PUB/subjects")["ResultSet"]["Result"]] == ["S1"]
+        allowed = s.get_json("/data/projects", query={"permissions": "create", "dataType": "xnat:subjectData"})
+        assert allowed["ResultSet"]["Result"] == []
+        s.put("/data/projects/MINE")  # a new project: protected, the creator its owner
+        assert server.projects["MINE"].accessibility == "protected" and server.projects["MINE"].roles == {USER: "owner"}
+        allowed = s.get_json("/data/projects", query={"permissions": "create", "dataType": "xnat:subjectData"})
+        assert [r["id"] for r in allowed["ResultSet"]["Result"]] == ["MINE"]
+        r = s.put("/data/projects/MY%20PROJ", accepted_status=[417])
+        assert r.text == "Invalid character in project ID."
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("project,accessibility,says", [
+    ("PRIV", "private", "is not visible to this user and XNAT refused to create it (403: User account doesn't have "
+                        "permission to edit this project.): either it exists as a private project"),
+    ("PROT", "protected", "is visible to this user, but the user may not add data to it"),
+    ("PUB", "public", "is visible to this user, but the user may not add data to it"),
+    ("MY PROJ", None, "XNAT project IDs hold only letters, digits, '_' and '-'"),
+])
+def test_a_project_the_user_cannot_upload_to_fails_before_sending(samples, server, password, tmp_path, project,
+                                                                 accessibility, says):
+    from dicom_assets.core.xnat_upload import XnatError
+
+    server.add_user("pi", "pi-pw")
+    if accessibility:
+        server.add_project(project, owner="pi", accessibility=accessibility)
+    files = visit_folder(samples, tmp_path)
+    with pytest.raises(XnatError) as err:
+        upload(server, password, files, project=project)
+    assert says in str(err.value) and project in str(err.value)
+    assert server.imports == 0
+    if accessibility:
+        assert server.projects[project].subjects == {}
+    else:  # refused before asking XNAT to create it
+        assert project not in server.projects and not any(p.startswith("/data/projects") for _, p in server.requests)
+
+
+@pytest.mark.faults
+def test_importer_refuses_a_dicom_without_sop_class_uid(samples, server, password, tmp_path):
+    """GradualDicomImporter.call: no SOPClassUID (MediaStorageSOPClassUID does not count) is a
+    400 naming the file; under Ignore-Unparsable the file is dropped and the rest archived. A
+    file without StudyInstanceUID is accepted (XNAT does not require it)."""
+    import zipfile
+
+    import xnat.exceptions as xe
+
+    files = visit_folder(samples, tmp_path, edit=lambda ds: delattr(ds, "SOPClassUID"))
+    bad = next(f for f in files if pydicom.dcmread(f.path, stop_before_pixels=True).get("SOPClassUID") is None)
+    assert pydicom.dcmread(bad.path).file_meta.MediaStorageSOPClassUID  # the file meta still names it
+    z = tmp_path / "upload.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(files, key=lambda f: f.arcname == bad.arcname):  # the refused file last
+            zf.write(f.path, f.arcname)
+    server.add_project("P1", owner=USER)
+    kw = dict(project="P1", subject="S1", experiment="E1", import_handler="DICOM-zip",
+              content_type="application/zip", destination="/archive")
+    with xnatpy_session(server, USER, password) as s:
+        with pytest.raises(xe.XNATUploadError, match=f"response text object {bad.arcname} contains no SOP Class UID"):
+            s.services.import_(z, **kw)
+        row = next(iter(server.prearchive.values()))  # what was read before it stays, RECEIVING
+        assert row.status == "RECEIVING" and len(row.files) == len(files) - 1
+        server.prearchive.clear()
+        s.services.import_(z, ignore_unparsable=True, **kw)
+        scans = server.projects["P1"].subjects["S1"].experiments["E1"].scans
+        kept = {name for sc in scans.values() for name in sc.files}
+        assert len(kept) == len(files) - 1 and bad.arcname not in kept
+    ds = pydicom.dcmread(next(f for f in files if f is not bad).path)
+    del ds.StudyInstanceUID
+    ds.save_as(tmp_path / "no-study.dcm")
+    z2 = tmp_path / "no-study.zip"
+    with zipfile.ZipFile(z2, "w") as zf:
+        zf.write(tmp_path / "no-study.dcm", "no-study.dcm")
+    with xnatpy_session(server, USER, password) as s:
+        s.services.import_(z2, **{**kw, "experiment": "E2", "destination": "/prearchive"})
+    assert [r.tag for r in server.prearchive.values()] == [""]
+
+
+@pytest.mark.faults
+def test_client_refuses_to_send_a_dicom_xnat_would_drop(samples, server, password, tmp_path):
+    """Under Ignore-Unparsable XNAT drops a file without SOPClassUID silently: the client says
+    so, naming the file, before anything is sent."""
+    from dicom_assets.core.xnat_upload import XnatError
+
+    files = visit_folder(samples, tmp_path, edit=lambda ds: setattr(ds, "SOPClassUID", ""))
+    with pytest.raises(XnatError) as err:
+        upload(server, password, files)
+    assert "1 of the 20 files of Case001_MR1 would be refused by XNAT's importer" in str(err.value)
+    assert "(no SOP Class UID (0008,0016))" in str(err.value) and "nothing was sent" in str(err.value)
+    assert server.imports == 0 and "QPN_DEMO" not in server.projects
+
+
+@pytest.mark.faults
+def test_subject_put_keeps_the_label_as_xnat_does(server, password):
+    """SubjectResource.handlePut: the label is not cleaned nor refused for its characters
+    (validateSubject checks the generated ID); it is looked up exactly; XFT's 255-character
+    limit is the only refusal."""
+    server.add_project("P1", owner=USER)
+    with xnatpy_session(server, USER, password) as s:
+        r = s.put("/data/projects/P1/subjects/QPN.001 (b)", accepted_status=[201])
+        assert list(server.projects["P1"].subjects) == ["QPN.001%20(b)"]  # the URI attribute, not decoded
+        assert r.text == server.projects["P1"].subjects["QPN.001%20(b)"].id
+        assert s.put("/data/projects/P1/subjects/QPN.001%20(b)", accepted_status=[200]).text == r.text
+        s.put("/data/projects/P1/subjects/qpn.001%20(b)", accepted_status=[201])  # another subject
+        assert len(server.projects["P1"].subjects) == 2
+        r = s.put("/data/projects/P1/subjects/" + "x" * 256, accepted_status=[400])
+        assert r.text == "Must Be Less Than 255 Characters : Current Length (256)\n"
+        r = s.put("/data/projects/NOPE/subjects/S1", accepted_status=[422])
+        assert r.text == "Submitted subject record must include the project attribute."
+
+
+@pytest.mark.faults
+def test_label_longer_than_xnat_stores_fails_before_sending(samples, server, password, tmp_path):
+    from dicom_assets.core.xnat_upload import XnatError
+
+    files = visit_folder(samples, tmp_path)
+    with pytest.raises(XnatError, match="has 300 characters; XNAT stores labels of at most 255"):
+        upload(server, password, files, label="V" * 300)
+    assert server.imports == 0 and not any(p.startswith("/data/projects") for _, p in server.requests)

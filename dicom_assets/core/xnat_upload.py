@@ -8,7 +8,14 @@ copes (docs/decisions.md, "Uploads to a real XNAT"):
   ``dest`` XNAT cannot archive a direct-archive session); XNAT stages it in the prearchive and
   archives it within the request;
 * subject and session labels are cleaned the way XNAT cleans them (``cleanValue``) before
-  they are sent, so the session is found where XNAT files it; the mapping is reported;
+  they are sent, so the session is found where XNAT files it; the mapping is reported; a label
+  longer than XFT's 255 characters fails before anything is sent;
+* a project the user cannot see is created (a new project ID must match
+  ``XftStringUtils.isValidId``); XNAT answers 403 when it exists as a private project of others
+  or the user may not create projects; a project the user sees but may not add data to (a
+  protected or public one of others) fails before anything is sent;
+* every file must carry SOPClassUID and SOPInstanceUID (``GradualDicomImporter`` refuses a
+  file without, and drops it silently under ``Ignore-Unparsable``): checked before sending;
 * a session is looked up at project level (labels are unique per project) and compared by the
   ``<SOPInstanceUID>.dcm`` names of its scans' ``DICOM`` resource only (XNAT keeps the uploaded
   names; pipelines add other resources); ``append`` sends only the instances it lacks (XNAT
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -43,6 +51,14 @@ POLICIES = XNAT_DUPLICATE_POLICIES
 # and session labels (PrearcSessionArchiver.fixSessionLabel / fixSubject)
 XNAT_CLEANED_CHARS = " `~@#$%^&*()+=[]{}|\\/?:;\"',.<>"
 _CLEAN = str.maketrans({c: "_" for c in XNAT_CLEANED_CHARS})
+
+# XftStringUtils.REGEX_VALID_ID (Patterns.ALPHANUMERIC_AND_DASHES): ProjectResource.handlePut
+# answers 417 "Invalid character in project ID." to a new project ID outside it
+PROJECT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+# XFTValidator: an xs:string without a declared size holds at most GenericWrapperField's
+# DEFAULT_STRING_SIZE characters; xnat.xsd declares none for subject and experiment labels
+MAX_LABEL = 255
+_HEAD = 64 << 10  # header bytes read to find a file's SOP Class and Instance UIDs
 
 IN_PROGRESS = ("RECEIVING", "RECEIVING_INTERRUPT", "BUILDING", "QUEUED_BUILDING", "QUEUED_ARCHIVING", "ARCHIVING",
                "_RECEIVING", "_BUILDING", "_ARCHIVING", "QUEUED_DELETING", "DELETING", "_DELETING")
@@ -149,10 +165,8 @@ def load_dicoms_json(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------- client calls
 def _status(exc: Exception) -> int | None:
     resp = getattr(exc, "response", None)
-    status = getattr(resp, "status_code", None)
+    status = getattr(resp, "status_code", None) or getattr(exc, "status_code", None)
     if status is None:  # xnatpy's upload errors carry the status only in their text
-        import re
-
         m = re.search(r"(?:Status code|status|response for uploading was) \(?(\d{3})\)?", str(exc))
         status = int(m.group(1)) if m else None
     return status
@@ -183,13 +197,85 @@ def classify_error(exc: Exception, server: str) -> XnatError:
 
 
 def ensure_project(session, project: str) -> bool:
-    """Create the project when missing; True when it was created."""
+    """Create the project when the user cannot see it; True when it was created. Raises
+    :class:`XnatError` (before any upload) when XNAT would refuse this user's data there.
+
+    What XNAT does (xnat-web, read in the ``NrgXnat/xnat`` monorepo): the project listing
+    (``ProjectListResource``) and every project URI find a project through
+    ``DefaultUserProjectCache.get``, which hides a *private* project from non-members;
+    *protected* (the default of ``BaseXnatProjectdata.createProject``) and *public* projects are
+    listed to every user, but only owners and members may add data. A PUT of a project the user
+    cannot see is a creation (``ProjectResource.handlePut``): 417 for an ID outside
+    ``[A-Za-z0-9_-]``, 403 when only admins may create projects, and 403 again when the ID
+    belongs to a private project of others."""
     session.clearcache()
     if project in session.projects:
+        if not _may_add_data(session, project):
+            raise XnatAuthError(
+                f"XNAT project {project} is visible to this user, but the user may not add data to it (XNAT lists "
+                "protected and public projects to every user; only the project's owners and members may upload): "
+                "ask the project owner to add the user as a member, or set xnat_project to a project of the user")
         return False
-    session.put(f"/data/projects/{project}")
+    if not PROJECT_ID.match(project):
+        raise XnatError(f"XNAT project {project!r} does not exist and cannot be created under that ID: XNAT "
+                        "project IDs hold only letters, digits, '_' and '-' (XftStringUtils.isValidId); "
+                        "set xnat_project to such an ID")
+    try:
+        session.put(f"/data/projects/{project}")
+    except Exception as exc:
+        if _status(exc) != 403:
+            raise
+        text = _response_text(exc)
+        raise XnatAuthError(
+            f"XNAT project {project} is not visible to this user and XNAT refused to create it (403"
+            + (f": {text}" if text else "") + "): either it exists as a private project the user is not a member "
+            "of (ask its owner to add the user), or the user may not create projects (ask an XNAT admin to "
+            "create it)") from None
     session.clearcache()
     return True
+
+
+def _response_text(exc: Exception) -> str:
+    """The text XNAT answered (xnatpy's XNATResponseError keeps it as ``text``), unless a page."""
+    text = getattr(exc, "text", None) or getattr(getattr(exc, "response", None), "text", "") or ""
+    return " ".join(text.split())[:200] if text.lstrip()[:1] != "<" else ""
+
+
+def _may_add_data(session, project: str) -> bool:
+    """Whether XNAT lets this user create subjects in ``project``: ``/data/projects?permissions=
+    create&dataType=xnat:subjectData`` (``ProjectListResource.PermissionsProjectHandler``; its
+    table's columns are ``id`` and ``secondary_id``). An XNAT that does not answer that query
+    is not second-guessed: the upload itself says what it refuses."""
+    try:
+        rows = session.get_json("/data/projects", query={"permissions": "create", "dataType": "xnat:subjectData"}
+                                )["ResultSet"]["Result"]
+    except Exception as exc:
+        if _status(exc) in (400, 404, 500):
+            return True
+        raise
+    return any(str(v) == project for r in rows for k, v in r.items() if k.lower() == "id")
+
+
+def importer_refusals(files: list[UploadFile]) -> list[tuple[str, str]]:
+    """``(name, why)`` of the files XNAT's importer refuses (``GradualDicomImporter.call``: "object
+    <name> contains no SOP Class UID", then the same for the SOP Instance UID; an empty value
+    counts as none, and MediaStorageSOPClassUID in the file meta does not stand in)."""
+    from .fasttags import read_tags
+
+    out = []
+    for f in files:
+        with open(f.path, "rb") as fh:  # a missing file is an OSError of its own, not a refusal
+            head = fh.read(_HEAD)
+        try:
+            tags = read_tags(head, f.path)
+        except Exception as exc:  # pydicom could not read it either: XNAT's dcm4che would not
+            out.append((f.arcname, f"unreadable DICOM header ({type(exc).__name__})"))
+            continue
+        if not str(tags.get("SOPClassUID") or "").strip():
+            out.append((f.arcname, "no SOP Class UID (0008,0016)"))
+        elif not str(tags.get("SOPInstanceUID") or "").strip():
+            out.append((f.arcname, "no SOP Instance UID (0008,0018)"))
+    return out
 
 
 def _rows(session, uri: str) -> list[dict]:
@@ -291,6 +377,19 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
     if not files:
         raise XnatError(f"nothing to send for {session_label}: every kept series is excluded")
     xsubject, xlabel = clean_label(subject), clean_label(session_label)
+    for kind, value in (("subject", xsubject), ("session", xlabel)):
+        if len(value) > MAX_LABEL:  # XFTValidator (PrearcSessionArchiver.validateSession): a server error
+            raise XnatError(f"the XNAT {kind} label {value[:40]!r}... has {len(value)} characters; XNAT stores "
+                            f"labels of at most {MAX_LABEL} (XFT's default string size): shorten it "
+                            "(session_label_pattern, or the participant ID)")
+    refused = importer_refusals(files)
+    if refused:
+        shown = ", ".join(f"{name} ({why})" for name, why in refused[:3])
+        raise XnatError(
+            f"{len(refused)} of the {len(files)} files of {session_label} would be refused by XNAT's importer, which "
+            f"requires SOPClassUID and SOPInstanceUID in every DICOM (GradualDicomImporter): {shown}"
+            + (" ..." if len(refused) > 3 else "") + "; nothing was sent. Exclude those series "
+            "(exclude_series) or repair the files")
     result = UploadResult("uploaded", project, xsubject, xlabel, excluded=excluded,
                           labels={"subject": {"given": subject, "xnat": xsubject},
                                   "session": {"given": session_label, "xnat": xlabel}})
