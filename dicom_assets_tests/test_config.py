@@ -114,3 +114,12 @@ def test_missing_required_field(tmp_path):
 def test_top_level_must_be_object(tmp_path):
     with pytest.raises(ConfigError, match="top level must be a JSON object"):
         load_config(write(tmp_path, "[1, 2]"))
+
+
+@pytest.mark.faults
+def test_unknown_fields_are_named_whatever_the_folder_is_called(tmp_path):
+    folder = tmp_path / "{unknown}"  # a folder name that looks like a format field
+    folder.mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_config(write(folder, {**GOOD, "colour": "blue", "size": 2}))
+    assert str(err.value).startswith(f"{folder / 'global_config.json'}: unknown field(s) 'colour', 'size';")

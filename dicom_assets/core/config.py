@@ -169,13 +169,16 @@ def _field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if not isinstance(p, int))
 
 
-def _message(path: Path, err: dict) -> str:
-    """One line naming the file and the field, for one pydantic error."""
+def _message(path: Path, err: dict, errors: list[dict]) -> str:
+    """One line naming the file and the field, for one pydantic error (``errors``: all of them,
+    so that every unknown top-level field is named at once)."""
     kind, name, ctx = err["type"], _field(err["loc"]), err.get("ctx") or {}
     if kind == "extra_forbidden":
         if len(err["loc"]) > 1:
             return f"{path}: unknown field '{name}'; known: {', '.join(_LIMIT_FIELDS)}"
-        return f"{path}: unknown field(s) {{unknown}}; known fields are {', '.join(sorted(_TOP_FIELDS))}"
+        unknown = sorted(e["loc"][0] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1)
+        return (f"{path}: unknown field(s) {', '.join(repr(u) for u in unknown)}; "
+                f"known fields are {', '.join(sorted(_TOP_FIELDS))}")
     if kind == "missing":
         return f"{path}: required field '{name}' is missing"
     if kind == "value_error":
@@ -203,11 +206,7 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
         cfg = GlobalConfig.model_validate(data)
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: (_ORDER.get(e["type"], 2), len(e["loc"])))
-        msg = _message(path, errors[0])
-        if "{unknown}" in msg:
-            unknown = [e["loc"][0] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
-            msg = msg.replace("{unknown}", ", ".join(repr(u) for u in sorted(unknown)))
-        raise ConfigError(msg) from None
+        raise ConfigError(_message(path, errors[0], errors)) from None
     cfg._source = str(path)
     return cfg
 
