@@ -599,3 +599,124 @@ def test_label_longer_than_xnat_stores_fails_before_sending(samples, server, pas
     with pytest.raises(XnatError, match="has 300 characters; XNAT stores labels of at most 255"):
         upload(server, password, files, label="V" * 300)
     assert server.imports == 0 and not any(p.startswith("/data/projects") for _, p in server.requests)
+
+
+# ------------------------------------------ the project's prearchive code, session merging
+def series_zips(samples, tmp_path):
+    """Zips of one real series (20 files): its first half, its second half, all of it."""
+    import zipfile
+
+    files = sorted((samples.xnat_case001 / "scans").glob("2_*/DICOM/*.dcm"))
+    out = {}
+    for name, part in (("first", files[:10]), ("second", files[10:]), ("all", files)):
+        out[name] = tmp_path / f"{name}.zip"
+        with zipfile.ZipFile(out[name], "w") as zf:
+            for f in part:
+                zf.write(f, f.name)
+    return out
+
+
+def raw_import(server, password, z, **query):
+    """POST /data/services/import as XNAT sees it (any query, the answer unparsed)."""
+    import requests
+
+    q = {"import-handler": "DICOM-zip", "dest": "/archive", "subject": "S1", "session": "E1", **query}
+    with open(z, "rb") as fh:
+        return requests.post(f"{server.url}/data/services/import", params=q, data=fh,
+                             headers={"Content-Type": "application/zip"}, auth=(USER, password), timeout=60)
+
+
+@pytest.mark.faults
+def test_project_prearchive_code_as_xnat_keeps_it(samples, server, password, tmp_path):
+    """ProjectResource: /data/projects/<id>/prearchive_code gives the code; a new project has the
+    site default 4 (BaseXnatProjectdata.initArcProjectImpl); only owners set it. An import with
+    dest=/archive is archived at once even in a Manual (0) project: the dest overrides the code
+    (DicomZipImporter.determiningDestination); dest=/prearchive stays, its row marked Manual."""
+    z = series_zips(samples, tmp_path)["all"]
+    server.add_user("pi", "pi-pw")
+    server.add_project("THEIRS", owner="pi", members=(USER,))
+    with xnatpy_session(server, USER, password) as s:
+        s.put("/data/projects/P0")
+        assert s.get("/data/projects/P0/prearchive_code").text == "4"
+        s.put("/data/projects/P0/prearchive_code/0")
+        assert s.get("/data/projects/P0/prearchive_code").text == "0" and server.projects["P0"].prearchive_code == 0
+        r = s.put("/data/projects/P0/prearchive_code/auto", accepted_status=[400])
+        assert r.text == "The submitted code auto is invalid: must be an integer."
+        assert s.get("/data/projects/THEIRS/prearchive_code").text == "4"
+        r = s.put("/data/projects/THEIRS/prearchive_code/0", accepted_status=[403])  # a member, not an owner
+        assert r.text == "User account doesn't have permission to edit this project."
+    r = raw_import(server, password, z, project="P0")
+    assert r.status_code == 200 and r.text.startswith("/data/archive/projects/P0/")
+    assert len(server.projects["P0"].subjects["S1"].experiments["E1"].scans["2"].files) == 20
+    assert server.prearchive == {}
+    r = raw_import(server, password, z, project="P0", session="E2", dest="/prearchive")
+    assert r.status_code == 200 and r.text.startswith("/data/prearchive/projects/P0/")
+    with xnatpy_session(server, USER, password) as s:
+        rows = s.get_json("/data/prearchive/projects/P0")["ResultSet"]["Result"]
+    assert [(r["name"], r["status"], r["autoarchive"]) for r in rows] == [("E2", "READY", "Manual")]
+
+
+@pytest.mark.faults
+def test_import_merges_as_xnats_importer_decides(samples, server, password, tmp_path):
+    """Whether an import with dest=/archive merges into an existing session of the label:
+    Importer.parseOverrideValue makes ``overwrite`` (any value, "none" too) allowSessionMerge and
+    ignores an allowSessionMerge of the query; without it DicomZipImporter.archiveSession merges
+    only when the row's prearchive code is not Manual. A refusal leaves the row in CONFLICT and
+    the import answers 400 "Failed to archive 1 of 1 session(s)"; files the session holds are
+    refused unless the code is 5 or overwrite=delete (MergeSessionsA.checkForConflict)."""
+    zips = series_zips(samples, tmp_path)
+    cases = [  # (prearchive code, query of the second import, what it sends, merged?)
+        (0, {}, "second", False),
+        (0, {"allowSessionMerge": "true"}, "second", False),
+        (0, {"overwrite": "append"}, "second", True),
+        (0, {"overwrite": "none"}, "second", True),
+        (4, {}, "second", True),
+        (4, {}, "all", False),  # 10 files the session holds
+        (4, {"overwrite": "append"}, "all", False),
+        (4, {"overwrite": "delete"}, "all", True),
+        (5, {}, "all", True),
+    ]
+    outcome = []
+    for i, (code, query, part, merged) in enumerate(cases):
+        pid = f"P{i}"
+        server.add_project(pid, owner=USER).prearchive_code = code
+        first = raw_import(server, password, zips["first"], project=pid)
+        assert first.status_code == 200 and first.text.startswith(f"/data/archive/projects/{pid}/"), first.text
+        r = raw_import(server, password, zips[part], project=pid, **query)
+        scan = server.projects[pid].subjects["S1"].experiments["E1"].scans["2"]
+        rows = [e for e in server.prearchive.values() if e.project == pid]
+        if merged:
+            ok = r.status_code == 200 and len(scan.files) == 20 and rows == []
+        else:
+            ok = (r.status_code, r.text) == (400, "Failed to archive 1 of 1 session(s)") and len(scan.files) == 10 \
+                and [e.status for e in rows] == ["CONFLICT"]
+        outcome.append((code, query, part, ok))
+    assert [c for c in outcome if not c[3]] == []
+
+
+@pytest.mark.faults
+def test_session_rebuilder_archives_an_interrupted_build_only_on_auto_archive_projects(samples, server, password,
+                                                                                      tmp_path):
+    """PrearchiveRebuildHandler.rebuild gives way when more data arrives while it builds: the row
+    goes back to RECEIVING and the import answers 200 with no URI. SessionXMLRebuilder later
+    rebuilds idle rows and archives them only when their code is 4/5; a Manual row stays READY
+    until someone archives it (/data/services/archive, which merges)."""
+    z = series_zips(samples, tmp_path)["all"]
+    server.add_project("PM", owner=USER).prearchive_code = 0
+    server.add_project("PA", owner=USER)  # the site default, 4
+    server.inject("/data/services/import", "receiving_interrupt", times=2)
+    for pid in ("PM", "PA"):
+        r = raw_import(server, password, z, project=pid)
+        assert (r.status_code, r.text) == (200, "")
+    assert sorted((e.project, e.status) for e in server.prearchive.values()) == [("PA", "RECEIVING"),
+                                                                                 ("PM", "RECEIVING")]
+    assert server.projects["PM"].subjects == {} and server.projects["PA"].subjects == {}
+    assert len(server.rebuild_idle_sessions(idle_seconds=0)) == 2
+    assert len(server.projects["PA"].subjects["S1"].experiments["E1"].scans["2"].files) == 20
+    (row,) = server.prearchive.values()
+    assert (row.project, row.status) == ("PM", "READY") and server.projects["PM"].subjects == {}
+    with xnatpy_session(server, USER, password) as s:
+        s.post("/data/services/archive", query={"src": f"/prearchive/projects/{row.key}"})
+    assert len(server.projects["PM"].subjects["S1"].experiments["E1"].scans["2"].files) == 20
+    assert server.prearchive == {}
+

@@ -10,11 +10,24 @@ below names the XNAT class (``NrgXnat/xnat-web``) it was read from; no XNAT code
   staged in the prearchive (``GradualDicomImporter``: a RECEIVING row per project +
   StudyInstanceUID + session label, joined when such a row is RECEIVING/READY/ERROR/CONFLICT),
   optionally filtered (``series_import_filter``) and anonymized (``site_anonymization``); with
-  ``dest=/archive`` the row goes ARCHIVING and is archived (``PrearcSessionArchiver``,
-  ``MergePrearcToArchiveSession``, ``MergeCatCatalog``): labels cleaned, subject matched
-  case-insensitively, experiment labels unique per project, duplicates refused unless
-  ``overwrite_files=true``. ``Direct-Archive=true`` with ``dest`` fails as XNAT fails.
-* Prearchive: ``/data/prearchive/projects[/<p>[/<ts>/<name>]]``, ``POST /data/services/archive``,
+  ``dest=/archive`` the row goes ARCHIVING and is archived within the request, whatever the
+  project's prearchive code (``DicomZipImporter.determiningDestination``; ``PrearcSessionArchiver``,
+  ``MergePrearcToArchiveSession``, ``MergeSessionsA``): labels cleaned, subject matched
+  case-insensitively, experiment labels unique per project. An existing session is merged into
+  when the import sends ``overwrite`` (any value; ``Importer.parseOverrideValue``, which also
+  overwrites any ``allowSessionMerge`` of the query) or the row's prearchive code is 4/5
+  (``DicomZipImporter.archiveSession``); otherwise, or for files the session already holds
+  (unless ``overwrite_files=true``, ``overwrite=delete`` or code 5), the row goes CONFLICT and
+  the import answers 400 "Failed to archive 1 of 1 session(s)" (``xmlBuild``).
+  ``Direct-Archive=true`` with ``dest`` fails as XNAT fails.
+* Projects carry XNAT's prearchive code (``PrearchiveCode``: 0 Manual, 4 AutoArchive, 5
+  AutoArchiveOverwrite; 4 for a new project, ``BaseXnatProjectdata.initArcProjectImpl``), read and
+  set at ``/data/projects/<id>/prearchive_code[/<code>]`` (``ProjectResource``); each prearchive row
+  keeps the code of its creation (``autoarchive``). The session rebuilder
+  (``rebuild_idle_sessions``, ``start_session_rebuilder``: ``SessionXMLRebuilder``) builds idle
+  RECEIVING rows and archives them only when their code is 4/5; a Manual row stays READY.
+* Prearchive: ``/data/prearchive/projects[/<p>[/<ts>/<name>]]``, ``POST /data/services/archive``
+  (``Archiver``: always merges; ``overwrite=append|delete`` replaces files the session holds),
   ``POST /data/services/prearchive/delete`` (``PrearchiveBatchDelete``: locked rows stay) and
   ``DELETE`` of a row (refused with 409 while ARCHIVING).
 * Projects with XNAT's accessibility (``private``/``protected``/``public``, ``protected`` by
@@ -36,7 +49,11 @@ below names the XNAT class (``NrgXnat/xnat-web``) it was read from; no XNAT code
 Fault injection: ``server.inject(path_prefix, kind, times=1)`` with kind ``500``, ``503``,
 ``drop`` (close the connection without an answer, after reading the request body), ``slow``
 (answer after ``slow_seconds``) or ``archive_error`` (the import is received, then archiving
-fails: the prearchive row is left in ERROR, as XNAT leaves it). ``server.proxy_timeout``
+fails: the prearchive row is left in ERROR, as XNAT leaves it; answered 500, whereas XNAT's
+DICOM-zip importer would answer 400) or ``receiving_interrupt`` (more data for the row arrived
+while XNAT built it: ``PrearchiveRebuildHandler.rebuild`` gives way, the row stays RECEIVING, the
+import answers 200 with an empty body). ``server.on_archive(row)`` runs just before an import
+archives its row (a concurrent sender archiving the same label). ``server.proxy_timeout``
 puts a reverse proxy in front: a request still running after that many seconds gets a 504
 while the server carries on (``import_seconds`` makes archiving take that long).
 ``server.max_concurrent_imports`` records the peak number of simultaneous uploads.
@@ -88,11 +105,27 @@ ROLE_ACTIONS = {"read": ("owner", "member"), "create": ("owner", "member"), "edi
 JOINABLE = ("RECEIVING", "READY", "ERROR", "CONFLICT")
 LOCKED = ("ARCHIVING", "_ARCHIVING", "QUEUED_ARCHIVING", "DELETING", "_DELETING", "MOVING", "_MOVING")
 
-# PrearcSessionArchiver's messages (409 CONFLICT), MergeCatCatalog's duplicate refusal
+# PrearcSessionArchiver's messages (409 CONFLICT); MergeSessionsA.checkForConflict's refusals of
+# files the session already holds (same path: HAS_FILES, same SOPInstanceUID: CAT_ENTRY_MATCH)
 PRE_EXISTS = "Session already exists, retry with overwrite enabled"
 SUBJECT_MOD = "Invalid modification of session subject via archive process."
 UID_MOD = "Invalid modification of session UID via archive process."
-DUPLICATE = "Duplicate DICOM file uploaded."
+HAS_FILES = "Session already exists with matching files."
+CAT_ENTRY_MATCH = "Session already exists with the same resources."
+
+# PrearchiveCode (NrgXnat/xnat libs/framework/.../constants/PrearchiveCode.java): a project's
+# prearchive setting (arc:project/prearchive_code) and the prearchive row's AUTOARCHIVE column.
+# 0 Manual: everything stays in the prearchive for review; 4 AutoArchive; 5 AutoArchiveOverwrite.
+PREARCHIVE_CODES = {0: "Manual", 4: "AutoArchive", 5: "AutoArchiveOverwrite"}
+# BaseXnatProjectdata.initArcProjectImpl (xnat-data-models; read in danielmarcus/xnat-monorepo,
+# src/main/java/org/nrg/xdat/om/base/BaseXnatProjectdata.java) gives a new project the site's
+# defaultPrearchiveCode, whose default is 4 (SiteConfigPreferences.getDefaultProjectAutoArchiveSetting,
+# NrgXnat/xnat libs/xdat/.../preferences/SiteConfigPreferences.java)
+DEFAULT_PREARCHIVE_CODE = 4
+# DicomZipImporter.xmlBuild (NrgXnat/xnat-web, the 1.9 line) wraps any failure to build or archive a
+# session in a ClientException without status: the import answers 400 with this text (the 2024
+# NrgXnat/xnat monorepo snapshot says "unable to archive for the Prearchive session", also 400)
+ARCHIVE_FAILED = "Failed to archive 1 of 1 session(s)"
 
 
 def clean_value(value: str) -> str:
@@ -142,6 +175,7 @@ class Project:
     resources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> name -> path
     roles: dict[str, str] = field(default_factory=dict)  # user -> "owner" | "member"
     accessibility: str = "protected"  # private | protected | public (BaseXnatProjectdata.createProject)
+    prearchive_code: int = DEFAULT_PREARCHIVE_CODE  # arc:project/prearchive_code (PREARCHIVE_CODES)
 
     def readable_by(self, user: str) -> bool:
         """Permissions.canReadProject: a member, or anyone when the project is not private
@@ -176,6 +210,11 @@ class PrearchiveEntry:
     uploaded: str = ""
     lastmod: str = ""
     files: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (scan id, file name) -> bytes
+    # the AUTOARCHIVE column: the project's prearchive code when the row was created
+    # (GradualDicomImporter.shouldAutoArchive, set by PrearcDatabase.eitherGetOrCreateSession over the
+    # AutoArchive the importer asked for); a row that is joined later keeps it
+    auto_archive: int | None = None
+    idle_since: float = field(default_factory=time.monotonic)  # for the session rebuilder
 
     @property
     def key(self) -> str:
@@ -206,6 +245,14 @@ class XnatTestServer:
         self.series_import_filter: str | None = None  # regex on SeriesDescription: files dropped
         self.site_anonymization = False  # XNAT's default site-wide script (PatientID := session)
         self.requests: list[tuple[str, str]] = []  # (method, path) seen, for tests
+        self.import_queries: list[dict] = []  # the query of each import request, for tests
+        self.default_prearchive_code = DEFAULT_PREARCHIVE_CODE  # the site's defaultPrearchiveCode
+        # called with the prearchive row just before an import archives it: tests let another
+        # sender archive a session of the same label in that moment
+        self.on_archive = None
+        self._receiving: set[str] = set()  # rows a request is writing to (PrearcUtils.isSessionReceiving)
+        self._rebuilder: threading.Thread | None = None
+        self._rebuilder_stop = threading.Event()
         self.imports = 0
         self.active_imports = 0
         self.max_concurrent_imports = 0
@@ -230,6 +277,9 @@ class XnatTestServer:
         return self
 
     def stop(self) -> None:
+        self._rebuilder_stop.set()
+        if self._rebuilder is not None:
+            self._rebuilder.join(timeout=30)
         self.httpd.shutdown()
         self.httpd.server_close()
         for t in list(self._workers):
@@ -267,9 +317,12 @@ class XnatTestServer:
         self.users[user] = password
 
     def add_project(self, pid: str, owner: str | None = None, members: tuple[str, ...] = (),
-                    accessibility: str = "protected") -> Project:
+                    accessibility: str = "protected", prearchive_code: int | None = None) -> Project:
+        """A project as the site has it; ``prearchive_code`` defaults to the site's
+        defaultPrearchiveCode (4), as a new project gets it (BaseXnatProjectdata.initArcProjectImpl)."""
         with self.lock:
-            p = self.projects.setdefault(pid, Project(pid, pid, accessibility=accessibility))
+            code = self.default_prearchive_code if prearchive_code is None else prearchive_code
+            p = self.projects.setdefault(pid, Project(pid, pid, accessibility=accessibility, prearchive_code=code))
             if owner:
                 p.roles[owner] = "owner"
             for m in members:
@@ -306,7 +359,8 @@ class XnatTestServer:
     def add_prearchive_row(self, project: str, name: str, tag: str, status: str = "READY",
                            subject: str = "") -> PrearchiveEntry:
         """A row that did not come from our client (sent from the scanner, say)."""
-        e = PrearchiveEntry(project, self._timestamp(), name, subject, tag, status, _now(), _now())
+        e = PrearchiveEntry(project, self._timestamp(), name, subject, tag, status, _now(), _now(),
+                            auto_archive=self.projects[project].prearchive_code if project in self.projects else None)
         with self.lock:
             self.prearchive[e.key] = e
         return e
@@ -335,30 +389,51 @@ class XnatTestServer:
     def receive(self, project: str, subject: str, name: str, files: list[tuple[str, bytes, object]]) -> PrearchiveEntry:
         """GradualDicomImporter: put each file into the prearchive row of (project,
         StudyInstanceUID, session label), joining a RECEIVING/READY/ERROR/CONFLICT row
-        (PrearcDatabase.eitherGetOrCreateSession) or opening a new one (new timestamp)."""
+        (PrearcDatabase.eitherGetOrCreateSession) or opening a new one (new timestamp) whose
+        AUTOARCHIVE is the project's prearchive code (GradualDicomImporter.shouldAutoArchive)."""
         tag = str(files[0][2].get("StudyInstanceUID", "") or "")  # none: an empty tag, as XNAT
         with self.lock:
             row = next((e for e in self.prearchive.values() if e.project == project and e.tag == tag
                         and e.name == name and e.status in JOINABLE), None)
             if row is None:
-                row = PrearchiveEntry(project, self._timestamp(), name, subject, tag, "RECEIVING", _now(), _now())
+                code = self.projects[project].prearchive_code if project in self.projects else None
+                row = PrearchiveEntry(project, self._timestamp(), name, subject, tag, "RECEIVING", _now(), _now(),
+                                      auto_archive=code)
                 self.prearchive[row.key] = row
             row.status, row.lastmod = "RECEIVING", _now()
-        for fname, data, ds in files:
-            if self.site_anonymization:
-                data = _anonymize(data, project, row.subject or subject, row.name)
-            number = str(ds.get("SeriesNumber", "") or "0")  # Restructurer.determineScanSubdir
+            self._receiving.add(row.key)
+        try:
+            for fname, data, ds in files:
+                if self.site_anonymization:
+                    data = _anonymize(data, project, row.subject or subject, row.name)
+                number = str(ds.get("SeriesNumber", "") or "0")  # Restructurer.determineScanSubdir
+                with self.lock:
+                    # GradualDicomImporter.getSafeFile: the uploaded name is kept (rename=false);
+                    # a file of the same name and SOPInstanceUID is overwritten
+                    row.files[(number, Path(fname).name)] = data
+        finally:
             with self.lock:
-                # GradualDicomImporter.getSafeFile: the uploaded name is kept (rename=false);
-                # a file of the same name and SOPInstanceUID is overwritten
-                row.files[(number, Path(fname).name)] = data
-        with self.lock:
-            row.lastmod = _now()
+                row.lastmod, row.idle_since = _now(), time.monotonic()
+                self._receiving.discard(row.key)
         return row
 
-    def archive(self, row: PrearchiveEntry, *, subject: str | None, label: str | None, overwrite: str | None,
-                overwrite_files: bool, allow_merge: bool = False) -> Experiment:
-        """PrearcSessionArchiver.call + MergePrearcToArchiveSession + MergeCatCatalog."""
+    def overwrite_files_for(self, row: PrearchiveEntry, asked: bool) -> bool:
+        """PrearcSession.isOverwriteFiles: asked for (``overwrite_files=true``), or the row's or the
+        project's prearchive code is 5 (AutoArchiveOverwrite)."""
+        proj = self.projects.get(row.project)
+        return asked or row.auto_archive == 5 or (proj is not None and proj.prearchive_code == 5)
+
+    def archive(self, row: PrearchiveEntry, *, subject: str | None, label: str | None, allow_merge: bool,
+                override: bool, overwrite_files: bool) -> Experiment:
+        """PrearcSessionArchiver.call + MergePrearcToArchiveSession (MergeSessionsA) + MergeCatCatalog.
+
+        The caller decides ``allow_merge`` (allowSessionMerge), ``override`` (overrideExceptions)
+        and ``overwrite_files`` as its XNAT class does (see the import service and the archive
+        service below). A session of the same label in the project is merged into only when
+        ``allow_merge`` (PrearcSessionArchiver.checkForConflicts: PRE_EXISTS, 409); files it
+        already holds are refused unless ``override or overwrite_files`` (the archiver passes
+        that to MergePrearcToArchiveSession; MergeSessionsA.checkForConflict: the same path is
+        HAS_FILES, the same SOPInstanceUID under another name CAT_ENTRY_MATCH, both 409)."""
         with self.lock:
             proj = self.projects[row.project]
             # fixSessionLabel / fixSubject: labels are cleaned (cleanValue)
@@ -370,10 +445,7 @@ class XnatTestServer:
                 # PrearcSessionArchiver.validateSession: src.validate() (XFTValidator maxLength)
                 # fails, thrown on as a ServerException (500)
                 raise _HttpError(500, f"Must Be Less Than {MAX_STRING} Characters : Current Length ({len(label)})")
-            # the import service's overwrite: append = allowSessionMerge; delete = also overrideExceptions
-            allow_merge = allow_merge or overwrite in ("append", "delete")
-            override = overwrite == "delete"
-            overwrite_files = overwrite_files or override
+            replace = override or overwrite_files
             existing = proj.experiment(label)  # retrieveExistingExpt: project + label
             subj = proj.subject_ci(subject_label)
             if existing is not None:  # checkForConflicts
@@ -387,12 +459,19 @@ class XnatTestServer:
             for (number, fname), data in sorted(row.files.items()):
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
                 parsed.append((number, fname, data, ds))
-            if existing is not None and not overwrite_files:  # MergeCatCatalog: entries already there
+            if existing is not None and not replace:  # MergeSessionsA.checkForConflict
+                why = None
                 for number, fname, _data, ds in parsed:
                     scan = existing.scans.get(number)
-                    if scan and (fname in scan.files or str(ds.SOPInstanceUID) in
-                                 {scan.sop_uids.get(n) for n in scan.files}):
-                        raise _HttpError(409, DUPLICATE)
+                    if scan is None:
+                        continue
+                    if fname in scan.files:  # FileUtils.FindFirstMatch: the same path: HAS_FILES wins
+                        why = HAS_FILES
+                        break
+                    if str(ds.SOPInstanceUID) in {scan.sop_uids.get(n) for n in scan.files}:
+                        why = CAT_ENTRY_MATCH  # SessionOverwriteCheck: a catalog entry of that UID
+                if why:
+                    raise _HttpError(409, why)
             if subj is None:
                 subj = proj.subjects[subject_label] = Subject(self._next_id("S"), subject_label, proj.id)
             exp = existing
@@ -413,6 +492,55 @@ class XnatTestServer:
                 scan.sop_uids[fname] = str(ds.SOPInstanceUID)
             self.prearchive.pop(row.key, None)
             return exp
+
+    def archive_row(self, row: PrearchiveEntry, **kw) -> Experiment:
+        """Archive a prearchive row as PrearcDatabase.archive does: the row is ARCHIVING (locked)
+        meanwhile; on failure LockAndSync sets CONFLICT for a 409, ERROR for anything else."""
+        with self.lock:
+            row.status, row.lastmod = "_ARCHIVING", _now()
+        try:
+            return self.archive(row, **kw)
+        except Exception as exc:
+            with self.lock:
+                status = exc.status if isinstance(exc, _HttpError) else 500
+                row.status, row.lastmod = ("CONFLICT" if status == 409 else "ERROR"), _now()
+                row.idle_since = time.monotonic()
+            raise
+
+    # ---------------------------------------------------------------- the session rebuilder
+    def rebuild_idle_sessions(self, idle_seconds: float = 300.0) -> list[str]:
+        """One run of SessionXMLRebuilder.runTask (NrgXnat/xnat web/.../helpers/prearchive/
+        SessionXMLRebuilder.java): each RECEIVING row idle for ``idle_seconds`` (XNAT:
+        sessionXmlRebuilderInterval, 5 minutes, checked every minute) and no longer being received
+        is rebuilt: READY (PrearchiveRebuildHandler.rebuild/postBuild). It is then archived only
+        when the row's AUTOARCHIVE is 4 or 5 (postBuild: PrearcSession.isAutoArchive), as
+        PrearchiveArchiveHandler.commitSessionToArchive does it: no merge parameter, so a merge is
+        allowed because the code is not Manual; no overrideExceptions. A Manual (0) row stays READY
+        for someone to archive it. Returns the keys of the rows it rebuilt."""
+        now = time.monotonic()
+        with self.lock:
+            due = [e for e in self.prearchive.values() if e.status == "RECEIVING" and e.key not in self._receiving
+                   and now - e.idle_since >= idle_seconds]
+            for e in due:
+                e.status, e.lastmod = "READY", _now()
+        for e in due:
+            if e.auto_archive in (4, 5):
+                try:
+                    self.archive_row(e, subject=None, label=None, allow_merge=True, override=False,
+                                     overwrite_files=self.overwrite_files_for(e, False))
+                except Exception:
+                    pass  # the row is left in CONFLICT or ERROR, as LockAndSync leaves it
+        return [e.key for e in due]
+
+    def start_session_rebuilder(self, idle_seconds: float, every: float = 0.1) -> None:
+        """Run the rebuilder in the background, as XNAT's scheduler does (XNAT: every 60 s, rows
+        idle 5 minutes; tests shorten both)."""
+        def loop():
+            while not self._rebuilder_stop.wait(every):
+                self.rebuild_idle_sessions(idle_seconds)
+
+        self._rebuilder = threading.Thread(target=loop, daemon=True)
+        self._rebuilder.start()
 
 
 def _anonymize(data: bytes, project: str, subject: str, session: str) -> bytes:
@@ -672,6 +800,8 @@ class _Handler(BaseHTTPRequestHandler):
                     for p in x.projects.values() if p.readable_by(self.user)]))
             if len(parts) == 2 and parts[0] == "projects":
                 return self._project_item(method, parts[1], q)
+            if len(parts) in (3, 4) and parts[0] == "projects" and parts[2] == "prearchive_code":
+                return self._prearchive_code(method, parts[1], parts[3:])
             if len(parts) >= 3 and parts[0] == "projects" and parts[2] == "resources":
                 # DefaultCatalogService.insertProjectResourceCatalog saves the project itself
                 # (SaveItemHelper.authorizedSave): editing a project is for its owners only
@@ -766,6 +896,7 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _HttpError(403, "User account doesn't have permission to edit this project.")
                 # BaseXnatProjectdata.createProject: accessibility defaults to "protected"
                 accessibility = q.get("accessibility") or "protected"
+                # BaseXnatProjectdata.initArcProjectImpl: the site's defaultPrearchiveCode (4)
                 x.add_project(pid, owner=self.user, accessibility=accessibility).name = q.get("name") or pid
                 return self._send(200, "")
             if role not in ("owner", "member"):  # Permissions.canEditProject: members and owners
@@ -783,6 +914,38 @@ class _Handler(BaseHTTPRequestHandler):
         if not visible:
             raise _HttpError(404, "Unable to find the specified experiment.")
         return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.id, "name": p.name}))
+
+    def _prearchive_code(self, method: str, pid: str, value: list[str]) -> None:
+        """/data/projects/<id>/prearchive_code[/<code>] as ProjectResource answers it (NrgXnat/xnat
+        web/.../restlet/resources/ProjectResource.java): GET gives the code as text to whoever may
+        read the project (DefaultProjectHandler); PUT .../prearchive_code/<code> stores it for the
+        project's owners only (Permissions.canEdit; members get 403), "true"/"false" meaning 1/0
+        (translateArcProjectCode), anything else not an integer 400."""
+        x = self.xnat
+        p = x.projects.get(pid)
+        visible = p is not None and p.readable_by(self.user)
+        if method == "PUT":
+            if not visible:
+                if not x.can_create_projects:
+                    raise _HttpError(403, f"User {self.user} doesn't have permission to create projects on this "
+                                          "system")
+                raise _HttpError(400, "You can't set the 'prearchive_code' attribute without specifying the project "
+                                      "on which you want to set it.")
+            role = p.roles.get(self.user)
+            if role not in ("owner", "member"):
+                raise _HttpError(403, f"User {self.user} doesn't have permission to edit the project {pid}")
+            if role != "owner":
+                raise _HttpError(403, "User account doesn't have permission to edit this project.")
+            if not value or not value[0]:
+                return self._send(200, "")
+            code = {"true": "1", "false": "0"}.get(value[0], value[0])
+            if not re.fullmatch(r"-?\d+", code):
+                raise _HttpError(400, f"The submitted code {value[0]} is invalid: must be an integer.")
+            p.prearchive_code = int(code)
+            return self._send(200, "")
+        if not visible:
+            raise _HttpError(404, "Unable to find the specified experiment.")
+        return self._send(200, str(p.prearchive_code))
 
     def _projects_allowing(self, q: dict) -> None:
         """/data/projects?permissions=<action>&dataType=<type>: ProjectListResource's
@@ -957,6 +1120,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _import_inner(self, q: dict, body: bytes) -> None:
         x = self.xnat
+        with x.lock:
+            x.import_queries.append(dict(q))
         if q.get("import-handler", "DICOM-zip") != "DICOM-zip":
             raise _HttpError(400, f"Import handler {q.get('import-handler')} is not modelled by this test server")
         # Importer + RequestUtil.deriveFileName: the body's file name comes from its media type;
@@ -1014,25 +1179,52 @@ class _Handler(BaseHTTPRequestHandler):
             # session, and the whole import fails (files stay in the direct-archive area)
             raise _HttpError(400, "Failed to archive 1 of 1 session(s)")
         row = x.receive(project, subject, name, files)
+        if not dest:
+            # without dest, DicomZipImporter.call stops after staging (no action=commit): the row
+            # stays RECEIVING for the session rebuilder (rebuild_idle_sessions)
+            return self._send(200, f"/data/prearchive/projects/{row.key}\r\n")
         if not dest.startswith("/archive"):
-            with x.lock:
+            with x.lock:  # dest=/prearchive: xmlBuild builds the row (READY) and does not archive
                 row.status = "READY"
             return self._send(200, f"/data/prearchive/projects/{row.key}\r\n")
-        with x.lock:  # DicomZipImporter.archiveSession: ARCHIVING, then the archiver locks it
+        if x._take_fault("/data/services/import", ("receiving_interrupt",)):
+            # PrearchiveRebuildHandler.rebuild: more data for the row arrived while XNAT built it
+            # (RECEIVING_INTERRUPT: another upload of the study), so it gives way (false) and puts
+            # the row back to RECEIVING; xmlBuild archives nothing and DicomZipImporter.call answers
+            # the empty list of archive URIs: 200 with an empty body. The session rebuilder takes
+            # the row later (rebuild_idle_sessions).
+            with x.lock:
+                row.status, row.lastmod, row.idle_since = "RECEIVING", _now(), time.monotonic()
+            return self._send(200, "")
+        # dest=/archive: DicomZipImporter.determiningDestination sets action=commit and AA=true
+        # whatever the project's prearchive code, so xmlBuild archives the row within the request
+        # (archiveSession: the row goes ARCHIVING), a Manual (0) project included.
+        # Whether an existing session may be merged into (DicomZipImporter.archiveSession):
+        # Importer.parseOverrideValue turns ``overwrite`` into allowSessionMerge (absent: false;
+        # append: true; delete or override: true, with overrideExceptions; any other value, "none"
+        # included: true) and writes it over any ``allowSessionMerge`` of the query; when false,
+        # the merge is still allowed if the row's AUTOARCHIVE is not Manual (4 or 5).
+        overwrite = q.get("overwrite")
+        override = (overwrite or "").lower() in ("delete", "override")
+        allow_merge = overwrite is not None or row.auto_archive not in (None, 0)
+        overwrite_files = x.overwrite_files_for(row, q.get("overwrite_files", "").lower() == "true")
+        if x.on_archive is not None:
+            x.on_archive(row)
+        with x.lock:
             row.status, row.lastmod = "_ARCHIVING", _now()
         if x.import_seconds:  # archiving a large visit takes a while
             time.sleep(x.import_seconds)
+        if x._take_fault("/data/services/import", ("archive_error",)):
+            with x.lock:
+                row.status, row.lastmod = "ERROR", _now()
+            raise _HttpError(500, f"{ARCHIVE_FAILED}: injected archive error")
         try:
-            if x._take_fault("/data/services/import", ("archive_error",)):
-                raise _HttpError(500, "Failed to archive 1 of 1 session(s): injected archive error")
-            exp = x.archive(row, subject=q.get("subject"), label=q.get("session"), overwrite=q.get("overwrite"),
-                            overwrite_files=q.get("overwrite_files", "").lower() == "true",
-                            allow_merge=q.get("allowSessionMerge", "").lower() == "true")
-        except Exception as exc:
-            with x.lock:  # PrearcDatabase.LockAndSync: CONFLICT on a 409, ERROR otherwise (any failure)
-                status = exc.status if isinstance(exc, _HttpError) else 500
-                row.status, row.lastmod = ("CONFLICT" if status == 409 else "ERROR"), _now()
-            raise
+            exp = x.archive_row(row, subject=q.get("subject"), label=q.get("session"), allow_merge=allow_merge,
+                                override=override, overwrite_files=overwrite_files)
+        except Exception:
+            # xmlBuild catches whatever the archiver threw (the row is CONFLICT after a 409,
+            # ERROR otherwise) and throws ClientException(ARCHIVE_FAILED): Importer answers 400
+            raise _HttpError(400, ARCHIVE_FAILED) from None
         return self._send(200, f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}\r\n")
 
     @staticmethod
@@ -1094,9 +1286,15 @@ class _Handler(BaseHTTPRequestHandler):
                 "subject": e.subject, "status": _ROW_STATUS_IN_TABLE.get(e.status, e.status),
                 "url": f"/prearchive/projects/{e.key}", "uploaded": e.uploaded, "lastmod": e.lastmod,
                 "scan_date": "", "scan_time": "", "tag": e.tag, "TIMEZONE": "", "prevent_anon": "false",
+                "autoarchive": PREARCHIVE_CODES.get(e.auto_archive, "") if e.auto_archive is not None else "",
                 "prevent_auto_commit": "false", "SOURCE": "", "VISIT": "", "PROTOCOL": "", "TIMEZONE_ID": ""}
 
     def _archive_prearchive(self, q: dict, body: bytes) -> None:
+        """POST /data/services/archive?src=<row> (Archiver): QueueBasedImageCommit is built with
+        allowSessionMerge=true, so the row is always merged into an existing session; Archiver.
+        initialize makes ``overwrite=append`` or ``delete`` overrideExceptions (files the session
+        holds are then replaced); ``overwrite_files=true`` or a prearchive code of 5 replaces them
+        too (PrearcSession.isOverwriteFiles)."""
         x = self.xnat
         form = {k: v[-1] for k, v in parse_qs(body.decode(errors="replace")).items()}
         arg = {**form, **q}
@@ -1109,13 +1307,9 @@ class _Handler(BaseHTTPRequestHandler):
             if e.status in LOCKED:
                 raise _HttpError(423, "Duplicate archive attempt. Prearchive session already archiving.")
             e.status = "_ARCHIVING"
-        try:
-            exp = x.archive(e, subject=arg.get("subject"), label=arg.get("session") or arg.get("label"),
-                            overwrite=arg.get("overwrite"), overwrite_files=arg.get("overwrite_files", "") == "true")
-        except Exception as exc:
-            with x.lock:
-                e.status = "CONFLICT" if isinstance(exc, _HttpError) and exc.status == 409 else "ERROR"
-            raise
+        exp = x.archive_row(e, subject=arg.get("subject"), label=arg.get("session") or arg.get("label"),
+                            allow_merge=True, override=(arg.get("overwrite") or "").lower() in ("append", "delete"),
+                            overwrite_files=x.overwrite_files_for(e, (arg.get("overwrite_files") or "").lower() == "true"))
         return self._send(200, f"/data/archive/projects/{e.project}/subjects/{exp.subject_id}/experiments/{exp.id}")
 
 
