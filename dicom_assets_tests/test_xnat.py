@@ -178,7 +178,7 @@ def test_existing_session_with_other_content_follows_the_policy(instance, demo_r
     (demo_root / "global_config.json").write_text(json.dumps(cfg))
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     md = metadata_of(result, "xnat_session")
-    # XNAT refuses files the session already holds ("Duplicate DICOM file uploaded."): only
+    # XNAT refuses files the session already holds ("Session already exists with matching files."): only
     # the missing instance is sent, and the session is complete again
     assert md["status"] == "appended" and md["files_sent"] == 1
     assert removed in scan.files and checks_of(result)["scans_match_series"] is True
@@ -451,12 +451,12 @@ def visit_folder(samples, tmp_path, edit=None):
     return files_from_records(classify_tree(folder, Rules()), folder)
 
 
-def upload(server, password, files, *, project="QPN_DEMO", subject="Case001", label="Case001_MR1"):
+def upload(server, password, files, *, project="QPN_DEMO", subject="Case001", label="Case001_MR1", **kw):
     from dicom_assets.core.xnat_upload import upload_visit
 
     with xnatpy_session(server, USER, password) as s:
         return upload_visit(s, server=server.url, project=project, subject=subject, session_label=label,
-                            files=files, excluded=[], metadata_files=[])
+                            files=files, excluded=[], metadata_files=[], **kw)
 
 
 @pytest.mark.faults
@@ -720,3 +720,77 @@ def test_session_rebuilder_archives_an_interrupted_build_only_on_auto_archive_pr
     assert len(server.projects["PM"].subjects["S1"].experiments["E1"].scans["2"].files) == 20
     assert server.prearchive == {}
 
+
+@pytest.mark.faults
+def test_upload_kept_in_the_prearchive_of_a_manual_project_fails_clearly(samples, server, password, tmp_path):
+    """XNAT's build gives way to more data for the row: the import answers 200 without a URI.
+    In a project set to "all to prearchive" (0) its session rebuilder leaves the row READY: the
+    client waits while XNAT works on the row, then fails naming the row and what the site admin
+    can do, and leaves the row; a re-run sends the files again into that row and completes."""
+    from dicom_assets.core.xnat_upload import XnatError
+
+    files = visit_folder(samples, tmp_path)
+    server.add_project("QPN_DEMO", owner=USER, prearchive_code=0)
+    server.inject("/data/services/import", "receiving_interrupt")
+    server.start_session_rebuilder(idle_seconds=0.5)
+    logs = []
+    with pytest.raises(XnatError) as err:
+        upload(server, password, files, log=logs.append, poll_seconds=0.1)
+    (row,) = server.prearchive.values()
+    assert row.status == "READY" and server.projects["QPN_DEMO"].subjects == {}
+    msg = str(err.value)
+    assert f"kept the upload in its prearchive (/prearchive/projects/{row.key}, READY)" in msg
+    assert "prearchive setting is 0 (everything to the prearchive, for review)" in msg
+    assert f"POST /data/services/archive?src=/prearchive/projects/{row.key}" in msg
+    assert "PUT /data/projects/QPN_DEMO/prearchive_code/4" in msg and "A re-run without either" in msg
+    assert any("waiting while XNAT still works on it" in m for m in logs)
+    res = upload(server, password, files, poll_seconds=0.1)
+    assert res.status == "uploaded" and server.imports == 2 and server.prearchive == {}
+    assert len(server.projects["QPN_DEMO"].subjects["Case001"].experiments["Case001_MR1"].scans["2"].files) == 20
+
+
+@pytest.mark.faults
+def test_upload_kept_in_the_prearchive_of_an_auto_archive_project_is_waited_for(samples, server, password, tmp_path):
+    """The same answer without a URI in a project set to auto-archive (the default, 4): XNAT's
+    session rebuilder archives the row later; the client waits for it and reports the upload."""
+    files = visit_folder(samples, tmp_path)
+    server.add_project("QPN_DEMO", owner=USER)
+    server.inject("/data/services/import", "receiving_interrupt")
+    server.start_session_rebuilder(idle_seconds=0.5)
+    logs = []
+    res = upload(server, password, files, log=logs.append, poll_seconds=0.1)
+    assert res.status == "uploaded" and res.files_sent == 20 and server.imports == 1
+    assert len(server.projects["QPN_DEMO"].subjects["Case001"].experiments["Case001_MR1"].scans["2"].files) == 20
+    assert server.prearchive == {} and any("archived Case001_MR1 by itself" in m for m in logs)
+
+
+@pytest.mark.faults
+def test_merge_refused_when_a_session_appears_meanwhile(samples, server, password, tmp_path):
+    """Another sender archives the label between the client's look and its import, in a project
+    set to "all to prearchive": the import did not ask to merge, so XNAT refuses (row CONFLICT,
+    400). The client says so and removes its row; a re-run with policy 'append' sends what the
+    session lacks with overwrite=append, which XNAT needs to merge there, and completes."""
+    from dicom_assets.core.xnat_upload import XnatError
+
+    files = visit_folder(samples, tmp_path)
+    server.add_project("QPN_DEMO", owner=USER, prearchive_code=0)
+
+    def scanner(row):
+        server.on_archive = None
+        server.add_experiment("QPN_DEMO", "Case001", "Case001_MR1", row.tag)
+
+    server.on_archive = scanner
+    with pytest.raises(XnatError) as err:
+        upload(server, password, files)
+    msg = str(err.value)
+    assert "XNAT refused to archive Case001_MR1 into project QPN_DEMO (HTTP 400; its prearchive row went to " \
+           "CONFLICT): a session Case001_MR1 appeared there after the client looked" in msg
+    assert "prearchive setting is 0 (everything to the prearchive, for review)" in msg
+    assert "nothing of this upload was archived" in msg and "'append' sends the instances it lacks" in msg
+    assert server.prearchive == {} and server.projects["QPN_DEMO"].subjects["Case001"].experiments[
+        "Case001_MR1"].scans == {}
+    assert "overwrite" not in server.import_queries[-1]
+    res = upload(server, password, files, policy="append")
+    assert res.status == "appended" and res.files_sent == 20 and server.import_queries[-1]["overwrite"] == "append"
+    assert len(server.projects["QPN_DEMO"].subjects["Case001"].experiments["Case001_MR1"].scans["2"].files) == 20
+    assert server.prearchive == {}
