@@ -9,7 +9,9 @@ below names the XNAT class (``NrgXnat/xnat-web``) it was read from; no XNAT code
   (``RequestUtil.deriveFileName`` + ``DicomZipImporter.importCompressedFile``); files are
   staged in the prearchive (``GradualDicomImporter``: a RECEIVING row per project +
   StudyInstanceUID + session label, joined when such a row is RECEIVING/READY/ERROR/CONFLICT),
-  optionally filtered (``series_import_filter``) and anonymized (``site_anonymization``); with
+  filtered by the site-wide and the project's series import filters (``set_series_import_filter``;
+  ``series_import_filter`` is a shortcut for a site-wide blacklist) and optionally anonymized
+  (``site_anonymization``); with
   ``dest=/archive`` the row goes ARCHIVING and is archived within the request, whatever the
   project's prearchive code (``DicomZipImporter.determiningDestination``; ``PrearcSessionArchiver``,
   ``MergePrearcToArchiveSession``, ``MergeSessionsA``): labels cleaned, subject matched
@@ -26,6 +28,11 @@ below names the XNAT class (``NrgXnat/xnat-web``) it was read from; no XNAT code
   keeps the code of its creation (``autoarchive``). The session rebuilder
   (``rebuild_idle_sessions``, ``start_session_rebuilder``: ``SessionXMLRebuilder``) builds idle
   RECEIVING rows and archives them only when their code is 4/5; a Manual row stays READY.
+* Series import filters (``SeriesImportFilter``: ``DicomFilterService``,
+  ``RegExBasedSeriesImportFilter``; blacklist and whitelist modes, ``[tag]`` sections, EXISTS)
+  applied on receipt (``GradualDicomImporter``: an object must pass the site-wide and the
+  project's filter) and read as XNAT's configuration service gives them:
+  ``GET /data[/projects/<id>]/config/seriesImportFilter/config`` (``ConfigResource``).
 * Prearchive: ``/data/prearchive/projects[/<p>[/<ts>/<name>]]``, ``POST /data/services/archive``
   (``Archiver``: always merges; ``overwrite=append|delete`` replaces files the session holds),
   ``POST /data/services/prearchive/delete`` (``PrearchiveBatchDelete``: locked rows stay) and
@@ -52,7 +59,12 @@ Fault injection: ``server.inject(path_prefix, kind, times=1)`` with kind ``500``
 fails: the prearchive row is left in ERROR, as XNAT leaves it; answered 500, whereas XNAT's
 DICOM-zip importer would answer 400) or ``receiving_interrupt`` (more data for the row arrived
 while XNAT built it: ``PrearchiveRebuildHandler.rebuild`` gives way, the row stays RECEIVING, the
-import answers 200 with an empty body). ``server.on_archive(row)`` runs just before an import
+import answers 200 with an empty body) or ``drop_mid_stream`` (the connection breaks after
+``drop_fraction`` of the body arrived: the entries read so far stay in a RECEIVING row, which the
+session rebuilder later archives as a partial session in a project set to auto-archive; no
+answer) or ``storage_error`` (``GradualDicomImporter`` cannot write a file after
+``storage_error_after`` files: the import stops mid-zip, those files stay RECEIVING, 507).
+``server.on_archive(row)`` runs just before an import
 archives its row (a concurrent sender archiving the same label). ``server.proxy_timeout``
 puts a reverse proxy in front: a request still running after that many seconds gets a 504
 while the server carries on (``import_seconds`` makes archiving take that long).
@@ -71,16 +83,20 @@ import json
 import re
 import secrets
 import shutil
+import struct
 import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.multival import MultiValue
 
 VERSION = "1.8.10"
 
@@ -221,6 +237,72 @@ class PrearchiveEntry:
         return f"{self.project}/{self.timestamp}/{self.name}"
 
 
+@dataclass
+class SeriesImportFilter:
+    """A series import filter as XNAT keeps it: a configuration of tool ``seriesImportFilter``,
+    path ``config``, site-wide or per project (``DicomFilterService``; NrgXnat/dicomtools), whose
+    contents are the JSON map of ``AbstractSeriesImportFilter.toMap`` (``mode``, ``enabled``,
+    ``list``) and whose configuration status (enabled/disabled) decides whether it applies
+    (``DicomFilterService.getSeriesImportFilter``). ``includes`` is
+    ``RegExBasedSeriesImportFilter.shouldIncludeDicomObject``: one pattern per line of ``list``
+    (blank lines and lines starting with ``#`` ignored), compiled case-insensitively and tested
+    with ``find``; a ``[<tag>]`` line makes the patterns below it apply to that header
+    (``DicomUtils.parseDicomHeaderId``: ``(gggg,eeee)``, ``gggg,eeee`` or a keyword), the default
+    one being SeriesDescription; ``EXISTS`` / ``!EXISTS`` test presence. The first matching
+    pattern includes the object in a whitelist and drops it in a blacklist; no match: the
+    opposite. The ``modalityMap`` mode (JavaScript per modality) is not modelled."""
+
+    list: str
+    mode: str = "blacklist"  # blacklist | whitelist
+    enabled: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("blacklist", "whitelist"):
+            raise ValueError(f"series import filter mode {self.mode!r} is not modelled by this test server")
+        self.patterns: dict[int, list[re.Pattern]] = {}
+        field_tag = 0x0008103E
+        for line in self.list.split("\n"):
+            if not line.strip() or line.startswith("#"):
+                continue
+            line = line.strip()
+            if line.startswith("[") and line.endswith("]"):
+                field_tag = _header_id(line[1:-1])
+                self.patterns.setdefault(field_tag, [])
+                continue
+            self.patterns.setdefault(field_tag, []).append(re.compile(line, re.IGNORECASE))
+
+    def contents(self) -> str:
+        return json.dumps({"mode": self.mode, "enabled": str(self.enabled).lower(), "list": self.list})
+
+    def includes(self, ds) -> bool:
+        for tag, patterns in self.patterns.items():
+            elem = ds.get(tag) if ds is not None else None
+            value = None if elem is None else _header_string(elem.value)
+            for p in patterns:
+                if (p.pattern == "EXISTS" and value is not None) or (p.pattern == "!EXISTS" and value is None) \
+                        or (value is not None and p.search(value)):
+                    return self.mode == "whitelist"
+        return self.mode == "blacklist"
+
+
+def _header_id(name: str) -> int:
+    """DicomUtils.parseDicomHeaderId: ``(gggg,eeee)`` / ``gggg,eeee`` or an attribute keyword."""
+    m = re.fullmatch(r"(\(?)([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})(\)?)", name.strip())
+    if m and bool(m.group(1)) == bool(m.group(4)):
+        return int(m.group(2) + m.group(3), 16)
+    tag = tag_for_keyword(name.strip())
+    if tag is None:
+        raise ValueError(f"Invalid DICOM tag: {name}")
+    return tag
+
+
+def _header_string(value) -> str:
+    """A header value as text (DicomElementI.getValueAsString: values joined by a backslash)."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
 def _now() -> str:
     return dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
 
@@ -242,7 +324,10 @@ class XnatTestServer:
         self.faults: list[dict] = []
         self.slow_seconds = 3.0
         self.proxy_timeout: float | None = None  # a reverse proxy's read timeout (504 after it)
-        self.series_import_filter: str | None = None  # regex on SeriesDescription: files dropped
+        # the series import filters (DicomFilterService): "" the site-wide one, else a project's
+        self.series_filters: dict[str, SeriesImportFilter] = {}
+        self.drop_fraction = 0.5  # drop_mid_stream: the share of the body that arrives
+        self.storage_error_after = 0  # storage_error: the files stored before the write fails
         self.site_anonymization = False  # XNAT's default site-wide script (PatientID := session)
         self.requests: list[tuple[str, str]] = []  # (method, path) seen, for tests
         self.import_queries: list[dict] = []  # the query of each import request, for tests
@@ -313,6 +398,28 @@ class XnatTestServer:
             return ts
 
     # ---------------------------------------------------------------- set-up helpers (tests)
+    def set_series_import_filter(self, patterns: str, mode: str = "blacklist", project: str | None = None,
+                                 enabled: bool = True) -> SeriesImportFilter:
+        """The site-wide (``project`` None) or a project's series import filter, as an admin sets
+        it (Administer > Site Administration > Session Upload & Import, or the project's
+        settings); ``patterns`` is its ``list``, one regular expression per line."""
+        with self.lock:
+            f = self.series_filters[project or ""] = SeriesImportFilter(patterns, mode, enabled)
+            return f
+
+    @property
+    def series_import_filter(self) -> str | None:
+        """Shortcut: the site-wide blacklist's patterns (None: no site-wide filter)."""
+        f = self.series_filters.get("")
+        return f.list if f else None
+
+    @series_import_filter.setter
+    def series_import_filter(self, patterns: str | None) -> None:
+        if patterns is None:
+            self.series_filters.pop("", None)
+        else:
+            self.set_series_import_filter(patterns)
+
     def add_user(self, user: str, password: str) -> None:
         self.users[user] = password
 
@@ -521,15 +628,16 @@ class XnatTestServer:
         with self.lock:
             due = [e for e in self.prearchive.values() if e.status == "RECEIVING" and e.key not in self._receiving
                    and now - e.idle_since >= idle_seconds]
+            # the lock is held from the build to the end of archiving: the READY moment between
+            # PrearchiveRebuildHandler's resetStatus and FinishImageUpload's archiving is not seen
             for e in due:
                 e.status, e.lastmod = "READY", _now()
-        for e in due:
-            if e.auto_archive in (4, 5):
-                try:
-                    self.archive_row(e, subject=None, label=None, allow_merge=True, override=False,
-                                     overwrite_files=self.overwrite_files_for(e, False))
-                except Exception:
-                    pass  # the row is left in CONFLICT or ERROR, as LockAndSync leaves it
+                if e.auto_archive in (4, 5):
+                    try:
+                        self.archive_row(e, subject=None, label=None, allow_merge=True, override=False,
+                                         overwrite_files=self.overwrite_files_for(e, False))
+                    except Exception:
+                        pass  # the row is left in CONFLICT or ERROR, as LockAndSync leaves it
         return [e.key for e in due]
 
     def start_session_rebuilder(self, idle_seconds: float, every: float = 0.1) -> None:
@@ -588,24 +696,44 @@ def parse_upload_zip(body: bytes) -> list[tuple[str, bytes, object, str | None]]
         zf = zipfile.ZipFile(io.BytesIO(body))
     except zipfile.BadZipFile:
         raise _HttpError(400, "The uploaded file is not a valid zip archive (upload interrupted?)") from None
-    out = []
     with zf:
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
-            data = zf.read(info)
-            try:
-                # like XNAT's importer, accept data sets without the 128-byte preamble too
-                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-            except Exception:
-                out.append((info.filename, data, None, f"unable to read DICOM object {info.filename}"))
-                continue
-            why = None
-            if not str(ds.get("SOPClassUID", "") or "").strip():
-                why = f"object {info.filename} contains no SOP Class UID"
-            elif not str(ds.get("SOPInstanceUID", "") or "").strip():
-                why = f"object {info.filename} contains no SOP Instance UID"
-            out.append((info.filename, data, ds, why))
+        return [_parse_entry(info.filename, zf.read(info)) for info in zf.infolist() if not info.is_dir()]
+
+
+def _parse_entry(name: str, data: bytes) -> tuple[str, bytes, object, str | None]:
+    try:
+        # like XNAT's importer, accept data sets without the 128-byte preamble too
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:
+        return name, data, None, f"unable to read DICOM object {name}"
+    why = None
+    if not str(ds.get("SOPClassUID", "") or "").strip():
+        why = f"object {name} contains no SOP Class UID"
+    elif not str(ds.get("SOPInstanceUID", "") or "").strip():
+        why = f"object {name} contains no SOP Instance UID"
+    return name, data, ds, why
+
+
+def zip_stream_entries(data: bytes) -> list[tuple[str, bytes, object, str | None]]:
+    """The entries of a zip whose transfer broke off after ``data``, as DicomZipImporter reads
+    them: ``java.util.zip.ZipInputStream`` reads local entries in order, from the request's
+    stream (it never sees the central directory at the end); an entry whose data did not fully
+    arrive ends the import (an IOException). Stored and deflated entries with their sizes in the
+    local header (what Python's zipfile writes to a file) are read; a data descriptor or a ZIP64
+    size ends the stream here (not modelled)."""
+    out, pos = [], 0
+    while pos + 30 <= len(data) and data[pos:pos + 4] == b"PK\x03\x04":
+        _, _, flags, method, _, _, _, csize, _, nlen, xlen = struct.unpack("<4sHHHHHIIIHH", data[pos:pos + 30])
+        if flags & 0x08 or csize == 0xFFFFFFFF or method not in (0, 8):
+            break
+        name = data[pos + 30:pos + 30 + nlen].decode("utf-8" if flags & 0x800 else "cp437")
+        start = pos + 30 + nlen + xlen
+        if start + csize > len(data):
+            break
+        raw = data[start:start + csize]
+        if not name.endswith("/"):
+            out.append(_parse_entry(name, raw if method == 0 else zlib.decompress(raw, -15)))
+        pos = start + csize
     return out
 
 
@@ -687,6 +815,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = url.path.rstrip("/") or "/"
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         x.requests.append((self.command, path))
+        if self.command == "POST" and x._take_fault(path, ("drop_mid_stream",)):
+            return self._drop_mid_stream(path, query)
         body = self._body() if self.command in ("PUT", "POST") else b""
         fault = x._take_fault(path, ("drop", "slow", "500", "502", "503", "504"))
         if fault == "drop":
@@ -711,6 +841,31 @@ class _Handler(BaseHTTPRequestHandler):
                         "text/html", {})
             return
         self._write(*(self._answer or (500, b"no answer", "text/plain", {})))
+
+    def _drop_mid_stream(self, path: str, q: dict) -> None:
+        """The ``drop_mid_stream`` fault: the connection breaks after ``drop_fraction`` of the body
+        arrived. An import keeps what it read (DicomZipImporter.importZipFile reads the request
+        stream entry by entry; each entry read is staged by GradualDicomImporter in a RECEIVING
+        row; the broken stream then ends the import with an IOException that no one hears): the
+        row stays RECEIVING, and the session rebuilder later builds it and, in a project set to
+        auto-archive, archives it as a partial session (rebuild_idle_sessions)."""
+        x = self.xnat
+        size = int(self.headers.get("Content-Length") or 0)
+        part = self.rfile.read(int(size * x.drop_fraction)) if size else b""
+        try:
+            self.user = self._user()
+            project = q.get("project")
+            if path == "/data/services/import" and self.user and project and x.role(project, self.user):
+                with x.lock:
+                    x.imports += 1
+                files, _ = self._read_entries(q, zip_stream_entries(part), faults=False)
+                if files:
+                    self._stage_for_import(q, files)
+        except Exception:  # the import failed on its own: nobody hears it either
+            pass
+        finally:
+            self.close_connection = True
+            self.connection.shutdown(2)
 
     def _run_route(self, method: str, path: str, query: dict, body: bytes) -> None:
         try:
@@ -780,6 +935,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._batch_delete(q, body)
         if path.startswith("/data/prearchive"):
             return self._prearchive(method, path)
+        m = re.fullmatch(r"/data(?:/projects/([^/]+))?/config/([^/]+)/(.+)", path)
+        if m and method == "GET":
+            return self._config(m.group(1), m.group(2), m.group(3), q)
         if path.startswith("/data/archive/"):
             path = "/data/" + path[len("/data/archive/"):]
         return self._data(method, path, q, body)
@@ -914,6 +1072,38 @@ class _Handler(BaseHTTPRequestHandler):
         if not visible:
             raise _HttpError(404, "Unable to find the specified experiment.")
         return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.id, "name": p.name}))
+
+    def _config(self, pid: str | None, tool: str, cpath: str, q: dict) -> None:
+        """GET /data[/projects/<id>]/config/<tool>/<path> as ConfigResource.represent answers it
+        (xnat-web, restlet/resources): a project the user may not read is 404 "The requested
+        project <id> does not exist."; one whose data the user may not read
+        (``Permissions.canRead(user, "xnat:subjectData/project", id)``) 403; a site-wide
+        configuration needs no right. The configuration comes as a table (tool, path, project,
+        user, create_date, reason, contents, unversioned, version, status); ``contents=true`` gives
+        the contents alone, 404 when disabled. Only the series import filters are kept here
+        (tool ``seriesImportFilter``, path ``config``: DicomFilterService); anything else is
+        "Couldn't find config ..." (404)."""
+        x = self.xnat
+        with x.lock:
+            if pid is not None:
+                p = x.projects.get(pid)
+                if p is None or not p.readable_by(self.user):
+                    raise _HttpError(404, f"The requested project {pid} does not exist.")
+                if not p.data_readable_by(self.user):
+                    raise _HttpError(403, f"User {self.user} can not access project {pid}")
+            f = x.series_filters.get(pid or "") if (tool, cpath) == ("seriesImportFilter", "config") else None
+            if f is None:
+                raise _HttpError(404, f"Couldn't find config for user {self.user} and project {pid} on tool [{tool}] "
+                                      f"path [{cpath}]")
+            status = "enabled" if f.enabled else "disabled"
+            if q.get("contents", "").lower() == "true" and q.get("meta", "").lower() != "true":
+                if not f.enabled:
+                    raise _HttpError(404, f"Config not found for user {self.user} and project {pid} on tool [{tool}] "
+                                          f"path [{cpath}]")
+                return self._send(200, f.contents())
+            return self._send(200, _result_set([{
+                "tool": tool, "path": cpath, "project": pid, "user": "admin", "create_date": _now(),
+                "reason": "", "contents": f.contents(), "unversioned": "false", "version": "1", "status": status}]))
 
     def _prearchive_code(self, method: str, pid: str, value: list[str]) -> None:
         """/data/projects/<id>/prearchive_code[/<code>] as ProjectResource answers it (NrgXnat/xnat
@@ -1140,25 +1330,7 @@ class _Handler(BaseHTTPRequestHandler):
             # Neither path is modelled: this server refuses at once. Our client never gets here:
             # it asks first which projects it may create subjects in (ensure_project).
             raise _HttpError(400, f"Project {project!r} does not exist or the user may not upload to it")
-        ignore = q.get("Ignore-Unparsable", "false").lower() == "true"
-        rx = re.compile(x.series_import_filter) if x.series_import_filter else None
-        files, refused = [], None
-        for fname, data, ds, why in parse_upload_zip(body):
-            # GradualDicomImporter.shouldIncludeDicomObject (SeriesImportFilter): dropped silently
-            if ds is not None and rx and rx.search(str(ds.get("SeriesDescription", "") or "")):
-                continue
-            if why is None:
-                files.append((fname, data, ds))
-                continue
-            # DicomZipImporter.importZipFile: with Ignore-Unparsable the refusal is kept and the
-            # next entry read; without it the import stops here, the entries before it staying
-            # in their prearchive row (RECEIVING, as GradualDicomImporter left them)
-            if ignore:
-                refused = why
-                continue
-            if files:
-                self._stage_for_import(q, files)
-            raise _HttpError(400, why)
+        files, refused = self._read_entries(q, parse_upload_zip(body))
         if not files:
             # DicomZipImporter.call: no session and a kept refusal: that refusal; nothing at all
             # (empty zip, everything filtered): an empty answer
@@ -1226,6 +1398,45 @@ class _Handler(BaseHTTPRequestHandler):
             # ERROR otherwise) and throws ClientException(ARCHIVE_FAILED): Importer answers 400
             raise _HttpError(400, ARCHIVE_FAILED) from None
         return self._send(200, f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}\r\n")
+
+    def _read_entries(self, q: dict, entries, faults: bool = True) -> tuple[list, str | None]:
+        """DicomZipImporter.importZipFile: each entry in order through GradualDicomImporter.call.
+        Returns the files to stage and the last refusal kept under Ignore-Unparsable.
+
+        * the series import filters come first (``shouldIncludeDicomObject``, the site-wide one and
+          the project's: an object must pass both): a dropped object is skipped silently;
+        * a refused object (ClientException) is kept under Ignore-Unparsable and the next entry
+          read; without it the import stops, the entries before it staying in their prearchive
+          row (RECEIVING, as GradualDicomImporter left them): 400;
+        * the ``storage_error`` fault: ``GradualDicomImporter.write`` fails (an IOException becomes
+          ``ServerException(SERVER_ERROR_INSUFFICIENT_STORAGE)``, which importZipFile does not catch)
+          after ``storage_error_after`` files: the import stops, those files stay RECEIVING, and
+          the Importer answers the exception's status, 507 (not taken by an import whose
+          connection broke: ``faults`` false)."""
+        x = self.xnat
+        ignore = q.get("Ignore-Unparsable", "false").lower() == "true"
+        with x.lock:
+            filters = [f for f in (x.series_filters.get(""), x.series_filters.get(q.get("project") or ""))
+                       if f is not None and f.enabled]
+        storage_error = faults and x._take_fault("/data/services/import", ("storage_error",)) is not None
+        files, refused = [], None
+        for fname, data, ds, why in entries:
+            if ds is not None and not all(f.includes(ds) for f in filters):
+                continue
+            if why is None:
+                if storage_error and len(files) >= x.storage_error_after:
+                    if files:
+                        self._stage_for_import(q, files)
+                    raise _HttpError(507, "java.io.IOException: No space left on device")
+                files.append((fname, data, ds))
+                continue
+            if ignore:
+                refused = why
+                continue
+            if files:
+                self._stage_for_import(q, files)
+            raise _HttpError(400, why)
+        return files, refused
 
     @staticmethod
     def _import_labels(q: dict, files: list) -> tuple[str, str]:
