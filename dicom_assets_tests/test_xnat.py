@@ -794,3 +794,201 @@ def test_merge_refused_when_a_session_appears_meanwhile(samples, server, passwor
     assert res.status == "appended" and res.files_sent == 20 and server.import_queries[-1]["overwrite"] == "append"
     assert len(server.projects["QPN_DEMO"].subjects["Case001"].experiments["Case001_MR1"].scans["2"].files) == 20
     assert server.prearchive == {}
+
+
+# ------------------------------- partial sessions: a file is "filtered" only when XNAT's filter drops it
+def step_failure(result):
+    return next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").event_specific_data.error.message
+
+
+def visit_session(server):
+    return server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
+
+
+def t2w_files(demo_root):
+    """The kept files of the visit's T2w series (what the filters below drop)."""
+    dj = json.loads((demo_root / "store/QPN/QPN001_ses-01_metadata_dicoms.json").read_text())
+    return {d["SOPInstanceUID"] + ".dcm" for d in dj if (d.get("SeriesDescription") or "").lower().startswith("t2w")}
+
+
+@pytest.mark.faults
+def test_upload_cut_short_and_archived_partially_is_completed(instance, demo_root, server, xnat_res):
+    """The connection breaks halfway through the upload: XNAT keeps the files it read in a
+    RECEIVING row, which its session rebuilder archives as a partial session (the project is
+    set to auto-archive, the default 4). The files XNAT's series import filter does not explain
+    are missing, not filtered: the client sends them again, only them, with overwrite=append,
+    and the session ends complete; nothing is reported as filtered."""
+    run_chain(instance, demo_root, VISIT)
+    server.inject("/data/services/import", "drop_mid_stream")
+    server.start_session_rebuilder(idle_seconds=0.5)
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert result.success
+    md = metadata_of(result, "xnat_session")
+    total = sum(kept_series(demo_root).values())
+    assert {k: len(s.files) for k, s in visit_session(server).scans.items()} == kept_series(demo_root)
+    assert md["status"] == "uploaded" and md["filtered_by_xnat"] == 0
+    assert checks_of(result)["scans_match_series"] is True
+    marker = json.loads((demo_root / "logs/xnat/QPN001_ses-01.json").read_text())
+    assert marker["filtered_by_xnat"] == []
+    # the first import was cut short (about half arrived); the second sent only what was missing
+    assert server.imports == 2 and [q.get("overwrite") for q in server.import_queries] == ["append"]
+    assert total < md["files_sent"] < 2 * total
+    assert server.prearchive == {}
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 2
+
+
+@pytest.mark.faults
+def test_missing_files_that_cannot_be_delivered_fail_the_step(instance, demo_root, server, xnat_res):
+    """The upload is cut short and archived partially, and XNAT refuses the files sent again
+    (its importer cannot write them: 507): the step fails, saying how many files of which series
+    are missing, and nothing is recorded as filtered."""
+    run_chain(instance, demo_root, VISIT)
+    server.inject("/data/services/import", "drop_mid_stream")
+    server.inject("/data/services/import", "storage_error")
+    server.start_session_rebuilder(idle_seconds=0.5)
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
+    assert not result.success
+    assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+    on_server = {k: len(s.files) for k, s in visit_session(server).scans.items()}
+    missing = sum(kept_series(demo_root).values()) - sum(on_server.values())
+    assert missing > 0
+    message = step_failure(result)
+    assert f"XNAT session QPN001_ses-01 in project QPN_DEMO is incomplete: {missing} of this visit's" in message
+    short = sorted(k for k, n in kept_series(demo_root).items() if on_server.get(k, 0) < n)
+    assert all(f"series {k} (" in message for k in short), message
+    assert "no series import filter is set for the site or the project" in message
+    assert "507" in message and "Nothing was recorded as filtered" in message
+    assert "'append' sends only the missing files" in message
+    assert not (demo_root / "logs/xnat/QPN001_ses-01.json").exists()
+    assert [q.get("overwrite") for q in server.import_queries] == ["append"] and server.prearchive == {}
+
+
+@pytest.mark.faults
+def test_rerun_completes_a_partial_session_an_older_client_called_filtered(instance, demo_root, server, xnat_res):
+    """A partial session is in XNAT (an upload cut short, its resending refused) and the marker
+    of an earlier upload lists the missing files as "filtered by XNAT", as the older client
+    recorded them. The re-run trusts neither: by default it fails naming the missing files'
+    series; with policy 'append' it sends only the missing ones and reports none as filtered."""
+    run_chain(instance, demo_root, VISIT)
+    server.inject("/data/services/import", "drop_mid_stream")
+    server.inject("/data/services/import", "storage_error")
+    server.start_session_rebuilder(idle_seconds=0.5)
+    run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)  # fails
+    exp = visit_session(server)
+    have = {name for scan in exp.scans.values() for name in scan.files}
+    dj = json.loads((demo_root / "store/QPN/QPN001_ses-01_metadata_dicoms.json").read_text())
+    kept = {d["SOPInstanceUID"] + ".dcm" for d in dj if str(d["SeriesNumber"]) in kept_series(demo_root)}
+    absent = sorted(kept - have)
+    assert absent
+    marker = demo_root / "logs/xnat/QPN001_ses-01.json"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"project": "QPN_DEMO", "subject": "QPN001", "session_label": "QPN001_ses-01",
+                                  "status": "uploaded", "filtered_by_xnat": absent, "warnings": []}))
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
+    assert not result.success and server.imports == 2
+    message = step_failure(result)
+    assert f"{len(absent)} of this visit's {len(kept)} files missing: series " in message
+    assert "'append' (sends only the missing files)" in message
+    set_config(demo_root, xnat_duplicate_policy="append")
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    md = metadata_of(result, "xnat_session")
+    assert md["status"] == "appended" and md["files_sent"] == len(absent) and md["filtered_by_xnat"] == 0
+    assert server.import_queries[-1]["overwrite"] == "append" and server.imports == 3
+    assert {k: len(s.files) for k, s in exp.scans.items()} == kept_series(demo_root)
+    assert checks_of(result)["scans_match_series"] is True
+    assert json.loads(marker.read_text())["filtered_by_xnat"] == []
+
+
+@pytest.mark.faults
+def test_only_files_xnats_filter_drops_are_filtered_in_a_partial_session(instance, demo_root, server, xnat_res):
+    """The project's series import filter (read from XNAT's configuration, with the site-wide one)
+    drops the T2w series, and the upload is cut short and archived partially: the T2w files are
+    reported as filtered, every other missing file is sent again. A disabled filter does not
+    apply."""
+    run_chain(instance, demo_root, VISIT)
+    server.add_project("QPN_DEMO", owner=USER)
+    server.set_series_import_filter("# keep every series but T2w\n[SeriesDescription]\n^(?!t2w)", mode="whitelist",
+                                    project="QPN_DEMO")
+    server.set_series_import_filter(".", enabled=False)  # a site-wide blacklist of everything, disabled
+    server.inject("/data/services/import", "drop_mid_stream")
+    server.start_session_rebuilder(idle_seconds=0.5)
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    md = metadata_of(result, "xnat_session")
+    t2 = t2w_files(demo_root)
+    assert t2 and md["filtered_by_xnat"] == len(t2)
+    exp = visit_session(server)
+    assert not any(s.series_description.lower().startswith("t2w") for s in exp.scans.values())
+    assert {k: len(s.files) for k, s in exp.scans.items()} == {
+        k: n for k, n in kept_series(demo_root).items() if any(s.id == k for s in exp.scans.values())}
+    assert sum(len(s.files) for s in exp.scans.values()) == sum(kept_series(demo_root).values()) - len(t2)
+    assert sorted(json.loads((demo_root / "logs/xnat/QPN001_ses-01.json").read_text())["filtered_by_xnat"]) == sorted(t2)
+    assert checks_of(result)["scans_match_series"] is True and server.imports == 2
+    again = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 2
+
+
+@pytest.mark.faults
+def test_import_stopped_mid_zip_leaves_no_partial_session(samples, server, password, tmp_path):
+    """XNAT stops an import mid-zip (GradualDicomImporter cannot write a file: 507) after staging
+    5 files in a RECEIVING row. The client removes that row, so XNAT's session rebuilder cannot
+    archive a partial session from it; a re-run sends everything."""
+    from dicom_assets.core.xnat_upload import XnatError
+
+    files = visit_folder(samples, tmp_path)
+    server.add_project("QPN_DEMO", owner=USER)
+    server.storage_error_after = 5
+    server.inject("/data/services/import", "storage_error")
+    with pytest.raises(XnatError, match="507"):
+        upload(server, password, files)
+    assert server.prearchive == {}
+    server.rebuild_idle_sessions(idle_seconds=0)
+    assert server.projects["QPN_DEMO"].subjects == {}
+    res = upload(server, password, files)
+    assert res.status == "uploaded" and res.files_sent == 20 and res.filtered == []
+
+
+@pytest.mark.faults
+def test_series_import_filters_as_xnat_keeps_and_applies_them(samples, server, password, tmp_path):
+    """DicomFilterService / ConfigResource / RegExBasedSeriesImportFilter: the site-wide and the
+    project's filter are configurations any reader of the project may read (404 when none); an
+    object must pass both; patterns are case-insensitive and searched; [tag] sections and
+    EXISTS apply to other headers; a disabled filter does not apply. The client reads them and
+    explains a drop only when a filter it read drops the file."""
+    from dicom_assets.core.xnat_upload import series_import_filters
+
+    files = visit_folder(samples, tmp_path)
+    z = series_zips(samples, tmp_path)["all"]
+    desc = pydicom.dcmread(files[0].path, stop_before_pixels=True).SeriesDescription
+    server.add_user("pi", "pi-pw")
+    server.add_project("P1", owner=USER)
+    server.add_project("THEIRS", owner="pi")
+    with xnatpy_session(server, USER, password) as s:
+        assert s.get("/data/config/seriesImportFilter/config", accepted_status=[404]).status_code == 404
+        assert series_import_filters(s, "P1").describe() == "no series import filter is set for the site or the project"
+        r = s.get("/data/projects/THEIRS/config/seriesImportFilter/config", accepted_status=[403])
+        assert r.text == f"User {USER} can not access project THEIRS"
+        cases = [  # (site filter, project filter, files kept)
+            ((desc.upper(), "blacklist", True), None, 0),
+            ((desc.upper(), "blacklist", False), None, 20),
+            (None, ("[0008,0060]\nEXISTS", "whitelist", True), 20),  # Modality is present
+            (None, ("[(0018,9999)]\nEXISTS", "whitelist", True), 0),
+            (("nothing-matches", "blacklist", True), ("^" + desc[:3].lower(), "whitelist", True), 20),
+            (("nothing-matches", "blacklist", True), ("^zzz", "whitelist", True), 0),
+        ]
+        for i, (site, proj, kept) in enumerate(cases):
+            server.series_filters.clear()
+            if site:
+                server.set_series_import_filter(site[0], mode=site[1], enabled=site[2])
+            if proj:
+                server.set_series_import_filter(proj[0], mode=proj[1], enabled=proj[2], project="P1")
+            r = raw_import(server, password, z, project="P1", session=f"E{i}")
+            assert r.status_code == 200
+            exp = server.projects["P1"].subjects["S1"].experiments.get(f"E{i}") if kept else None
+            assert (sum(len(sc.files) for sc in exp.scans.values()) if exp else 0) == kept, (i, r.text)
+            assert series_import_filters(s, "P1").drops(files[0]) == (kept == 0), i
+        rows = s.get_json("/data/projects/P1/config/seriesImportFilter/config")["ResultSet"]["Result"]
+        assert rows[0]["status"] == "enabled" and json.loads(rows[0]["contents"])["mode"] == "whitelist"
+        server.set_series_import_filter("x", mode="whitelist", enabled=False)
+        assert s.get("/data/config/seriesImportFilter/config", query={"contents": "true"},
+                     accepted_status=[404]).status_code == 404

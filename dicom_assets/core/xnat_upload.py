@@ -31,12 +31,23 @@ copes (docs/decisions.md, "Uploads to a real XNAT"):
   ``<SOPInstanceUID>.dcm`` names of its scans' ``DICOM`` resource only (XNAT keeps the uploaded
   names; pipelines add other resources); ``append`` sends only the instances it lacks (XNAT
   refuses a file the session already holds);
-* instances XNAT drops on receipt (its series import filter) are reported, remembered, and
-  are no reason to call the session different;
+* a file the session lacks is "filtered by XNAT" only when XNAT's series import filter drops
+  it: the client reads the site-wide and the project's filter from XNAT's configuration
+  (``DicomFilterService``, ``ConfigResource``) and applies them to the file's header as
+  ``RegExBasedSeriesImportFilter`` does (``series_import_filters``). Such files are reported and
+  are no reason to call the session different; a name an earlier upload recorded as filtered is
+  checked again, never trusted;
+* XNAT does not archive an upload whole or not at all: what it read before a connection broke,
+  or before it stopped an import mid-zip, stays in a RECEIVING row that its session rebuilder
+  archives as a partial session in a project set to auto-archive (``SessionXMLRebuilder``,
+  ``PrearchiveRebuildHandler``). Every missing file the filter does not explain is sent again
+  (only those, ``overwrite=append``) and the session checked again; if they still do not
+  arrive the step fails, naming how many files of which series are missing;
 * after a timeout, a dropped connection or a 5xx (a proxy's 504 while XNAT carries on
   archiving), the client polls the prearchive and the session before anything is sent again;
   only prearchive rows of this upload are cleaned up (same StudyInstanceUID and label, appeared
-  or changed during the upload, in ERROR/READY/CONFLICT);
+  or changed during the upload, in ERROR/READY/CONFLICT, and RECEIVING after XNAT refused the
+  import);
 * project resources (e.g. the TCIA manifests) are attached after the session; a refusal
   there (they need the project owner role) is a warning, not a failed upload;
 * credentials come from the caller (environment variables); they never enter a message.
@@ -413,9 +424,13 @@ def post_import(session, zpath: Path, *, project: str, subject: str, label: str,
 
 def refused_import(session, project: str, label: str, tag: str, before: dict[str, dict], exc: Exception,
                    asked_merge: bool, log) -> XnatError | None:
-    """XNAT answered the import with a refusal (4xx): the error to raise when its prearchive row
-    says the merge was refused (CONFLICT), else None (the answer speaks for itself). The rows
-    this upload left are removed either way, so a re-run starts clean.
+    """XNAT answered the import with a refusal (a 4xx, or a 5xx that is not worth waiting for,
+    such as 507): the error to raise when its prearchive row says the merge was refused
+    (CONFLICT), else None (the answer speaks for itself). The rows this upload left are removed
+    either way, so a re-run starts clean; that includes a row left RECEIVING by an import XNAT
+    stopped mid-zip (DicomZipImporter.importZipFile: a refused entry without Ignore-Unparsable, or
+    GradualDicomImporter's ServerException when it cannot write a file), which SessionXMLRebuilder
+    would otherwise archive as a partial session in a project set to auto-archive.
 
     What XNAT does (NrgXnat/xnat-web): DicomZipImporter.xmlBuild archives the row with
     allowSessionMerge from ``overwrite`` or, without it, only when the row's prearchive code is
@@ -428,7 +443,9 @@ def refused_import(session, project: str, label: str, tag: str, before: dict[str
         rows = own_rows(session, project, label, tag, before)
     except Exception:
         rows = {}
-    _clean_after_failure(session, project, label, tag, before, log)
+    # a row left RECEIVING holds what XNAT read before it stopped: the request is over, nothing
+    # more arrives in it, and XNAT's session rebuilder would archive it as a partial session
+    _clean_after_failure(session, project, label, tag, before, log, statuses=LEFTOVER + ("RECEIVING",))
     if not any(r.get("status") == "CONFLICT" for r in rows.values()):
         return None
     answer = f"HTTP {_status(exc) or '4xx'}"
@@ -472,7 +489,7 @@ def unarchived_answer(session, project: str, label: str, tag: str, before: dict[
     wait_for_prearchive(session, project, label, tag, before, wait_seconds, poll, log)
     arrived = find_session(session, project, label)
     present = set().union(*dicom_names(session, arrived["id"]).values()) if arrived else set()
-    if {f.arcname for f in sent} <= present:
+    if {f.arcname for f in sent} & present:  # what did not arrive is the caller's to find
         log(f"XNAT archived {label} by itself after its answer (its session rebuilder)")
         return
     rows = own_rows(session, project, label, tag, before)
@@ -499,6 +516,154 @@ def unarchived_answer(session, project: str, label: str, tag: str, before: dict[
                     f"complete in project {project} nor in its prearchive")
 
 
+# ------------------------------------------------------------- XNAT's series import filter
+@dataclass
+class SeriesFilter:
+    """One series import filter XNAT applies to this project's uploads, as read from its
+    configuration (see :func:`series_import_filters`)."""
+
+    scope: str  # "site-wide" | "project <id>"
+    mode: str  # blacklist | whitelist
+    patterns: dict[int, list[re.Pattern]]  # header tag -> patterns
+    text: str  # the filter's list, for messages
+
+    def keeps(self, ds) -> bool:
+        """RegExBasedSeriesImportFilter.shouldIncludeDicomObject: the first pattern that matches
+        includes the object in a whitelist and drops it in a blacklist; no match, the opposite."""
+        for tag, patterns in self.patterns.items():
+            elem = ds.get(tag)
+            value = None if elem is None else _header_text(elem.value)
+            for p in patterns:
+                if (p.pattern == "EXISTS" and value is not None) or (p.pattern == "!EXISTS" and value is None) \
+                        or (value is not None and p.search(value)):
+                    return self.mode == "whitelist"
+        return self.mode == "blacklist"
+
+    def describe(self) -> str:
+        shown = "; ".join(line.strip() for line in self.text.split("\n") if line.strip())
+        return f"the {self.scope} filter ({self.mode}: {shown[:120] or 'no patterns'})"
+
+
+@dataclass
+class SeriesFilters:
+    """What the client knows of the series import filters XNAT applies to a project."""
+
+    filters: list[SeriesFilter] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # filters the client could not read or evaluate
+
+    def drops(self, f: UploadFile) -> bool:
+        """True only when a filter the client read drops this file; a file whose header cannot
+        be read is not explained."""
+        if not self.filters:
+            return False
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(f.path, stop_before_pixels=True, force=True)
+        except Exception:
+            return False
+        return not all(flt.keeps(ds) for flt in self.filters)
+
+    def describe(self) -> str:
+        parts = [flt.describe() for flt in self.filters] + self.unknown
+        return "; ".join(parts) if parts else "no series import filter is set for the site or the project"
+
+
+def _header_text(value) -> str:
+    """A header value as dicomtools reads it for a filter (several values joined by ``\\``)."""
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _filter_tag(name: str) -> int | None:
+    """DicomUtils.parseDicomHeaderId: ``(gggg,eeee)``, ``gggg,eeee`` or an attribute keyword."""
+    from pydicom.datadict import tag_for_keyword
+
+    m = re.fullmatch(r"(\(?)([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})(\)?)", name.strip())
+    if m and bool(m.group(1)) == bool(m.group(4)):
+        return int(m.group(2) + m.group(3), 16)
+    return tag_for_keyword(name.strip())
+
+
+def parse_series_filter(scope: str, contents: str) -> SeriesFilter:
+    """A filter from its stored contents (``AbstractSeriesImportFilter.toMap`` as JSON: ``mode``,
+    ``list``). Raises ValueError for what the client cannot evaluate (the ``modalityMap`` mode,
+    whose per-modality JavaScript only XNAT runs; a pattern or header it cannot read)."""
+    data = json.loads(contents or "{}")
+    if not isinstance(data, dict):
+        raise ValueError(f"the {scope} filter's configuration is not the map the client expects")
+    mode = str(data.get("mode") or "blacklist")  # DicomFilterService: blank contents = empty blacklist
+    if mode not in ("blacklist", "whitelist"):
+        raise ValueError(f"the {scope} filter is in mode {mode!r}, which only XNAT can evaluate")
+    text = str(data.get("list") or "")
+    patterns: dict[int, list[re.Pattern]] = {}
+    tag = 0x0008103E  # RegExBasedSeriesImportFilter's DEFAULT_FIELD: SeriesDescription
+    for line in text.split("\n"):
+        if not line.strip() or line.startswith("#"):
+            continue
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            tag = _filter_tag(line[1:-1])
+            if tag is None:
+                raise ValueError(f"the {scope} filter names a header the client does not know ({line})")
+            patterns.setdefault(tag, [])
+            continue
+        try:  # Java's Pattern.CASE_INSENSITIVE, tested with find(); Python's syntax is close enough
+            patterns.setdefault(tag, []).append(re.compile(line, re.IGNORECASE))
+        except re.error:
+            raise ValueError(f"the {scope} filter holds a pattern the client cannot read ({line!r})") from None
+    return SeriesFilter(scope, mode, patterns, text)
+
+
+def series_import_filters(session, project: str) -> SeriesFilters:
+    """The series import filters XNAT applies to uploads into ``project``: the site-wide one and
+    the project's (GradualDicomImporter drops an object unless both include it), each read from
+    XNAT's configuration service (DicomFilterService: tool ``seriesImportFilter``, path ``config``;
+    ConfigResource answers ``/data/config/...`` to any user and ``/data/projects/<id>/config/...``
+    to those who read the project's data; 404 when there is none). A configuration that is not
+    ``enabled`` does not apply. A filter the client cannot read or evaluate is listed in
+    ``unknown``: it explains nothing."""
+    out = SeriesFilters()
+    for scope, uri in (("site-wide", "/data/config/seriesImportFilter/config"),
+                       (f"project {project}", f"/data/projects/{project}/config/seriesImportFilter/config")):
+        try:
+            resp = session.get(uri, query={"format": "json"}, accepted_status=[200, 404])
+            if resp.status_code == 404:
+                continue
+            rows = resp.json()["ResultSet"]["Result"]
+        except Exception as exc:
+            out.unknown.append(f"the {scope} filter, which the client could not read "
+                               f"({_status(exc) or type(exc).__name__})")
+            continue
+        row = rows[0] if rows else {}
+        if str(row.get("status") or "").lower() != "enabled":
+            continue
+        try:
+            out.filters.append(parse_series_filter(scope, str(row.get("contents") or "")))
+        except ValueError as exc:
+            out.unknown.append(str(exc))
+    return out
+
+
+def _series_summary(names: set[str], files: list[UploadFile]) -> str:
+    """``series 3 (T2w): 10 of 20 files, ...`` for the named files."""
+    total: dict[str, int] = {}
+    count: dict[str, int] = {}
+    desc: dict[str, str] = {}
+    for f in files:
+        key = _scan_key(f)
+        total[key] = total.get(key, 0) + 1
+        desc.setdefault(key, f.series_description or "")
+        if f.arcname in names:
+            count[key] = count.get(key, 0) + 1
+    order = sorted(count, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    return ", ".join(f"series {k or '?'}" + (f" ({desc[k]})" if desc[k] else "") + f": {count[k]} of {total[k]} files"
+                     for k in order)
+
+
 def attach_files(owner, label: str, paths: list[Path]) -> None:
     """Upload files into a resource folder of a project or an experiment (created when missing)."""
     resource = owner.resources.get(label) if label in owner.resources else owner.create_resource(label)
@@ -514,8 +679,11 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
     """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages.
 
     ``project_files`` (resource label -> files) are attached to the project after the session
-    (a refusal is a warning). ``known_filtered``: file names XNAT dropped on an earlier upload of
-    this visit (its series import filter), not counted as missing."""
+    (a refusal is a warning). A file the session lacks is "filtered by XNAT" only when XNAT's
+    series import filter, as the client reads it from XNAT, drops it; any other missing file is
+    missing: sent again, and the step fails if it still does not arrive. ``known_filtered``: the
+    names an earlier upload recorded as filtered; they are checked against the filter again,
+    never taken on trust (an older client recorded files of a partial session there)."""
     if policy not in POLICIES:
         raise ValueError(f"duplicate policy must be one of {POLICIES}")
     if not files:
@@ -544,6 +712,65 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
     tags = {f.study_instance_uid for f in files}
     tag = tags.pop() if len(tags) == 1 else ""
     want = expected_names(files)
+    by_name = {f.arcname: f for f in files}
+    filters: list[SeriesFilters] = []  # read from XNAT once, when a file is found missing
+
+    def explain(absent: set[str]) -> tuple[set[str], set[str]]:
+        """(filtered, missing): the absent files XNAT's series import filter drops, and the rest."""
+        if not absent:
+            return set(), set()
+        if not filters:
+            filters.append(series_import_filters(session, project))
+        dropped = {n for n in absent if filters[0].drops(by_name[n])}
+        return dropped, absent - dropped
+
+    def send(batch: list[UploadFile], overwrite: str | None) -> None:
+        """One import of ``batch``; returns once XNAT archived at least part of it (what did not
+        arrive is the caller's to find)."""
+        before = prearchive_rows(session, project, xlabel, tag)
+        zpath = temp_zip_path(workdir)
+        answer = None
+        names = {f.arcname for f in batch}
+        try:
+            size = write_zip(batch, zpath)
+            try:
+                answer = post_import(session, zpath, project=project, subject=xsubject, label=xlabel,
+                                     overwrite=overwrite, timeout=getattr(session, "request_timeout", None))
+            except Exception as exc:
+                if not _in_doubt(exc):
+                    refused = refused_import(session, project, xlabel, tag, before, exc, overwrite is not None, log)
+                    if refused is not None:
+                        raise refused from None
+                    raise
+                # XNAT may carry on (a proxy's 504, a client timeout), or keep what it read before the
+                # connection broke (a RECEIVING row its session rebuilder may archive as a partial
+                # session): look before sending again
+                log(f"no answer from XNAT for {xlabel} ({_status(exc) or type(exc).__name__}); looking for the "
+                    "session before anything is sent again")
+                wait_for_prearchive(session, project, xlabel, tag, before, wait_seconds, poll_seconds, log)
+                arrived = find_session(session, project, xlabel)
+                present = set().union(*dicom_names(session, arrived["id"]).values()) if arrived else set()
+                if not present & names:
+                    _clean_after_failure(session, project, xlabel, tag, before, log)
+                    raise
+                log(f"XNAT archived {len(present & names)} of the {len(batch)} files sent for {xlabel} although "
+                    "the answer was lost; the session is checked for files that did not arrive")
+        finally:
+            zpath.unlink(missing_ok=True)
+        if answer is not None and "/archive/" not in answer:
+            unarchived_answer(session, project, xlabel, tag, before, batch, answer, wait_seconds, poll_seconds, log)
+        result.files_sent += len(batch)
+        result.bytes_sent += size
+
+    def incomplete(missing: set[str], why: str) -> XnatError:
+        return XnatError(
+            f"XNAT session {xlabel} in project {project} is incomplete: {len(missing)} of this visit's {len(files)} "
+            f"files are missing ({_series_summary(missing, files)}), and XNAT's series import filter does not "
+            f"explain them ({filters[0].describe() if filters else 'not read'}). An upload was cut short (a "
+            "connection that broke, or an import XNAT stopped) and XNAT archived the files it had received; the "
+            f"client sent the missing ones again (overwrite=append): {why}. Nothing was recorded as filtered. A "
+            "re-run with xnat_duplicate_policy 'append' sends only the missing files")
+
     try:
         if ensure_project(session, project):
             log(f"created XNAT project {project}")
@@ -565,9 +792,13 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
             result.subject = existing["subject"]
             have = dicom_names(session, existing["id"])
             absent = _missing(want, have)
-            missing = absent - known_filtered
+            filtered, missing = explain(absent)
             foreign = _foreign(want, have)
-            result.filtered = sorted(absent & known_filtered)
+            result.filtered = sorted(filtered)
+            untrue = missing & known_filtered
+            if untrue:
+                log(f"{len(untrue)} files an earlier upload of {xlabel} recorded as filtered by XNAT are not dropped "
+                    f"by its series import filter ({filters[0].describe()}): they are missing, not filtered")
 
             def unchanged(status: str, why: str) -> UploadResult:
                 result.status, result.session_uri = status, existing["uri"]
@@ -583,58 +814,51 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
                 raise XnatError(
                     f"session {xlabel} already exists in XNAT project {project} with different content "
                     f"({sum(map(len, have.values()))} DICOM files in {sum(1 for v in have.values() if v)} scans, "
-                    f"{len(missing)} of this visit's {len(files)} files missing, {len(foreign)} files this visit "
-                    "does not have); set xnat_duplicate_policy to 'append' or 'skip', or remove it in XNAT")
+                    f"{len(missing)} of this visit's {len(files)} files missing"
+                    + (f": {_series_summary(missing, files)}" if missing else "")
+                    + f", {len(foreign)} files this visit does not have); set xnat_duplicate_policy to 'append' "
+                    "(sends only the missing files) or 'skip', or remove it in XNAT")
             if not missing:
                 return unchanged("skipped_existing", f"holds {len(foreign)} files this visit does not have and "
                                                      "none is missing; policy 'append'")
             to_send = [f for f in files if f.arcname in missing]
             overwrite = "append"
             result.status = "appended"
-            log(f"{xlabel}: appending the {len(to_send)} instances the session lacks")
-        before = prearchive_rows(session, project, xlabel, tag)
-        zpath = temp_zip_path(workdir)
-        answer = None
-        try:
-            result.bytes_sent = write_zip(to_send, zpath)
-            try:
-                answer = post_import(session, zpath, project=project, subject=xsubject, label=xlabel,
-                                     overwrite=overwrite, timeout=getattr(session, "request_timeout", None))
-            except Exception as exc:
-                if not _in_doubt(exc):
-                    refused = refused_import(session, project, xlabel, tag, before, exc, overwrite is not None, log)
-                    if refused is not None:
-                        raise refused from None
-                    raise
-                # XNAT may carry on (a proxy's 504, a client timeout): look before sending again
-                log(f"no answer from XNAT for {xlabel} ({_status(exc) or type(exc).__name__}); looking for the "
-                    "session before anything is sent again")
-                wait_for_prearchive(session, project, xlabel, tag, before, wait_seconds, poll_seconds, log)
-                arrived = find_session(session, project, xlabel)
-                present = set().union(*dicom_names(session, arrived["id"]).values()) if arrived else set()
-                if not present & {f.arcname for f in to_send}:  # XNAT archives an upload whole, or not
-                    _clean_after_failure(session, project, xlabel, tag, before, log)
-                    raise
-                log(f"XNAT archived {xlabel} although the answer was lost")
-        finally:
-            zpath.unlink(missing_ok=True)
-        if answer is not None and "/archive/" not in answer:
-            unarchived_answer(session, project, xlabel, tag, before, to_send, answer, wait_seconds, poll_seconds, log)
-        result.files_sent = len(to_send)
+            log(f"{xlabel}: appending the {len(to_send)} instances the session lacks ({_series_summary(missing, files)})")
+        send(to_send, overwrite)
         exp = find_session(session, project, xlabel)
         if exp is None:
             raise XnatError(f"XNAT accepted the upload but session {xlabel} is not in project {project}")
+        have = dicom_names(session, exp["id"])
+        filtered, missing = explain(_missing(want, have))
+        if missing:
+            # not explained by XNAT's filter: files that never arrived (XNAT archived a partial
+            # session); they are sent again, only them, asking XNAT to merge
+            log(f"XNAT's session {xlabel} lacks {len(missing)} of the files sent ({_series_summary(missing, files)}), "
+                f"which its series import filter does not explain ({filters[0].describe()}): sending them again "
+                "(overwrite=append)")
+            try:
+                send([f for f in files if f.arcname in missing], "append")
+            except XnatError as exc:
+                raise incomplete(missing, f"XNAT did not take them ({exc})") from None
+            except Exception as exc:
+                raise incomplete(missing, f"XNAT did not take them ({classify_error(exc, server)})") from None
+            exp = find_session(session, project, xlabel) or exp
+            have = dicom_names(session, exp["id"])
+            filtered, missing = explain(_missing(want, have))
+            if missing:
+                raise incomplete(missing, "XNAT answered, but they are still not in the session")
+            log(f"{xlabel} is complete in XNAT after sending the missing files again")
         result.session_uri, result.subject = exp["uri"], exp["subject"]
         if result.subject != xsubject:
             log(f"XNAT filed {xlabel} under its existing subject {result.subject} (subjects match case-insensitively)")
             result.labels["subject"]["xnat"] = result.subject
         if metadata_files:
             attach_files(session.create_object(f"/data/experiments/{exp['id']}"), "METADATA", metadata_files)
-        have = dicom_names(session, exp["id"])
-        result.filtered = sorted(_missing(want, have))
+        result.filtered = sorted(filtered)
         if result.filtered:
-            log(f"XNAT did not keep {len(result.filtered)} of the files sent for {xlabel} (its series import "
-                "filter); they are reported, not sent again")
+            log(f"XNAT's series import filter dropped {len(result.filtered)} of the files sent for {xlabel} "
+                f"({_series_summary(filtered, files)}; {filters[0].describe()}); they are reported, not sent again")
         result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
     except XnatError:
         raise
@@ -644,9 +868,9 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
     return result
 
 
-def _clean_after_failure(session, project, label, tag, before, log) -> None:
+def _clean_after_failure(session, project, label, tag, before, log, statuses: tuple[str, ...] = LEFTOVER) -> None:
     try:
-        removed = remove_prearchive_leftovers(session, project, label, tag, before)
+        removed = remove_prearchive_leftovers(session, project, label, tag, before, statuses=statuses)
     except Exception as exc:  # the upload's own error is the one to report
         log(f"could not clean the prearchive after the failed upload of {label}: {type(exc).__name__}")
         return
