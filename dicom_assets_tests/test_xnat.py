@@ -875,6 +875,8 @@ def test_rerun_completes_a_partial_session_an_older_client_called_filtered(insta
     server.inject("/data/services/import", "storage_error")
     server.start_session_rebuilder(idle_seconds=0.5)
     run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)  # fails
+    # the older client kept no record of what it was sending (with one, the re-run completes its own upload)
+    (demo_root / "logs/xnat/QPN001_ses-01.pending.json").unlink()
     exp = visit_session(server)
     have = {name for scan in exp.scans.values() for name in scan.files}
     dj = json.loads((demo_root / "store/QPN/QPN001_ses-01_metadata_dicoms.json").read_text())
@@ -992,3 +994,93 @@ def test_series_import_filters_as_xnat_keeps_and_applies_them(samples, server, p
         server.set_series_import_filter("x", mode="whitelist", enabled=False)
         assert s.get("/data/config/seriesImportFilter/config", query={"contents": "true"},
                      accepted_status=[404]).status_code == 404
+
+
+# ------------------------------------------------- a retry completes its own unfinished upload
+def wait_for_session(server, label="Case001_MR1", seconds=10.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        subj = server.projects["QPN_DEMO"].subjects.get("Case001")
+        if subj is not None and label in subj.experiments and not server.prearchive:
+            return subj.experiments[label]
+        time.sleep(0.05)
+    raise AssertionError("XNAT's session rebuilder did not archive the partial row")
+
+
+@pytest.mark.faults
+def test_retry_completes_its_own_partial_session_under_the_default_policy(samples, server, password, tmp_path):
+    """The connection breaks mid-upload and the client's wait for XNAT's RECEIVING row runs out
+    (a transient failure: Dagster retries); XNAT's session rebuilder then archives the row as a
+    partial session. The retry, under the default policy 'fail', finds that every file of the
+    session is one this client recorded as being sent for the visit: its own unfinished upload.
+    It sends only the missing files (overwrite=append), records none as filtered, and removes the
+    record once the session is complete."""
+    from dicom_assets.core.xnat_upload import XnatTransientError
+
+    files = visit_folder(samples, tmp_path)
+    pending = tmp_path / "logs/xnat/visit.pending.json"
+    server.add_project("QPN_DEMO", owner=USER)
+    server.inject("/data/services/import", "drop_mid_stream")
+    with pytest.raises(XnatTransientError, match="still receiving"):
+        upload(server, password, files, pending_path=pending, wait_seconds=0.2, poll_seconds=0.05)
+    record = json.loads(pending.read_text())
+    assert record["project"] == "QPN_DEMO" and record["session_label"] == "Case001_MR1"
+    assert set(record["files"]) == {f.arcname for f in files} and password not in pending.read_text()
+    server.start_session_rebuilder(idle_seconds=0.3)
+    exp = wait_for_session(server)
+    partial = {n for scan in exp.scans.values() for n in scan.files}
+    assert 0 < len(partial) < len(files)
+    res = upload(server, password, files, pending_path=pending, wait_seconds=5, poll_seconds=0.05)
+    assert res.status == "appended" and res.files_sent == len(files) - len(partial) and res.filtered == []
+    assert {n for scan in exp.scans.values() for n in scan.files} == {f.arcname for f in files}
+    assert [q.get("overwrite") for q in server.import_queries][-1] == "append"
+    assert not pending.exists() and server.prearchive == {}
+
+
+@pytest.mark.faults
+def test_partial_session_with_a_file_not_being_sent_follows_the_policy(samples, server, password, tmp_path):
+    """A partial session holding a file this client did not record as being sent for the visit
+    is someone else's data: policy 'fail' fails as before, and the record stays."""
+    from dicom_assets.core.xnat_upload import XnatError, write_pending
+
+    files = visit_folder(samples, tmp_path)
+    server.add_project("QPN_DEMO", owner=USER)
+    upload(server, password, files[:8])  # someone else's session: 8 files, two of them not of this visit
+    pending = tmp_path / "logs/xnat/visit.pending.json"
+    write_pending(pending, project="QPN_DEMO", subject="Case001", label="Case001_MR1", tag=files[0].study_instance_uid,
+                  files=files[2:])
+    with pytest.raises(XnatError, match="already exists in XNAT project QPN_DEMO with different content .*12 of this "
+                                        "visit's 18 files missing.*2 files this visit does not have"):
+        upload(server, password, files[2:], pending_path=pending)
+    assert pending.exists() and server.imports == 1
+
+
+@pytest.mark.faults
+def test_asset_rerun_completes_its_own_partial_session_and_removes_the_record(instance, demo_root, server, xnat_res):
+    """Through the asset: an upload cut short whose resending XNAT refuses fails the step and
+    leaves the partial session and the record of what was being sent (beside the marker). The
+    re-run, under the default policy 'fail', completes its own session with only the missing
+    files, records none as filtered, and removes the record once the session is verified."""
+    run_chain(instance, demo_root, VISIT)
+    server.inject("/data/services/import", "drop_mid_stream")
+    server.inject("/data/services/import", "storage_error")
+    server.start_session_rebuilder(idle_seconds=0.5)
+    first = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
+    assert not first.success
+    pending = demo_root / "logs/xnat/QPN001_ses-01.pending.json"
+    record = json.loads(pending.read_text())
+    dj = json.loads((demo_root / "store/QPN/QPN001_ses-01_metadata_dicoms.json").read_text())
+    kept = {d["SOPInstanceUID"] + ".dcm" for d in dj if str(d["SeriesNumber"]) in kept_series(demo_root)}
+    assert set(record["files"]) == kept and record["session_label"] == "QPN001_ses-01"
+    exp = visit_session(server)
+    absent = kept - {name for scan in exp.scans.values() for name in scan.files}
+    assert absent
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
+    md = metadata_of(result, "xnat_session")
+    assert md["status"] == "appended" and md["files_sent"] == len(absent) and md["filtered_by_xnat"] == 0
+    assert {k: len(s.files) for k, s in exp.scans.items()} == kept_series(demo_root)
+    assert checks_of(result)["scans_match_series"] is True
+    assert not pending.exists() and server.prearchive == {}
+    assert json.loads((demo_root / "logs/xnat/QPN001_ses-01.json").read_text())["filtered_by_xnat"] == []

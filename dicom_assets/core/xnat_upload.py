@@ -43,6 +43,10 @@ copes (docs/decisions.md, "Uploads to a real XNAT"):
   ``PrearchiveRebuildHandler``). Every missing file the filter does not explain is sent again
   (only those, ``overwrite=append``) and the session checked again; if they still do not
   arrive the step fails, naming how many files of which series are missing;
+* before sending, the client records the visit's files (``write_pending``; no secrets) and
+  removes the record once the session is verified complete: a retry that finds a session
+  holding only recorded files completes its own unfinished upload whatever the duplicate
+  policy; a session holding any other file follows the policy;
 * after a timeout, a dropped connection or a 5xx (a proxy's 504 while XNAT carries on
   archiving), the client polls the prearchive and the session before anything is sent again;
   only prearchive rows of this upload are cleaned up (same StudyInstanceUID and label, appeared
@@ -66,6 +70,7 @@ from pathlib import Path
 
 from .config import XNAT_DUPLICATE_POLICIES
 from .errors import DicomAssetsError
+from .fsutil import atomic_write
 
 POLICIES = XNAT_DUPLICATE_POLICIES
 
@@ -186,6 +191,31 @@ def temp_zip_path(folder: Path | None = None) -> Path:
 
 def load_dicoms_json(path: Path) -> list[dict]:
     return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------- pending-upload record
+def write_pending(path: Path, *, project: str, subject: str, label: str, tag: str, files: list[UploadFile]) -> None:
+    """Record, before anything is sent, what this client is about to send for a visit (no
+    server, user or password: only XNAT's project, subject, session label and the files)."""
+    record = {"project": project, "subject": subject, "session_label": label, "study_instance_uid": tag,
+              "files": {f.arcname: f.sop_instance_uid for f in files}}
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(record, indent=2) + "\n")
+
+
+def read_pending(path: Path | None, *, project: str, label: str, log) -> set[str]:
+    """The file names an unfinished upload of this visit's session recorded as being sent
+    (empty when there is no record, or it is for another project or label, or unreadable)."""
+    if path is None or not path.is_file():
+        return set()
+    try:
+        record = json.loads(path.read_text())
+        if record.get("project") != project or record.get("session_label") != label:
+            return set()
+        return {str(n) for n in record["files"]}
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        log(f"{path}: unreadable record of an unfinished upload; an existing session follows the duplicate policy")
+        return set()
 
 
 # ----------------------------------------------------------------------- client calls
@@ -675,7 +705,8 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
                  files: list[UploadFile], excluded: list[dict], metadata_files: list[Path],
                  policy: str = "fail", workdir: Path | None = None, log=lambda m: None,
                  project_files: dict[str, list[Path]] | None = None, known_filtered: frozenset[str] = frozenset(),
-                 wait_seconds: float = 900.0, poll_seconds: float = 2.0) -> UploadResult:
+                 wait_seconds: float = 900.0, poll_seconds: float = 2.0,
+                 pending_path: Path | None = None) -> UploadResult:
     """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages.
 
     ``project_files`` (resource label -> files) are attached to the project after the session
@@ -683,7 +714,15 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
     series import filter, as the client reads it from XNAT, drops it; any other missing file is
     missing: sent again, and the step fails if it still does not arrive. ``known_filtered``: the
     names an earlier upload recorded as filtered; they are checked against the filter again,
-    never taken on trust (an older client recorded files of a partial session there)."""
+    never taken on trust (an older client recorded files of a partial session there).
+
+    ``pending_path``: where this client records, before it sends, what it is about to send for
+    the visit (:func:`write_pending`); the record is removed once the session is verified
+    complete. An existing session whose every file is in that record (the names are
+    ``<SOPInstanceUID>.dcm``; sizes are not compared, XNAT's anonymization changes them) is this
+    client's own unfinished upload (a wait that ran out, a retry): it is completed with the missing files (overwrite=append)
+    whatever ``policy`` says. A session holding any file outside the record is someone else's
+    data: ``policy`` decides."""
     if policy not in POLICIES:
         raise ValueError(f"duplicate policy must be one of {POLICIES}")
     if not files:
@@ -806,11 +845,20 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
                 log(f"{xlabel} {why}: nothing sent")
                 return result
 
+            pending = read_pending(pending_path, project=project, label=xlabel, log=log)
+            held = set().union(*have.values()) if have else set()
+            own = bool(pending) and not foreign and held <= pending
             if not missing and not foreign:
+                if pending_path is not None:
+                    pending_path.unlink(missing_ok=True)
                 return unchanged("already_archived", f"is already archived in {project} with the same files")
-            if policy == "skip":
+            if own and missing:
+                log(f"{xlabel} in {project} is this client's own unfinished upload (every file it holds is in the "
+                    f"record of what was being sent, {pending_path}): completing it with the {len(missing)} missing "
+                    "files (overwrite=append), whatever the duplicate policy")
+            elif policy == "skip":
                 return unchanged("skipped_existing", f"exists in {project} with other content; policy 'skip'")
-            if policy == "fail":
+            elif policy == "fail":
                 raise XnatError(
                     f"session {xlabel} already exists in XNAT project {project} with different content "
                     f"({sum(map(len, have.values()))} DICOM files in {sum(1 for v in have.values() if v)} scans, "
@@ -818,13 +866,15 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
                     + (f": {_series_summary(missing, files)}" if missing else "")
                     + f", {len(foreign)} files this visit does not have); set xnat_duplicate_policy to 'append' "
                     "(sends only the missing files) or 'skip', or remove it in XNAT")
-            if not missing:
+            elif not missing:
                 return unchanged("skipped_existing", f"holds {len(foreign)} files this visit does not have and "
                                                      "none is missing; policy 'append'")
             to_send = [f for f in files if f.arcname in missing]
             overwrite = "append"
             result.status = "appended"
             log(f"{xlabel}: appending the {len(to_send)} instances the session lacks ({_series_summary(missing, files)})")
+        if pending_path is not None:
+            write_pending(pending_path, project=project, subject=xsubject, label=xlabel, tag=tag, files=files)
         send(to_send, overwrite)
         exp = find_session(session, project, xlabel)
         if exp is None:
@@ -860,6 +910,8 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
             log(f"XNAT's series import filter dropped {len(result.filtered)} of the files sent for {xlabel} "
                 f"({_series_summary(filtered, files)}; {filters[0].describe()}); they are reported, not sent again")
         result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
+        if pending_path is not None:  # the session is verified complete: nothing of this visit is pending
+            pending_path.unlink(missing_ok=True)
     except XnatError:
         raise
     except Exception as exc:

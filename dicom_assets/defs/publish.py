@@ -149,7 +149,9 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
                 session_label=label, files=files, excluded=excluded,
                 metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
                 policy=cfg.xnat_duplicate_policy, workdir=lay.xnat_upload_dir, log=context.log.info,
-                known_filtered=known_filtered)
+                known_filtered=known_filtered,
+                # what is being sent, beside the marker: a retry completes its own unfinished upload
+                pending_path=marker.with_name(f"{visit.key}.pending.json"))
     except XnatAuthError as exc:
         raise Failure(str(exc), allow_retries=False) from None
     except XnatTransientError:
