@@ -61,6 +61,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       logs/extract/<visit>.json                              what raw_dicoms extracted from each dump
       logs/qc/<visit>_montage.png                            QC montage (middle image of each kept series)
       logs/xnat/<visit>.json                                 the visit's XNAT session: labels, status, files XNAT filtered
+      logs/xnat/<visit>.pending.json                         what an upload of the visit is sending (files by SOPInstanceUID); removed once XNAT holds them all
       logs/bids/<visit>.json                                 the visit's last BIDS conversion: inputs' fingerprint, files, series
 
 Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
@@ -405,6 +406,11 @@ class DatasetLayout:
     @layout_path("logs/xnat/<visit>.json", "the visit's XNAT session: labels, status, files XNAT filtered")
     def xnat_marker_path(self, visit_key: str) -> Path:
         return self.logs_dir / "xnat" / f"{visit_key}.json"
+
+    @layout_path("logs/xnat/<visit>.pending.json",
+                 "what an upload of the visit is sending (files by SOPInstanceUID); removed once XNAT holds them all")
+    def xnat_pending_path(self, visit_key: str) -> Path:
+        return self.logs_dir / "xnat" / f"{visit_key}.pending.json"
 
     @layout_path("logs/bids/<visit>.json", "the visit's last BIDS conversion: inputs' fingerprint, files, series")
     def bids_record_path(self, visit: Visit) -> Path:
