@@ -3,6 +3,7 @@ per manifest, not once per visit."""
 
 import gc
 import os
+import weakref
 
 from dicom_assets.core import downloads, sources
 from dicom_assets.core.ids import Visit, parse_visit_key
@@ -13,7 +14,6 @@ def test_dumps_build_the_participant_index_once_per_manifest(demo_root, monkeypa
     ds = Dataset.open(demo_root)
     built = []
     real = downloads.participant_index
-    monkeypatch.setattr(sources, "participant_index", lambda ps: built.append(1) or real(ps))
     monkeypatch.setattr(downloads, "participant_index", lambda ps: built.append(1) or real(ps))
     keys = [v.key for v in ds.manifest.visits]
     got = {k: [i.name for i in sources.visit_source(ds, k).dumps(ds)] for k in keys}
@@ -29,17 +29,15 @@ def test_dumps_build_the_participant_index_once_per_manifest(demo_root, monkeypa
 
 def test_manifest_index_is_kept_per_manifest_object_and_goes_with_it(demo_root):
     ds = Dataset.open(demo_root)
-    first = sources.manifest_index(ds.manifest)
-    assert sources.manifest_index(ds.manifest) is first
-    assert first.participants == set(ds.manifest.participants)
-    assert first.index == downloads.participant_index(ds.manifest.participants)
+    first = ds.manifest.participant_index
+    assert ds.manifest.participant_index is first
+    assert first == downloads.participant_index(ds.manifest.participants)
     other = Dataset.open(demo_root)  # the manifest read again: its own index
-    assert sources.manifest_index(other.manifest) is not first
-    key = id(other.manifest)
-    assert key in sources._manifest_indexes
+    assert other.manifest.participant_index is not first
+    ref = weakref.ref(other.manifest)  # the index lives on the manifest, and goes with it
     del other
     gc.collect()
-    assert key not in sources._manifest_indexes
+    assert ref() is None
 
 
 def test_problems_for_participant_with_a_prebuilt_index(tmp_path):
@@ -57,16 +55,17 @@ def test_problems_for_participant_with_a_prebuilt_index(tmp_path):
 def test_visit_source_looks_the_visit_up_by_key(demo_root, monkeypatch):
     """The manifest's visits as a set, built once: no whole-table comparison per question,
     the same answer as Manifest.has_visit."""
-    from dicom_assets.core.manifest import Manifest
-
     ds = Dataset.open(demo_root)
     m = ds.manifest
+    t = m.table
     asked = [*m.visits, Visit("QPN001", "ses-09"), Visit("NOBODY", "ses-01"), Visit("QPN0010", "ses-01")]
-    expected = {v: m.has_visit(v) for v in asked}
+    expected = {v: bool(((t["participant"] == v.participant) & (t["session"] == v.session)).any()) for v in asked}
     assert sum(expected.values()) == len(m.visits)
-    monkeypatch.setattr(Manifest, "has_visit", lambda self, v: (_ for _ in ()).throw(AssertionError("table scan")))
-    found = sources.manifest_index(m)
-    assert {v: found.has_visit(v) for v in asked} == expected
+    m.participants  # noqa: B018 - read (and kept) before the table goes
+    m.has_visit(asked[0])  # the first question builds the set of visits
+    # no whole-table comparison per question: the table is not read again
+    object.__setattr__(m, "table", None)
+    assert {v: m.has_visit(v) for v in asked} == expected
     kinds = {v: sources.visit_source(ds, v).kind for v in asked}
     assert kinds == {v: sources.DUMP if ok else sources.UNKNOWN for v, ok in expected.items()}
 

@@ -41,9 +41,22 @@ class Manifest:
     def visits(self) -> list[Visit]:
         return [Visit(p, s) for p, s in zip(self.table["participant"].tolist(), self.table["session"].tolist())]
 
-    def has_visit(self, visit: Visit) -> bool:
+    @cached_property
+    def _visit_pairs(self) -> frozenset[tuple[str, str]]:
         t = self.table
-        return bool(((t["participant"] == visit.participant) & (t["session"] == visit.session)).any())
+        return frozenset(zip(t["participant"].tolist(), t["session"].tolist()))
+
+    def has_visit(self, visit: Visit) -> bool:
+        """One set look-up (the table does not change once read), not a comparison of the table."""
+        return (visit.participant, visit.session) in self._visit_pairs
+
+    @cached_property
+    def participant_index(self) -> dict[str, list[str]]:
+        """:func:`~.downloads.participant_index` of the participants, built once per manifest read
+        (a visit's dumps are matched against it)."""
+        from .downloads import participant_index  # downloads -> layout -> manifest: imported late
+
+        return participant_index(set(self.participants))
 
     def raw_participant_id(self, participant: str) -> str:
         return self.participants[participant]

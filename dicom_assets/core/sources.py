@@ -8,21 +8,19 @@ XNAT-TCIA one). A TCIA visit wins over a manifest visit of the same key, as befo
 Each ``resolved.csv`` is read once per change of the file (its :func:`~.fsutil.file_token`: size,
 mtime, inode), not at every question;
 what the questions look up in the manifest (its visit keys, its participants' prefix index) is
-built once per manifest read (:func:`manifest_index`), not once per visit.
+built once per manifest read (``Manifest.has_visit``, ``Manifest.participant_index``), not once per visit.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from .downloads import DownloadItem, items_for_visit, participant_index, read_dicom_dir_map
+from .downloads import DownloadItem, items_for_visit, read_dicom_dir_map
 from .fsutil import NO_FILE, file_token
 from .ids import Visit, parse_visit_key
 from .layout import Dataset, DatasetLayout
-from .manifest import Manifest
 from .tcia import TciaVisitSource, manifest_name, manifests, read_resolved
 
 DUMP, TCIA, UNKNOWN = "dump", "tcia", "unknown"
@@ -44,44 +42,6 @@ def _resolved_rows(path: Path) -> list[dict] | None:
     with _lock:
         _resolved_cache[str(path)] = (sig, rows)
     return rows
-
-
-class ManifestIndex:
-    """What the visit questions look up in one manifest, built once: its (participant, session)
-    pairs (``Manifest.has_visit`` compares the whole table, per question), its participants and
-    their :func:`~.downloads.participant_index` (a visit's dumps are matched against it)."""
-
-    def __init__(self, manifest: Manifest) -> None:
-        t = manifest.table
-        self.visits = frozenset(zip(t["participant"].tolist(), t["session"].tolist()))
-        self.participants = frozenset(manifest.participants)
-        self.index = participant_index(self.participants)
-
-    def has_visit(self, visit: Visit) -> bool:
-        """``Manifest.has_visit``, one set look-up."""
-        return (visit.participant, visit.session) in self.visits
-
-
-# id(manifest) -> (weak reference to it, its index): a Manifest's table does not change once
-# read, and the entry goes with the manifest (a frozen dataclass holding a DataFrame cannot be
-# a dict key itself)
-_manifest_indexes: dict[int, tuple[weakref.ref, ManifestIndex]] = {}
-
-
-def manifest_index(manifest: Manifest) -> ManifestIndex:
-    """The :class:`ManifestIndex` of ``manifest``, built on the first question about it."""
-    key = id(manifest)
-    with _lock:
-        hit = _manifest_indexes.get(key)
-    if hit is not None and hit[0]() is manifest:
-        return hit[1]
-    built = ManifestIndex(manifest)
-    # the callback runs when the manifest is collected (before its id can be reused); no lock
-    # there: it may run inside a `with _lock` block of this thread (dict.pop is atomic anyway)
-    ref = weakref.ref(manifest, lambda _r, key=key: _manifest_indexes.pop(key, None))
-    with _lock:
-        _manifest_indexes[key] = (ref, built)
-    return built
 
 
 def tcia_visits(layout: DatasetLayout) -> dict[str, TciaVisitSource]:
@@ -130,9 +90,9 @@ class VisitSource:
         if self.kind != DUMP:
             return []
         lay = dataset.layout
-        found = manifest_index(dataset.manifest)
-        return items_for_visit(lay, self.visit, found.participants,
-                               read_dicom_dir_map(lay.dicom_dir_map_path), index=found.index)
+        m = dataset.manifest
+        return items_for_visit(lay, self.visit, m.participants.keys(), read_dicom_dir_map(lay.dicom_dir_map_path),
+                               index=m.participant_index)
 
 
 def visit_source(dataset: Dataset, visit: Visit | str, *, tcia: dict[str, TciaVisitSource] | None = None) -> VisitSource:
@@ -142,7 +102,7 @@ def visit_source(dataset: Dataset, visit: Visit | str, *, tcia: dict[str, TciaVi
     if found is not None:  # TCIA's convention: subject = PatientID, session <PatientID>[_NN]
         return VisitSource(visit, TCIA, found.patient_id, found.session_label, found.patient_id, found)
     label = dataset.config.session_label_pattern.format(participant=visit.participant, session=visit.session)
-    if manifest_index(dataset.manifest).has_visit(visit):
+    if dataset.manifest.has_visit(visit):
         return VisitSource(visit, DUMP, visit.participant, label,
                            dataset.manifest.raw_participant_id(visit.participant))
     return VisitSource(visit, UNKNOWN, visit.participant, label, None)
