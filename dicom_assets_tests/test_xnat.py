@@ -805,6 +805,16 @@ def visit_session(server):
     return server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
 
 
+def cut_short_and_resend_refused(instance, demo_root, server):
+    """The visit made up to its metadata; XNAT will take part of the next upload (the connection
+    breaks mid-stream, the session rebuilder archives what arrived) and refuse the files sent
+    again (its importer cannot write them: 507)."""
+    run_chain(instance, demo_root, VISIT)
+    server.inject("/data/services/import", "drop_mid_stream")
+    server.inject("/data/services/import", "storage_error")
+    server.start_session_rebuilder(idle_seconds=0.5)
+
+
 def t2w_files(demo_root):
     """The kept files of the visit's T2w series (what the filters below drop)."""
     dj = json.loads((demo_root / "store/QPN/QPN001_ses-01_metadata_dicoms.json").read_text())
@@ -843,10 +853,7 @@ def test_missing_files_that_cannot_be_delivered_fail_the_step(instance, demo_roo
     """The upload is cut short and archived partially, and XNAT refuses the files sent again
     (its importer cannot write them: 507): the step fails, saying how many files of which series
     are missing, and nothing is recorded as filtered."""
-    run_chain(instance, demo_root, VISIT)
-    server.inject("/data/services/import", "drop_mid_stream")
-    server.inject("/data/services/import", "storage_error")
-    server.start_session_rebuilder(idle_seconds=0.5)
+    cut_short_and_resend_refused(instance, demo_root, server)
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
     assert not result.success
     assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
@@ -870,10 +877,7 @@ def test_rerun_completes_a_partial_session_an_older_client_called_filtered(insta
     of an earlier upload lists the missing files as "filtered by XNAT", as the older client
     recorded them. The re-run trusts neither: by default it fails naming the missing files'
     series; with policy 'append' it sends only the missing ones and reports none as filtered."""
-    run_chain(instance, demo_root, VISIT)
-    server.inject("/data/services/import", "drop_mid_stream")
-    server.inject("/data/services/import", "storage_error")
-    server.start_session_rebuilder(idle_seconds=0.5)
+    cut_short_and_resend_refused(instance, demo_root, server)
     run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)  # fails
     # the older client kept no record of what it was sending (with one, the re-run completes its own upload)
     (demo_root / "logs/xnat/QPN001_ses-01.pending.json").unlink()
@@ -1063,10 +1067,7 @@ def test_asset_rerun_completes_its_own_partial_session_and_removes_the_record(in
     leaves the partial session and the record of what was being sent (beside the marker). The
     re-run, under the default policy 'fail', completes its own session with only the missing
     files, records none as filtered, and removes the record once the session is verified."""
-    run_chain(instance, demo_root, VISIT)
-    server.inject("/data/services/import", "drop_mid_stream")
-    server.inject("/data/services/import", "storage_error")
-    server.start_session_rebuilder(idle_seconds=0.5)
+    cut_short_and_resend_refused(instance, demo_root, server)
     first = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
     assert not first.success
     pending = demo_root / "logs/xnat/QPN001_ses-01.pending.json"
