@@ -1,6 +1,7 @@
 # dicom-assets: two commands on a fresh machine.
 #   make demo   set up, build the demo dataset, start the Dagster UI + daemon
-#   make test   set up, lint (ruff: pyflakes, syntax, import order) and run the whole test suite
+#   make test   set up, lint (ruff: pyflakes, syntax, import order, complexity) and run the whole test suite
+#   make check  everyday work: lint and the fast tier (every test not marked slow), a few minutes
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= $(CURDIR)/.venv
@@ -12,7 +13,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DICOM_ASSETS_CACHE ?= $(CURDIR)/.cache
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: demo test lint setup samples bench clean
+.PHONY: demo test check lint setup samples bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dicom-assets needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -30,12 +31,17 @@ samples: setup
 demo: samples
 	VENV=$(VENV) DEMO_ROOT=$(DEMO_ROOT) HOST=$(HOST) PORT=$(PORT) DAGSTER_YAML=$(DAGSTER_YAML) scripts/demo.sh
 
-# ruff (pyproject.toml [tool.ruff]): pyflakes, syntax errors and import order, before any test runs
+# ruff (pyproject.toml [tool.ruff]): pyflakes, syntax errors, import order and complexity, before any test runs
 lint: setup
-	$(VENV)/bin/ruff check dicom_assets dicom_assets_tests bench
+	$(VENV)/bin/ruff check dicom_assets dicom_assets_tests bench scripts
 
 test: lint samples
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# the fast tier: every test without @pytest.mark.slow (a real chain of many visits, a browser,
+# PostgreSQL, XNAT retries and timeouts are left to `make test`)
+check: lint samples
+	$(VENV)/bin/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 bench: samples
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)

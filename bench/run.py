@@ -26,6 +26,7 @@ Peak memory is Python's (tracemalloc) for each stage. Not a test: numbers vary b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -92,13 +93,13 @@ def sensor_bench(items: int, work: Path, batch: int | None = None) -> dict:
 
     from dagster import SensorResult, build_sensor_context, instance_for_test
 
-    from dicom_assets.core.downloads_state import Settings
     from dicom_assets.definitions import visit_chain_job
     from dicom_assets.defs.resources import DatasetResource
     from dicom_assets.defs.sensors import build_downloads_sensor
+    from dicom_assets.settings import current
 
     logging.getLogger("dagster").setLevel(logging.WARNING)  # one INFO line per batch otherwise
-    settings = Settings.from_env(batch=batch)
+    settings = current().downloads_sensor(batch=batch)
     sensor = build_downloads_sensor(visit_chain_job, settings=settings)
     root = work / "sensor_root"
     shutil.rmtree(root, ignore_errors=True)
@@ -154,7 +155,7 @@ def sensor_bench(items: int, work: Path, batch: int | None = None) -> dict:
         idle = [tick()[0] for _ in range(5)]
         out["idle tick (nothing new), median of 5 s"] = sorted(idle)[2]
         out["idle tick, slowest of 5 s"] = max(idle)
-        full = Settings(**{**settings.__dict__, "relist_every": 1})
+        full = dataclasses.replace(settings, relist_every=1)
         sensor_full = build_downloads_sensor(visit_chain_job, settings=full)
         ctx = build_sensor_context(instance=inst, cursor=state["cursor"], resources=res)
         t = time.perf_counter()
@@ -180,8 +181,8 @@ def curation_bench(root: Path, items: int) -> dict:
     """tabular/curation_status.tsv at ``items`` visits: the full recompute (`dicom-assets
     status`) against one chain step's update of its visit's row."""
     from dicom_assets.core.curation import update_curation_status, update_visit_status
+    from dicom_assets.core.dataset import Dataset
     from dicom_assets.core.ids import Visit
-    from dicom_assets.core.layout import Dataset
 
     ds = Dataset.open(root)
     out = {}

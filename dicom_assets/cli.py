@@ -7,8 +7,9 @@
   dicom-assets status ROOT              print tabular/curation_status.tsv, recomputed
   dicom-assets xnat-upload ROOT --project P [--config exclusions.json]
                                         upload a <subject>/<session>/ tree (classic script layout)
-  dicom-assets xnat-test-server         run the XNAT-compatible test server (demo, tests)
-  dicom-assets nbia-test-server         run the NBIA-compatible (TCIA) test server (demo, tests)
+
+The test servers standing in for XNAT and TCIA (the demo's, the tests') are not part of this
+command: ``dicom-assets-testing xnat-server`` / ``nbia-server``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def cmd_corpus(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .core.layout import Dataset
+    from .core.dataset import Dataset
 
     ds = Dataset.open(args.root)
     print(f"{ds.layout.config_path}: ok ({ds.config.dataset_name}, study {ds.study}, "
@@ -72,7 +73,7 @@ def cmd_check(args) -> int:
 
 def cmd_status(args) -> int:
     from .core.curation import update_curation_status
-    from .core.layout import Dataset
+    from .core.dataset import Dataset
 
     path = update_curation_status(Dataset.open(args.root))
     sys.stdout.write(path.read_text())
@@ -81,8 +82,6 @@ def cmd_status(args) -> int:
 
 def cmd_xnat_upload(args) -> int:
     """Upload a classic <root>/<subject>/<session>/ tree through the same code as the asset."""
-    import os
-
     import xnat as xnatpy
 
     from .core.dicomscan import Rules
@@ -95,16 +94,19 @@ def cmd_xnat_upload(args) -> int:
         read_exclusions,
         upload_visit,
     )
+    from .settings import current
 
-    server = args.server or os.environ.get("XNAT_HOST")
-    user, password = os.environ.get("XNAT_USER"), os.environ.get("XNAT_PASSWORD")
+    settings = current()
+    server = args.server or settings.xnat_host
+    user = settings.xnat_user
+    password = settings.xnat_password.get_secret_value() if settings.xnat_password else None
     if not (server and user and password):
         print("error: set XNAT_HOST (or --server), XNAT_USER and XNAT_PASSWORD", file=sys.stderr)
         return 2
     exclude = read_exclusions(args.config)
     try:
         session = xnatpy.connect(server, user=user, password=password, loglevel="ERROR",
-                                 verify=not args.no_verify)
+                                 verify=settings.xnat_verify and not args.no_verify)
     except Exception as exc:
         print(f"error: {classify_error(exc, server)}", file=sys.stderr)
         return 1
@@ -128,40 +130,6 @@ def cmd_xnat_upload(args) -> int:
     finally:
         session.disconnect()
     return 1 if failures else 0
-
-
-def cmd_xnat_test_server(args) -> int:
-    import os
-
-    from .testing.xnat_server import serve_forever
-
-    password = os.environ.get(args.password_env)
-    if not password:
-        print(f"error: set the password in ${args.password_env}", file=sys.stderr)
-        return 2
-    serve_forever(_samples(args).xnat_schemas, args.host, args.port, args.user, password)
-    return 0
-
-
-def cmd_nbia_test_server(args) -> int:
-    import time
-
-    from .core.fsutil import atomic_write
-    from .testing.nbia_server import NbiaTestServer, build_collection, manifest_text
-
-    collection = build_collection(_samples(args), {"TCIA-A": 1, "TCIA-B": 3})
-    with NbiaTestServer(series=collection, host=args.host, port=args.port) as server:
-        print(f"NBIA test server: {server.server_url} (API {server.api('v4')}, {len(collection)} series)",
-              file=sys.stderr, flush=True)
-        if args.manifest_out:
-            out = Path(args.manifest_out)
-            text = manifest_text(list(collection), server.server_url, basket_id="manifest-demo-basket.tcia")
-            if not out.is_file() or out.read_text() != text:  # unchanged: the sensor sees no new manifest
-                with atomic_write(out) as fh:
-                    fh.write(text)
-            print(f"manifest: {out}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,19 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="when the session exists with other content")
     u.add_argument("--no-verify", action="store_true", help="do not verify TLS certificates")
     u.set_defaults(fn=cmd_xnat_upload)
-    x = sub.add_parser("xnat-test-server", help="run the XNAT-compatible test server on loopback")
-    x.add_argument("--host", default="127.0.0.1")
-    x.add_argument("--port", type=int, default=8080)
-    x.add_argument("--user", default="demo")
-    x.add_argument("--password-env", default="XNAT_PASSWORD",
-                   help="environment variable holding the password (never a command-line argument)")
-    x.set_defaults(fn=cmd_xnat_test_server)
-    n = sub.add_parser("nbia-test-server", help="run the NBIA-compatible (TCIA) test server on loopback")
-    n.add_argument("--host", default="127.0.0.1")
-    n.add_argument("--port", type=int, default=8089)
-    n.add_argument("--manifest-out", help="write a .tcia manifest of the served series here (as TCIA's portal "
-                   "writes it, downloadServerUrl naming this server; set TCIA_SERVERS to allow it)")
-    n.set_defaults(fn=cmd_nbia_test_server)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from dagster import Definitions, in_process_executor, multiprocess_executor
 
 from .defs.ingest import downloads
@@ -17,7 +15,7 @@ from .defs.jobs import (  # noqa: F401 - the asset lists, re-exported for tests 
     tcia_job,
     visit_chain_job,
 )
-from .defs.resources import DatasetResource, default_dataset_root, tcia_resource_from_env, xnat_resource_from_env
+from .defs.resources import DatasetResource, TciaResource, XnatResource, default_dataset_root
 from .defs.sensors import downloads_sensor, tcia_sensor
 from .defs.tcia import tcia_series
 
@@ -28,10 +26,9 @@ def default_executor():
     load, measured in bench/run.py), or ``DICOM_ASSETS_EXECUTOR=multiprocess``: each step in
     its own process (isolation of a step's memory, or for executors that need it). Run limits,
     the ``xnat_upload`` pool and run retries of dagster.yaml hold with either."""
-    choice = os.environ.get("DICOM_ASSETS_EXECUTOR", "in_process")
-    if choice not in ("multiprocess", "in_process"):
-        raise ValueError(f"DICOM_ASSETS_EXECUTOR must be in_process or multiprocess, not {choice!r}")
-    return in_process_executor if choice == "in_process" else multiprocess_executor
+    from .settings import current
+
+    return in_process_executor if current().executor == "in_process" else multiprocess_executor
 
 
 def build_definitions(root: str | None = None) -> Definitions:
@@ -41,8 +38,9 @@ def build_definitions(root: str | None = None) -> Definitions:
         asset_checks=CHAIN_CHECKS,
         jobs=[visit_chain_job, tcia_job],
         sensors=[downloads_sensor, tcia_sensor],
-        resources={"dataset": DatasetResource(root=root or default_dataset_root()), "xnat": xnat_resource_from_env(),
-                   "tcia": tcia_resource_from_env()},
+        # XNAT's and TCIA's settings are read from the environment when a step uses them
+        resources={"dataset": DatasetResource(root=root or default_dataset_root()), "xnat": XnatResource(),
+                   "tcia": TciaResource()},
     )
 
 

@@ -8,12 +8,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import xnat  # noqa: F401 - see below
 from dagster import instance_for_test
 
 from dicom_assets.testing.demo import build_demo_dataset
 from dicom_assets.testing.samples import ensure_samples
 
 REPO = Path(__file__).resolve().parents[1]
+# xnatpy's progress bar (progressbar2) keeps the sys.stderr of the moment it is first imported:
+# imported inside a test that captures output (capsys), it would write to that test's closed
+# stream in every later upload. Imported here, it keeps pytest's session-wide stream.
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +33,23 @@ def pristine_demo(samples, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pristine") / "dataset"
     build_demo_dataset(root, samples)
     return root
+
+
+@pytest.fixture(scope="session")
+def archived_demo(pristine_demo, tmp_path_factory) -> Path:
+    """A demo dataset root whose first visit went through the archive chain (raw dump to
+    metadata), built once per test session for the tests of what comes after (XNAT); never
+    modified by tests."""
+    from .helpers import run_chain
+
+    root = tmp_path_factory.mktemp("archived") / "dataset"
+    shutil.copytree(pristine_demo, root, symlinks=True)
+    with instance_for_test() as inst:
+        assert run_chain(inst, root, ARCHIVED_VISIT).success
+    return root
+
+
+ARCHIVED_VISIT = "QPN001_ses-01"
 
 
 @pytest.fixture
@@ -47,6 +68,11 @@ def instance():
 
 _FAULTS: dict[str, str] = {}
 _GUARDED: set[str] = set()
+_UNMARKED_SLOW: dict[str, float] = {}
+#: a test whose call takes longer is reported at the end unless it is marked slow (the
+#: fast tier, ``make check``, is the tests without the mark; it stays fast only if new slow
+#: tests are marked)
+SLOW_SECONDS = 5.0
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +99,8 @@ def _downloads_untouched(request):
 
 
 def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > SLOW_SECONDS and "slow" not in report.keywords:
+        _UNMARKED_SLOW[report.nodeid] = report.duration
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         if "faults" in report.keywords:
             _FAULTS[report.nodeid] = report.outcome
@@ -84,6 +112,10 @@ def pytest_terminal_summary(terminalreporter):
     """The tallies of fault-injection cases (bad input, failing services) and of the fuzz layer
     (generated inputs tried per invariant), as the team reads them."""
     _fuzz_summary(terminalreporter)
+    if _UNMARKED_SLOW:
+        terminalreporter.write_sep("-", f"tests over {SLOW_SECONDS:.0f} s without @pytest.mark.slow (mark them)")
+        for nodeid, seconds in sorted(_UNMARKED_SLOW.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")
     if not _FAULTS:
         return
     outcomes: dict[str, int] = {}

@@ -38,6 +38,7 @@ def _wait(predicate, timeout: float, what: str, log: Path):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path, monkeypatch):
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
     from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES

@@ -18,7 +18,7 @@ import pytest
 
 from dicom_assets.core import annexwrite
 from dicom_assets.core.datalad_index import DataladError, index_visit, store_urls, tool_env
-from dicom_assets.core.layout import Dataset
+from dicom_assets.core.dataset import Dataset
 
 from .helpers import BROWSER_ARGS, CHROMIUM, free_port, metadata_of, run_chain
 
@@ -93,6 +93,7 @@ def _one_per_series(dicoms: dict, n: int = 3) -> list[dict]:
     return out[:n]
 
 
+@pytest.mark.slow
 def test_clone_from_the_store_deposit_gets_dicoms_from_the_tarball(indexed, tmp_path):
     root, meta, dicoms = indexed
     store = root / "store" / "QPN"
@@ -123,6 +124,7 @@ def test_clone_from_the_store_deposit_gets_dicoms_from_the_tarball(indexed, tmp_
     assert not objects.exists() or not any(p.is_file() for p in objects.rglob("*"))
 
 
+@pytest.mark.slow
 def test_clone_from_the_dataset_folder_and_series_view(indexed, tmp_path):
     root, meta, dicoms = indexed
     clone = tmp_path / "clone"
@@ -141,6 +143,7 @@ def test_clone_from_the_dataset_folder_and_series_view(indexed, tmp_path):
     assert folders == expected
 
 
+@pytest.mark.slow
 def test_study_superdataset_holds_the_visit_as_a_subdataset(indexed, tmp_path):
     root, meta, dicoms = indexed
     sup = root / "datalad" / "QPN"
@@ -180,6 +183,7 @@ def test_rerun_keeps_head_and_a_new_tarball_gives_one_commit(indexed, tmp_path):
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_missing_tarball_makes_get_fail_clearly_and_loses_nothing(indexed, tmp_path):
     root, meta, dicoms = indexed
     clone = tmp_path / "clone"
@@ -235,6 +239,7 @@ def test_git_lock_left_by_a_crash_is_reported_and_a_rerun_succeeds(indexed, tmp_
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_git_annex_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_path, monkeypatch):
     store, visit = visit_inputs(indexed)
     # a git-annex whose registerurl dies (as on a full disk), ahead of the real one on PATH
@@ -251,6 +256,7 @@ def test_git_annex_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_path, m
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_catalog_renders_visits_and_series_in_chromium(indexed, tmp_path):
     from dagster import instance_for_test
     from playwright.sync_api import sync_playwright
@@ -351,6 +357,7 @@ def _unzip_deposit(store: Path, visit: str, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_direct_and_batch_writers_record_the_same(indexed, tmp_path):
     """The same visit through git-annex's batch commands and through the direct writer: the
     git-annex branch (location, URL and metadata logs, uuid.log, remote.log), the dataset's tree,
@@ -385,6 +392,7 @@ def test_direct_and_batch_writers_record_the_same(indexed, tmp_path):
     assert len(changed) == 1 and "+!IW9kZCAgbmFtZQ==" in changed[0], changed
 
 
+@pytest.mark.slow
 def test_direct_dataset_passes_git_annex_fsck_whereis_and_metadata(indexed, tmp_path):
     """git-annex's own checks on the direct writer's dataset: in a copy of the dataset folder
     (its .git as written here) and in a clone of the deposit."""
@@ -439,10 +447,14 @@ def test_direct_writer_failure_is_reported_and_a_rerun_succeeds(indexed, tmp_pat
 
 
 def test_writer_knob_is_validated(tmp_path, monkeypatch):
+    from dicom_assets.settings import SettingsError, current
+
     monkeypatch.setenv("DICOM_ASSETS_DATALAD_WRITER", "fast")
-    with pytest.raises(DataladError, match="DICOM_ASSETS_DATALAD_WRITER='fast'"):
+    with pytest.raises(SettingsError, match="DICOM_ASSETS_DATALAD_WRITER='fast'"):
+        current()
+    with pytest.raises(DataladError, match="writer 'fast'"):
         index_visit(tmp_path / "ds", visit="V", study="S", tarball_meta={"size": 1, "md5": "1" * 32},
-                    dicoms_meta=[], store_dir=tmp_path / "store" / "S")
+                    dicoms_meta=[], store_dir=tmp_path / "store" / "S", writer="fast")
 
 
 def test_annex_hash_directories_match_git_annex(tmp_path):

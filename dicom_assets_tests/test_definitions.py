@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from dagster import Definitions
 
 from dicom_assets.definitions import build_definitions
@@ -21,6 +22,7 @@ def test_definitions_load(demo_root):
     assert "downloads_sensor" in {s.name for s in repo.sensor_defs}
 
 
+@pytest.mark.slow
 def test_workspace_validates_with_the_dagster_cli(demo_root, tmp_path):
     env = {"DICOM_ASSETS_ROOT": str(demo_root), "DAGSTER_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())

@@ -6,8 +6,9 @@ import zipfile
 
 import numpy as np
 import pydicom
+import pytest
 
-from dicom_assets.core.layout import Dataset
+from dicom_assets.core.dataset import Dataset
 from dicom_assets.testing.demo import build_corpus, build_demo_dataset, tree_digest
 
 
@@ -78,6 +79,7 @@ def test_tar_dump_is_readable(pristine_demo):
     assert any(n.endswith("DICOMDIR") for n in names) and any("/.DS_Store" in n for n in names)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_differs(samples, tmp_path, pristine_demo):
     again = build_demo_dataset(tmp_path / "again", samples, seed=0)
     assert tree_digest(again) == tree_digest(pristine_demo)

@@ -1,10 +1,11 @@
 """The dataset layout is described once (``@layout_path`` on the members of DatasetLayout):
 the tree of core/layout.py's docstring and the table of docs/layout.md are that description
-rendered, every path-building member is described, and each pattern is the path its member
-builds (so a description cannot lie)."""
+rendered (by the repo's scripts/gen_docs.py), every path-building member is described, and
+each pattern is the path its member builds (so a description cannot lie)."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -15,7 +16,18 @@ from dicom_assets.core import layout as layout_mod
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import PLACEHOLDERS, DatasetLayout, layout_entries
 
-FIX = f"regenerate with: {layout_mod.REGENERATE}"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("gen_docs", REPO / "scripts" / "gen_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+docs_mod = _load_generator()
+FIX = f"regenerate with: {docs_mod.REGENERATE}"
 
 VISIT = Visit("QPN001", "ses-01")
 STUDY, TCIA_NAME, SERIES_UID = "QPN", "manifest-basket_2", "1.3.6.1.4.1.14519.5.2.1.7695.1700.1234"
@@ -49,27 +61,27 @@ def substitute(pattern: str) -> str:
 
 
 def test_docstring_tree_is_generated():
-    doc_tree = layout_mod.docstring_tree(layout_mod.__doc__ or "")
+    doc_tree = docs_mod.docstring_tree(layout_mod.__doc__ or "")
     assert doc_tree is not None, f"core/layout.py's docstring lost its '<root>/' tree block; {FIX}"
-    assert doc_tree == layout_mod.render_tree(), f"core/layout.py's docstring tree is not DatasetLayout's; {FIX}"
+    assert doc_tree == docs_mod.render_tree(), f"core/layout.py's docstring tree is not DatasetLayout's; {FIX}"
 
 
 def test_docs_layout_md_table_is_generated():
-    text = layout_mod.LAYOUT_MD.read_text(encoding="utf-8")
-    block = layout_mod.markdown_block(text)
-    assert block is not None, (f"docs/layout.md lost its markers {layout_mod.MD_BEGIN!r} ... {layout_mod.MD_END!r}; "
+    text = docs_mod.LAYOUT_MD.read_text(encoding="utf-8")
+    block = docs_mod.markdown_block(text)
+    assert block is not None, (f"docs/layout.md lost its markers {docs_mod.MD_BEGIN!r} ... {docs_mod.MD_END!r}; "
                                "put them back where the table goes, then " + FIX)
-    assert block == layout_mod.render_markdown(), f"docs/layout.md's table is not DatasetLayout's; {FIX}"
+    assert block == docs_mod.render_markdown(), f"docs/layout.md's table is not DatasetLayout's; {FIX}"
 
 
 def test_readme_tree_is_generated():
-    block = layout_mod.markdown_block(layout_mod.README.read_text(encoding="utf-8"))
-    assert block is not None, f"README.md lost its layout tree markers {layout_mod.MD_BEGIN!r}; {FIX}"
-    assert block == layout_mod.render_readme_tree(), f"README.md's layout tree is not DatasetLayout's; {FIX}"
+    block = docs_mod.markdown_block(docs_mod.README.read_text(encoding="utf-8"))
+    assert block is not None, f"README.md lost its layout tree markers {docs_mod.MD_BEGIN!r}; {FIX}"
+    assert block == docs_mod.render_readme_tree(), f"README.md's layout tree is not DatasetLayout's; {FIX}"
 
 
 def test_write_check_command_agrees(capsys):
-    assert layout_mod.main(["--check"]) == 0, capsys.readouterr().err
+    assert docs_mod.main(["--check"]) == 0, capsys.readouterr().err
 
 
 def _members() -> list[str]:
@@ -120,3 +132,14 @@ def test_pattern_is_the_path_built(entry, tmp_path):
 def test_sample_values_are_distinct():
     """A placeholder put where another belongs would go unnoticed if two samples were equal."""
     assert len(set(VALUES.values())) == len(VALUES)
+
+
+def test_tree_lists_each_path_once():
+    """A path listed twice (two members building the same folder) reads as two places."""
+    patterns = [e.pattern for e in layout_entries()]
+    assert len(patterns) == len(set(patterns)), sorted(p for p in patterns if patterns.count(p) > 1)
+
+
+def test_generator_is_outside_the_package():
+    """The generator rewrites the repo's README and docs: installed, the package has neither."""
+    assert not hasattr(layout_mod, "main") and not hasattr(layout_mod, "README")

@@ -162,6 +162,7 @@ def sha256(p: Path) -> str:
 
 
 # ------------------------------------------------------------------ the promises
+@pytest.mark.slow
 def test_data_versions_are_the_hashes_of_the_files(instance, demo_root, xnat):
     take(sensor(instance, demo_root))
     result = full_chain(instance, demo_root, xnat)
@@ -190,6 +191,7 @@ def test_data_versions_are_the_hashes_of_the_files(instance, demo_root, xnat):
     assert got["xnat_session"] == expected
 
 
+@pytest.mark.slow
 def test_redelivered_identical_dump_leaves_downstream_fresh(instance, demo_root, xnat):
     ticker, before = chain_run(instance, demo_root, xnat)
     head = DatasetLayout(demo_root).datalad_dir("QPN", V)
@@ -230,6 +232,7 @@ def without_member(zip_path: Path, name_part: str) -> bytes:
     return data
 
 
+@pytest.mark.slow
 def test_changed_dump_marks_downstream_stale(instance, demo_root, xnat):
     ticker, before = chain_run(instance, demo_root, xnat)
 

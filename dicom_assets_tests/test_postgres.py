@@ -62,6 +62,7 @@ def postgres():
         shutil.rmtree(top, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_visits_through_postgres_with_the_multiprocess_executor(postgres, demo_root, tmp_path, monkeypatch):
     from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 

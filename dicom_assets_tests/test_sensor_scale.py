@@ -14,9 +14,10 @@ import time
 from dagster import SensorResult
 
 from dicom_assets.core.curation import compute_status, update_curation_status, update_visit_status
-from dicom_assets.core.downloads_state import DownloadsState, Settings
+from dicom_assets.core.dataset import Dataset
+from dicom_assets.core.downloads_state import DownloadsState, SensorLimits
 from dicom_assets.core.ids import Visit
-from dicom_assets.core.layout import Dataset, DatasetLayout
+from dicom_assets.core.layout import DatasetLayout
 from dicom_assets.definitions import visit_chain_job
 from dicom_assets.defs.resources import DatasetResource
 from dicom_assets.defs.sensors import build_downloads_sensor
@@ -63,7 +64,7 @@ def rel(i):
 
 
 def ticker(instance, root, **settings):
-    sensor = build_downloads_sensor(visit_chain_job, settings=Settings(**settings))
+    sensor = build_downloads_sensor(visit_chain_job, settings=SensorLimits(**settings))
     return helpers.Ticker(instance, sensor, {"dataset": DatasetResource(root=str(root))})
 
 
@@ -216,7 +217,7 @@ def test_cursor_of_the_previous_format_carries_what_was_taken(instance, tmp_path
 def state_tick(state, gen, root, **settings):
     ds = Dataset(DatasetLayout(root))
     return state.tick(gen, sessions=SESSIONS, ctx_token="fixed",
-                      classifier=lambda: (set(ds.manifest.participants), {}), settings=Settings(**settings))
+                      classifier=lambda: (set(ds.manifest.participants), {}), settings=SensorLimits(**settings))
 
 
 def test_idle_tick_lists_no_folder_and_audits_a_bounded_slice(tmp_path):

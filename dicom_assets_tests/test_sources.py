@@ -5,16 +5,17 @@ import gc
 import os
 import weakref
 
-from dicom_assets.core import downloads, sources
+from dicom_assets.core import downloads, manifest, sources
+from dicom_assets.core.dataset import Dataset
 from dicom_assets.core.ids import Visit, parse_visit_key
-from dicom_assets.core.layout import Dataset, DatasetLayout
+from dicom_assets.core.layout import DatasetLayout
 
 
 def test_dumps_build_the_participant_index_once_per_manifest(demo_root, monkeypatch):
     ds = Dataset.open(demo_root)
     built = []
     real = downloads.participant_index
-    monkeypatch.setattr(downloads, "participant_index", lambda ps: built.append(1) or real(ps))
+    monkeypatch.setattr(manifest, "participant_index", lambda ps: built.append(1) or real(ps))
     keys = [v.key for v in ds.manifest.visits]
     got = {k: [i.name for i in sources.visit_source(ds, k).dumps(ds)] for k in keys}
     assert len(built) == 1

@@ -460,6 +460,7 @@ def test_labels_for_one_and_three_studies_do_not_depend_on_order(nbia, collectio
                                                "session_label"]
 
 
+@pytest.mark.slow
 def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples, collection, instance, tmp_path):
     """Drop a .tcia manifest; the sensor and the jobs it starts take it to XNAT, no click."""
     from dagster import SensorResult, materialize
@@ -531,8 +532,8 @@ def test_tcia_visit_has_its_row_in_curation_status(demo_root):
     """One answer for a visit's source (core.sources): the assets' and the curation status's.
     A TCIA visit gets its row from the full recompute and from a step's update alike."""
     from dicom_assets.core.curation import update_curation_status, update_visit_status
+    from dicom_assets.core.dataset import Dataset
     from dicom_assets.core.ids import parse_visit_key
-    from dicom_assets.core.layout import Dataset
     from dicom_assets.core.sources import visit_source
     from dicom_assets.core.tcia import TciaVisit
 

@@ -211,6 +211,7 @@ def wait_for_the_sensor_chain(dagster_dev):
     wait_for(lambda: all(s in ("SUCCESS", "FAILURE", "CANCELED") for _, s, _ in runs_of(home)), 120, "runs to finish")
 
 
+@pytest.mark.slow
 def test_site_manager_sees_the_chain_and_launches_a_visit(dagster_dev, monkeypatch):
     from playwright.sync_api import expect, sync_playwright
 
@@ -307,6 +308,7 @@ def test_site_manager_sees_the_chain_and_launches_a_visit(dagster_dev, monkeypat
         browser.close()
 
 
+@pytest.mark.slow
 def test_a_redelivered_dump_shows_its_visit_unsynced(dagster_dev, monkeypatch):
     """A dump delivered again (here: its files touched) while the sensor is stopped: "Observe" on
     ``downloads`` signs it again, and the UI shows that visit's ``raw_dicoms`` unsynced because

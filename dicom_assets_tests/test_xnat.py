@@ -1,9 +1,14 @@
 """The xnat_session asset through the real xnatpy client against the XNAT-compatible test
 server on loopback, which really unzips and parses what it receives and fails where XNAT
-fails (the XNAT class each behaviour follows is named in dicom_assets/testing/xnat_server.py)."""
+fails (the XNAT class each behaviour follows is named in dicom_assets/testing/xnat_server.py).
+
+The visit's archive chain runs once per test session (``archived_demo``); each test gets its
+own copy of that root and runs xnat_session alone, except the first, which runs the whole
+chain with XNAT as the sensor's run does."""
 
 import json
 import secrets
+import shutil
 
 import pydicom
 import pytest
@@ -12,10 +17,19 @@ from dagster import EnvVar
 from dicom_assets.defs.resources import XnatResource
 from dicom_assets.testing.xnat_server import XnatTestServer
 
+from .conftest import ARCHIVED_VISIT
 from .helpers import AssetSelection, checks_of, metadata_of, run_chain
 
-VISIT = "QPN001_ses-01"
+VISIT = ARCHIVED_VISIT
 USER = "site-uploader"
+
+
+@pytest.fixture
+def demo_root(archived_demo, tmp_path):
+    """The demo root with VISIT archived (tarball, metadata), this test's own copy."""
+    root = tmp_path / "dataset"
+    shutil.copytree(archived_demo, root, symlinks=True)
+    return root
 
 
 @pytest.fixture
@@ -49,6 +63,7 @@ def only_xnat():
     return AssetSelection.assets("xnat_session")
 
 
+@pytest.mark.slow
 def test_visit_arrives_in_xnat_and_rerun_does_not_duplicate(instance, demo_root, server, xnat_res):
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res)
     assert result.success
@@ -80,8 +95,8 @@ def test_visit_arrives_in_xnat_and_rerun_does_not_duplicate(instance, demo_root,
 
 @pytest.mark.faults
 @pytest.mark.parametrize("status", ["500", "503"])
+@pytest.mark.slow
 def test_server_error_on_first_attempt_is_retried(instance, demo_root, server, xnat_res, status):
-    run_chain(instance, demo_root, VISIT)
     server.inject("/data/services/import", status)
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     assert result.success and metadata_of(result, "xnat_session")["status"] == "uploaded"
@@ -91,10 +106,10 @@ def test_server_error_on_first_attempt_is_retried(instance, demo_root, server, x
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_timeout_is_retried_without_a_duplicate_session(instance, demo_root, server, password, monkeypatch):
     """XNAT answers too late (it still archives the first upload): the retry finds the session
     complete and sends nothing again."""
-    run_chain(instance, demo_root, VISIT)
     server.slow_seconds = 1.5  # archived at ~2 s; the retry (2 s delay) looks after that
     server.inject("/data/services/import", "slow")
     res = XnatResource(server=server.url, user=USER, password=password, timeout=1)
@@ -107,8 +122,8 @@ def test_timeout_is_retried_without_a_duplicate_session(instance, demo_root, ser
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_dropped_connection_mid_upload_leaves_no_half_session(instance, demo_root, server, xnat_res):
-    run_chain(instance, demo_root, VISIT)
     server.inject("/data/services/import", "drop")
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     assert result.success
@@ -119,7 +134,6 @@ def test_dropped_connection_mid_upload_leaves_no_half_session(instance, demo_roo
 
 @pytest.mark.faults
 def test_wrong_password_fails_at_once_with_a_clear_message(instance, demo_root, server, monkeypatch, capsys):
-    run_chain(instance, demo_root, VISIT)
     monkeypatch.setenv("XNAT_USER", USER)
     monkeypatch.setenv("XNAT_PASSWORD", "not-the-password-123")
     bad = XnatResource(server=server.url, user=EnvVar("XNAT_USER"), password=EnvVar("XNAT_PASSWORD"))
@@ -150,7 +164,6 @@ def test_no_right_to_create_the_project(instance, demo_root, samples, tmp_path, 
     srv = XnatTestServer(samples.xnat_schemas, USER, password, can_create_projects=False,
                          storage=tmp_path / "s").start()
     try:
-        run_chain(instance, demo_root, VISIT)
         res = XnatResource(server=srv.url, user=USER, password=password)
         result = run_chain(instance, demo_root, VISIT, xnat=res, selection=only_xnat(), raise_on_error=False)
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
@@ -164,8 +177,9 @@ def test_no_right_to_create_the_project(instance, demo_root, samples, tmp_path, 
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_existing_session_with_other_content_follows_the_policy(instance, demo_root, server, xnat_res):
-    run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
     scan = next(iter(exp.scans.values()))
     removed = sorted(scan.files)[0]
@@ -188,8 +202,8 @@ def test_existing_session_with_other_content_follows_the_policy(instance, demo_r
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_xnat_down_is_reported_clearly(instance, demo_root):
-    run_chain(instance, demo_root, VISIT)
     res = XnatResource(server="http://127.0.0.1:9", user=USER, password="x", timeout=5)
     result = run_chain(instance, demo_root, VISIT, xnat=res, selection=only_xnat(), raise_on_error=False)
     assert not result.success
@@ -203,6 +217,7 @@ def test_xnat_down_is_reported_clearly(instance, demo_root):
     assert sum(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events) == 3
 
 
+@pytest.mark.slow
 def test_classic_tree_upload_cli(samples, server, password, tmp_path, monkeypatch, capsys):
     """A site migrating from the classic script: <root>/<subject>/<session>/<series folders>."""
     import shutil
@@ -284,9 +299,10 @@ def test_import_service_refuses_what_xnat_refuses(samples, server, password, tmp
         assert server.prearchive == {}
 
 
+@pytest.mark.slow
 def test_other_resources_of_a_scan_do_not_count(instance, demo_root, server, xnat_res):
     """Pipelines add SNAPSHOTS/NIFTI resources to scans: only the DICOM resource is compared."""
-    run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
     for sid in exp.scans:
         server.add_scan_resource(exp, sid, "SNAPSHOTS", {f"{sid}_qc.gif": b"GIF89a", f"{sid}_qc_t.gif": b"GIF89a"})
@@ -297,10 +313,11 @@ def test_other_resources_of_a_scan_do_not_count(instance, demo_root, server, xna
     assert checks_of(again)["scans_match_series"] is True
 
 
+@pytest.mark.slow
 def test_files_xnat_filters_are_reported_not_different_content(instance, demo_root, server, xnat_res):
     """XNAT's series import filter drops files on receipt: reported, remembered, not re-sent."""
     server.series_import_filter = r"^T2w"
-    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     md = metadata_of(result, "xnat_session")
     exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
     assert not any(s.series_description.startswith("T2w") for s in exp.scans.values())
@@ -313,10 +330,11 @@ def test_files_xnat_filters_are_reported_not_different_content(instance, demo_ro
     assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 1
 
 
+@pytest.mark.slow
 def test_labels_are_cleaned_as_xnat_cleans_them(instance, demo_root, server, xnat_res):
     """XNAT files 'QPN001.ses-01' as 'QPN001_ses-01' (cleanValue): found, reported, not re-sent."""
     set_config(demo_root, session_label_pattern="{participant}.{session}")
-    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     md = metadata_of(result, "xnat_session")
     assert md["status"] == "uploaded" and md["session_label"] == "QPN001_ses-01"
     assert md["xnat_labels"]["session"] == {"given": "QPN001.ses-01", "xnat": "QPN001_ses-01"}
@@ -327,11 +345,12 @@ def test_labels_are_cleaned_as_xnat_cleans_them(instance, demo_root, server, xna
     assert metadata_of(again, "xnat_session")["status"] == "already_archived" and server.imports == 1
 
 
+@pytest.mark.slow
 def test_subject_is_matched_case_insensitively(instance, demo_root, server, xnat_res):
     """XNAT files the session under its existing subject 'qpn001'; the client finds it there."""
     server.add_project("QPN_DEMO", owner=USER)
     server.add_subject("QPN_DEMO", "qpn001")
-    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     md = metadata_of(result, "xnat_session")
     assert md["status"] == "uploaded" and md["xnat_labels"]["subject"] == {"given": "QPN001", "xnat": "qpn001"}
     assert list(server.projects["QPN_DEMO"].subjects) == ["qpn001"]
@@ -348,7 +367,6 @@ def test_subject_is_matched_case_insensitively(instance, demo_root, server, xnat
 def test_session_label_is_unique_per_project(instance, demo_root, server, xnat_res, owner, uid, says):
     """XNAT answers 409 when the label exists under another subject or study: the client says
     so before sending anything."""
-    run_chain(instance, demo_root, VISIT)
     server.add_project("QPN_DEMO", owner=USER)
     server.add_experiment("QPN_DEMO", owner, "QPN001_ses-01", uid)
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
@@ -359,10 +377,10 @@ def test_session_label_is_unique_per_project(instance, demo_root, server, xnat_r
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_failed_upload_cleans_only_its_own_prearchive_rows(instance, demo_root, server, xnat_res):
     """Archiving fails once (row left in ERROR, 500): the retry's client removes that row only;
     a scanner's row of the same label and another visit's row stay."""
-    run_chain(instance, demo_root, VISIT)
     server.add_project("QPN_DEMO", owner=USER)
     scanner = server.add_prearchive_row("QPN_DEMO", "QPN001_ses-01", "1.2.826.0.1.3680043.8.498.77", "READY")
     other = server.add_prearchive_row("QPN_DEMO", "QPN002_ses-01", "1.2.826.0.1.3680043.8.498.78", "ERROR")
@@ -375,10 +393,10 @@ def test_failed_upload_cleans_only_its_own_prearchive_rows(instance, demo_root, 
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_proxy_504_while_xnat_keeps_archiving(instance, demo_root, server, xnat_res):
     """A reverse proxy answers 504 after 1 s; XNAT finishes archiving at ~2.5 s. The client
     polls instead of resending or deleting the row XNAT is archiving."""
-    run_chain(instance, demo_root, VISIT)
     server.proxy_timeout, server.import_seconds = 1.0, 2.5
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     md = metadata_of(result, "xnat_session")
@@ -418,11 +436,12 @@ def test_project_resources_need_the_owner_role(samples, server, password, tmp_pa
     assert server.projects["TCIA_P"].resources == {}
 
 
+@pytest.mark.slow
 def test_site_anonymization_rewrites_patient_id(instance, demo_root, server, xnat_res):
     """XNAT's default site-wide script sets PatientID to the session label: the client compares
     instance names, never bytes, so a re-run still sends nothing."""
     server.site_anonymization = True
-    run_chain(instance, demo_root, VISIT, xnat=xnat_res)
+    run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
     exp = server.projects["QPN_DEMO"].subjects["QPN001"].experiments["QPN001_ses-01"]
     one = next(iter(next(iter(exp.scans.values())).files.values()))
     ds = pydicom.dcmread(one, stop_before_pixels=True)
@@ -809,7 +828,6 @@ def cut_short_and_resend_refused(instance, demo_root, server):
     """The visit made up to its metadata; XNAT will take part of the next upload (the connection
     breaks mid-stream, the session rebuilder archives what arrived) and refuse the files sent
     again (its importer cannot write them: 507)."""
-    run_chain(instance, demo_root, VISIT)
     server.inject("/data/services/import", "drop_mid_stream")
     server.inject("/data/services/import", "storage_error")
     server.start_session_rebuilder(idle_seconds=0.5)
@@ -822,13 +840,13 @@ def t2w_files(demo_root):
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_upload_cut_short_and_archived_partially_is_completed(instance, demo_root, server, xnat_res):
     """The connection breaks halfway through the upload: XNAT keeps the files it read in a
     RECEIVING row, which its session rebuilder archives as a partial session (the project is
     set to auto-archive, the default 4). The files XNAT's series import filter does not explain
     are missing, not filtered: the client sends them again, only them, with overwrite=append,
     and the session ends complete; nothing is reported as filtered."""
-    run_chain(instance, demo_root, VISIT)
     server.inject("/data/services/import", "drop_mid_stream")
     server.start_session_rebuilder(idle_seconds=0.5)
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat())
@@ -849,6 +867,7 @@ def test_upload_cut_short_and_archived_partially_is_completed(instance, demo_roo
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_missing_files_that_cannot_be_delivered_fail_the_step(instance, demo_root, server, xnat_res):
     """The upload is cut short and archived partially, and XNAT refuses the files sent again
     (its importer cannot write them: 507): the step fails, saying how many files of which series
@@ -872,6 +891,7 @@ def test_missing_files_that_cannot_be_delivered_fail_the_step(instance, demo_roo
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_rerun_completes_a_partial_session_an_older_client_called_filtered(instance, demo_root, server, xnat_res):
     """A partial session is in XNAT (an upload cut short, its resending refused) and the marker
     of an earlier upload lists the missing files as "filtered by XNAT", as the older client
@@ -907,12 +927,12 @@ def test_rerun_completes_a_partial_session_an_older_client_called_filtered(insta
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_only_files_xnats_filter_drops_are_filtered_in_a_partial_session(instance, demo_root, server, xnat_res):
     """The project's series import filter (read from XNAT's configuration, with the site-wide one)
     drops the T2w series, and the upload is cut short and archived partially: the T2w files are
     reported as filtered, every other missing file is sent again. A disabled filter does not
     apply."""
-    run_chain(instance, demo_root, VISIT)
     server.add_project("QPN_DEMO", owner=USER)
     server.set_series_import_filter("# keep every series but T2w\n[SeriesDescription]\n^(?!t2w)", mode="whitelist",
                                     project="QPN_DEMO")
@@ -1062,6 +1082,7 @@ def test_partial_session_with_a_file_not_being_sent_follows_the_policy(samples, 
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_asset_rerun_completes_its_own_partial_session_and_removes_the_record(instance, demo_root, server, xnat_res):
     """Through the asset: an upload cut short whose resending XNAT refuses fails the step and
     leaves the partial session and the record of what was being sent (beside the marker). The

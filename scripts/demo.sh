@@ -9,11 +9,11 @@ mkdir -p "$DAGSTER_HOME" && cp "${DAGSTER_YAML:-dagster.yaml}" "$DAGSTER_HOME/da
 export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
 # a demo password, kept in the environment only; set XNAT_PASSWORD yourself to choose it
 export XNAT_PASSWORD="${XNAT_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
-"$VENV/bin/dicom-assets" xnat-test-server --port "$XNAT_PORT" --user "$XNAT_USER" &
+"$VENV/bin/dicom-assets-testing" xnat-server --port "$XNAT_PORT" --user "$XNAT_USER" &
 XNAT_PID=$!
 # the demo manifest names this server (downloadServerUrl); TCIA_SERVERS allows it instead of TCIA's public ones
 export TCIA_SERVERS="http://127.0.0.1:$NBIA_PORT"
-"$VENV/bin/dicom-assets" nbia-test-server --port "$NBIA_PORT" --manifest-out "$DEMO_ROOT/downloads/tcia/demo-basket.tcia" &
+"$VENV/bin/dicom-assets-testing" nbia-server --port "$NBIA_PORT" --manifest-out "$DEMO_ROOT/downloads/tcia/demo-basket.tcia" &
 NBIA_PID=$!
 trap 'kill $XNAT_PID $NBIA_PID 2>/dev/null || true' EXIT
 echo "XNAT test server: $XNAT_HOST (user $XNAT_USER)"

@@ -19,9 +19,9 @@ A conversion: dcm2niix runs once per series of the organize report (with the con
 cannot stack, a crash) is reported with dcm2niix's own lines and its files removed, and the
 other series go on. ``dcm2bids --skip_dcm2niix`` then pairs the sidecars with the config's
 descriptions and writes ``out/sub-P/ses-S/``. That folder is compared with the session folder
-in ``bids/``: the same bytes, nothing is written; otherwise it is exchanged with the old one in
-one ``renameat2(RENAME_EXCHANGE)`` (a reader sees the old session or the new one, never a
-mix). The dataset files are rewritten under a lock, only when their content changes.
+in ``bids/``: the same bytes, nothing is written; otherwise it is swapped in for the old one
+with ``fsutil.swap_dir`` (one ``renameat2(RENAME_EXCHANGE)``: a reader sees the old session or
+the new one, never a mix). The dataset files are rewritten under a lock, only when their content changes.
 
 A visit whose inputs (the kept rows of its organize report and the files' sizes and mtimes),
 config and tool versions are those of the last conversion, and whose session folder still
@@ -33,9 +33,6 @@ Nothing here imports Dagster.
 from __future__ import annotations
 
 import csv
-import ctypes
-import ctypes.util
-import errno
 import gzip
 import hashlib
 import json
@@ -54,7 +51,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import DicomAssetsError
-from .fsutil import atomic_write, file_digest, file_lock, temp_sibling, tree_digests
+from .fsutil import atomic_write, file_digest, file_lock, recover_dir, swap_dir, temp_sibling, tree_digests
 from .ids import Visit
 from .layout import DatasetLayout
 
@@ -102,44 +99,62 @@ def _entry_name(i: int, desc: object) -> str:
     return name
 
 
-def _check_description(path: Path, i: int, desc: object, regex: bool) -> None:
-    def fail(msg: str):
-        raise BidsConfigError(f"{path}: {_entry_name(i, desc)}: {msg}")
-
-    if not isinstance(desc, dict):
-        fail("must be an object with 'datatype', 'suffix' and 'criteria'")
+def _key_problem(desc: dict) -> str | None:
     old = sorted(set(desc) & set(_OLD_DESC_KEYS))
     if old:
-        fail(", ".join(f"{k!r} is a dcm2bids 2.x key (3.x: {_OLD_DESC_KEYS[k]!r})" for k in old))
+        return ", ".join(f"{k!r} is a dcm2bids 2.x key (3.x: {_OLD_DESC_KEYS[k]!r})" for k in old)
     unknown = sorted(set(desc) - _DESC_KEYS)
     if unknown:
-        fail(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(_DESC_KEYS))}")
-    for key in ("datatype", "suffix", "criteria"):
-        if key not in desc:
-            fail(f"required key {key!r} is missing")
-    if desc["datatype"] not in DATATYPES:
-        fail(f"'datatype' {desc['datatype']!r} is not a BIDS datatype ({', '.join(DATATYPES)})")
-    if not isinstance(desc["suffix"], str) or not _LABEL.match(desc["suffix"]):
-        fail(f"'suffix' must be letters and digits (a BIDS suffix such as 'T1w'), not {desc['suffix']!r}")
-    crit = desc["criteria"]
+        return f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(_DESC_KEYS))}"
+    missing = [k for k in ("datatype", "suffix", "criteria") if k not in desc]
+    return f"required key {missing[0]!r} is missing" if missing else None
+
+
+def _criteria_problem(crit: object, regex: bool) -> str | None:
     if not isinstance(crit, dict) or not crit:
-        fail("'criteria' must be a non-empty object of sidecar fields (e.g. {\"SeriesDescription\": \"T1w*\"})")
-    if regex:
-        for k, v in crit.items():
-            for pattern in (v if isinstance(v, list) else [v]):
-                if isinstance(pattern, str):
-                    try:
-                        re.compile(pattern)
-                    except re.error as exc:
-                        fail(f"criteria {k!r}: {pattern!r} is no regular expression ({exc})")
+        return "'criteria' must be a non-empty object of sidecar fields (e.g. {\"SeriesDescription\": \"T1w*\"})"
+    if not regex:
+        return None
+    for k, v in crit.items():
+        for pattern in (v if isinstance(v, list) else [v]):
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    return f"criteria {k!r}: {pattern!r} is no regular expression ({exc})"
+    return None
+
+
+def _optional_problem(desc: dict) -> str | None:
     ents = desc.get("custom_entities", [])
     for e in ([ents] if isinstance(ents, str) else ents if isinstance(ents, list) else [None]):
         if not isinstance(e, str) or not (_ENTITY.match(e) or e.isalpha()):
-            fail(f"'custom_entities' must be 'key-value' strings (e.g. 'acq-mprage', 'task-rest'), not {e!r}")
+            return f"'custom_entities' must be 'key-value' strings (e.g. 'acq-mprage', 'task-rest'), not {e!r}"
     if "sidecar_changes" in desc and not isinstance(desc["sidecar_changes"], dict):
-        fail("'sidecar_changes' must be an object")
+        return "'sidecar_changes' must be an object"
     if "id" in desc and (not isinstance(desc["id"], str) or not desc["id"]):
-        fail("'id' must be a non-empty string")
+        return "'id' must be a non-empty string"
+    return None
+
+
+def _description_problem(desc: object, regex: bool) -> str | None:
+    """What is wrong with one entry of ``descriptions`` (the first thing found), None if nothing."""
+    if not isinstance(desc, dict):
+        return "must be an object with 'datatype', 'suffix' and 'criteria'"
+    problem = _key_problem(desc)
+    if problem:
+        return problem
+    if desc["datatype"] not in DATATYPES:
+        return f"'datatype' {desc['datatype']!r} is not a BIDS datatype ({', '.join(DATATYPES)})"
+    if not isinstance(desc["suffix"], str) or not _LABEL.match(desc["suffix"]):
+        return f"'suffix' must be letters and digits (a BIDS suffix such as 'T1w'), not {desc['suffix']!r}"
+    return _criteria_problem(desc["criteria"], regex) or _optional_problem(desc)
+
+
+def _check_description(path: Path, i: int, desc: object, regex: bool) -> None:
+    problem = _description_problem(desc, regex)
+    if problem:
+        raise BidsConfigError(f"{path}: {_entry_name(i, desc)}: {problem}")
 
 
 def load_dcm2bids_config(path: Path) -> Dcm2bidsConfig:
@@ -389,42 +404,6 @@ def run_dcm2bids(niix: Path, work: Path, participant: str, session_label: str, c
         tail = [ln for ln in text.splitlines() if ln.strip()][-6:]
         raise BidsError(f"dcm2bids failed (exit status {proc.returncode}) with {config.path}: " + " | ".join(tail))
     return out, text
-
-
-# --------------------------------------------------------------------------- the swap
-_libc = None
-
-
-def _renameat2_exchange(a: Path, b: Path) -> bool:
-    """Exchange two paths atomically (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
-    global _libc
-    if not sys.platform.startswith("linux"):
-        return False
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fn = getattr(_libc, "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False  # a filesystem without the flag
-    raise OSError(err, os.strerror(err), str(a))
-
-
-def swap_in(staged: Path, target: Path) -> None:
-    """Put the complete folder ``staged`` (a sibling of ``target``) in place of ``target``."""
-    if target.exists():
-        if not _renameat2_exchange(staged, target):
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-            os.replace(staged, target)
-            staged = old
-        shutil.rmtree(staged)
-    else:
-        os.replace(staged, target)
 
 
 # --------------------------------------------------------------------------- dataset files
@@ -688,6 +667,8 @@ def convert_visit(*, visit: Visit, layout: DatasetLayout, dicom_dir: Path, confi
     sub = f"sub-{participant}"
     session_rel = f"{sub}/{session}"
     target = layout.bids_session_dir(visit)
+    with file_lock(lock_path):  # a swap cut short by a crash: the old session back, strays gone
+        recover_dir(target)
     fp = input_fingerprint(series, dicom_dir, config, participant, session)
     previous = _read_record(record_path)
     acq_times = {}
@@ -733,7 +714,7 @@ def convert_visit(*, visit: Visit, layout: DatasetLayout, dicom_dir: Path, confi
                 final = temp_sibling(target)
                 os.replace(staged, final)  # same filesystem: scratch/ and bids/ share the root
                 try:
-                    swap_in(final, target)
+                    swap_dir(final, target)
                 except BaseException:
                     shutil.rmtree(final, ignore_errors=True)
                     raise

@@ -25,9 +25,9 @@ import io
 import os
 from pathlib import Path
 
+from .dataset import Dataset
 from .downloads import read_dicom_dir_map, scan_downloads
 from .fsutil import atomic_write, file_lock
-from .layout import Dataset
 from .sources import tcia_visits, visit_source
 
 COLUMNS = ("participant_id", "session_id", "visit", "in_downloads", "in_raw_dicoms", "in_organized",

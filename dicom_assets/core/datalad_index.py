@@ -40,8 +40,8 @@ from pathlib import Path
 
 from . import annexwrite as aw
 from .errors import DicomAssetsError
-from .fsutil import atomic_write, file_lock, temp_sibling
-from .layout import DatasetLayout
+from .fsutil import atomic_write, file_lock, recover_dir, swap_dir, temp_sibling
+from .layout import DatasetLayout, dataset_tarball_path, tarball_name
 
 # git-annex metadata fields attached to every DICOM key (from the metadata JSON)
 TAG_FIELDS = ("SeriesDescription", "SeriesNumber", "Modality", "ProtocolName")
@@ -263,14 +263,14 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     ``superdataset``, the dataset's parent folder (``datalad/<study>/``) is a DataLad dataset of
     all visits, each registered as a subdataset at its current version.
 
-    ``writer`` (default: ``$DICOM_ASSETS_DATALAD_WRITER``, else ``direct``): ``direct`` composes
+    ``writer`` (default ``direct``; the asset passes ``$DICOM_ASSETS_DATALAD_WRITER``): ``direct`` composes
     git-annex's records and the deposit here and writes them with one ``git fast-import``;
     ``batch`` is the reference path through DataLad and git-annex's batch commands. Both give
     the same records (compared by the tests).
     """
-    writer = writer or os.environ.get(WRITER_ENV) or "direct"
+    writer = writer or "direct"
     if writer not in WRITERS:
-        raise DataladError(f"{WRITER_ENV}={writer!r}: expected one of {', '.join(WRITERS)}")
+        raise DataladError(f"writer {writer!r}: expected one of {', '.join(WRITERS)} ({WRITER_ENV})")
     env = tool_env()
     dataset_path = Path(dataset_path)
     members = members_from_metadata(dicoms_meta)
@@ -278,13 +278,14 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     tar_key = tarball_key(size, md5)
     local_base = Path(store_dir).parent.resolve().as_uri()
     tar_url, clone_url = store_urls(store_base_url or local_base, study, visit)
-    tar_path = tarball_meta.get("dspath") or f"icf/{visit}_dicom.tar"
+    tar_path = tarball_meta.get("dspath") or dataset_tarball_path(tarball_name(visit))
     source = {"visit": visit, "tarball_key": tar_key, "tarball_path": tar_path, "tarball_url": tar_url, "clone_url": clone_url,
               "files": len(members), "sha256": tarball_meta.get("sha256"), "series": _series(members)}
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     message = f"Index {visit}: {len(members)} DICOMs in {tar_key}"
+    recover_dir(dataset_path)  # a swap cut short by a crash: the old dataset back (its history kept)
     if not (dataset_path / ".datalad" / "config").is_file():
         # built aside and renamed: a crash never leaves a half-made dataset in place
         staging = temp_sibling(dataset_path)
@@ -298,9 +299,7 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
                 create_dataset(staging, env, f"dicom-assets index of {visit}", timings)
                 timings["create"] = time.perf_counter() - t0
                 _record(_Runner(staging, env, timings), members, tar_key, tar_url, source, message=message)
-            if dataset_path.exists():
-                shutil.rmtree(dataset_path)
-            staging.rename(dataset_path)
+            swap_dir(staging, dataset_path)  # a dataset without .datalad/config there (a remnant) is replaced whole
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         changed = True
@@ -436,6 +435,13 @@ def _new_dataset_files(dataset_id: str) -> dict[str, tuple[str, bytes]]:
 def _checkout(path: Path, env: dict, old: str | None = None) -> None:
     """Index and work tree to HEAD (from ``old``: only what changed), the annex filter off."""
     args = ["read-tree", "-m", "-u", old, "HEAD"] if old else ["read-tree", "--reset", "-u", "HEAD"]
+    if old:
+        # a two-tree merge refuses entries whose cached stat is stale ("not uptodate. Cannot
+        # merge"), as in a dataset root copied or restored from a backup (new inodes): refresh it
+        try:
+            _git(path, env, *NO_FILTER, "update-index", "-q", "--refresh")
+        except DataladError:  # exit 1: an entry really differs; read-tree then names it
+            pass
     _git(path, env, *NO_FILTER, *args)
     attrs = path / ".git" / "info" / "attributes"
     if not attrs.is_file():

@@ -74,25 +74,16 @@ def _s(b: bytes | str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class Settings:
+class SensorLimits:
+    """How much one tick of the downloads sensor does (the site sets them through
+    ``DICOM_ASSETS_SENSOR_*``, read by ``dicom_assets.settings``)."""
+
     batch: int = 200          # run requests (and partition adds) per tick
     audit: int = 2000         # taken dumps signed again per tick (round-robin)
     audit_seconds: float = 0.15
     max_new: int = 20000      # new names examined per tick
     settle_window: float = 2.0  # a session folder changed this recently is listed again next tick
     relist_every: int = 60    # list every session folder at least every N ticks
-
-    @classmethod
-    def from_env(cls, **overrides) -> "Settings":
-        """``DICOM_ASSETS_SENSOR_BATCH``, ``..._AUDIT``, ``..._MAX_NEW``, ``..._RELIST_EVERY``."""
-        env = {}
-        for name, conv in (("batch", int), ("audit", int), ("max_new", int), ("relist_every", int),
-                           ("audit_seconds", float), ("settle_window", float)):
-            raw = os.environ.get(f"DICOM_ASSETS_SENSOR_{name.upper()}")
-            if raw:
-                env[name] = conv(raw)
-        env.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**env)
 
 
 @dataclass(frozen=True)
@@ -198,7 +189,7 @@ class DownloadsState:
 
     # ----------------------------------------------------------------- one tick
     def tick(self, cursor_gen: int, *, sessions: tuple[str, ...], ctx_token: str,
-             classifier: Callable[[], tuple[set[str], dict]], settings: Settings = Settings(),
+             classifier: Callable[[], tuple[set[str], dict]], settings: SensorLimits = SensorLimits(),
              legacy: dict | None = None, notes: list[str] | None = None) -> TickOutcome:
         db = self.connect()
         try:

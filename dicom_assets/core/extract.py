@@ -32,7 +32,6 @@ import shutil
 import stat
 import struct
 import tarfile
-import uuid
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from pathlib import Path, PurePosixPath
 from .config import Limits
 from .downloads import DownloadItem, safe_folder_name, shown
 from .errors import UnsafeArchiveError
-from .fsutil import temp_sibling
+from .fsutil import recover_dir, swap_dir, temp_sibling
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
@@ -226,10 +225,78 @@ def _zip_declared_count(path: Path) -> int | None:
     return None if not endrec else endrec[zipfile._ECD_ENTRIES_TOTAL]
 
 
+def _zip_member_refusal(info: zipfile.ZipInfo, rel: PurePosixPath | None, archive: str,
+                        limits: ExtractLimits) -> str | None:
+    """Why one member refuses the whole zip (checked for every member before anything is written)."""
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > (1 << 20) and ratio > limits.max_compression_ratio:
+        return (f"{archive}: member {info.filename!r} expands {ratio:.0f}x (limit {limits.max_compression_ratio}x); "
+                "refusing the archive as a possible zip bomb")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return f"{archive}: member {info.filename!r} is a symbolic link; refusing the archive"
+    if rel is None:
+        return None
+    if info.is_dir():
+        if info.file_size or info.CRC:  # the CRC of nothing is 0
+            return (f"{archive}: member {info.filename!r} is named like a folder but holds {info.file_size} bytes; "
+                    "refusing the archive")
+        return None
+    return _zip_refusal(archive, info)
+
+
+def _zip_plan(zf: zipfile.ZipFile, path: Path, archive: str, limits: ExtractLimits,
+              budget: _Budget) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The members to write, in order, once every refusal of the archive has been checked."""
+    infos = zf.infolist()
+    declared_count = _zip_declared_count(path)
+    if declared_count is not None and declared_count % 65536 != len(infos) % 65536:
+        raise UnsafeArchiveError(f"{archive}: the zip's directory lists {len(infos)} member(s) but its end "
+                                 f"record declares {declared_count}; the archive is damaged")
+    if len(infos) > limits.max_members:
+        budget.members = len(infos) - 1
+        budget.member()
+    declared = sum(i.file_size for i in infos)
+    if declared > limits.max_extract_bytes:
+        raise UnsafeArchiveError(
+            f"{archive}: declares {declared} bytes once extracted, over the limit of {limits.max_extract_bytes}; "
+            "refusing the archive as a possible zip bomb")
+    names = _Names(archive)
+    plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+    for info in infos:
+        rel = safe_member_path(info.filename, archive)
+        refusal = _zip_member_refusal(info, rel, archive, limits)
+        if refusal:
+            raise UnsafeArchiveError(refusal)
+        if rel is None:
+            continue
+        names.claim(rel, "folder" if info.is_dir() else "file", info.filename)
+        plan.append((info, rel))
+    return plan
+
+
+def _zip_write(zf: zipfile.ZipFile, plan, out: Path, archive: str, budget: _Budget, rep: ItemReport) -> None:
+    for info, rel in plan:
+        if info.is_dir():
+            try:
+                (out / rel).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _write_error(archive, info.filename, exc) from None
+            continue
+        budget.member()
+        try:
+            with zf.open(info) as src:
+                rep.bytes += _copy_stream(src, out / rel, budget, info.file_size, archive, info.filename)
+        except FileNotFoundError:
+            raise UnsafeArchiveError(f"{archive}: the download vanished during extraction") from None
+        except (*_READ_ERRORS, RuntimeError) as exc:
+            raise UnsafeArchiveError(f"{archive}: member {info.filename!r} cannot be read ({exc}); "
+                                     "is the download complete?") from None
+        rep.files += 1
+
+
 def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
     archive = shown(path.name)
     budget = _Budget(limits, archive)
-    names = _Names(archive)
     try:
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:
@@ -237,59 +304,8 @@ def _extract_zip(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
     except _READ_ERRORS as exc:
         raise UnsafeArchiveError(f"{archive}: not a readable zip file ({exc}); is the download complete?") from None
     with zf:
-        infos = zf.infolist()
-        declared_count = _zip_declared_count(path)
-        if declared_count is not None and declared_count % 65536 != len(infos) % 65536:
-            raise UnsafeArchiveError(f"{archive}: the zip's directory lists {len(infos)} member(s) but its end "
-                                     f"record declares {declared_count}; the archive is damaged")
-        if len(infos) > limits.max_members:
-            budget.members = len(infos) - 1
-            budget.member()
-        declared = sum(i.file_size for i in infos)
-        if declared > limits.max_extract_bytes:
-            raise UnsafeArchiveError(
-                f"{archive}: declares {declared} bytes once extracted, over the limit of {limits.max_extract_bytes}; "
-                "refusing the archive as a possible zip bomb")
-        plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
-        for info in infos:  # every refusal before anything is written
-            rel = safe_member_path(info.filename, archive)
-            ratio = info.file_size / max(info.compress_size, 1)
-            if info.file_size > (1 << 20) and ratio > limits.max_compression_ratio:
-                raise UnsafeArchiveError(
-                    f"{archive}: member {info.filename!r} expands {ratio:.0f}x (limit {limits.max_compression_ratio}x); "
-                    "refusing the archive as a possible zip bomb")
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link; refusing the archive")
-            if rel is None:
-                continue
-            is_dir = info.is_dir()
-            if is_dir and (info.file_size or info.CRC):  # the CRC of nothing is 0
-                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is named like a folder but holds "
-                                         f"{info.file_size} bytes; refusing the archive")
-            if not is_dir:
-                refusal = _zip_refusal(archive, info)
-                if refusal:
-                    raise UnsafeArchiveError(refusal)
-            names.claim(rel, "folder" if is_dir else "file", info.filename)
-            plan.append((info, rel))
-        for info, rel in plan:
-            if info.is_dir():
-                try:
-                    (out / rel).mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise _write_error(archive, info.filename, exc) from None
-                continue
-            budget.member()
-            try:
-                with zf.open(info) as src:
-                    rep.bytes += _copy_stream(src, out / rel, budget, info.file_size, archive, info.filename)
-            except FileNotFoundError:
-                raise UnsafeArchiveError(f"{archive}: the download vanished during extraction") from None
-            except (*_READ_ERRORS, RuntimeError) as exc:
-                raise UnsafeArchiveError(f"{archive}: member {info.filename!r} cannot be read ({exc}); "
-                                         "is the download complete?") from None
-            rep.files += 1
+        plan = _zip_plan(zf, path, archive, limits, budget)  # every refusal before anything is written
+        _zip_write(zf, plan, out, archive, budget, rep)
 
 
 class _Recorder:
@@ -330,6 +346,68 @@ def _open_tar_stream(raw, archive: str):
     return None
 
 
+def _tar_member(tf: tarfile.TarFile, m: tarfile.TarInfo, rel: PurePosixPath, out: Path, archive: str,
+                names: _Names, budget: _Budget, rep: ItemReport, links: list) -> None:
+    """One member of a tar written (a folder, a file), or a link remembered for after the files."""
+    if m.isdir():
+        names.claim(rel, "folder", m.name)
+        try:
+            (out / rel).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(archive, m.name, exc) from None
+    elif m.isreg():
+        names.claim(rel, "file", m.name)
+        rep.bytes += _copy_stream(tf.extractfile(m), out / rel, budget, m.size, archive, m.name)
+        rep.files += 1
+    elif m.issym() or m.islnk():
+        if m.issym():
+            target = _link_target_inside(rel, m.linkname, archive, m.name)
+        else:
+            target = safe_member_path(m.linkname, archive)
+            if target is None:
+                raise UnsafeArchiveError(f"{archive}: hard link {m.name!r} has no target")
+        names.claim(rel, "link", m.name)
+        links.append((rel, target, m.issym(), m.name))
+    else:
+        raise UnsafeArchiveError(
+            f"{archive}: member {m.name!r} is a device, fifo or other special file; refusing the archive")
+
+
+def _check_tar_end(tf: tarfile.TarFile, rec: _Recorder, archive: str, rep: ItemReport) -> None:
+    """The block where tarfile stopped listing must be the end-of-archive marker (zeros): else
+    the tar is cut, or a damaged header hides the members after it."""
+    end = tf.offset  # where tarfile looked for the next header
+    if rec.last_pos == end:
+        block = rec.last
+    else:
+        rec.seek(end)
+        block = rec.read(tarfile.BLOCKSIZE)
+    if block == tarfile.NUL * tarfile.BLOCKSIZE:
+        return
+    if len(block) < tarfile.BLOCKSIZE:
+        raise UnsafeArchiveError(
+            f"{archive}: the archive is cut at byte {end + len(block)} of its tar stream (no "
+            f"end-of-archive marker after {rep.files} file(s)); is the download complete?")
+    raise UnsafeArchiveError(f"{archive}: the archive is damaged: unreadable header at byte {end} of "
+                             f"its tar stream, after {rep.files} file(s); is the download complete?")
+
+
+def _make_links(links: list, names: _Names, out: Path, archive: str, rep: ItemReport) -> None:
+    for rel, target, is_sym, name in links:
+        if names.kinds.get(target) != "file":
+            raise UnsafeArchiveError(f"{archive}: link {name!r} -> {str(target)!r} does not name a file of the archive")
+        src, dest = out / target, out / rel
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if is_sym:
+                os.symlink(os.path.relpath(src, dest.parent), dest)
+            else:
+                os.link(src, dest)
+        except OSError as exc:
+            raise _write_error(archive, name, exc) from None
+        rep.links += 1
+
+
 def _extract_tar(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
     archive = shown(path.name)
     budget = _Budget(limits, archive)
@@ -351,45 +429,10 @@ def _extract_tar(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
         try:
             for m in tf:
                 rel = safe_member_path(m.name, archive)
-                if rel is None:
-                    continue
-                budget.member()
-                if m.isdir():
-                    names.claim(rel, "folder", m.name)
-                    try:
-                        (out / rel).mkdir(parents=True, exist_ok=True)
-                    except OSError as exc:
-                        raise _write_error(archive, m.name, exc) from None
-                elif m.isreg():
-                    names.claim(rel, "file", m.name)
-                    src = tf.extractfile(m)
-                    rep.bytes += _copy_stream(src, out / rel, budget, m.size, archive, m.name)
-                    rep.files += 1
-                elif m.issym() or m.islnk():
-                    if m.issym():
-                        target = _link_target_inside(rel, m.linkname, archive, m.name)
-                    else:
-                        target = safe_member_path(m.linkname, archive)
-                        if target is None:
-                            raise UnsafeArchiveError(f"{archive}: hard link {m.name!r} has no target")
-                    names.claim(rel, "link", m.name)
-                    links.append((rel, target, m.issym(), m.name))
-                else:
-                    raise UnsafeArchiveError(
-                        f"{archive}: member {m.name!r} is a device, fifo or other special file; refusing the archive")
-            end = tf.offset  # where tarfile looked for the next header
-            if rec.last_pos == end:
-                block = rec.last
-            else:
-                rec.seek(end)
-                block = rec.read(tarfile.BLOCKSIZE)
-            if block != tarfile.NUL * tarfile.BLOCKSIZE:
-                if len(block) < tarfile.BLOCKSIZE:
-                    raise UnsafeArchiveError(
-                        f"{archive}: the archive is cut at byte {end + len(block)} of its tar stream (no "
-                        f"end-of-archive marker after {rep.files} file(s)); is the download complete?")
-                raise UnsafeArchiveError(f"{archive}: the archive is damaged: unreadable header at byte {end} of "
-                                         f"its tar stream, after {rep.files} file(s); is the download complete?")
+                if rel is not None:
+                    budget.member()
+                    _tar_member(tf, m, rel, out, archive, names, budget, rep, links)
+            _check_tar_end(tf, rec, archive, rep)
             if stream is not None:  # read the compressed stream to its end: a cut end, a bad CRC
                 while chunk := stream.read(_CHUNK):
                     budget.add(len(chunk))
@@ -398,19 +441,7 @@ def _extract_tar(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
         except _READ_ERRORS as exc:
             raise UnsafeArchiveError(f"{archive}: the archive is damaged or incomplete ({exc}); "
                                      "is the download complete?") from None
-    for rel, target, is_sym, name in links:
-        if names.kinds.get(target) != "file":
-            raise UnsafeArchiveError(f"{archive}: link {name!r} -> {str(target)!r} does not name a file of the archive")
-        src, dest = out / target, out / rel
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if is_sym:
-                os.symlink(os.path.relpath(src, dest.parent), dest)
-            else:
-                os.link(src, dest)
-        except OSError as exc:
-            raise _write_error(archive, name, exc) from None
-        rep.links += 1
+    _make_links(links, names, out, archive, rep)
 
 
 def clone_or_copy(src: Path, dest: Path) -> int:
@@ -428,9 +459,74 @@ def clone_or_copy(src: Path, dest: Path) -> int:
     return size
 
 
+class _FolderWalk:
+    """One download folder being copied: what is inside it, what a link may point to."""
+
+    def __init__(self, path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
+        self.path, self.out, self.rep = path, out, rep
+        self.archive = shown(path.name)
+        self.budget = _Budget(limits, self.archive)
+        self.base = os.path.realpath(path)
+
+    def inside(self, p: str) -> bool:
+        return p == self.base or p.startswith(self.base + os.sep)
+
+    def unlistable(self, exc: OSError) -> None:
+        where = os.path.relpath(exc.filename, self.path) if exc.filename else "."
+        raise UnsafeArchiveError(f"{self.archive}: folder {where!r} of the download cannot be listed "
+                                 f"({exc.strerror or exc}); its files would be missing")
+
+    def prune_folder_links(self, dirpath: str, dirs: list[str]) -> None:
+        """Folder links are never followed: their targets are walked where they lie."""
+        dirs.sort()
+        for d in list(dirs):
+            full = os.path.join(dirpath, d)
+            if not os.path.islink(full):
+                continue
+            dirs.remove(d)
+            rel = os.path.relpath(full, self.path)
+            real = os.path.realpath(full)
+            if not self.inside(real):
+                raise UnsafeArchiveError(f"{self.archive}: folder link {rel!r} points outside the download; refusing it")
+            self.rep.skipped.append(f"{shown(rel)}: folder link to {os.path.relpath(real, self.base)!r}, "
+                                    "whose files are extracted where they lie")
+
+    def source_of(self, full: str, rel: str) -> str | None:
+        """The file to copy for an entry (a link's target inside the download), None to skip it."""
+        archive = self.archive
+        try:
+            lst = os.lstat(full)
+        except FileNotFoundError:
+            raise UnsafeArchiveError(f"{archive}: {rel!r} vanished during extraction") from None
+        if stat.S_ISLNK(lst.st_mode):
+            real = os.path.realpath(full)
+            if not self.inside(real):
+                raise UnsafeArchiveError(f"{archive}: link {rel!r} points outside the download; refusing it")
+            if not os.path.isfile(real):
+                why = "a folder" if os.path.isdir(real) else "nothing (a broken link or a link loop)"
+                self.rep.skipped.append(f"{shown(rel)}: link to {why}")
+                return None
+            self.rep.links += 1
+            return real
+        if not stat.S_ISREG(lst.st_mode):
+            raise UnsafeArchiveError(f"{archive}: {rel!r} is a device, fifo or other special file")
+        return full
+
+    def copy(self, source: str, rel: str) -> None:
+        try:
+            size = os.stat(source).st_size
+            self.budget.add(size)
+            clone_or_copy(Path(source), self.out / rel)
+        except FileNotFoundError:
+            raise UnsafeArchiveError(f"{self.archive}: {rel!r} vanished during extraction") from None
+        except OSError as exc:
+            raise UnsafeArchiveError(f"{self.archive}: {rel!r} cannot be copied ({exc.strerror or exc})") from None
+        self.rep.files += 1
+        self.rep.bytes += size
+
+
 def _extract_folder(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) -> None:
     archive = shown(path.name)
-    budget = _Budget(limits, archive)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -439,59 +535,16 @@ def _extract_folder(path: Path, out: Path, limits: ExtractLimits, rep: ItemRepor
         raise UnsafeArchiveError(f"{archive}: the download is a symbolic link, not a folder; links are not followed")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeArchiveError(f"{archive}: the download is not a folder any more")
-    base = os.path.realpath(path)
-
-    def inside(p: str) -> bool:
-        return p == base or p.startswith(base + os.sep)
-
-    def unlistable(exc: OSError) -> None:
-        where = os.path.relpath(exc.filename, path) if exc.filename else "."
-        raise UnsafeArchiveError(f"{archive}: folder {where!r} of the download cannot be listed "
-                                 f"({exc.strerror or exc}); its files would be missing")
-
-    for dirpath, dirs, files in os.walk(path, onerror=unlistable):
-        dirs.sort()
-        for d in list(dirs):
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full):
-                dirs.remove(d)  # never followed: its target is walked where it lies
-                rel = os.path.relpath(full, path)
-                real = os.path.realpath(full)
-                if not inside(real):
-                    raise UnsafeArchiveError(f"{archive}: folder link {rel!r} points outside the download; refusing it")
-                rep.skipped.append(f"{shown(rel)}: folder link to {os.path.relpath(real, base)!r}, "
-                                   "whose files are extracted where they lie")
+    walk = _FolderWalk(path, out, limits, rep)
+    for dirpath, dirs, files in os.walk(path, onerror=walk.unlistable):
+        walk.prune_folder_links(dirpath, dirs)
         for n in sorted(files):
             full = os.path.join(dirpath, n)
             rel = os.path.relpath(full, path)
-            budget.member()
-            try:
-                lst = os.lstat(full)
-            except FileNotFoundError:
-                raise UnsafeArchiveError(f"{archive}: {rel!r} vanished during extraction") from None
-            source = full
-            if stat.S_ISLNK(lst.st_mode):
-                real = os.path.realpath(full)
-                if not inside(real):
-                    raise UnsafeArchiveError(f"{archive}: link {rel!r} points outside the download; refusing it")
-                if not os.path.isfile(real):
-                    why = "a folder" if os.path.isdir(real) else "nothing (a broken link or a link loop)"
-                    rep.skipped.append(f"{shown(rel)}: link to {why}")
-                    continue
-                source = real
-                rep.links += 1
-            elif not stat.S_ISREG(lst.st_mode):
-                raise UnsafeArchiveError(f"{archive}: {rel!r} is a device, fifo or other special file")
-            try:
-                size = os.stat(source).st_size
-                budget.add(size)
-                clone_or_copy(Path(source), out / rel)
-            except FileNotFoundError:
-                raise UnsafeArchiveError(f"{archive}: {rel!r} vanished during extraction") from None
-            except OSError as exc:
-                raise UnsafeArchiveError(f"{archive}: {rel!r} cannot be copied ({exc.strerror or exc})") from None
-            rep.files += 1
-            rep.bytes += size
+            walk.budget.member()
+            source = walk.source_of(full, rel)
+            if source is not None:
+                walk.copy(source, rel)
 
 
 _EXTRACTORS = {
@@ -504,25 +557,6 @@ _EXTRACTORS = {
 }
 
 
-def _cleanup_strays(parent: Path, name: str) -> None:
-    if not parent.exists():
-        return
-    for p in parent.iterdir():
-        if p.name.startswith(f".{name}.tmp-") or p.name.startswith(f".{name}.old-"):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def replace_dir_atomically(staging: Path, target: Path) -> None:
-    """Swap a complete staging folder in place of target; the old one stays until then."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits = ExtractLimits()) -> ExtractReport:
     """Extract the downloads of one visit into target (each item in its own sub-folder).
 
@@ -531,7 +565,7 @@ def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits
     if not items:
         raise UnsafeArchiveError(f"no download to extract into {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _cleanup_strays(target.parent, target.name)
+    recover_dir(target)  # a swap cut short by a crash: the old folder back, strays gone
     staging = temp_sibling(target)
     staging.mkdir()
     report = ExtractReport(target=str(target))
@@ -553,7 +587,7 @@ def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits
             except OSError as exc:  # the last line: a filesystem error still names the download
                 raise UnsafeArchiveError(f"{shown(item.name)}: extraction failed ({exc})") from None
             report.items.append(rep)
-        replace_dir_atomically(staging, target)
+        swap_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

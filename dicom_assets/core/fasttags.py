@@ -243,6 +243,17 @@ def scan_dataset(data: bytes, media_sop_class: str | None) -> HeaderScan | None:
         return None
 
 
+def _is_utf8(value: bytes) -> bool:
+    """Whether a Specific Character Set value means UTF-8 (ISO_IR 192), False for the default
+    repertoire and Latin-1; any other character set is left to pydicom (:class:`_NeedFallback`)."""
+    cs = value.decode("ascii", "replace").strip("\x00 ").upper()
+    if cs in ("", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6"):
+        return False
+    if cs == "ISO_IR 192":
+        return True
+    raise _NeedFallback  # other character sets: let pydicom decode
+
+
 _ELEMENT = struct.Struct("<HH2sH")  # group, element, VR (explicit) and its 16-bit length
 _U32 = struct.Struct("<I")
 
@@ -280,13 +291,7 @@ def _body(buf: bytes, pos: int, implicit: bool, media_sop: str | None, last: int
         if last is not None and tag > last:
             return out
         if tag == 0x00080005:  # Specific Character Set
-            cs = buf[vstart: vstart + length].decode("ascii", "replace").strip("\x00 ").upper()
-            if cs in ("", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 6"):
-                utf8 = False
-            elif cs == "ISO_IR 192":
-                utf8 = True
-            else:
-                raise _NeedFallback  # other character sets: let pydicom decode
+            utf8 = _is_utf8(buf[vstart: vstart + length])
         if length == _UNDEFINED:
             pos = _skip_undefined(buf, vstart, implicit)
             continue

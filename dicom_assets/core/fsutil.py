@@ -3,6 +3,8 @@
 Every file or folder the platform produces is built under a temporary sibling name
 (``.<name>.tmp-<random>``, hidden, same filesystem) and renamed into place; writers of a
 shared file (the curation status, the catalog, the superdataset) take an exclusive lock first.
+A file goes into place with :func:`atomic_write`; a folder with :func:`swap_dir`, the one way
+every step (extraction, organize, BIDS, DataLad) replaces a folder.
 
 And the small file helpers the core modules share: whether a file changed (:func:`file_token`),
 digests (of a file; of a stream, on a thread: :class:`BackgroundDigests`), and a file name as
@@ -11,10 +13,15 @@ printable text for messages and reports (:func:`printable`).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import hashlib
 import os
 import re
+import shutil
+import sys
 import threading
 import uuid
 from contextlib import contextmanager
@@ -72,6 +79,113 @@ def atomic_write(path: Path, mode: str = "w", *, fsync: bool = False, **open_kw)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------- folder swap
+_OLD = ".old-"
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Exchange two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``, which
+    Python's ``os`` does not expose, hence ctypes); False where the system or the filesystem
+    has no such call (not Linux, an old glibc, EINVAL/ENOSYS/EOPNOTSUPP)."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder tree, or a file or link, whichever ``path`` is (gone already: nothing)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _strays(target: Path) -> tuple[list[Path], list[Path]]:
+    """The ``.<name>.tmp-*`` and ``.<name>.old-*`` siblings of ``target`` (folders a swap
+    built or set aside)."""
+    tmp, old = [], []
+    try:
+        names = os.listdir(target.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return tmp, old
+    for n in names:
+        if n.startswith(f".{target.name}.tmp-"):
+            tmp.append(target.parent / n)
+        elif n.startswith(f".{target.name}{_OLD}"):
+            old.append(target.parent / n)
+    return tmp, old
+
+
+def recover_dir(target: Path, *, keep: Path | None = None) -> bool:
+    """Put ``target`` back after a swap that was cut short, and clear what such swaps left.
+
+    A swap without ``RENAME_EXCHANGE`` renames the old folder aside before renaming the new one
+    in: a crash between the two leaves no ``target`` but ``.<name>.old-*`` beside it, which is
+    renamed back here (the newest, if several). Every other ``.<name>.tmp-*`` / ``.old-*``
+    sibling (a staging folder of a run that died, an old folder a swap did not get to remove)
+    is removed, except ``keep`` (the caller's own staging folder). Call it only where no other
+    writer swaps the same target at the same time (one run per visit; BIDS swaps under its
+    lock). True when ``target`` was put back."""
+    target = Path(target)
+    tmp, old = _strays(target)
+    restored = False
+    if old and not (target.exists() or target.is_symlink()):
+        newest = max(old, key=lambda p: p.lstat().st_mtime_ns)
+        _rename(newest, target)
+        old.remove(newest)
+        restored = True
+    for p in tmp + old:
+        if keep is None or p != Path(keep):
+            _remove(p)
+    return restored
+
+
+def swap_dir(staged: Path, target: Path) -> None:
+    """Put the complete folder ``staged`` in place of ``target`` (made if missing).
+
+    ``staged`` is on the same filesystem, normally ``temp_sibling(target)``. A reader of
+    ``target`` sees the old folder or the new one, never a mixture and never nothing:
+
+    * no ``target`` yet: one rename;
+    * Linux: one ``renameat2(RENAME_EXCHANGE)``, then the old folder (now at ``staged``'s
+      name) is removed; a crash before the removal leaves only a hidden stray;
+    * elsewhere (or a filesystem without the flag): ``target`` is renamed to
+      ``.<name>.old-<tag>``, ``staged`` to ``target``, the old one removed. A crash between the
+      two renames leaves the old folder beside the missing ``target``; the next swap of the same
+      target (or :func:`recover_dir`) renames it back first.
+
+    Strays of earlier swaps of ``target`` are cleared first (:func:`recover_dir`)."""
+    staged, target = Path(staged), Path(target)
+    recover_dir(target, keep=staged)
+    if not (target.exists() or target.is_symlink()):
+        _rename(staged, target)
+        return
+    if _exchange(staged, target):
+        _remove(staged)  # the old folder, at the staging name since the exchange
+        return
+    old = target.with_name(f".{target.name}{_OLD}{uuid.uuid4().hex[:8]}")
+    _rename(target, old)
+    _rename(staged, target)
+    _remove(old)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .downloads import participant_index
 from .errors import ManifestError
 from .ids import Visit, normalize_participant_id, normalize_session_id
 
@@ -54,8 +55,6 @@ class Manifest:
     def participant_index(self) -> dict[str, list[str]]:
         """:func:`~.downloads.participant_index` of the participants, built once per manifest read
         (a visit's dumps are matched against it)."""
-        from .downloads import participant_index  # downloads -> layout -> manifest: imported late
-
         return participant_index(set(self.participants))
 
     def raw_participant_id(self, participant: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import DicomAssetsError
 from .fasttags import KEYWORDS, parse_tags, read_tags
 from .fsutil import BackgroundDigests, atomic_write
+from .layout import dataset_tarball_path
 from .tarball import BLOCK, ZERO_BLOCK
 
 HEAD_BYTES = 1 << 20
@@ -172,7 +173,7 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
         "md5": md5,
         "sha256": sha256,
         "storepath": f"{study}/{Path(tar_path).name}",
-        "dspath": f"icf/{Path(tar_path).name}",
+        "dspath": dataset_tarball_path(Path(tar_path).name),
         "members": members,
         "dicoms": len(dicoms),
         "content_time": datetime.fromtimestamp(latest, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

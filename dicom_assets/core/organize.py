@@ -20,8 +20,7 @@ from pathlib import Path
 
 from .dicomscan import KEPT, REASONS, FileRecord, Rules, apply_rules, read_records, walk_files
 from .errors import OrganizedFolderError
-from .extract import replace_dir_atomically
-from .fsutil import atomic_write, file_digest, printable, temp_sibling
+from .fsutil import atomic_write, file_digest, printable, swap_dir, temp_sibling
 
 _UID_SAFE = re.compile(r"[^0-9A-Za-z.]")
 # the longest flat name (".dcm" included): fits a ustar name field, far below any NAME_MAX
@@ -138,13 +137,8 @@ _HELPER = ("import pickle, sys; sys.path.insert(0, sys.argv[1]); "
 
 
 def organize_workers() -> int:
-    """Processes reading headers: ``DICOM_ASSETS_ORGANIZE_WORKERS``, else min(2, CPUs)."""
-    raw = os.environ.get("DICOM_ASSETS_ORGANIZE_WORKERS", "").strip()
-    if raw:
-        try:
-            return max(1, int(raw))
-        except ValueError:
-            raise ValueError(f"DICOM_ASSETS_ORGANIZE_WORKERS must be a number of processes, not {raw!r}") from None
+    """Processes reading headers by default: min(2, CPUs) (a site sets another number with
+    ``DICOM_ASSETS_ORGANIZE_WORKERS``, which the asset passes as ``workers``)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
@@ -267,13 +261,13 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
             else:
                 shutil.copy2(src, out)
         if report_path is None:
-            replace_dir_atomically(staging, dest_dir)
+            swap_dir(staging, dest_dir)
         else:
             # the report is written (to a temporary file) first: if it cannot be, the previous
             # dicom/ folder and report stay as they were; it replaces the old one after the swap
             with atomic_write(report_path, newline="", encoding="utf-8") as fh:
                 _write_rows(fh, result)
-                replace_dir_atomically(staging, dest_dir)
+                swap_dir(staging, dest_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -17,10 +17,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .dataset import Dataset
 from .downloads import DownloadItem, items_for_visit, read_dicom_dir_map
 from .fsutil import NO_FILE, file_token
 from .ids import Visit, parse_visit_key
-from .layout import Dataset, DatasetLayout
+from .layout import DatasetLayout
 from .tcia import TciaVisitSource, manifest_name, manifests, read_resolved
 
 DUMP, TCIA, UNKNOWN = "dump", "tcia", "unknown"

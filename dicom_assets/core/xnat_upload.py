@@ -184,6 +184,8 @@ def expected_names(files: list[UploadFile]) -> dict[str, set[str]]:
 
 
 def temp_zip_path(folder: Path | None = None) -> Path:
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="xnat-upload-", suffix=".zip", dir=folder)
     os.close(fd)
     return Path(name)

@@ -10,12 +10,12 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AssetRecordsFilter,
     DataVersion,
     Failure,
     MaterializeResult,
     MetadataValue,
 )
-from dagster._core.definitions.data_version import extract_data_version_from_entry
 
 from .. import __version__
 from ..core.curation import update_visit_status
@@ -125,10 +125,12 @@ def visit_metadata(context: AssetExecutionContext, dataset: DatasetResource) -> 
 
 
 def _metadata_checks(context, ds, visit, tj_path, written_dj: list, meta) -> list[AssetCheckResult]:
-    # visit_tarball's data version is the sha256 it wrote: the one Dagster holds for this visit
-    record = context.instance.get_latest_data_version_record(AssetKey("visit_tarball"), False, visit.key)
-    recorded = extract_data_version_from_entry(record.event_log_entry) if record else None
-    recorded = recorded.value if recorded is not None else None
+    # the sha256 visit_tarball recorded for this visit (its metadata, and its data version) in
+    # its latest materialization, read through the instance's public records API
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey("visit_tarball"), asset_partitions=[visit.key]), limit=1).records
+    entry = records[0].asset_materialization.metadata.get("sha256") if records else None
+    recorded = entry.value if entry is not None else None
     actual = meta.tarball["sha256"]
     written_tj = json.loads(tj_path.read_text())
     try:  # from the organize report, not from a listing of the folder the tarball was made of

@@ -2,7 +2,6 @@
 dcm2bids and dcm2niix, and its blocking ``bids_valid`` check (the official BIDS validator)."""
 
 from collections import Counter
-from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
@@ -19,25 +18,18 @@ from ..core.bids import BidsError, convert_visit, load_dcm2bids_config, tool_ver
 from ..core.curation import update_visit_status
 from ..core.versions import digests_version
 from .ingest import organized_dicoms
-from .partitions import organized_dir_of, visit_asset, visit_of
-from .resources import DatasetResource, default_dataset_root
+from .partitions import not_applicable, organized_dir_of, visit_asset, visit_of
+from .resources import DatasetResource
 from .ui import path, table
 
 MAX_ROWS = 200
-
-
-def bids_config_present(root: str | None = None) -> bool:
-    """Whether the dataset root the code location serves has a dcm2bids config (then the
-    sensor's runs include ``bids_session``)."""
-    from ..core.layout import DatasetLayout
-
-    return DatasetLayout(Path(root or default_dataset_root())).dcm2bids_config_path.is_file()
 
 
 @visit_asset(
     group="bids",
     kinds={"bids", "file"},
     deps=[organized_dicoms],
+    output_required=False,  # no dcm2bids config: nothing to convert, no materialization
     description=(
         "`bids/sub-<participant>/ses-<session>/`: the visit converted to a BIDS session by dcm2bids with its "
         "config `code/dcm2bids_config.json` (dcm2niix run per series in the visit's scratch "
@@ -55,10 +47,14 @@ def bids_config_present(root: str | None = None) -> bool:
                                    "of the session and reported with dcm2niix's message)"),
     ],
 )
-def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
+def bids_session(context: AssetExecutionContext, dataset: DatasetResource):
     visit = visit_of(context)
     ds = dataset.open()
     lay = ds.layout
+    if not lay.dcm2bids_config_path.is_file():
+        yield from not_applicable(context, visit, "bids_session", ["bids_valid", "all_series_converted"],
+                                  f"no dcm2bids config at {lay.dcm2bids_config_path}: no BIDS session made")
+        return
     dicom_dir = organized_dir_of(lay, visit)
     try:
         config = load_dcm2bids_config(lay.dcm2bids_config_path)
@@ -143,7 +139,7 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource) -> Ma
     # them: not read again here), so Dagster tells a re-conversion that wrote the same files
     # from one that changed them
     version = DataVersion(digests_version(res.tree)) if res.tree is not None else None
-    return MaterializeResult(metadata=metadata, check_results=[valid, converted_check], data_version=version)
+    yield MaterializeResult(metadata=metadata, check_results=[valid, converted_check], data_version=version)
 
 
 def _issue_table(issues: list[dict]) -> MetadataValue:

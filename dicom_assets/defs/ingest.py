@@ -34,6 +34,7 @@ from ..core.organize import excluded_summary, organize_visit, series_rows
 from ..core.qc import build_montage, middle_images
 from ..core.sources import DUMP, tcia_visits, visit_source
 from ..core.versions import dump_version, kept_version
+from ..settings import current as current_settings
 from .lineage import DOWNLOADS
 from .partitions import visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
@@ -188,7 +189,7 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
     report_path = lay.organize_report_path(visit)
     try:
         result = organize_visit(visit.key, lay.raw_dir(visit), lay.dicom_dir(visit), rules, cfg.organize_mode,
-                                report_path=report_path)
+                                report_path=report_path, workers=current_settings().organize_workers)
     except (FileNotFoundError, DicomAssetsError) as exc:
         raise Failure(str(exc)) from None
     counts = result.counts()

@@ -11,6 +11,11 @@ Data versions (``MaterializeResult(data_version=...)``) are computed in ``core/v
 """
 
 from dagster import AssetKey, AssetObservation, MetadataValue
+
+# A private module, on purpose: the downloads partitions are observed by the sensors (not by an
+# observable source asset's function, whose ObserveResult(data_version=...) is the public way),
+# and Dagster's public AssetObservation (1.13) takes a data version only as these two tags. If
+# their names move, test_lineage fails (it reads the versions back through the UI's staleness).
 from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
 
 from ..core.bids import CONVERTER_VERSION

@@ -6,8 +6,6 @@ session), and a grid would show cells for visits that do not exist, which a "bac
 missing" would then try to run. See docs/decisions.md.
 """
 
-import os
-
 from dagster import DefaultSensorStatus, DynamicPartitionsDefinition, asset
 
 from ..core.ids import Visit, parse_visit_key
@@ -33,6 +31,19 @@ def organized_dir_of(layout, visit: Visit):
     return path
 
 
+def not_applicable(context, visit: Visit, asset: str, checks: list[str], why: str):
+    """What a step with nothing to do yields (its asset is ``output_required=False``): no
+    materialization (the visit's partition of ``asset`` stays as it was, missing or the last
+    one), and its checks answered "not applicable" (Dagster requires every check of a step to
+    be answered). The run goes on; the log says why."""
+    from dagster import AssetCheckResult
+
+    context.log.info(f"{visit.key}: {asset}: {why}")
+    for name in checks:
+        yield AssetCheckResult(check_name=name, passed=True, description=f"not applicable: {why}",
+                               metadata={"applicable": False})
+
+
 OWNERS = ["team:imaging"]
 
 
@@ -50,5 +61,6 @@ def visit_asset(*, group: str, kinds: set[str], **kwargs):
 
 def sensor_default_status() -> DefaultSensorStatus:
     """Sensors run from the start, unless ``DICOM_ASSETS_SENSORS=off`` (e.g. to backfill by hand)."""
-    off = os.environ.get("DICOM_ASSETS_SENSORS", "").lower() in ("off", "0", "false", "stopped")
-    return DefaultSensorStatus.STOPPED if off else DefaultSensorStatus.RUNNING
+    from ..settings import current
+
+    return DefaultSensorStatus.STOPPED if current().sensors == "off" else DefaultSensorStatus.RUNNING

@@ -29,9 +29,10 @@ from ..core.xnat_upload import (
     select_files,
     upload_visit,
 )
+from ..settings import current as current_settings
 from .archive import visit_metadata
 from .ingest import organized_dicoms
-from .partitions import visit_asset, visit_of
+from .partitions import not_applicable, visit_asset, visit_of
 from .resources import DatasetResource, XnatResource
 from .ui import path, table
 
@@ -62,7 +63,7 @@ def datalad_dataset(context: AssetExecutionContext, dataset: DatasetResource) ->
         res = index_visit(lay.datalad_dir(ds.study, visit), visit=visit.key, study=ds.study,
                           tarball_meta=json.loads(tj.read_text()), dicoms_meta=json.loads(dj.read_text()),
                           store_dir=lay.store_dir(ds.study), store_base_url=ds.config.datalad_store_url,
-                          superdataset=ds.config.datalad_superdataset)
+                          superdataset=ds.config.datalad_superdataset, writer=current_settings().datalad_writer)
     except DataladError as exc:
         raise Failure(str(exc)) from None
     update_visit_status(ds, visit)
@@ -111,6 +112,7 @@ def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> M
     kinds={"xnat"},
     deps=[organized_dicoms, visit_metadata],
     pool="xnat_upload",
+    output_required=False,  # no XNAT configured: the step has nothing to do and records no upload
     retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL),
     check_specs=[AssetCheckSpec("scans_match_series", asset="xnat_session", blocking=True,
                                 description="the scans XNAT reports (series number, file count) are the "
@@ -123,8 +125,12 @@ def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> M
         "as resource `METADATA`."
     ),
 )
-def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat: XnatResource) -> MaterializeResult:
+def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat: XnatResource):
     visit = visit_of(context)
+    if not xnat.configured:
+        yield from not_applicable(context, visit, "xnat_session", ["scans_match_series"],
+                                  "no XNAT configured (XNAT_HOST is not set): nothing uploaded")
+        return
     ds = dataset.open()
     cfg, lay = ds.config, ds.layout
     if not cfg.xnat_project:
@@ -145,7 +151,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     try:
         with xnat.connect() as session:
             result = upload_visit(
-                session, server=xnat.server, project=cfg.xnat_project, subject=subject, project_files=project_files,
+                session, server=xnat.url, project=cfg.xnat_project, subject=subject, project_files=project_files,
                 session_label=label, files=files, excluded=excluded,
                 metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
                 policy=cfg.xnat_duplicate_policy, workdir=lay.xnat_upload_dir, log=context.log.info,
@@ -161,7 +167,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     for w in result.warnings:
         context.log.warning(w)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    url = f"{xnat.server.rstrip('/')}{result.session_uri}"
+    url = f"{xnat.url.rstrip('/')}{result.session_uri}"
     marker.write_text(json.dumps({"project": result.project, "subject": result.subject,
                                   "session_label": result.session_label, "uri": result.session_uri,
                                   "status": result.status, "files_sent": result.files_sent,
@@ -173,7 +179,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     want = expected_scans([f for f in files if f.arcname not in filtered])
     have = {s["scan"]: s["files"] for s in result.scans}
     context.log.info(f"{visit.key}: {result.status} as {result.project}/{result.subject}/{result.session_label}")
-    return MaterializeResult(
+    yield MaterializeResult(
         data_version=DataVersion(xnat_version(result.session_uri, have)),
         metadata={
             "status": result.status,

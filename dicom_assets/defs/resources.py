@@ -1,21 +1,20 @@
 """Every resource: the dataset root, the site's XNAT, the NBIA servers of TCIA."""
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ..core.layout import Dataset
+from ..core.dataset import Dataset
 from ..core.tcia import DEFAULT_API_VERSION, PUBLIC_SERVERS, NbiaClient, TciaManifest, manifest_server
-from ..core.xnat_upload import classify_error
+from ..core.xnat_upload import XnatAuthError, XnatError, classify_error
+from ..settings import current
 
 
 def default_dataset_root() -> str:
     """``$DICOM_ASSETS_ROOT``, else the demo root of a source checkout (``.demo/dataset``)."""
-    env = os.environ.get("DICOM_ASSETS_ROOT")
+    env = current().dataset_root
     if env:
         return env
     checkout = Path(__file__).resolve().parents[2]
@@ -34,23 +33,47 @@ class DatasetResource(ConfigurableResource):
 
 
 class XnatResource(ConfigurableResource):
-    """The site's XNAT: URL, user and password from environment variables (never logged)."""
+    """The site's XNAT. A field left unset is read from the environment when a step connects
+    (``XNAT_HOST``, ``XNAT_USER``, ``XNAT_PASSWORD``, ``XNAT_VERIFY``; ``dicom_assets.settings``),
+    so the code location holds no secret in its resource config and needs no XNAT to load;
+    ``configured`` tells a step whether there is an XNAT to upload to."""
 
-    server: str = Field(description="XNAT base URL, e.g. https://xnat.example.org (XNAT_HOST)")
-    user: str = Field(description="XNAT user (XNAT_USER)")
-    password: str = Field(description="XNAT password (XNAT_PASSWORD)")
-    verify: bool = Field(default=True, description="verify TLS certificates")
+    server: str | None = Field(default=None, description="XNAT base URL, e.g. https://xnat.example.org "
+                                                         "(default: XNAT_HOST)")
+    user: str | None = Field(default=None, description="XNAT user (default: XNAT_USER)")
+    password: str | None = Field(default=None, description="XNAT password (default: XNAT_PASSWORD)")
+    verify: bool | None = Field(default=None, description="verify TLS certificates (default: XNAT_VERIFY, true)")
     timeout: int = Field(default=600, description="seconds before an upload request times out")
+
+    @property
+    def url(self) -> str | None:
+        """The XNAT base URL, None when none is configured."""
+        return self.server or current().xnat_host
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.url)
 
     @contextmanager
     def connect(self):
         import xnat
 
+        settings = current()
+        server = self.url
+        if not server:
+            raise XnatError("no XNAT configured: set XNAT_HOST (and XNAT_USER, XNAT_PASSWORD)")
+        user = self.user or settings.xnat_user
+        password = self.password
+        if password is None and settings.xnat_password is not None:
+            password = settings.xnat_password.get_secret_value()
+        if not (user and password):
+            raise XnatAuthError(f"{server}: no XNAT credentials: set XNAT_USER and XNAT_PASSWORD")
+        verify = settings.xnat_verify if self.verify is None else self.verify
         try:
-            session = xnat.connect(self.server, user=self.user, password=self.password, verify=self.verify,
-                                   loglevel="ERROR", default_timeout=self.timeout)
+            session = xnat.connect(server, user=user, password=password, verify=verify, loglevel="ERROR",
+                                   default_timeout=self.timeout)
         except Exception as exc:
-            raise classify_error(exc, self.server) from None
+            raise classify_error(exc, server) from None
         try:
             yield session
         finally:
@@ -60,35 +83,31 @@ class XnatResource(ConfigurableResource):
                 pass
 
 
-def xnat_resource_from_env() -> XnatResource:
-    from dagster import EnvVar
-
-    return XnatResource(server=EnvVar("XNAT_HOST"), user=EnvVar("XNAT_USER"), password=EnvVar("XNAT_PASSWORD"),
-                        verify=os.environ.get("XNAT_VERIFY", "true").lower() != "false")
-
-
 class TciaResource(ConfigurableResource):
     """The NBIA servers that serve TCIA's series, and how to use their REST API.
 
     A ``.tcia`` manifest names its server (``downloadServerUrl``): its series are asked there,
-    if it is one of ``servers``; a CSV export names none and goes to the first of ``servers``."""
+    if it is one of ``servers``; a CSV export names none and goes to the first of ``servers``.
+    Fields left unset are read from the environment when a step uses them (``TCIA_SERVERS``,
+    ``TCIA_API_VERSION``)."""
 
-    servers: list[str] = Field(default=list(PUBLIC_SERVERS),
-                               description="NBIA servers manifests may name; the first is the default (TCIA_SERVERS, "
-                                           "comma-separated)")
-    api_version: Literal["v4", "v1"] = Field(default=DEFAULT_API_VERSION,
-                                             description="NBIA REST API version: v4 (default, tcia_utils') or v1 "
-                                                         "(the Data Retriever's) (TCIA_API_VERSION)")
+    servers: list[str] | None = Field(default=None,
+                                      description="NBIA servers manifests may name; the first is the default "
+                                                  "(default: TCIA_SERVERS, comma-separated, else TCIA's public ones)")
+    api_version: str | None = Field(default=None,
+                                                    description="NBIA REST API version: v4 (tcia_utils') or v1 "
+                                                                "(the Data Retriever's) (default: TCIA_API_VERSION, "
+                                                                f"else {DEFAULT_API_VERSION})")
     workers: int = Field(default=2, description="series downloaded in parallel")
     retries: int = Field(default=4, description="retries of a failing series, with exponential backoff")
     backoff: float = Field(default=1.0, description="seconds before the first retry")
 
+    def allowed_servers(self) -> list[str]:
+        return list(self.servers or current().tcia_servers or PUBLIC_SERVERS)
+
     def client(self, manifest: TciaManifest) -> NbiaClient:
-        return NbiaClient(manifest_server(manifest, self.servers), self.api_version, retries=self.retries,
+        version = self.api_version or current().tcia_api_version
+        if version not in ("v4", "v1"):
+            raise ValueError(f"TciaResource.api_version must be v4 or v1, not {version!r}")
+        return NbiaClient(manifest_server(manifest, self.allowed_servers()), version, retries=self.retries,
                           backoff=self.backoff)
-
-
-def tcia_resource_from_env() -> TciaResource:
-    servers = [s.strip() for s in os.environ.get("TCIA_SERVERS", "").split(",") if s.strip()]
-    return TciaResource(servers=servers or list(PUBLIC_SERVERS),
-                        api_version=os.environ.get("TCIA_API_VERSION", DEFAULT_API_VERSION))

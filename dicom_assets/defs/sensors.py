@@ -6,12 +6,14 @@ from pathlib import Path
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from ..core.dataset import Dataset
 from ..core.downloads import read_dicom_dir_map, signature
-from ..core.downloads_state import DownloadsState, Settings, context_token, parse_cursor
+from ..core.downloads_state import DownloadsState, SensorLimits, context_token, parse_cursor
 from ..core.errors import DicomAssetsError
-from ..core.layout import Dataset, DatasetLayout
+from ..core.layout import DatasetLayout
 from ..core.tcia import manifest_name, manifests, read_resolved
-from .jobs import tcia_job, visit_chain_job
+from ..settings import current as current_settings
+from .jobs import chain_selection, tcia_job, visit_chain_job
 from .lineage import dump_observation
 from .partitions import VISITS_PARTITION_NAME, sensor_default_status, visits_partitions
 from .resources import DatasetResource
@@ -21,6 +23,13 @@ VISIT_TAG = "dicom_assets/visit"
 DOWNLOAD_TAG = "dicom_assets/download"
 
 
+def run_selection(layout: DatasetLayout) -> list:
+    """The assets a visit's run requested now holds: the chain, XNAT only when one is configured
+    (``XNAT_HOST``), BIDS only when the dataset root has a dcm2bids config. Read at every tick,
+    so setting either later takes effect without reloading the code location."""
+    return chain_selection(xnat=current_settings().xnat_configured, bids=layout.dcm2bids_config_path.is_file())
+
+
 def load_cursor(raw: str | None, *keys: str) -> list[dict]:
     """The named maps of a sensor's JSON cursor (empty when missing or unreadable)."""
     data = parse_cursor(raw)
@@ -28,7 +37,7 @@ def load_cursor(raw: str | None, *keys: str) -> list[dict]:
 
 
 def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResource,
-                       settings: Settings | None = None):
+                       settings: SensorLimits | None = None):
     """One tick: new complete downloads -> new visit partitions + one run each, at most
     ``settings.batch`` per tick (the rest wait in order). The settled state lives in
     ``scratch/state/downloads-<id>.sqlite`` (core/downloads_state.py); the cursor only names
@@ -39,7 +48,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}")
     lay = ds.layout
-    settings = settings or Settings.from_env()
+    settings = settings or current_settings().downloads_sensor()
 
     def classifier():
         return set(ds.manifest.participants), read_dicom_dir_map(lay.dicom_dir_map_path)
@@ -58,7 +67,8 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     if out.dropped:
         context.log.info(f"{len(out.dropped)} pending download(s) vanished before they were taken, dropped: "
                          + ", ".join(out.dropped[:5]) + (" ..." if len(out.dropped) > 5 else ""))
-    run_requests = [RunRequest(run_key=f"{t.rel}:{t.token}", partition_key=t.visit,
+    selection = run_selection(lay) if out.taken else None
+    run_requests = [RunRequest(run_key=f"{t.rel}:{t.token}", partition_key=t.visit, asset_selection=selection,
                                tags={VISIT_TAG: t.visit, DOWNLOAD_TAG: t.rel}) for t in out.taken]
     cursor = out.cursor()
     if not run_requests:
@@ -89,7 +99,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     )
 
 
-def build_downloads_sensor(job, minimum_interval_seconds: int = 10, settings: Settings | None = None):
+def build_downloads_sensor(job, minimum_interval_seconds: int = 10, settings: SensorLimits | None = None):
     @sensor(
         name="downloads_sensor",
         job=job,
@@ -136,7 +146,8 @@ def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, ch
         for visit in sorted({r["visit"] for r in read_resolved(res)}):
             new_visits.append(visit)
             requests.append(RunRequest(run_key=f"tcia:{name}/{visit}:{rtoken}", partition_key=visit,
-                                       job_name=chain_job_name, tags={VISIT_TAG: visit}))
+                                       job_name=chain_job_name, tags={VISIT_TAG: visit},
+                                       asset_selection=run_selection(lay)))
     cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "resolved": resolved}, sort_keys=True)
     if not requests:
         return SensorResult(skip_reason=SkipReason(

@@ -50,7 +50,9 @@ SOURCES: tuple[SampleSource, ...] = (
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("DICOM_ASSETS_CACHE")
+    from ..settings import current
+
+    env = current().cache
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dicom-assets"

@@ -70,7 +70,7 @@ puts a reverse proxy in front: a request still running after that many seconds g
 while the server carries on (``import_seconds`` makes archiving take that long).
 ``server.max_concurrent_imports`` records the peak number of simultaneous uploads.
 
-Start by hand: ``dicom-assets xnat-test-server --port 8080 --user admin`` (password from
+Start by hand: ``dicom-assets-testing xnat-server --port 8080 --user admin`` (password from
 ``$XNAT_PASSWORD``).
 """
 
