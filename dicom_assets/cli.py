@@ -86,7 +86,7 @@ def cmd_xnat_upload(args) -> int:
 
     from .core.dicomscan import Rules
     from .core.organize import classify_tree
-    from .core.xnat_upload import (
+    from .core.xnat import (
         XnatError,
         classic_tree_sessions,
         classify_error,

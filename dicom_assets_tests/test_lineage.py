@@ -27,7 +27,7 @@ from dagster import AssetSelection, EnvVar
 from dicom_assets.core.ids import Visit
 from dicom_assets.core.layout import DatasetLayout
 from dicom_assets.core.versions import dump_version, kept_version
-from dicom_assets.core.xnat_upload import find_session, scan_counts
+from dicom_assets.core.xnat import find_session, scan_counts
 from dicom_assets.definitions import downloads_sensor
 from dicom_assets.defs.lineage import CODE_VERSIONS
 from dicom_assets.defs.resources import DatasetResource, XnatResource

@@ -415,7 +415,7 @@ def test_project_resources_need_the_owner_role(samples, server, password, tmp_pa
 
     from dicom_assets.core.dicomscan import Rules
     from dicom_assets.core.organize import classify_tree
-    from dicom_assets.core.xnat_upload import files_from_records, upload_visit
+    from dicom_assets.core.xnat import files_from_records, upload_visit
 
     server.add_user("pi", "pi-pw")
     server.add_project("TCIA_P", owner="pi", members=(USER,))
@@ -458,7 +458,7 @@ def visit_folder(samples, tmp_path, edit=None):
 
     from dicom_assets.core.dicomscan import Rules
     from dicom_assets.core.organize import classify_tree
-    from dicom_assets.core.xnat_upload import files_from_records
+    from dicom_assets.core.xnat import files_from_records
 
     folder = tmp_path / "visit"
     shutil.copytree(next((samples.xnat_case001 / "scans").glob("2_*")), folder)
@@ -471,7 +471,7 @@ def visit_folder(samples, tmp_path, edit=None):
 
 
 def upload(server, password, files, *, project="QPN_DEMO", subject="Case001", label="Case001_MR1", **kw):
-    from dicom_assets.core.xnat_upload import upload_visit
+    from dicom_assets.core.xnat import upload_visit
 
     with xnatpy_session(server, USER, password) as s:
         return upload_visit(s, server=server.url, project=project, subject=subject, session_label=label,
@@ -521,7 +521,7 @@ def test_projects_are_seen_as_their_accessibility_allows(server, password):
 ])
 def test_a_project_the_user_cannot_upload_to_fails_before_sending(samples, server, password, tmp_path, project,
                                                                  accessibility, says):
-    from dicom_assets.core.xnat_upload import XnatError
+    from dicom_assets.core.xnat import XnatError
 
     server.add_user("pi", "pi-pw")
     if accessibility:
@@ -581,7 +581,7 @@ def test_importer_refuses_a_dicom_without_sop_class_uid(samples, server, passwor
 def test_client_refuses_to_send_a_dicom_xnat_would_drop(samples, server, password, tmp_path):
     """Under Ignore-Unparsable XNAT drops a file without SOPClassUID silently: the client says
     so, naming the file, before anything is sent."""
-    from dicom_assets.core.xnat_upload import XnatError
+    from dicom_assets.core.xnat import XnatError
 
     files = visit_folder(samples, tmp_path, edit=lambda ds: setattr(ds, "SOPClassUID", ""))
     with pytest.raises(XnatError) as err:
@@ -612,7 +612,7 @@ def test_subject_put_keeps_the_label_as_xnat_does(server, password):
 
 @pytest.mark.faults
 def test_label_longer_than_xnat_stores_fails_before_sending(samples, server, password, tmp_path):
-    from dicom_assets.core.xnat_upload import XnatError
+    from dicom_assets.core.xnat import XnatError
 
     files = visit_folder(samples, tmp_path)
     with pytest.raises(XnatError, match="has 300 characters; XNAT stores labels of at most 255"):
@@ -746,7 +746,7 @@ def test_upload_kept_in_the_prearchive_of_a_manual_project_fails_clearly(samples
     In a project set to "all to prearchive" (0) its session rebuilder leaves the row READY: the
     client waits while XNAT works on the row, then fails naming the row and what the site admin
     can do, and leaves the row; a re-run sends the files again into that row and completes."""
-    from dicom_assets.core.xnat_upload import XnatError
+    from dicom_assets.core.xnat import XnatError
 
     files = visit_folder(samples, tmp_path)
     server.add_project("QPN_DEMO", owner=USER, prearchive_code=0)
@@ -789,7 +789,7 @@ def test_merge_refused_when_a_session_appears_meanwhile(samples, server, passwor
     set to "all to prearchive": the import did not ask to merge, so XNAT refuses (row CONFLICT,
     400). The client says so and removes its row; a re-run with policy 'append' sends what the
     session lacks with overwrite=append, which XNAT needs to merge there, and completes."""
-    from dicom_assets.core.xnat_upload import XnatError
+    from dicom_assets.core.xnat import XnatError
 
     files = visit_folder(samples, tmp_path)
     server.add_project("QPN_DEMO", owner=USER, prearchive_code=0)
@@ -959,7 +959,7 @@ def test_import_stopped_mid_zip_leaves_no_partial_session(samples, server, passw
     """XNAT stops an import mid-zip (GradualDicomImporter cannot write a file: 507) after staging
     5 files in a RECEIVING row. The client removes that row, so XNAT's session rebuilder cannot
     archive a partial session from it; a re-run sends everything."""
-    from dicom_assets.core.xnat_upload import XnatError
+    from dicom_assets.core.xnat import XnatError
 
     files = visit_folder(samples, tmp_path)
     server.add_project("QPN_DEMO", owner=USER)
@@ -981,7 +981,7 @@ def test_series_import_filters_as_xnat_keeps_and_applies_them(samples, server, p
     object must pass both; patterns are case-insensitive and searched; [tag] sections and
     EXISTS apply to other headers; a disabled filter does not apply. The client reads them and
     explains a drop only when a filter it read drops the file."""
-    from dicom_assets.core.xnat_upload import series_import_filters
+    from dicom_assets.core.xnat import series_import_filters
 
     files = visit_folder(samples, tmp_path)
     z = series_zips(samples, tmp_path)["all"]
@@ -1041,7 +1041,7 @@ def test_retry_completes_its_own_partial_session_under_the_default_policy(sample
     session is one this client recorded as being sent for the visit: its own unfinished upload.
     It sends only the missing files (overwrite=append), records none as filtered, and removes the
     record once the session is complete."""
-    from dicom_assets.core.xnat_upload import XnatTransientError
+    from dicom_assets.core.xnat import XnatTransientError
 
     files = visit_folder(samples, tmp_path)
     pending = tmp_path / "logs/xnat/visit.pending.json"
@@ -1067,7 +1067,7 @@ def test_retry_completes_its_own_partial_session_under_the_default_policy(sample
 def test_partial_session_with_a_file_not_being_sent_follows_the_policy(samples, server, password, tmp_path):
     """A partial session holding a file this client did not record as being sent for the visit
     is someone else's data: policy 'fail' fails as before, and the record stays."""
-    from dicom_assets.core.xnat_upload import XnatError, write_pending
+    from dicom_assets.core.xnat import XnatError, write_pending
 
     files = visit_folder(samples, tmp_path)
     server.add_project("QPN_DEMO", owner=USER)

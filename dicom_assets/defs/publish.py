@@ -20,7 +20,7 @@ from ..core.curation import update_visit_status
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.sources import visit_source
 from ..core.versions import xnat_version
-from ..core.xnat_upload import (
+from ..core.xnat import (
     XnatAuthError,
     XnatError,
     XnatTransientError,

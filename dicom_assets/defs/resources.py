@@ -8,7 +8,7 @@ from pydantic import Field
 
 from ..core.dataset import Dataset
 from ..core.tcia import DEFAULT_API_VERSION, PUBLIC_SERVERS, NbiaClient, TciaManifest, manifest_server
-from ..core.xnat_upload import XnatAuthError, XnatError, classify_error
+from ..core.xnat import XnatAuthError, XnatError, classify_error
 from ..settings import current
 
 

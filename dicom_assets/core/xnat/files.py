@@ -1,0 +1,169 @@
+"""What a visit sends: its files (from the metadata JSON or a classic folder tree), the zip,
+the pending-upload record, and what XNAT's importer would refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fsutil import atomic_write
+from .errors import XnatError
+
+_HEAD = 64 << 10  # header bytes read to find a file's SOP Class and Instance UIDs
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    path: Path
+    arcname: str
+    sop_instance_uid: str
+    series_number: int | None
+    series_description: str | None
+    study_instance_uid: str = ""
+
+
+def select_files(dicoms_json: list[dict], organized_dir: Path, exclude: tuple[str, ...]) -> tuple[list[UploadFile], list[dict]]:
+    """From a visit's metadata_dicoms.json: the files to send and the ones left out (why)."""
+    send, skipped = [], []
+    for rec in dicoms_json:
+        name = rec["path"].rsplit("/", 1)[-1]
+        desc = rec.get("SeriesDescription") or ""
+        hit = next((x for x in exclude if x.lower() in desc.lower()), None)
+        if hit:
+            skipped.append({"path": rec["path"], "reason": f"series {desc!r} matches exclusion {hit!r}"})
+            continue
+        send.append(UploadFile(organized_dir / name, name, rec.get("SOPInstanceUID") or "",
+                               rec.get("SeriesNumber"), desc, rec.get("StudyInstanceUID") or ""))
+    return send, skipped
+
+
+def write_zip(files: list[UploadFile], dest: Path) -> int:
+    """Stream the files into a zip (stored: DICOM pixel data hardly compresses)."""
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for f in files:
+            zf.write(f.path, arcname=f.arcname)
+    return dest.stat().st_size
+
+
+def scan_key(f: UploadFile) -> str:
+    return str(f.series_number if f.series_number is not None else "")
+
+
+def expected_scans(files: list[UploadFile]) -> dict[str, int]:
+    """Series number -> file count the XNAT session should end with."""
+    out: dict[str, int] = {}
+    for f in files:
+        key = scan_key(f)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def expected_names(files: list[UploadFile]) -> dict[str, set[str]]:
+    """Series number -> the file names (``<SOPInstanceUID>.dcm``) its DICOM resource should hold."""
+    out: dict[str, set[str]] = {}
+    for f in files:
+        out.setdefault(scan_key(f), set()).add(f.arcname)
+    return out
+
+
+def temp_zip_path(folder: Path | None = None) -> Path:
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="xnat-upload-", suffix=".zip", dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
+def load_dicoms_json(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def write_pending(path: Path, *, project: str, subject: str, label: str, tag: str, files: list[UploadFile]) -> None:
+    """Record, before anything is sent, what this client is about to send for a visit (no
+    server, user or password: only XNAT's project, subject, session label and the files)."""
+    record = {"project": project, "subject": subject, "session_label": label, "study_instance_uid": tag,
+              "files": {f.arcname: f.sop_instance_uid for f in files}}
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(record, indent=2) + "\n")
+
+
+def read_pending(path: Path | None, *, project: str, label: str, log) -> set[str]:
+    """The file names an unfinished upload of this visit's session recorded as being sent
+    (empty when there is no record, or it is for another project or label, or unreadable)."""
+    if path is None or not path.is_file():
+        return set()
+    try:
+        record = json.loads(path.read_text())
+        if record.get("project") != project or record.get("session_label") != label:
+            return set()
+        return {str(n) for n in record["files"]}
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        log(f"{path}: unreadable record of an unfinished upload; an existing session follows the duplicate policy")
+        return set()
+
+
+def importer_refusals(files: list[UploadFile]) -> list[tuple[str, str]]:
+    """``(name, why)`` of the files XNAT's importer refuses (``GradualDicomImporter.call``: "object
+    <name> contains no SOP Class UID", then the same for the SOP Instance UID; an empty value
+    counts as none, and MediaStorageSOPClassUID in the file meta does not stand in)."""
+    from ..fasttags import read_tags
+
+    out = []
+    for f in files:
+        with open(f.path, "rb") as fh:  # a missing file is an OSError of its own, not a refusal
+            head = fh.read(_HEAD)
+        try:
+            tags = read_tags(head, f.path)
+        except Exception as exc:  # pydicom could not read it either: XNAT's dcm4che would not
+            out.append((f.arcname, f"unreadable DICOM header ({type(exc).__name__})"))
+            continue
+        if not str(tags.get("SOPClassUID") or "").strip():
+            out.append((f.arcname, "no SOP Class UID (0008,0016)"))
+        elif not str(tags.get("SOPInstanceUID") or "").strip():
+            out.append((f.arcname, "no SOP Instance UID (0008,0018)"))
+    return out
+
+
+def series_summary(names: set[str], files: list[UploadFile]) -> str:
+    """``series 3 (T2w): 10 of 20 files, ...`` for the named files."""
+    total: dict[str, int] = {}
+    count: dict[str, int] = {}
+    desc: dict[str, str] = {}
+    for f in files:
+        key = scan_key(f)
+        total[key] = total.get(key, 0) + 1
+        desc.setdefault(key, f.series_description or "")
+        if f.arcname in names:
+            count[key] = count.get(key, 0) + 1
+    order = sorted(count, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    return ", ".join(f"series {k or '?'}" + (f" ({desc[k]})" if desc[k] else "") + f": {count[k]} of {total[k]} files"
+                     for k in order)
+
+
+def files_from_records(records, root: Path) -> list[UploadFile]:
+    """Kept organize records (of a folder tree) as files to send."""
+    return [UploadFile(root / r.source, f"{r.sop_instance_uid}.dcm", r.sop_instance_uid or "", r.series_number,
+                       r.series_description, r.study_instance_uid or "") for r in records if r.decision == "kept"]
+
+
+def classic_tree_sessions(root: Path):
+    """``<root>/<subject>/<session>/...``, the tree of the classic upload script: (subject, session, folder)."""
+    for subj in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for ses in sorted(p for p in subj.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            yield subj.name, ses.name, ses
+
+
+def read_exclusions(path: Path | None) -> tuple[str, ...]:
+    """``{"Exclude": ["Localizers", ...]}`` (the classic script's file) or a plain list."""
+    if path is None:
+        return ()
+    data = json.loads(Path(path).read_text())
+    values = data.get("Exclude") if isinstance(data, dict) else data
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise XnatError(f"{path}: expected {{\"Exclude\": [\"substring\", ...]}}")
+    return tuple(values)
+

@@ -1,0 +1,202 @@
+"""XNAT's prearchive: the rows of an upload, waiting for them, the import request, and what
+XNAT's answer (a refusal, an answer without an archive URI) means."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .errors import XnatError, XnatTransientError, http_status
+from .remote import dicom_names, find_session, rows
+
+IN_PROGRESS = ("RECEIVING", "RECEIVING_INTERRUPT", "BUILDING", "QUEUED_BUILDING", "QUEUED_ARCHIVING", "ARCHIVING",
+               "_RECEIVING", "_BUILDING", "_ARCHIVING", "QUEUED_DELETING", "DELETING", "_DELETING")
+LEFTOVER = ("ERROR", "READY", "CONFLICT")
+FAILED_ROW = ("ERROR", "CONFLICT")
+# PrearchiveCode: a project's prearchive setting (arc:project/prearchive_code)
+PREARCHIVE_CODES = {0: "0 (everything to the prearchive, for review)", 4: "4 (auto-archive)",
+                    5: "5 (auto-archive, overwriting files)"}
+
+
+def prearchive_rows(session, project: str, label: str, tag: str) -> dict[str, dict]:
+    """Prearchive rows of this visit: same session label and StudyInstanceUID."""
+    return {r["url"]: r for r in rows(session, f"/data/prearchive/projects/{project}")
+            if r.get("name") == label and (not tag or r.get("tag") == tag)}
+
+
+def own_rows(session, project: str, label: str, tag: str, before: dict[str, dict]) -> dict[str, dict]:
+    """Rows of this visit that appeared or changed since ``before``: what this upload left."""
+    return {url: r for url, r in prearchive_rows(session, project, label, tag).items()
+            if url not in before or before[url].get("lastmod") != r.get("lastmod")}
+
+
+def prearchive_code(session, project: str) -> int | None:
+    """The project's prearchive setting as ``/data/projects/<id>/prearchive_code`` gives it
+    (ProjectResource; any user who may read the project), or None when XNAT does not say."""
+    try:
+        return int(session.get(f"/data/projects/{project}/prearchive_code").text.strip())
+    except Exception:
+        return None
+
+
+def _code_text(code: int | None) -> str:
+    return PREARCHIVE_CODES.get(code, str(code)) if code is not None else "unknown (XNAT did not say)"
+
+
+def remove_prearchive_leftovers(session, project: str, label: str, tag: str, before: dict[str, dict],
+                                statuses: tuple[str, ...] = LEFTOVER) -> list[str]:
+    """Delete the prearchive rows this upload left (appeared or changed since ``before``, in
+    ERROR/READY/CONFLICT or ``statuses``); rows XNAT is still working on and other uploads' rows stay."""
+    removed = []
+    for url, row in prearchive_rows(session, project, label, tag).items():
+        old = before.get(url)
+        if row.get("status") in statuses and (old is None or old.get("lastmod") != row.get("lastmod")):
+            # xnatpy's PrearchiveSession.delete: PrearchiveBatchDelete (a locked row is never deleted)
+            session.post("/data/services/prearchive/delete", query={"src": url})
+            removed.append(url)
+    return removed
+
+
+def wait_for_prearchive(session, project: str, label: str, tag: str, before: dict[str, dict] | None,
+                        wait_seconds: float, poll: float, log) -> None:
+    """Wait while XNAT is still receiving or archiving rows of this visit (all of them when
+    ``before`` is None, else those that appeared or changed since)."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        busy = [r for url, r in prearchive_rows(session, project, label, tag).items()
+                if r.get("status") in IN_PROGRESS
+                and (before is None or before.get(url, {}).get("lastmod") != r.get("lastmod"))]
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise XnatTransientError(
+                f"XNAT is still {busy[0]['status'].strip('_').lower()} {label} in project {project} after "
+                f"{wait_seconds:.0f} s; nothing was sent again (the retry looks again first)")
+        log(f"XNAT is {busy[0]['status'].strip('_').lower()} {label}; waiting before anything is sent again")
+        time.sleep(poll)
+
+
+def post_import(session, zpath: Path, *, project: str, subject: str, label: str, overwrite: str | None,
+                timeout) -> str:
+    """POST the zip to ``/data/services/import`` with the query xnatpy's ``services.import_``
+    builds (``import-handler``, ``dest``, ``project``, ``subject``, ``session``, ``overwrite``,
+    ``Ignore-Unparsable``), through xnatpy's ``upload_file``, and return XNAT's answer: an archive
+    URI, a prearchive URI, or nothing. ``import_`` itself cannot be used: a 200 answer without
+    a URI (XNAT kept the upload in its prearchive) makes it fail with an IndexError after XNAT
+    has taken the data. ``overwrite`` is the only way to ask the import service to merge:
+    Importer.parseOverrideValue derives allowSessionMerge from it and writes over any
+    ``allowSessionMerge`` of the query."""
+    query = {"import-handler": "DICOM-zip", "dest": "/archive", "project": project, "subject": subject,
+             "session": label, "Ignore-Unparsable": "true"}
+    if overwrite:
+        query["overwrite"] = overwrite
+    # xnatpy sends uploads with no timeout unless given one: a hanging XNAT would hold the run
+    # (and a pool slot) forever
+    resp = session.upload_file("/data/services/import", zpath, verbose=False, query=query,
+                               content_type="application/zip", method="post", timeout=timeout)
+    return (resp.text or "").strip()
+
+
+def refused_import(session, project: str, label: str, tag: str, before: dict[str, dict], exc: Exception,
+                   asked_merge: bool, log) -> XnatError | None:
+    """XNAT answered the import with a refusal (a 4xx, or a 5xx that is not worth waiting for,
+    such as 507): the error to raise when its prearchive row says the merge was refused
+    (CONFLICT), else None (the answer speaks for itself). The rows this upload left are removed
+    either way, so a re-run starts clean; that includes a row left RECEIVING by an import XNAT
+    stopped mid-zip (DicomZipImporter.importZipFile: a refused entry without Ignore-Unparsable, or
+    GradualDicomImporter's ServerException when it cannot write a file), which SessionXMLRebuilder
+    would otherwise archive as a partial session in a project set to auto-archive.
+
+    What XNAT does (NrgXnat/xnat-web): DicomZipImporter.xmlBuild archives the row with
+    allowSessionMerge from ``overwrite`` or, without it, only when the row's prearchive code is
+    not Manual (archiveSession); PrearcSessionArchiver.checkForConflicts refuses an existing
+    session without it ("Session already exists, retry with overwrite enabled", 409), as
+    MergeSessionsA.checkForConflict refuses files the session holds; PrearcDatabase.LockAndSync
+    sets the row to CONFLICT on such a 409, and xmlBuild answers 400 "Failed to archive 1 of 1
+    session(s)"."""
+    try:
+        rows = own_rows(session, project, label, tag, before)
+    except Exception:
+        rows = {}
+    # a row left RECEIVING holds what XNAT read before it stopped: the request is over, nothing
+    # more arrives in it, and XNAT's session rebuilder would archive it as a partial session
+    clean_after_failure(session, project, label, tag, before, log, statuses=LEFTOVER + ("RECEIVING",))
+    if not any(r.get("status") == "CONFLICT" for r in rows.values()):
+        return None
+    answer = f"HTTP {http_status(exc) or '4xx'}"
+    code = prearchive_code(session, project)
+    try:
+        existing = find_session(session, project, label)
+    except Exception:
+        existing = None
+    if existing is not None and not asked_merge:
+        return XnatError(
+            f"XNAT refused to archive {label} into project {project} ({answer}; its prearchive row went to CONFLICT): "
+            f"a session {label} appeared there after the client looked (another upload archived it meanwhile), and "
+            "this upload did not ask to merge. XNAT merges into an existing session unasked only in projects set to "
+            f"auto-archive; project {project}'s prearchive setting is {_code_text(code)}. The client removed its "
+            "prearchive row, nothing of this upload was archived: a re-run compares the session and follows "
+            "xnat_duplicate_policy ('append' sends the instances it lacks, asking XNAT to merge with "
+            "overwrite=append)")
+    return XnatError(
+        f"XNAT refused to archive {label} into project {project} ({answer}; its prearchive row went to CONFLICT"
+        + (", although the upload asked to merge with overwrite=append" if asked_merge else "")
+        + "): XNAT finds a conflict with the session of that label (files it already holds under the same name "
+        "or SOPInstanceUID, another subject or study; PrearcSessionArchiver, MergeSessionsA). The client removed "
+        "its prearchive row, nothing of this upload was archived: look at the session in XNAT (or ask the site "
+        "admin), then re-run")
+
+
+def unarchived_answer(session, project: str, label: str, tag: str, before: dict[str, dict], sent: list,
+                      answer: str, wait_seconds: float, poll: float, log) -> None:
+    """XNAT answered the import (200) without an archive URI: it kept the upload in its
+    prearchive. Returns when XNAT archived it meanwhile; raises :class:`XnatError` otherwise.
+
+    What XNAT does (NrgXnat/xnat-web): with ``dest=/archive`` DicomZipImporter archives the row
+    within the request whatever the project's prearchive code (determiningDestination sets
+    auto-archive), but its build gives way when more data for the row arrives meanwhile
+    (PrearchiveRebuildHandler.rebuild, RECEIVING_INTERRUPT): the row goes back to RECEIVING and
+    the answer holds no URI. SessionXMLRebuilder rebuilds such a row once idle (5 minutes by
+    default) and archives it only when the project is set to auto-archive (4, 5); otherwise it
+    stays READY until someone archives it."""
+    log(f"XNAT answered the import of {label} without an archive URI ({answer or 'an empty answer'}): it kept the "
+        "upload in its prearchive; waiting while XNAT still works on it")
+    wait_for_prearchive(session, project, label, tag, before, wait_seconds, poll, log)
+    arrived = find_session(session, project, label)
+    present = set().union(*dicom_names(session, arrived["id"]).values()) if arrived else set()
+    if {f.arcname for f in sent} & present:  # what did not arrive is the caller's to find
+        log(f"XNAT archived {label} by itself after its answer (its session rebuilder)")
+        return
+    rows = own_rows(session, project, label, tag, before)
+    ready = [url for url, r in rows.items() if r.get("status") == "READY"]
+    code = prearchive_code(session, project)
+    if ready:
+        url = ready[0]
+        raise XnatError(
+            f"XNAT did not archive {label}: it answered the import without an archive URI and kept the upload in its "
+            f"prearchive ({url}, READY). Project {project}'s prearchive setting is {_code_text(code)}; XNAT archives "
+            "such a row by itself only in projects set to auto-archive (4 or 5). The row is left for the site admin: "
+            f"archiving it from the prearchive (Prearchive page, or POST /data/services/archive?src={url}) completes "
+            "the session, and a re-run then finds it complete; setting the project to auto-archive (prearchive code "
+            f"4: Manage > Define Prearchive Settings, or PUT /data/projects/{project}/prearchive_code/4) lets XNAT "
+            "archive such rows by itself. A re-run without either sends the files again, into that same row")
+    failed = {url: r.get("status") for url, r in rows.items() if r.get("status") in FAILED_ROW}
+    if failed:
+        remove_prearchive_leftovers(session, project, label, tag, before, statuses=FAILED_ROW)
+        raise XnatError(
+            f"XNAT did not archive {label}: it answered the import without an archive URI, kept the upload in its "
+            f"prearchive, and its own archiving of the row failed ({', '.join(sorted(set(failed.values())))}; "
+            f"project {project}'s prearchive setting is {_code_text(code)}). The client removed that row: re-run")
+    raise XnatError(f"XNAT accepted the upload of {label} ({answer or 'an empty answer'}) but the session is neither "
+                    f"complete in project {project} nor in its prearchive")
+
+
+def clean_after_failure(session, project, label, tag, before, log, statuses: tuple[str, ...] = LEFTOVER) -> None:
+    try:
+        removed = remove_prearchive_leftovers(session, project, label, tag, before, statuses=statuses)
+    except Exception as exc:  # the upload's own error is the one to report
+        log(f"could not clean the prearchive after the failed upload of {label}: {type(exc).__name__}")
+        return
+    if removed:
+        log(f"removed {len(removed)} prearchive leftover(s) of this upload of {label}")
+

@@ -1,0 +1,122 @@
+"""What the client reads of XNAT and asks of it outside the import: projects, sessions, the
+files of their scans, resources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import XnatAuthError, XnatError, classify_error, http_status, response_text
+from .labels import PROJECT_ID
+
+
+def ensure_project(session, project: str) -> bool:
+    """Create the project when the user cannot see it; True when it was created. Raises
+    :class:`XnatError` (before any upload) when XNAT would refuse this user's data there.
+
+    What XNAT does (xnat-web, read in the ``NrgXnat/xnat`` monorepo): the project listing
+    (``ProjectListResource``) and every project URI find a project through
+    ``DefaultUserProjectCache.get``, which hides a *private* project from non-members;
+    *protected* (the default of ``BaseXnatProjectdata.createProject``) and *public* projects are
+    listed to every user, but only owners and members may add data. A PUT of a project the user
+    cannot see is a creation (``ProjectResource.handlePut``): 417 for an ID outside
+    ``[A-Za-z0-9_-]``, 403 when only admins may create projects, and 403 again when the ID
+    belongs to a private project of others."""
+    session.clearcache()
+    if project in session.projects:
+        if not _may_add_data(session, project):
+            raise XnatAuthError(
+                f"XNAT project {project} is visible to this user, but the user may not add data to it (XNAT lists "
+                "protected and public projects to every user; only the project's owners and members may upload): "
+                "ask the project owner to add the user as a member, or set xnat_project to a project of the user")
+        return False
+    if not PROJECT_ID.match(project):
+        raise XnatError(f"XNAT project {project!r} does not exist and cannot be created under that ID: XNAT "
+                        "project IDs hold only letters, digits, '_' and '-' (XftStringUtils.isValidId); "
+                        "set xnat_project to such an ID")
+    try:
+        session.put(f"/data/projects/{project}")
+    except Exception as exc:
+        if http_status(exc) != 403:
+            raise
+        text = response_text(exc)
+        raise XnatAuthError(
+            f"XNAT project {project} is not visible to this user and XNAT refused to create it (403"
+            + (f": {text}" if text else "") + "): either it exists as a private project the user is not a member "
+            "of (ask its owner to add the user), or the user may not create projects (ask an XNAT admin to "
+            "create it)") from None
+    session.clearcache()
+    return True
+
+
+def _may_add_data(session, project: str) -> bool:
+    """Whether XNAT lets this user create subjects in ``project``: ``/data/projects?permissions=
+    create&dataType=xnat:subjectData`` (``ProjectListResource.PermissionsProjectHandler``; its
+    table's columns are ``id`` and ``secondary_id``). An XNAT that does not answer that query
+    is not second-guessed: the upload itself says what it refuses."""
+    try:
+        rows = session.get_json("/data/projects", query={"permissions": "create", "dataType": "xnat:subjectData"}
+                                )["ResultSet"]["Result"]
+    except Exception as exc:
+        if http_status(exc) in (400, 404, 500):
+            return True
+        raise
+    return any(str(v) == project for r in rows for k, v in r.items() if k.lower() == "id")
+
+
+def rows(session, uri: str) -> list[dict]:
+    return session.get_json(uri)["ResultSet"]["Result"]
+
+
+def find_session(session, project: str, label: str) -> dict | None:
+    """The experiment labelled ``label`` in ``project`` (whatever its subject), with its
+    subject's label and StudyInstanceUID, or None."""
+    row = next((r for r in rows(session, f"/data/projects/{project}/experiments") if r.get("label") == label), None)
+    if row is None:
+        return None
+    subjects = {s["ID"]: s["label"] for s in rows(session, f"/data/projects/{project}/subjects")}
+    fields = session.get_json(f"/data/experiments/{row['ID']}")["items"][0]["data_fields"]
+    return {"id": row["ID"], "label": label, "uri": f"/data/projects/{project}/experiments/{row['ID']}",
+            "subject": subjects.get(fields.get("subject_ID") or row.get("subject_ID"), ""),
+            "uid": fields.get("UID") or ""}
+
+
+def dicom_names(session, exp_id: str) -> dict[str, set[str]]:
+    """Scan id -> names of the files in the scan's DICOM resource (SNAPSHOTS, NIFTI... ignored)."""
+    out: dict[str, set[str]] = {}
+    for scan in rows(session, f"/data/experiments/{exp_id}/scans"):
+        sid = str(scan["ID"])
+        out[sid] = {r["Name"] for r in rows(session, f"/data/experiments/{exp_id}/scans/{sid}/files")
+                    if r.get("collection") == "DICOM"}
+    return out
+
+
+def scan_counts(session, exp_id: str) -> dict[str, int]:
+    return {sid: len(names) for sid, names in dicom_names(session, exp_id).items() if names}
+
+
+def missing_names(want: dict[str, set[str]], have: dict[str, set[str]]) -> set[str]:
+    return {n for sid, names in want.items() for n in names - have.get(sid, set())}
+
+
+def foreign_names(want: dict[str, set[str]], have: dict[str, set[str]]) -> set[str]:
+    return {n for sid, names in have.items() for n in names - want.get(sid, set())}
+
+
+def attach_files(owner, label: str, paths: list[Path]) -> None:
+    """Upload files into a resource folder of a project or an experiment (created when missing)."""
+    resource = owner.resources.get(label) if label in owner.resources else owner.create_resource(label)
+    for f in paths:
+        resource.upload(str(f), Path(f).name, overwrite=True)
+
+
+def attach_project_files(session, server, project, project_files, result, log) -> None:
+    for label, paths in project_files.items():
+        try:
+            attach_files(session.projects[project], label, paths)
+        except Exception as exc:
+            why = classify_error(exc, server)
+            msg = (f"project resource {label} of {project} not attached ({why}); the session is uploaded. "
+                   "Project resources need the project owner role in XNAT")
+            result.warnings.append(msg)
+            log(msg)
+

@@ -1,0 +1,338 @@
+"""The executor: carries out the plan for one visit (``plan.py``) against XNAT: sends,
+verifies, sends again what did not arrive, and reports what XNAT holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import XnatError, classify_error, http_status, in_doubt
+from .files import (
+    UploadFile,
+    expected_names,
+    importer_refusals,
+    read_pending,
+    series_summary,
+    temp_zip_path,
+    write_pending,
+    write_zip,
+)
+from .filters import SeriesFilters, series_import_filters
+from .labels import MAX_LABEL, clean_label
+from .plan import FAIL, NOTHING, Action, Existing, Visit, plan
+from .prearchive import (
+    clean_after_failure,
+    post_import,
+    prearchive_rows,
+    refused_import,
+    unarchived_answer,
+    wait_for_prearchive,
+)
+from .remote import (
+    attach_files,
+    attach_project_files,
+    dicom_names,
+    ensure_project,
+    find_session,
+    foreign_names,
+    missing_names,
+)
+
+
+@dataclass
+class UploadResult:
+    status: str  # uploaded | already_archived | skipped_existing | appended
+    project: str
+    subject: str
+    session_label: str
+    session_uri: str = ""
+    files_sent: int = 0
+    bytes_sent: int = 0
+    scans: list[dict] = field(default_factory=list)
+    excluded: list[dict] = field(default_factory=list)
+    labels: dict = field(default_factory=dict)  # {"subject": {"given", "xnat"}, "session": {...}}
+    filtered: list[str] = field(default_factory=list)  # file names XNAT did not keep (its import filter)
+    warnings: list[str] = field(default_factory=list)
+
+
+def upload_visit(session, *, server: str, project: str, subject: str, session_label: str,
+                 files: list[UploadFile], excluded: list[dict], metadata_files: list[Path],
+                 policy: str = "fail", workdir: Path | None = None, log=lambda m: None,
+                 project_files: dict[str, list[Path]] | None = None, known_filtered: frozenset[str] = frozenset(),
+                 wait_seconds: float = 900.0, poll_seconds: float = 2.0,
+                 pending_path: Path | None = None) -> UploadResult:
+    """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages.
+
+    ``project_files`` (resource label -> files) are attached to the project after the session
+    (a refusal is a warning). A file the session lacks is "filtered by XNAT" only when XNAT's
+    series import filter, as the client reads it from XNAT, drops it; any other missing file is
+    missing: sent again, and the step fails if it still does not arrive. ``known_filtered``: the
+    names an earlier upload recorded as filtered; they are checked against the filter again,
+    never taken on trust (an older client recorded files of a partial session there).
+
+    ``pending_path``: where this client records, before it sends, what it is about to send for
+    the visit (:func:`write_pending`); the record is removed once the session is verified
+    complete. An existing session whose every file is in that record (the names are
+    ``<SOPInstanceUID>.dcm``; sizes are not compared, XNAT's anonymization changes them) is this
+    client's own unfinished upload (a wait that ran out, a retry): it is completed with the missing files (overwrite=append)
+    whatever ``policy`` says. A session holding any file outside the record is someone else's
+    data: ``policy`` decides."""
+    upload = _VisitUpload(session, server=server, project=project, subject=subject, session_label=session_label,
+                          files=files, excluded=excluded, metadata_files=metadata_files, policy=policy,
+                          workdir=workdir, log=log, known_filtered=known_filtered, wait_seconds=wait_seconds,
+                          poll_seconds=poll_seconds, pending_path=pending_path)
+    try:
+        result = upload.run()
+    except XnatError:
+        raise
+    except Exception as exc:  # a client or transport failure not named above: classified, never raw
+        raise classify_error(exc, server) from None
+    attach_project_files(session, server, project, project_files or {}, result, log)
+    return result
+
+
+def check_visit(files: list[UploadFile], xsubject: str, xlabel: str, session_label: str, policy: str) -> None:
+    """What fails before anything is sent: a bad policy, nothing to send, a label XNAT cannot
+    store, a file XNAT's importer refuses."""
+    from .plan import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"duplicate policy must be one of {POLICIES}")
+    if not files:
+        raise XnatError(f"nothing to send for {session_label}: every kept series is excluded")
+    for kind, value in (("subject", xsubject), ("session", xlabel)):
+        if len(value) > MAX_LABEL:  # XFTValidator (PrearcSessionArchiver.validateSession): a server error
+            raise XnatError(f"the XNAT {kind} label {value[:40]!r}... has {len(value)} characters; XNAT stores "
+                            f"labels of at most {MAX_LABEL} (XFT's default string size): shorten it "
+                            "(session_label_pattern, or the participant ID)")
+    refused = importer_refusals(files)
+    if refused:
+        shown = ", ".join(f"{name} ({why})" for name, why in refused[:3])
+        raise XnatError(
+            f"{len(refused)} of the {len(files)} files of {session_label} would be refused by XNAT's importer, which "
+            f"requires SOPClassUID and SOPInstanceUID in every DICOM (GradualDicomImporter): {shown}"
+            + (" ..." if len(refused) > 3 else "") + "; nothing was sent. Exclude those series "
+            "(exclude_series) or repair the files")
+
+
+@dataclass
+class _VisitUpload:
+    session: object
+    server: str
+    project: str
+    subject: str
+    session_label: str
+    files: list[UploadFile]
+    excluded: list[dict]
+    metadata_files: list[Path]
+    policy: str
+    workdir: Path | None
+    log: object
+    known_filtered: frozenset[str]
+    wait_seconds: float
+    poll_seconds: float
+    pending_path: Path | None
+    _filters: list[SeriesFilters] = field(default_factory=list)  # read from XNAT once, when a file is missing
+
+    def __post_init__(self) -> None:
+        self.xsubject, self.xlabel = clean_label(self.subject), clean_label(self.session_label)
+        check_visit(self.files, self.xsubject, self.xlabel, self.session_label, self.policy)
+        tags = {f.study_instance_uid for f in self.files}
+        self.tag = tags.pop() if len(tags) == 1 else ""
+        self.want = expected_names(self.files)
+        self.by_name = {f.arcname: f for f in self.files}
+        self.result = UploadResult("uploaded", self.project, self.xsubject, self.xlabel, excluded=self.excluded,
+                                   labels={"subject": {"given": self.subject, "xnat": self.xsubject},
+                                           "session": {"given": self.session_label, "xnat": self.xlabel}})
+        for kind in ("subject", "session"):
+            if self.result.labels[kind]["given"] != self.result.labels[kind]["xnat"]:
+                self.log(f"XNAT label of {kind} {self.result.labels[kind]['given']!r} is "
+                         f"{self.result.labels[kind]['xnat']!r} (XNAT replaces spaces and . / , : ( ) ... by _)")
+
+    # --- what XNAT holds -------------------------------------------------------------------
+    def filters(self) -> SeriesFilters:
+        if not self._filters:
+            self._filters.append(series_import_filters(self.session, self.project))
+        return self._filters[0]
+
+    def explain(self, absent: set[str]) -> tuple[set[str], set[str]]:
+        """(filtered, missing): the absent files XNAT's series import filter drops, and the rest."""
+        if not absent:
+            return set(), set()
+        dropped = {n for n in absent if self.filters().drops(self.by_name[n])}
+        return dropped, absent - dropped
+
+    def summary(self, names: set[str]) -> str:
+        return series_summary(names, self.files)
+
+    def existing(self, exp: dict) -> tuple[Existing, dict[str, set[str]], set[str]]:
+        """The plan's view of a session XNAT holds, its files by scan, and the filtered names."""
+        have = dicom_names(self.session, exp["id"])
+        filtered, missing = self.explain(missing_names(self.want, have))
+        untrue = missing & self.known_filtered
+        if untrue:
+            self.log(f"{len(untrue)} files an earlier upload of {self.xlabel} recorded as filtered by XNAT are not "
+                     f"dropped by its series import filter ({self.filters().describe()}): they are missing, not "
+                     "filtered")
+        held = set().union(*have.values()) if have else set()
+        state = Existing(exp["subject"], exp["uid"], frozenset(held), frozenset(missing),
+                         frozenset(foreign_names(self.want, have)), sum(1 for v in have.values() if v))
+        return state, have, filtered
+
+    # --- sending ---------------------------------------------------------------------------
+    def send(self, batch: list[UploadFile], overwrite: str | None) -> None:
+        """One import of ``batch``; returns once XNAT archived at least part of it (what did not
+        arrive is the caller's to find)."""
+        before = prearchive_rows(self.session, self.project, self.xlabel, self.tag)
+        zpath = temp_zip_path(self.workdir)
+        answer = None
+        try:
+            size = write_zip(batch, zpath)
+            try:
+                answer = post_import(self.session, zpath, project=self.project, subject=self.xsubject,
+                                     label=self.xlabel, overwrite=overwrite,
+                                     timeout=getattr(self.session, "request_timeout", None))
+            except Exception as exc:  # requests' and xnatpy's errors: sorted by in_doubt below
+                self.answer_lost(exc, batch, before, overwrite)
+        finally:
+            zpath.unlink(missing_ok=True)
+        if answer is not None and "/archive/" not in answer:
+            unarchived_answer(self.session, self.project, self.xlabel, self.tag, before, batch, answer,
+                              self.wait_seconds, self.poll_seconds, self.log)
+        self.result.files_sent += len(batch)
+        self.result.bytes_sent += size
+
+    def answer_lost(self, exc: Exception, batch: list[UploadFile], before: dict, overwrite: str | None) -> None:
+        """The import failed: re-raise a refusal (named when XNAT refused a merge); after an
+        answer lost in doubt (a proxy's 504, a timeout, a broken connection) return when XNAT
+        archived part of the batch anyway, else re-raise."""
+        if not in_doubt(exc):
+            refused = refused_import(self.session, self.project, self.xlabel, self.tag, before, exc,
+                                     overwrite is not None, self.log)
+            if refused is not None:
+                raise refused from None
+            raise exc
+        # XNAT may carry on (a proxy's 504, a client timeout), or keep what it read before the
+        # connection broke (a RECEIVING row its session rebuilder may archive as a partial
+        # session): look before sending again
+        self.log(f"no answer from XNAT for {self.xlabel} ({http_status(exc) or type(exc).__name__}); looking for the "
+                 "session before anything is sent again")
+        wait_for_prearchive(self.session, self.project, self.xlabel, self.tag, before, self.wait_seconds,
+                            self.poll_seconds, self.log)
+        arrived = find_session(self.session, self.project, self.xlabel)
+        present = set().union(*dicom_names(self.session, arrived["id"]).values()) if arrived else set()
+        names = {f.arcname for f in batch}
+        if not present & names:
+            clean_after_failure(self.session, self.project, self.xlabel, self.tag, before, self.log)
+            raise exc
+        self.log(f"XNAT archived {len(present & names)} of the {len(batch)} files sent for {self.xlabel} although "
+                 "the answer was lost; the session is checked for files that did not arrive")
+
+    def incomplete(self, missing: set[str], why: str) -> XnatError:
+        return XnatError(
+            f"XNAT session {self.xlabel} in project {self.project} is incomplete: {len(missing)} of this visit's "
+            f"{len(self.files)} files are missing ({self.summary(missing)}), and XNAT's series import filter does not "
+            f"explain them ({self._filters[0].describe() if self._filters else 'not read'}). An upload was cut short "
+            "(a connection that broke, or an import XNAT stopped) and XNAT archived the files it had received; the "
+            f"client sent the missing ones again (overwrite=append): {why}. Nothing was recorded as filtered. A "
+            "re-run with xnat_duplicate_policy 'append' sends only the missing files")
+
+    # --- the steps ---------------------------------------------------------------------------
+    def decide(self) -> tuple[Action, dict | None, dict[str, set[str]]]:
+        """The plan for this visit, from the session XNAT holds (after any of its work on the
+        label is over: never send over an earlier attempt still running)."""
+        if ensure_project(self.session, self.project):
+            self.log(f"created XNAT project {self.project}")
+        wait_for_prearchive(self.session, self.project, self.xlabel, self.tag, None, self.wait_seconds,
+                            self.poll_seconds, self.log)
+        exp = find_session(self.session, self.project, self.xlabel)
+        if exp is None:
+            return plan(None, self._visit(set()), frozenset(), self.policy), None, {}
+        state, have, filtered = self.existing(exp)
+        self.result.subject = exp["subject"]
+        self.result.filtered = sorted(filtered)
+        pending = frozenset(read_pending(self.pending_path, project=self.project, label=self.xlabel, log=self.log))
+        return plan(state, self._visit(state.missing), pending, self.policy), exp, have
+
+    def _visit(self, missing) -> Visit:
+        return Visit(self.project, self.xsubject, self.xlabel, self.tag, len(self.files),
+                     self.summary(set(missing)) if missing else "")
+
+    def verify(self) -> tuple[dict, dict[str, set[str]], set[str]]:
+        """The session after the upload; the files that did not arrive (and that XNAT's filter
+        does not explain) are sent again, once: still missing, the step fails naming them."""
+        exp = find_session(self.session, self.project, self.xlabel)
+        if exp is None:
+            raise XnatError(f"XNAT accepted the upload but session {self.xlabel} is not in project {self.project}")
+        have = dicom_names(self.session, exp["id"])
+        filtered, missing = self.explain(missing_names(self.want, have))
+        if not missing:
+            return exp, have, filtered
+        # not explained by XNAT's filter: files that never arrived (XNAT archived a partial
+        # session); they are sent again, only them, asking XNAT to merge
+        self.log(f"XNAT's session {self.xlabel} lacks {len(missing)} of the files sent ({self.summary(missing)}), "
+                 f"which its series import filter does not explain ({self.filters().describe()}): sending them "
+                 "again (overwrite=append)")
+        try:
+            self.send([f for f in self.files if f.arcname in missing], "append")
+        except XnatError as exc:
+            raise self.incomplete(missing, f"XNAT did not take them ({exc})") from None
+        except Exception as exc:  # a transport failure: classified for the message
+            raise self.incomplete(missing, f"XNAT did not take them ({classify_error(exc, self.server)})") from None
+        exp = find_session(self.session, self.project, self.xlabel) or exp
+        have = dicom_names(self.session, exp["id"])
+        filtered, missing = self.explain(missing_names(self.want, have))
+        if missing:
+            raise self.incomplete(missing, "XNAT answered, but they are still not in the session")
+        self.log(f"{self.xlabel} is complete in XNAT after sending the missing files again")
+        return exp, have, filtered
+
+    def unchanged(self, action: Action, exp: dict, have: dict[str, set[str]]) -> UploadResult:
+        result = self.result
+        result.status, result.session_uri = action.status, exp["uri"]
+        result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
+        if action.status == "already_archived" and self.pending_path is not None:
+            self.pending_path.unlink(missing_ok=True)
+        self.log(f"{self.xlabel} {action.reason}: nothing sent")
+        return result
+
+    def run(self) -> UploadResult:
+        action, exp, have = self.decide()
+        if action.kind == FAIL:
+            raise XnatError(action.reason)
+        if action.kind == NOTHING:
+            return self.unchanged(action, exp, have)
+        to_send = self.files if action.send_only is None else [f for f in self.files if f.arcname in action.send_only]
+        if action.own:
+            self.log(f"{self.xlabel} in {self.project} is this client's own unfinished upload (every file it holds is "
+                     f"in the record of what was being sent, {self.pending_path}): completing it with the "
+                     f"{len(to_send)} missing files (overwrite=append), whatever the duplicate policy")
+        elif action.send_only is not None:
+            self.log(f"{self.xlabel}: appending the {len(to_send)} instances the session lacks "
+                     f"({self.summary(set(action.send_only))})")
+        self.result.status = action.status
+        if self.pending_path is not None:
+            write_pending(self.pending_path, project=self.project, subject=self.xsubject, label=self.xlabel,
+                          tag=self.tag, files=self.files)
+        self.send(to_send, action.overwrite)
+        exp, have, filtered = self.verify()
+        return self.finish(exp, have, filtered)
+
+    def finish(self, exp: dict, have: dict[str, set[str]], filtered: set[str]) -> UploadResult:
+        result = self.result
+        result.session_uri, result.subject = exp["uri"], exp["subject"]
+        if result.subject != self.xsubject:
+            self.log(f"XNAT filed {self.xlabel} under its existing subject {result.subject} (subjects match "
+                     "case-insensitively)")
+            result.labels["subject"]["xnat"] = result.subject
+        if self.metadata_files:
+            attach_files(self.session.create_object(f"/data/experiments/{exp['id']}"), "METADATA",
+                         self.metadata_files)
+        result.filtered = sorted(filtered)
+        if result.filtered:
+            self.log(f"XNAT's series import filter dropped {len(result.filtered)} of the files sent for {self.xlabel} "
+                     f"({self.summary(filtered)}; {self.filters().describe()}); they are reported, not sent again")
+        result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
+        if self.pending_path is not None:  # the session is verified complete: nothing of this visit is pending
+            self.pending_path.unlink(missing_ok=True)
+        return result
