@@ -43,7 +43,13 @@ TABLE = [
     ("foreign and missing, append", OTHER_PARTIAL, frozenset(), "append",
      (SEND, "appended", {"b.dcm", "c.dcm", "d.dcm"}, "append")),
     ("another subject's label", session(subject="OTHER"), ALL, "append", (FAIL, "", None, None)),
-    ("another study under the label", session(uid="9.9.9"), ALL, "append", (FAIL, "", None, None)),
+    ("another study under the label", session(uid="9.9.9", held={"x.dcm"}, missing=ALL, foreign={"x.dcm"}), ALL,
+     "append", (FAIL, "", None, None)),
+    ("another study, empty session", session(uid="9.9.9", held=(), missing=ALL), ALL, "append", (FAIL, "", None, None)),
+    ("UIDs rewritten by XNAT (hashUID), same instances", session(uid="2.25.77"), frozenset(), "fail",
+     (NOTHING, "already_archived", None, None)),
+    ("UIDs rewritten, part arrived, own record", session(uid="2.25.77", held={"a.dcm"}, missing=ALL - {"a.dcm"}),
+     ALL, "fail", (SEND, "appended", ALL - {"a.dcm"}, "append")),
     ("XNAT does not say the study", session(uid=""), frozenset(), "fail", (NOTHING, "already_archived", None, None)),
 ]
 
@@ -61,7 +67,7 @@ def test_failures_say_what_to_do():
     assert "already used in XNAT project QPN_DEMO by subject OTHER" in plan(
         session(subject="OTHER"), VISIT, frozenset(), "fail").reason
     assert "holds another study (StudyInstanceUID 9.9.9, this visit's is 1.2.3)" in plan(
-        session(uid="9.9.9"), VISIT, frozenset(), "fail").reason
+        session(uid="9.9.9", held={"x.dcm"}, missing=ALL, foreign={"x.dcm"}), VISIT, frozenset(), "fail").reason
     why = plan(PARTIAL, Visit(**{**VISIT.__dict__, "series": "series 3 (T2w): 2 of 2 files"}), frozenset(), "fail")
     assert why.reason.startswith("session QPN001_ses-01 already exists in XNAT project QPN_DEMO with different content")
     assert "2 of this visit's 4 files missing: series 3 (T2w): 2 of 2 files" in why.reason

@@ -24,7 +24,7 @@ from ..core.xnat import (
     XnatAuthError,
     XnatError,
     XnatTransientError,
-    expected_scans,
+    compare_series,
     load_dicoms_json,
     select_files,
     upload_visit,
@@ -115,8 +115,9 @@ def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> M
     output_required=False,  # no XNAT configured: the step has nothing to do and records no upload
     retry_policy=RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL),
     check_specs=[AssetCheckSpec("scans_match_series", asset="xnat_session", blocking=True,
-                                description="the scans XNAT reports (series number, file count) are the "
-                                            "visit's kept, non-excluded series")],
+                                description="every kept, non-excluded series of the visit is on XNAT whole "
+                                            "(its instances, in whatever scans and DICOM/secondary resources XNAT "
+                                            "built), minus what XNAT's import filter drops, and nothing else")],
     description=(
         "The visit uploaded to the XNAT project of `global_config.json` (created when missing): subject = "
         "participant, session label from `session_label_pattern`; excluded series are not sent; re-runs do "
@@ -174,10 +175,14 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
                                   "labels": result.labels, "filtered_by_xnat": result.filtered,
                                   "warnings": result.warnings}, indent=2) + "\n")
     update_visit_status(ds, visit)
-    # the kept, non-excluded series, minus what XNAT's own import filter dropped (reported)
+    # the kept, non-excluded series, minus what XNAT's own import filter dropped (reported), against
+    # what XNAT's scans hold (matched by instance names: XNAT numbers scans and splits DICOM from
+    # secondary its own way)
     filtered = set(result.filtered)
-    want = expected_scans([f for f in files if f.arcname not in filtered])
+    series = compare_series([f for f in files if f.arcname not in filtered], result.held)
+    foreign = sum(len(names) for names in result.held.values()) - sum(r["on_xnat"] for r in series)
     have = {s["scan"]: s["files"] for s in result.scans}
+    complete = all(r["on_xnat"] == r["expected"] for r in series) and foreign == 0
     context.log.info(f"{visit.key}: {result.status} as {result.project}/{result.subject}/{result.session_label}")
     yield MaterializeResult(
         data_version=DataVersion(xnat_version(result.session_uri, have)),
@@ -189,16 +194,24 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
             "xnat_labels": MetadataValue.json(result.labels),
             "files_sent": result.files_sent,
             "bytes_sent": MetadataValue.int(result.bytes_sent),
-            "scans": table([{"scan": k, "files": v, "expected": want.get(k, 0)} for k, v in sorted(have.items())],
-                           [("scan", "string", "scan id (SeriesNumber)"), ("files", "int", "DICOM files on XNAT"),
-                            ("expected", "int", "kept, non-excluded files XNAT keeps")]),
+            "scans": table([{"scan": k, "files": v} for k, v in sorted(have.items())],
+                           [("scan", "string", "XNAT's scan ID"),
+                            ("files", "int", "DICOM files in its DICOM and secondary resources")]),
+            "series": table(series, [("series_number", "int", "SeriesNumber"),
+                                     ("series_description", "string", "SeriesDescription"),
+                                     ("expected", "int", "kept, non-excluded files XNAT keeps"),
+                                     ("on_xnat", "int", "of them on XNAT"),
+                                     ("scans", "string", "XNAT scan(s) holding them")]),
             "filtered_by_xnat": len(result.filtered),
             "warnings": MetadataValue.json(result.warnings),
             "excluded_series_files": len(excluded),
             "marker": path(marker),
         },
-        check_results=[AssetCheckResult(check_name="scans_match_series", passed=have == want,
+        check_results=[AssetCheckResult(check_name="scans_match_series", passed=complete,
                                         metadata={"on_xnat": MetadataValue.json(have),
-                                                  "expected": MetadataValue.json(want),
+                                                  "series": MetadataValue.json(
+                                                      [{k: r[k] for k in ("series_number", "series_uid", "expected",
+                                                                          "on_xnat", "scans")} for r in series]),
+                                                  "files_not_of_this_visit": foreign,
                                                   "filtered_by_xnat": len(result.filtered)})],
     )

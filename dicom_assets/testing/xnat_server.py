@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import io
 import json
 import re
@@ -87,6 +88,7 @@ import struct
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -97,6 +99,15 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
+
+from .xnat_session_builder import (
+    UNKNOWN_MODALITY,
+    SeriesSeen,
+    merged_scan_ids,
+    resource_label,
+    scan_ids,
+    series_number_key,
+)
 
 VERSION = "1.8.10"
 
@@ -329,6 +340,12 @@ class XnatTestServer:
         self.drop_fraction = 0.5  # drop_mid_stream: the share of the body that arrives
         self.storage_error_after = 0  # storage_error: the files stored before the write fails
         self.site_anonymization = False  # XNAT's default site-wide script (PatientID := session)
+        # the site preference separateSecondaryDicomOnArchive (true by default since XNAT 1.9.1):
+        # files of a SOP class that is not primary imaging land in resource "secondary"
+        self.separate_secondary = True
+        # projects whose anonymization script rewrites the study, series and instance UIDs
+        # (hashUID) when a session is archived
+        self.uid_hashing_projects: set[str] = set()
         self.requests: list[tuple[str, str]] = []  # (method, path) seen, for tests
         self.import_queries: list[dict] = []  # the query of each import request, for tests
         self.default_prearchive_code = DEFAULT_PREARCHIVE_CODE  # the site's defaultPrearchiveCode
@@ -560,22 +577,28 @@ class XnatTestServer:
                     raise _HttpError(409, PRE_EXISTS)
                 if subj is None or existing.subject_id != subj.id:
                     raise _HttpError(409, f"{SUBJECT_MOD}: {existing.label} Already Exists for another Subject")
-                if existing.uid and row.tag and existing.uid != row.tag and not override:
-                    raise _HttpError(409, UID_MOD)
+            hashing = row.project in self.uid_hashing_projects
+            tag = hash_uid(row.tag) if hashing and row.tag else row.tag
+            if existing is not None and existing.uid and tag and existing.uid != tag and not override:
+                raise _HttpError(409, UID_MOD)
             parsed = []
-            for (number, fname), data in sorted(row.files.items()):
+            for (_subdir, fname), data in sorted(row.files.items()):
+                if hashing:  # the project's script, applied as the session is archived
+                    data = _hash_uids(data)
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-                parsed.append((number, fname, data, ds))
+                parsed.append((fname, data, ds))
+            ids = self._scan_ids(parsed, existing)
             if existing is not None and not replace:  # MergeSessionsA.checkForConflict
                 why = None
-                for number, fname, _data, ds in parsed:
-                    scan = existing.scans.get(number)
+                for fname, _data, ds in parsed:
+                    scan = existing.scans.get(ids[_series_uid(ds)])
                     if scan is None:
                         continue
-                    if fname in scan.files:  # FileUtils.FindFirstMatch: the same path: HAS_FILES wins
+                    held = {n for res in scan.resources.values() for n in res}
+                    if fname in held:  # FileUtils.FindFirstMatch: the same path: HAS_FILES wins
                         why = HAS_FILES
                         break
-                    if str(ds.SOPInstanceUID) in {scan.sop_uids.get(n) for n in scan.files}:
+                    if str(ds.SOPInstanceUID) in {scan.sop_uids.get(n) for n in held}:
                         why = CAT_ENTRY_MATCH  # SessionOverwriteCheck: a catalog entry of that UID
                 if why:
                     raise _HttpError(409, why)
@@ -583,22 +606,39 @@ class XnatTestServer:
                 subj = proj.subjects[subject_label] = Subject(self._next_id("S"), subject_label, proj.id)
             exp = existing
             if exp is None:
-                exp = subj.experiments[label] = Experiment(self._next_id("E"), label, proj.id, subj.id, uid=row.tag)
+                exp = subj.experiments[label] = Experiment(self._next_id("E"), label, proj.id, subj.id, uid=tag)
             folder = self.storage / proj.id / subj.label / label
-            for number, fname, data, ds in parsed:
-                scan = exp.scans.get(number)
+            for fname, data, ds in parsed:
+                scan_id = ids[_series_uid(ds)]
+                scan = exp.scans.get(scan_id)
                 if scan is None:
-                    scan = exp.scans[number] = Scan(number, str(ds.get("SeriesDescription", "") or ""),
-                                                    str(ds.get("Modality", "") or ""),
-                                                    str(ds.get("SeriesInstanceUID", "") or ""))
+                    scan = exp.scans[scan_id] = Scan(scan_id, str(ds.get("SeriesDescription", "") or ""),
+                                                     str(ds.get("Modality", "") or ""), _series_uid(ds))
                 exp.date = exp.date or str(ds.get("StudyDate", "") or "")
-                path = folder / "SCANS" / number / "DICOM" / fname
+                # CatalogBuilder: primary imaging SOP classes to DICOM, the rest to secondary
+                label = resource_label(str(ds.get("SOPClassUID", "") or ""), self.separate_secondary)
+                path = folder / "SCANS" / scan_id / label / fname
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
-                scan.files[fname] = str(path)
+                scan.resources.setdefault(label, {})[fname] = str(path)
                 scan.sop_uids[fname] = str(ds.SOPInstanceUID)
             self.prearchive.pop(row.key, None)
             return exp
+
+    @staticmethod
+    def _scan_ids(parsed: list, existing: Experiment | None) -> dict[str, str]:
+        """SeriesInstanceUID -> scan ID of the built session (DICOMSessionBuilder), renamed for a
+        merge into ``existing`` (PrearcSessionArchiver.correctScanID); see xnat_session_builder."""
+        seen: dict[str, tuple[str, set[str]]] = {}
+        for _fname, _data, ds in parsed:
+            uid = _series_uid(ds)
+            number = series_number_key(str(ds.get("SeriesNumber", "") or ""), uid)
+            seen.setdefault(uid, (number, set()))[1].add(str(ds.get("Modality", "") or "") or UNKNOWN_MODALITY)
+        ids = scan_ids([SeriesSeen(number, uid, frozenset(mods)) for uid, (number, mods) in seen.items()])
+        if existing is None:
+            return ids
+        modality_of = {uid: sorted(mods)[0] for uid, (_n, mods) in seen.items()}
+        return merged_scan_ids(ids, modality_of, {sc.uid: sc.id for sc in existing.scans.values() if sc.uid})
 
     def archive_row(self, row: PrearchiveEntry, **kw) -> Experiment:
         """Archive a prearchive row as PrearcDatabase.archive does: the row is ARCHIVING (locked)
@@ -649,6 +689,32 @@ class XnatTestServer:
 
         self._rebuilder = threading.Thread(target=loop, daemon=True)
         self._rebuilder.start()
+
+
+def _series_uid(ds) -> str:
+    return str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def hash_uid(uid: str) -> str:
+    """DicomEdit's ``hashUID``, as a project's anonymization script calls it: a UID replaced by
+    one under ``2.25.`` derived from a digest of it (the same UID gives the same new one; the
+    digest DicomEdit uses is not modelled, only that it is deterministic)."""
+    return "2.25." + str(uuid.UUID(bytes=hashlib.md5(uid.encode()).digest()).int)
+
+
+def _hash_uids(data: bytes) -> bytes:
+    """A project anonymization script ``(0020,000D) := hashUID[(0020,000D)]`` and the same for
+    (0020,000E) and (0008,0018) (PrearcSessionAnonymizer, at archive time); the file name the
+    upload gave is kept (GradualDicomImporter.getSafeFile)."""
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if keyword in ds:
+            setattr(ds, keyword, hash_uid(str(getattr(ds, keyword))))
+    if getattr(ds, "file_meta", None) is not None and "SOPInstanceUID" in ds:
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
 
 
 def _anonymize(data: bytes, project: str, subject: str, session: str) -> bytes:

@@ -66,8 +66,8 @@ from .errors import XnatAuthError, XnatError, XnatTransientError, classify_error
 from .files import (
     UploadFile,
     classic_tree_sessions,
+    compare_series,
     expected_names,
-    expected_scans,
     files_from_records,
     importer_refusals,
     load_dicoms_json,
@@ -88,7 +88,7 @@ __all__ = [
     "Action", "Existing", "MAX_LABEL", "POLICIES", "PROJECT_ID", "SeriesFilter", "SeriesFilters", "UploadFile",
     "UploadResult", "Visit", "XNAT_CLEANED_CHARS", "XnatAuthError", "XnatError", "XnatTransientError",
     "classic_tree_sessions", "classify_error", "clean_label", "dicom_names", "ensure_project", "expected_names",
-    "expected_scans", "files_from_records", "find_session", "http_status", "importer_refusals", "load_dicoms_json",
+    "compare_series", "files_from_records", "find_session", "http_status", "importer_refusals", "load_dicoms_json",
     "parse_series_filter", "plan", "read_exclusions", "read_pending", "scan_counts", "select_files",
     "series_import_filters", "series_summary", "upload_visit", "write_pending", "write_zip",
 ]

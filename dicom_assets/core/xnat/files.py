@@ -24,6 +24,7 @@ class UploadFile:
     series_number: int | None
     series_description: str | None
     study_instance_uid: str = ""
+    series_instance_uid: str = ""
 
 
 def select_files(dicoms_json: list[dict], organized_dir: Path, exclude: tuple[str, ...]) -> tuple[list[UploadFile], list[dict]]:
@@ -37,7 +38,8 @@ def select_files(dicoms_json: list[dict], organized_dir: Path, exclude: tuple[st
             skipped.append({"path": rec["path"], "reason": f"series {desc!r} matches exclusion {hit!r}"})
             continue
         send.append(UploadFile(organized_dir / name, name, rec.get("SOPInstanceUID") or "",
-                               rec.get("SeriesNumber"), desc, rec.get("StudyInstanceUID") or ""))
+                               rec.get("SeriesNumber"), desc, rec.get("StudyInstanceUID") or "",
+                               rec.get("SeriesInstanceUID") or ""))
     return send, skipped
 
 
@@ -49,24 +51,38 @@ def write_zip(files: list[UploadFile], dest: Path) -> int:
     return dest.stat().st_size
 
 
-def scan_key(f: UploadFile) -> str:
-    return str(f.series_number if f.series_number is not None else "")
+def series_key(f: UploadFile) -> tuple[str, str]:
+    """A file's series: (SeriesInstanceUID, SeriesNumber as text); two series sharing a number
+    stay apart, a series without a number is still one."""
+    return f.series_instance_uid, str(f.series_number if f.series_number is not None else "")
 
 
-def expected_scans(files: list[UploadFile]) -> dict[str, int]:
-    """Series number -> file count the XNAT session should end with."""
-    out: dict[str, int] = {}
+def expected_names(files: list[UploadFile]) -> set[str]:
+    """The file names (``<SOPInstanceUID>.dcm``) the XNAT session should hold, whatever scan and
+    resource XNAT puts each in (GradualDicomImporter.getSafeFile keeps the uploaded name; scan IDs
+    and the DICOM/secondary split are XNAT's, see :func:`compare_series`)."""
+    return {f.arcname for f in files}
+
+
+def compare_series(files: list[UploadFile], held: dict[str, set[str]]) -> list[dict]:
+    """One row per series of the visit: its number, description and UID, how many of its files
+    the visit expects and how many XNAT holds, and the XNAT scans that hold them (``held``: scan
+    ID -> names in its ``DICOM`` and ``secondary`` resources). Matched by instance names, never by
+    scan ID: XNAT numbers scans its own way (``3-MR1`` for a number shared by two series, the UID
+    for a series without one: DICOMSessionBuilder)."""
+    where = {n: sid for sid, names in held.items() for n in names}
+    rows: dict[tuple[str, str], dict] = {}
     for f in files:
-        key = scan_key(f)
-        out[key] = out.get(key, 0) + 1
-    return out
-
-
-def expected_names(files: list[UploadFile]) -> dict[str, set[str]]:
-    """Series number -> the file names (``<SOPInstanceUID>.dcm``) its DICOM resource should hold."""
-    out: dict[str, set[str]] = {}
-    for f in files:
-        out.setdefault(scan_key(f), set()).add(f.arcname)
+        row = rows.setdefault(series_key(f), {
+            "series_number": f.series_number, "series_description": f.series_description or "",
+            "series_uid": f.series_instance_uid, "expected": 0, "on_xnat": 0, "scans": set()})
+        row["expected"] += 1
+        if f.arcname in where:
+            row["on_xnat"] += 1
+            row["scans"].add(where[f.arcname])
+    out = sorted(rows.values(), key=lambda r: (r["series_number"] is None, r["series_number"] or 0, r["series_uid"]))
+    for r in out:
+        r["scans"] = ", ".join(sorted(r["scans"]))
     return out
 
 
@@ -130,24 +146,25 @@ def importer_refusals(files: list[UploadFile]) -> list[tuple[str, str]]:
 
 def series_summary(names: set[str], files: list[UploadFile]) -> str:
     """``series 3 (T2w): 10 of 20 files, ...`` for the named files."""
-    total: dict[str, int] = {}
-    count: dict[str, int] = {}
-    desc: dict[str, str] = {}
+    total: dict[tuple[str, str], int] = {}
+    count: dict[tuple[str, str], int] = {}
+    desc: dict[tuple[str, str], str] = {}
     for f in files:
-        key = scan_key(f)
+        key = series_key(f)
         total[key] = total.get(key, 0) + 1
         desc.setdefault(key, f.series_description or "")
         if f.arcname in names:
             count[key] = count.get(key, 0) + 1
-    order = sorted(count, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
-    return ", ".join(f"series {k or '?'}" + (f" ({desc[k]})" if desc[k] else "") + f": {count[k]} of {total[k]} files"
-                     for k in order)
+    order = sorted(count, key=lambda k: (not k[1].isdigit(), int(k[1]) if k[1].isdigit() else 0, k[1], k[0]))
+    return ", ".join(f"series {k[1] or '?'}" + (f" ({desc[k]})" if desc[k] else "")
+                     + f": {count[k]} of {total[k]} files" for k in order)
 
 
 def files_from_records(records, root: Path) -> list[UploadFile]:
     """Kept organize records (of a folder tree) as files to send."""
     return [UploadFile(root / r.source, f"{r.sop_instance_uid}.dcm", r.sop_instance_uid or "", r.series_number,
-                       r.series_description, r.study_instance_uid or "") for r in records if r.decision == "kept"]
+                       r.series_description, r.study_instance_uid or "", r.series_instance_uid or "")
+            for r in records if r.decision == "kept"]
 
 
 def classic_tree_sessions(root: Path):

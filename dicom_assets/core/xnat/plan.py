@@ -93,7 +93,11 @@ def _label_conflict(existing: Existing, visit: Visit) -> str:
         return (f"session label {visit.label} is already used in XNAT project {visit.project} by subject "
                 f"{existing.subject} (this visit's subject is {visit.subject}); XNAT labels are unique per "
                 "project: change session_label_pattern or rename the session in XNAT")
-    if existing.uid and visit.study_uid and existing.uid != visit.study_uid:
+    ours = bool(existing.held) and not existing.foreign
+    # a session holding only this visit's instances (the <SOPInstanceUID>.dcm names it sent,
+    # which XNAT keeps) is this visit's, whatever its StudyInstanceUID: an anonymization script
+    # (hashUID, PrearcSessionAnonymizer) rewrites the UIDs, never the names
+    if existing.uid and visit.study_uid and existing.uid != visit.study_uid and not ours:
         return (f"session {visit.label} in XNAT project {visit.project} holds another study (StudyInstanceUID "
                 f"{existing.uid}, this visit's is {visit.study_uid}); XNAT labels are unique per project: change "
                 "session_label_pattern or rename the session in XNAT")

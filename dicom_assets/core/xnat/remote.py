@@ -80,13 +80,19 @@ def find_session(session, project: str, label: str) -> dict | None:
             "uid": fields.get("UID") or ""}
 
 
+#: the scan resources XNAT's importer fills (CatalogBuilder: primary imaging SOP classes in
+#: ``DICOM``, the rest in ``secondary`` under separateSecondaryDicomOnArchive, the default)
+IMPORTED_RESOURCES = ("DICOM", "secondary")
+
+
 def dicom_names(session, exp_id: str) -> dict[str, set[str]]:
-    """Scan id -> names of the files in the scan's DICOM resource (SNAPSHOTS, NIFTI... ignored)."""
+    """Scan id -> names of the files in the scan's ``DICOM`` and ``secondary`` resources, the
+    ones XNAT's importer writes (SNAPSHOTS, NIFTI and other resources of pipelines are ignored)."""
     out: dict[str, set[str]] = {}
     for scan in rows(session, f"/data/experiments/{exp_id}/scans"):
         sid = str(scan["ID"])
         out[sid] = {r["Name"] for r in rows(session, f"/data/experiments/{exp_id}/scans/{sid}/files")
-                    if r.get("collection") == "DICOM"}
+                    if r.get("collection") in IMPORTED_RESOURCES}
     return out
 
 
@@ -94,12 +100,18 @@ def scan_counts(session, exp_id: str) -> dict[str, int]:
     return {sid: len(names) for sid, names in dicom_names(session, exp_id).items() if names}
 
 
-def missing_names(want: dict[str, set[str]], have: dict[str, set[str]]) -> set[str]:
-    return {n for sid, names in want.items() for n in names - have.get(sid, set())}
+def held_names(have: dict[str, set[str]]) -> set[str]:
+    return set().union(*have.values()) if have else set()
 
 
-def foreign_names(want: dict[str, set[str]], have: dict[str, set[str]]) -> set[str]:
-    return {n for sid, names in have.items() for n in names - want.get(sid, set())}
+def missing_names(want: set[str], have: dict[str, set[str]]) -> set[str]:
+    """The wanted names the session holds in none of its scans."""
+    return set(want) - held_names(have)
+
+
+def foreign_names(want: set[str], have: dict[str, set[str]]) -> set[str]:
+    """The names the session holds that the visit does not have."""
+    return held_names(have) - set(want)
 
 
 def attach_files(owner, label: str, paths: list[Path]) -> None:

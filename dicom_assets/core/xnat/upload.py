@@ -53,6 +53,7 @@ class UploadResult:
     labels: dict = field(default_factory=dict)  # {"subject": {"given", "xnat"}, "session": {...}}
     filtered: list[str] = field(default_factory=list)  # file names XNAT did not keep (its import filter)
     warnings: list[str] = field(default_factory=list)
+    held: dict[str, set[str]] = field(default_factory=dict)  # XNAT scan ID -> the names it holds
 
 
 def upload_visit(session, *, server: str, project: str, subject: str, session_label: str,
@@ -291,6 +292,7 @@ class _VisitUpload:
         result = self.result
         result.status, result.session_uri = action.status, exp["uri"]
         result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
+        result.held = {k: set(v) for k, v in have.items() if v}
         if action.status == "already_archived" and self.pending_path is not None:
             self.pending_path.unlink(missing_ok=True)
         self.log(f"{self.xlabel} {action.reason}: nothing sent")
@@ -333,6 +335,7 @@ class _VisitUpload:
             self.log(f"XNAT's series import filter dropped {len(result.filtered)} of the files sent for {self.xlabel} "
                      f"({self.summary(filtered)}; {self.filters().describe()}); they are reported, not sent again")
         result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
+        result.held = {k: set(v) for k, v in have.items() if v}
         if self.pending_path is not None:  # the session is verified complete: nothing of this visit is pending
             self.pending_path.unlink(missing_ok=True)
         return result

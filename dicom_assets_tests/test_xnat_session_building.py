@@ -1,0 +1,178 @@
+"""How XNAT builds a session out of what it receives (scan IDs, the ``secondary`` resource,
+UIDs rewritten by a project's anonymization script), and the client's completeness check
+against it. The session-building rules of the test server are tested on their own first
+(each against the XNAT class it follows, named in dicom_assets/testing/xnat_session_builder.py);
+the upload tests then read XNAT only through its REST API, as xnatpy does."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+
+import pydicom
+import pytest
+from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_uid
+
+from dicom_assets.core.dicomscan import Rules
+from dicom_assets.core.organize import classify_tree
+from dicom_assets.core.xnat import compare_series, files_from_records, upload_visit
+from dicom_assets.testing.xnat_server import XnatTestServer
+from dicom_assets.testing.xnat_session_builder import (
+    PRIMARY_SOP_UIDS,
+    SeriesSeen,
+    merged_scan_ids,
+    resource_label,
+    scan_ids,
+    series_number_key,
+)
+
+USER = "site-uploader"
+PROJECT = "BUILD"
+
+
+# --------------------------------------------------------------------------- the server's rules
+def test_scan_ids_as_dicom_session_builder_numbers_them():
+    seen = [SeriesSeen("3", "1.2.9", frozenset({"MR"})), SeriesSeen("3", "1.2.10", frozenset({"MR"})),
+            SeriesSeen("4", "1.2.4", frozenset({"MR"})), SeriesSeen("3", "1.2.11", frozenset({"CT"}))]
+    ids = scan_ids(seen)
+    # a shared number: <number>-<modality><index> per UID in string order, counted per modality
+    assert ids == {"1.2.10": "3-MR1", "1.2.9": "3-MR2", "1.2.11": "3-CT1", "1.2.4": "4"}
+    assert "3" not in ids.values()
+
+
+@pytest.mark.parametrize("number,uid,key", [
+    ("7", "1.2.3", "7"), ("", "1.2.840.113619.2.1", "1_2_840_113619_2_1"), ("+5", "1.2", "_5"),
+    ("  ", "1.2-3", "1_2_3"),
+])
+def test_series_number_key(number, uid, key):
+    assert series_number_key(number, uid) == key
+
+
+def test_merged_scan_ids_follow_correct_scan_id():
+    existing = {"1.1": "3", "1.2": "4"}
+    # a UID the session has keeps its scan; a new series whose ID is taken is renamed
+    got = merged_scan_ids({"1.1": "5", "1.3": "4", "1.4": "6"}, {"1.1": "MR", "1.3": "MR", "1.4": "MR"}, existing)
+    assert got == {"1.1": "3", "1.3": "4-MR1", "1.4": "6"}
+    # Java's matches() is a full match: only a one-character stem is kept
+    assert merged_scan_ids({"2.1": "3-MR1"}, {"2.1": "MR"}, {"9": "3-MR1"}) == {"2.1": "3-MR2"}
+    assert merged_scan_ids({"2.1": "12-MR1"}, {"2.1": "MR"}, {"9": "12-MR1"}) == {"2.1": "12-MR1-MR1"}
+
+
+def test_secondary_resource_follows_the_primary_sop_list():
+    assert resource_label(MRImageStorage) == "DICOM"
+    assert resource_label(SecondaryCaptureImageStorage) == "secondary"
+    assert resource_label("1.2.840.10008.5.1.4.1.1.88.67") == "secondary"  # X-Ray Radiation Dose SR
+    assert resource_label(SecondaryCaptureImageStorage, separate_secondary=False) == "DICOM"
+    assert "1.2.840.10008.5.1.4.1.1.2" in PRIMARY_SOP_UIDS and len(PRIMARY_SOP_UIDS) >= 40  # CT, and the list
+
+
+# --------------------------------------------------------------------------- a visit XNAT splits up
+@pytest.fixture
+def password():
+    return "pw-" + secrets.token_hex(8)
+
+
+@pytest.fixture
+def server(samples, password, tmp_path):
+    srv = XnatTestServer(samples.xnat_schemas,
+                         USER, password, storage=tmp_path / "xnat-storage").start()
+    yield srv
+    srv.stop()
+
+
+def tricky_visit(samples, tmp_path):
+    """20 real MR files split into what scanners and TCIA deliver: two series sharing number 3, a
+    series without a SeriesNumber, and a Secondary Capture series (a dose report's kind)."""
+    folder = tmp_path / "visit"
+    shutil.copytree(next((samples.xnat_case001 / "scans").glob("2_*")), folder)
+    files = sorted(folder.rglob("*.dcm"))
+    groups = [("3", "T1 run 1", None), ("3", "T1 run 2", None), ("", "no number", None),
+              ("9", "Dose Report", SecondaryCaptureImageStorage)]
+    for g, (number, desc, sop_class) in enumerate(groups):
+        uid = generate_uid()
+        for path in files[g * 5:(g + 1) * 5]:
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID, ds.SeriesDescription = uid, desc
+            if number:
+                ds.SeriesNumber = number
+            elif "SeriesNumber" in ds:
+                del ds.SeriesNumber
+            if sop_class:
+                ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+                ds.Modality = "OT"
+            ds.save_as(path)
+    records = classify_tree(folder, Rules(exclude_derived=False))  # a site that keeps its dose reports
+    kept = files_from_records(records, folder)
+    assert len(kept) == 20, [(r.source, r.reason) for r in records if r.decision != "kept"]
+    return kept
+
+
+def rest_scans(server, password, label):
+    """Scan ID -> {resource label: file names}, as XNAT's REST API lists them."""
+    import xnat
+
+    with xnat.connect(server.url, user=USER, password=password, loglevel="ERROR") as s:
+        exp = next(r for r in s.get_json(f"/data/projects/{PROJECT}/experiments")["ResultSet"]["Result"]
+                   if r["label"] == label)
+        out = {}
+        for scan in s.get_json(f"/data/experiments/{exp['ID']}/scans")["ResultSet"]["Result"]:
+            rows = s.get_json(f"/data/experiments/{exp['ID']}/scans/{scan['ID']}/files")["ResultSet"]["Result"]
+            out[scan["ID"]] = {}
+            for r in rows:
+                out[scan["ID"]].setdefault(r["collection"], set()).add(r["Name"])
+        return out, exp
+
+
+def upload(server, password, files, label="V1", **kw):
+    import xnat
+
+    with xnat.connect(server.url, user=USER, password=password, loglevel="ERROR") as s:
+        return upload_visit(s, server=server.url, project=PROJECT, subject="P1", session_label=label, files=files,
+                            excluded=[], metadata_files=[], **kw)
+
+
+def test_shared_numbers_a_blank_number_and_a_secondary_capture_upload_complete(samples, server, password, tmp_path):
+    files = tricky_visit(samples, tmp_path)
+    res = upload(server, password, files)
+    assert res.status == "uploaded" and res.files_sent == 20
+    scans, _exp = rest_scans(server, password, "V1")
+    blank_uid = next(f.series_instance_uid for f in files if f.series_number is None)
+    # XNAT's scan IDs, not the series numbers: 3-MR1/3-MR2 (no plain 3), the UID for the blank one
+    assert sorted(scans) == sorted(["3-MR1", "3-MR2", "9", blank_uid.replace(".", "_")])
+    assert set(scans["9"]) == {"secondary"} and len(scans["9"]["secondary"]) == 5  # Secondary Capture
+    assert all(set(v) == {"DICOM"} and len(v["DICOM"]) == 5 for k, v in scans.items() if k != "9")
+    # the check of the asset: every series whole on XNAT, matched by its instances
+    rows = compare_series(files, res.held)
+    assert [(r["series_number"], r["expected"], r["on_xnat"]) for r in rows] == [
+        (3, 5, 5), (3, 5, 5), (9, 5, 5), (None, 5, 5)]
+    assert {r["scans"] for r in rows if r["series_number"] == 3} == {"3-MR1", "3-MR2"}
+    again = upload(server, password, files)
+    assert again.status == "already_archived" and again.files_sent == 0 and server.imports == 1
+
+
+def test_a_rerun_appends_only_what_is_missing_into_xnats_own_scans(samples, server, password, tmp_path):
+    files = tricky_visit(samples, tmp_path)
+    first = [f for f in files if f.series_number is not None and f.series_description != "T1 run 2"]
+    upload(server, password, first)
+    res = upload(server, password, files, policy="append")
+    assert res.status == "appended" and res.files_sent == 10
+    scans, _ = rest_scans(server, password, "V1")
+    # the new series sharing number 3 is renamed on the merge (correctScanID), never merged into 3-...
+    assert sum(len(n) for v in scans.values() for n in v.values()) == 20
+    assert all(r["on_xnat"] == r["expected"] for r in compare_series(files, res.held))
+    assert upload(server, password, files).status == "already_archived"
+
+
+def test_uids_rewritten_by_a_project_script_still_a_complete_session(samples, server, password, tmp_path):
+    server.add_project(PROJECT, owner=USER)
+    server.uid_hashing_projects.add(PROJECT)
+    files = tricky_visit(samples, tmp_path)
+    res = upload(server, password, files)
+    assert res.status == "uploaded"
+    scans, exp = rest_scans(server, password, "V1")
+    study = files[0].study_instance_uid
+    on_xnat = server.find_experiment(exp["ID"])
+    assert on_xnat.uid.startswith("2.25.") and on_xnat.uid != study  # XNAT holds other UIDs now
+    assert sum(len(n) for v in scans.values() for n in v.values()) == 20
+    again = upload(server, password, files)
+    assert again.status == "already_archived" and again.files_sent == 0 and server.imports == 1
