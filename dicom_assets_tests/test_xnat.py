@@ -451,6 +451,12 @@ def test_site_anonymization_rewrites_patient_id(instance, demo_root, server, xna
 
 
 # ------------------------------------------------- project accessibility, importer refusals, labels
+def write_zip_of(files, dest):
+    from dicom_assets.core.xnat import write_zip
+
+    write_zip(files, dest)
+
+
 def visit_folder(samples, tmp_path, edit=None):
     """One real series as organize keeps it, and its files to send; ``edit(ds)`` changes the
     first file's header."""
@@ -802,8 +808,10 @@ def test_merge_refused_when_a_session_appears_meanwhile(samples, server, passwor
     with pytest.raises(XnatError) as err:
         upload(server, password, files)
     msg = str(err.value)
+    # XNAT's own reason, from the row's log (LockAndSync -> PrearcUtils.log), is quoted
     assert "XNAT refused to archive Case001_MR1 into project QPN_DEMO (HTTP 400; its prearchive row went to " \
-           "CONFLICT): a session Case001_MR1 appeared there after the client looked" in msg
+           "CONFLICT; XNAT says: Session already exists, retry with overwrite enabled): a session Case001_MR1 " \
+           "appeared there after the client looked" in msg
     assert "prearchive setting is 0 (everything to the prearchive, for review)" in msg
     assert "nothing of this upload was archived" in msg and "'append' sends the instances it lacks" in msg
     assert server.prearchive == {} and server.projects["QPN_DEMO"].subjects["Case001"].experiments[
@@ -826,8 +834,8 @@ def visit_session(server):
 
 def cut_short_and_resend_refused(instance, demo_root, server):
     """The visit made up to its metadata; XNAT will take part of the next upload (the connection
-    breaks mid-stream, the session rebuilder archives what arrived) and refuse the files sent
-    again (its importer cannot write them: 507)."""
+    breaks mid-stream, the session rebuilder archives what arrived) and drop the files sent again
+    (its importer cannot write them; under Ignore-Unparsable it says nothing and answers 200)."""
     server.inject("/data/services/import", "drop_mid_stream")
     server.inject("/data/services/import", "storage_error")
     server.start_session_rebuilder(idle_seconds=0.5)
@@ -869,9 +877,9 @@ def test_upload_cut_short_and_archived_partially_is_completed(instance, demo_roo
 @pytest.mark.faults
 @pytest.mark.slow
 def test_missing_files_that_cannot_be_delivered_fail_the_step(instance, demo_root, server, xnat_res):
-    """The upload is cut short and archived partially, and XNAT refuses the files sent again
-    (its importer cannot write them: 507): the step fails, saying how many files of which series
-    are missing, and nothing is recorded as filtered."""
+    """The upload is cut short and archived partially, and XNAT drops the files sent again (its
+    importer cannot write them, and says nothing under Ignore-Unparsable): the step fails, saying
+    how many files of which series are missing, and nothing is recorded as filtered."""
     cut_short_and_resend_refused(instance, demo_root, server)
     result = run_chain(instance, demo_root, VISIT, xnat=xnat_res, selection=only_xnat(), raise_on_error=False)
     assert not result.success
@@ -884,7 +892,9 @@ def test_missing_files_that_cannot_be_delivered_fail_the_step(instance, demo_roo
     short = sorted(k for k, n in kept_series(demo_root).items() if on_server.get(k, 0) < n)
     assert all(f"series {k} (" in message for k in short), message
     assert "no series import filter is set for the site or the project" in message
-    assert "507" in message and "Nothing was recorded as filtered" in message
+    # every file of the resend dropped: XNAT answers with the last refusal it kept (DicomZipImporter)
+    assert "XNAT did not take them" in message and "unable to read DICOM object" in message
+    assert "Nothing was recorded as filtered" in message
     assert "'append' sends only the missing files" in message
     assert not (demo_root / "logs/xnat/QPN001_ses-01.json").exists()
     assert [q.get("overwrite") for q in server.import_queries] == ["append"] and server.prearchive == {}
@@ -955,23 +965,43 @@ def test_only_files_xnats_filter_drops_are_filtered_in_a_partial_session(instanc
 
 
 @pytest.mark.faults
+def test_files_xnat_cannot_write_are_dropped_silently_and_sent_again(samples, server, password, tmp_path):
+    """XNAT's disk fills after 5 files: GradualDicomImporter.call's catch-all turns each failed
+    write into a refused object, which Ignore-Unparsable drops without a word, and XNAT answers
+    200 with the URI of a session of 5 files. The client sees 15 missing, not filtered, sends
+    them again (only them) and the session ends complete."""
+    files = visit_folder(samples, tmp_path)
+    server.add_project("QPN_DEMO", owner=USER)
+    server.storage_error_after = 5
+    server.inject("/data/services/import", "storage_error")
+    logs = []
+    res = upload(server, password, files, log=logs.append)
+    assert res.status == "uploaded" and res.files_sent == 35 and res.filtered == []
+    assert any("lacks 15 of the files sent" in m for m in logs)
+    assert [q.get("overwrite") for q in server.import_queries] == [None, "append"]
+    assert server.prearchive == {}
+
+
+@pytest.mark.faults
 def test_import_stopped_mid_zip_leaves_no_partial_session(samples, server, password, tmp_path):
-    """XNAT stops an import mid-zip (GradualDicomImporter cannot write a file: 507) after staging
-    5 files in a RECEIVING row. The client removes that row, so XNAT's session rebuilder cannot
-    archive a partial session from it; a re-run sends everything."""
-    from dicom_assets.core.xnat import XnatError
+    """Without Ignore-Unparsable XNAT stops the import at the first file it cannot write (400),
+    after staging 5 files in a RECEIVING row: as the client would meet it from an XNAT before
+    1.8.3. A client removing its rows leaves the rebuilder no partial session to archive."""
+    import xnat
 
     files = visit_folder(samples, tmp_path)
     server.add_project("QPN_DEMO", owner=USER)
     server.storage_error_after = 5
     server.inject("/data/services/import", "storage_error")
-    with pytest.raises(XnatError, match="507"):
-        upload(server, password, files)
-    assert server.prearchive == {}
-    server.rebuild_idle_sessions(idle_seconds=0)
-    assert server.projects["QPN_DEMO"].subjects == {}
-    res = upload(server, password, files)
-    assert res.status == "uploaded" and res.files_sent == 20 and res.filtered == []
+    z = tmp_path / "all.zip"
+    write_zip_of(files, z)
+    with xnat.connect(server.url, user=USER, password=password, loglevel="ERROR") as s:
+        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                   "project": "QPN_DEMO", "subject": "S", "session": "V"},
+                   data=z.read_bytes(), headers={"Content-Type": "application/zip"}, accepted_status=[400])
+        assert "unable to read DICOM object" in r.text
+        rows = s.get_json("/data/prearchive/projects/QPN_DEMO")["ResultSet"]["Result"]
+        assert [row["status"] for row in rows] == ["RECEIVING"]
 
 
 @pytest.mark.faults

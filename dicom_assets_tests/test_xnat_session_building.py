@@ -150,6 +150,7 @@ def test_shared_numbers_a_blank_number_and_a_secondary_capture_upload_complete(s
     assert again.status == "already_archived" and again.files_sent == 0 and server.imports == 1
 
 
+@pytest.mark.slow
 def test_a_rerun_appends_only_what_is_missing_into_xnats_own_scans(samples, server, password, tmp_path):
     files = tricky_visit(samples, tmp_path)
     first = [f for f in files if f.series_number is not None and f.series_description != "T1 run 2"]
@@ -163,6 +164,7 @@ def test_a_rerun_appends_only_what_is_missing_into_xnats_own_scans(samples, serv
     assert upload(server, password, files).status == "already_archived"
 
 
+@pytest.mark.slow
 def test_uids_rewritten_by_a_project_script_still_a_complete_session(samples, server, password, tmp_path):
     server.add_project(PROJECT, owner=USER)
     server.uid_hashing_projects.add(PROJECT)
@@ -176,3 +178,89 @@ def test_uids_rewritten_by_a_project_script_still_a_complete_session(samples, se
     assert sum(len(n) for v in scans.values() for n in v.values()) == 20
     again = upload(server, password, files)
     assert again.status == "already_archived" and again.files_sent == 0 and server.imports == 1
+
+
+# --------------------------------------------------------------------------- several studies, busy sessions
+def two_study_visit(samples, tmp_path):
+    """The 20 files as two studies of one visit (a scanner that split the exam)."""
+    files = tricky_visit(samples, tmp_path)
+    second = generate_uid()
+    for f in files[10:]:
+        ds = pydicom.dcmread(f.path)
+        ds.StudyInstanceUID = second
+        ds.save_as(f.path)
+    return files_from_records(classify_tree(files[0].path.parents[1], Rules(exclude_derived=False)),
+                              files[0].path.parents[1])
+
+
+def test_xnat_archives_the_first_of_two_studies_and_refuses_the_next(samples, server, password, tmp_path):
+    """What XNAT does with a zip of two studies under one label (PrearcDatabase: one row per
+    study; DicomZipImporter.xmlBuild archives them in turn): the first is archived, the second's
+    row goes to CONFLICT with XNAT's reason in its log, and the import answers 400."""
+    import xnat
+
+    from dicom_assets.core.xnat import write_zip
+
+    files = two_study_visit(samples, tmp_path)
+    zpath = tmp_path / "two.zip"
+    write_zip(files, zpath)
+    with xnat.connect(server.url, user=USER, password=password, loglevel="ERROR") as s:
+        s.put(f"/data/projects/{PROJECT}")
+        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                   "project": PROJECT, "subject": "P1", "session": "V1"},
+                   data=zpath.read_bytes(), headers={"Content-Type": "application/zip"}, accepted_status=[400])
+        assert r.status_code == 400
+        rows = s.get_json(f"/data/prearchive/projects/{PROJECT}")["ResultSet"]["Result"]
+        assert [row["status"] for row in rows] == ["CONFLICT"]
+        reason = s.get(f"/data{rows[0]['url']}/logs/last").text
+        assert "Invalid modification of session UID" in reason
+    scans, _ = rest_scans(server, password, "V1")
+    assert sum(len(n) for v in scans.values() for n in v.values()) == 10  # the first study only
+
+
+def test_the_client_refuses_a_visit_of_two_studies_before_sending(samples, server, password, tmp_path):
+    from dicom_assets.core.xnat import XnatError
+
+    files = two_study_visit(samples, tmp_path)
+    with pytest.raises(XnatError) as err:
+        upload(server, password, files)
+    message = str(err.value)
+    assert "V1 holds 2 studies" in message and "10 files" in message and "nothing was sent" in message
+    assert server.imports == 0
+
+
+@pytest.mark.slow
+def test_a_busy_session_is_waited_for_then_completed(samples, server, password, tmp_path):
+    """An automation run on archive keeps a workflow open on the session: XNAT refuses the merge
+    (PrearcSessionArchiver.preventConcurrentArchiving); the client names it, waits, sends again."""
+    files = tricky_visit(samples, tmp_path)
+    upload(server, password, files[:10])
+    _, exp = rest_scans(server, password, "V1")
+    session = server.find_experiment(exp["ID"])
+    server.open_workflow(session)
+    logs = []
+
+    def log(message):  # the automation finishes while the client waits
+        logs.append(message)
+        if "is busy in XNAT" in message:
+            server.close_workflows(session)
+
+    res = upload(server, password, files, policy="append", poll_seconds=0.3, wait_seconds=20, log=log)
+    assert res.status == "appended" and res.files_sent == 10
+    assert any("is busy in XNAT" in m for m in logs)
+    assert server.prearchive == {}  # the refused rows were removed each time
+
+
+@pytest.mark.slow
+def test_a_session_busy_for_good_fails_naming_the_workflow(samples, server, password, tmp_path):
+    from dicom_assets.core.xnat import XnatBusyError
+
+    files = tricky_visit(samples, tmp_path)
+    upload(server, password, files[:10])
+    _, exp = rest_scans(server, password, "V1")
+    server.open_workflow(server.find_experiment(exp["ID"]), pipeline="dcm2niix-container")
+    with pytest.raises(XnatBusyError) as err:
+        upload(server, password, files, policy="append", poll_seconds=0.2, wait_seconds=0.5)
+    message = str(err.value)
+    assert "is busy" in message and "dcm2niix-container" in message and "conflict with" not in message
+    assert server.prearchive == {}

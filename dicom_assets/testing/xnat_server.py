@@ -62,8 +62,9 @@ while XNAT built it: ``PrearchiveRebuildHandler.rebuild`` gives way, the row sta
 import answers 200 with an empty body) or ``drop_mid_stream`` (the connection breaks after
 ``drop_fraction`` of the body arrived: the entries read so far stay in a RECEIVING row, which the
 session rebuilder later archives as a partial session in a project set to auto-archive; no
-answer) or ``storage_error`` (``GradualDicomImporter`` cannot write a file after
-``storage_error_after`` files: the import stops mid-zip, those files stay RECEIVING, 507).
+answer) or ``storage_error`` (``GradualDicomImporter`` cannot write the files after
+``storage_error_after`` of them: under Ignore-Unparsable they are dropped and the import answers
+200, the session archived without them; without it the import stops mid-zip, 400).
 ``server.on_archive(row)`` runs just before an import
 archives its row (a concurrent sender archiving the same label). ``server.proxy_timeout``
 puts a reverse proxy in front: a request still running after that many seconds gets a 504
@@ -153,6 +154,8 @@ DEFAULT_PREARCHIVE_CODE = 4
 # session in a ClientException without status: the import answers 400 with this text (the 2024
 # NrgXnat/xnat monorepo snapshot says "unable to archive for the Prearchive session", also 400)
 ARCHIVE_FAILED = "Failed to archive 1 of 1 session(s)"
+# PrearcSessionArchiver.preventConcurrentArchiving's refusal (409), before the workflow's name
+BUSY = "Session processing may already be in progress"
 
 
 def clean_value(value: str) -> str:
@@ -242,6 +245,9 @@ class PrearchiveEntry:
     # AutoArchive the importer asked for); a row that is joined later keeps it
     auto_archive: int | None = None
     idle_since: float = field(default_factory=time.monotonic)  # for the session rebuilder
+    # PrearcUtils.log: LockAndSync writes the message of a failed archive to the row's logs/
+    # (GET .../logs/last answers the newest, PrearcSessionResource)
+    logs: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -346,6 +352,8 @@ class XnatTestServer:
         # projects whose anonymization script rewrites the study, series and instance UIDs
         # (hashUID) when a session is archived
         self.uid_hashing_projects: set[str] = set()
+        # experiment ID -> names of the workflows open on it (open_workflow, close_workflows)
+        self.open_workflows: dict[str, list[str]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) seen, for tests
         self.import_queries: list[dict] = []  # the query of each import request, for tests
         self.default_prearchive_code = DEFAULT_PREARCHIVE_CODE  # the site's defaultPrearchiveCode
@@ -480,6 +488,21 @@ class XnatTestServer:
             Path(exp.scans[scan_id].files.pop(name)).unlink(missing_ok=True)
             exp.scans[scan_id].sop_uids.pop(name, None)
 
+    def open_workflow(self, exp: Experiment, pipeline: str = "container-service: dcm2niix on archive",
+                      close_after: float | None = None) -> None:
+        """A workflow left open on a session, as an automation run on archive leaves one while it
+        works (or for good, when it died "In Progress"); closed after ``close_after`` seconds."""
+        with self.lock:
+            self.open_workflows.setdefault(exp.id, []).append(pipeline)
+        if close_after is not None:
+            timer = threading.Timer(close_after, self.close_workflows, args=(exp,))
+            timer.daemon = True
+            timer.start()
+
+    def close_workflows(self, exp: Experiment) -> None:
+        with self.lock:
+            self.open_workflows.pop(exp.id, None)
+
     def add_prearchive_row(self, project: str, name: str, tag: str, status: str = "READY",
                            subject: str = "") -> PrearchiveEntry:
         """A row that did not come from our client (sent from the scanner, say)."""
@@ -575,6 +598,12 @@ class XnatTestServer:
             if existing is not None:  # checkForConflicts
                 if not allow_merge:
                     raise _HttpError(409, PRE_EXISTS)
+                # PrearcSessionArchiver.preventConcurrentArchiving (unless overrideExceptions, i.e.
+                # overwrite=delete): an open workflow on the session (WorkflowUtils.getOpenWorkflows:
+                # a pipeline or a container run on archive, or a stale "In Progress") refuses the merge
+                busy = self.open_workflows.get(existing.id)
+                if busy and not override:
+                    raise _HttpError(409, f"{BUSY}: {busy[0]}.  Concurrent modification is discouraged.")
                 if subj is None or existing.subject_id != subj.id:
                     raise _HttpError(409, f"{SUBJECT_MOD}: {existing.label} Already Exists for another Subject")
             hashing = row.project in self.uid_hashing_projects
@@ -652,6 +681,7 @@ class XnatTestServer:
                 status = exc.status if isinstance(exc, _HttpError) else 500
                 row.status, row.lastmod = ("CONFLICT" if status == 409 else "ERROR"), _now()
                 row.idle_since = time.monotonic()
+                row.logs.append(exc.message if isinstance(exc, _HttpError) else str(exc))
             raise
 
     # ---------------------------------------------------------------- the session rebuilder
@@ -1403,10 +1433,10 @@ class _Handler(BaseHTTPRequestHandler):
             if refused:
                 raise _HttpError(400, refused)
             return self._send(200, "")
-        if len({str(ds.get("StudyInstanceUID", "") or "") for _, _, ds in files}) > 1:
-            # XNAT would open one prearchive row per study; this server refuses instead
-            raise _HttpError(400, "The upload contains files for multiple imaging sessions")
         subject, name = self._import_labels(q, files)
+        studies = sorted({str(ds.get("StudyInstanceUID", "") or "") for _, _, ds in files})
+        if len(studies) > 1 and (q.get("dest") or "").startswith("/archive"):
+            return self._import_studies(q, project, subject, name, files, studies)
         dest = q.get("dest") or ""
         direct = q.get("Direct-Archive", "false").lower() == "true"
         if direct and not dest:
@@ -1465,6 +1495,30 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, ARCHIVE_FAILED) from None
         return self._send(200, f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}\r\n")
 
+    def _import_studies(self, q: dict, project: str, subject: str, name: str, files: list, studies: list) -> None:
+        """An upload holding several studies: GradualDicomImporter puts each file into the row of
+        its StudyInstanceUID (PrearcDatabase.eitherGetOrCreateSession: one row per study, all
+        under the same session label), and DicomZipImporter.xmlBuild archives the rows one by one
+        (its set of rows has no order; here they go in UID order). The first study archives as
+        the session; the next one meets a session of that label holding another study (merged
+        unasked on an auto-archive project: UID_MOD, 409), its row goes to CONFLICT and the import
+        answers 400, the first study staying archived."""
+        x = self.xnat
+        uris = []
+        for study in studies:
+            group = [f for f in files if str(f[2].get("StudyInstanceUID", "") or "") == study]
+            row = x.receive(project, subject, name, group)
+            overwrite = q.get("overwrite")
+            try:
+                exp = x.archive_row(row, subject=q.get("subject"), label=q.get("session"),
+                                    allow_merge=overwrite is not None or row.auto_archive not in (None, 0),
+                                    override=(overwrite or "").lower() in ("delete", "override"),
+                                    overwrite_files=x.overwrite_files_for(row, False))
+            except Exception:
+                raise _HttpError(400, ARCHIVE_FAILED) from None
+            uris.append(f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}")
+        return self._send(200, "\r\n".join(uris) + "\r\n")
+
     def _read_entries(self, q: dict, entries, faults: bool = True) -> tuple[list, str | None]:
         """DicomZipImporter.importZipFile: each entry in order through GradualDicomImporter.call.
         Returns the files to stage and the last refusal kept under Ignore-Unparsable.
@@ -1474,11 +1528,14 @@ class _Handler(BaseHTTPRequestHandler):
         * a refused object (ClientException) is kept under Ignore-Unparsable and the next entry
           read; without it the import stops, the entries before it staying in their prearchive
           row (RECEIVING, as GradualDicomImporter left them): 400;
-        * the ``storage_error`` fault: ``GradualDicomImporter.write`` fails (an IOException becomes
-          ``ServerException(SERVER_ERROR_INSUFFICIENT_STORAGE)``, which importZipFile does not catch)
-          after ``storage_error_after`` files: the import stops, those files stay RECEIVING, and
-          the Importer answers the exception's status, 507 (not taken by an import whose
-          connection broke: ``faults`` false)."""
+        * the ``storage_error`` fault: ``GradualDicomImporter.write`` fails after
+          ``storage_error_after`` files (a full disk: its IOException becomes
+          ``ServerException(SERVER_ERROR_INSUFFICIENT_STORAGE)``), and GradualDicomImporter.call's
+          catch-all turns that into ``ClientException(400, "unable to read DICOM object <name>")``:
+          like any refused object it is dropped under Ignore-Unparsable (the import goes on, the
+          session is archived without those files, the answer is 200 with its URI), and stops the
+          import without it (400, the files before it RECEIVING). Not taken by an import whose
+          connection broke (``faults`` false)."""
         x = self.xnat
         ignore = q.get("Ignore-Unparsable", "false").lower() == "true"
         with x.lock:
@@ -1489,11 +1546,9 @@ class _Handler(BaseHTTPRequestHandler):
         for fname, data, ds, why in entries:
             if ds is not None and not all(f.includes(ds) for f in filters):
                 continue
+            if why is None and storage_error and len(files) >= x.storage_error_after:
+                why = f"unable to read DICOM object {fname}"  # the write's ServerException, caught
             if why is None:
-                if storage_error and len(files) >= x.storage_error_after:
-                    if files:
-                        self._stage_for_import(q, files)
-                    raise _HttpError(507, "java.io.IOException: No space left on device")
                 files.append((fname, data, ds))
                 continue
             if ignore:
@@ -1526,6 +1581,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, _result_set([self._pre_row(e) for e in visible.values()]))
             if len(parts) == 2 and parts[0] == "projects":
                 return self._send(200, _result_set([self._pre_row(e) for e in visible.values() if e.project == parts[1]]))
+            if len(parts) == 6 and parts[0] == "projects" and parts[4] == "logs":
+                e = visible.get("/".join(parts[1:4]))
+                if e is None:
+                    raise _HttpError(404, "No such prearchive session")
+                if parts[5] != "last":
+                    raise _HttpError(404, "No such log")
+                return self._send(200, e.logs[-1] if e.logs else "", "text/plain")
             if len(parts) == 4 and parts[0] == "projects":
                 key = "/".join(parts[1:])
                 e = visible.get(key)

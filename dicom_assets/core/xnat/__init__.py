@@ -62,7 +62,7 @@ copes (docs/decisions.md, "Uploads to a real XNAT"):
 * credentials come from the caller (environment variables); they never enter a message.
 """
 
-from .errors import XnatAuthError, XnatError, XnatTransientError, classify_error, http_status
+from .errors import XnatAuthError, XnatBusyError, XnatError, XnatTransientError, classify_error, http_status
 from .files import (
     UploadFile,
     classic_tree_sessions,
@@ -86,7 +86,7 @@ from .upload import UploadResult, upload_visit
 
 __all__ = [
     "Action", "Existing", "MAX_LABEL", "POLICIES", "PROJECT_ID", "SeriesFilter", "SeriesFilters", "UploadFile",
-    "UploadResult", "Visit", "XNAT_CLEANED_CHARS", "XnatAuthError", "XnatError", "XnatTransientError",
+    "UploadResult", "Visit", "XNAT_CLEANED_CHARS", "XnatAuthError", "XnatBusyError", "XnatError", "XnatTransientError",
     "classic_tree_sessions", "classify_error", "clean_label", "dicom_names", "ensure_project", "expected_names",
     "compare_series", "files_from_records", "find_session", "http_status", "importer_refusals", "load_dicoms_json",
     "parse_series_filter", "plan", "read_exclusions", "read_pending", "scan_counts", "select_files",

@@ -19,6 +19,11 @@ class XnatTransientError(XnatError):
     """Connection reset, timeout, 502/503/504: worth retrying."""
 
 
+class XnatBusyError(XnatTransientError):
+    """XNAT refused to merge into the session while a workflow is open on it (a pipeline or a
+    container run on archive; PrearcSessionArchiver.preventConcurrentArchiving): worth waiting for."""
+
+
 def http_status(exc: Exception) -> int | None:
     resp = getattr(exc, "response", None)
     status = getattr(resp, "status_code", None) or getattr(exc, "status_code", None)

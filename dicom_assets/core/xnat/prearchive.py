@@ -6,8 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import XnatError, XnatTransientError, http_status
+from .errors import XnatBusyError, XnatError, XnatTransientError, http_status
 from .remote import dicom_names, find_session, rows
+
+#: PrearcSessionArchiver.preventConcurrentArchiving's refusal: a workflow is open on the session
+BUSY = "Session processing may already be in progress"
 
 IN_PROGRESS = ("RECEIVING", "RECEIVING_INTERRUPT", "BUILDING", "QUEUED_BUILDING", "QUEUED_ARCHIVING", "ARCHIVING",
                "_RECEIVING", "_BUILDING", "_ARCHIVING", "QUEUED_DELETING", "DELETING", "_DELETING")
@@ -28,6 +31,15 @@ def own_rows(session, project: str, label: str, tag: str, before: dict[str, dict
     """Rows of this visit that appeared or changed since ``before``: what this upload left."""
     return {url: r for url, r in prearchive_rows(session, project, label, tag).items()
             if url not in before or before[url].get("lastmod") != r.get("lastmod")}
+
+
+def row_log(session, url: str) -> str:
+    """The newest log XNAT wrote for a prearchive row (``<url>/logs/last``: the message of a failed
+    archive), "" when it cannot be read (older XNATs, a row already gone)."""
+    try:
+        return session.get(f"/data{url}/logs/last", accepted_status=[200]).text or ""
+    except Exception:  # any failure: no reason known, the caller says what it knows
+        return ""
 
 
 def prearchive_code(session, project: str) -> int | None:
@@ -116,14 +128,26 @@ def refused_import(session, project: str, label: str, tag: str, before: dict[str
     session(s)"."""
     try:
         rows = own_rows(session, project, label, tag, before)
-    except Exception:
+    except Exception:  # the refusal is the error to report, whatever the listing does
         rows = {}
+    # XNAT's own reason, read before the rows go: LockAndSync writes the conflict's message to the
+    # row's log (PrearcUtils.log), served at <row>/logs/last (PrearcSessionResource)
+    reasons = [row_log(session, url) for url, r in rows.items() if r.get("status") == "CONFLICT"]
     # a row left RECEIVING holds what XNAT read before it stopped: the request is over, nothing
     # more arrives in it, and XNAT's session rebuilder would archive it as a partial session
     clean_after_failure(session, project, label, tag, before, log, statuses=LEFTOVER + ("RECEIVING",))
-    if not any(r.get("status") == "CONFLICT" for r in rows.values()):
+    if not reasons:
         return None
     answer = f"HTTP {http_status(exc) or '4xx'}"
+    busy = next((r for r in reasons if BUSY in r), None)
+    if busy:
+        return XnatBusyError(
+            f"XNAT session {label} in project {project} is busy: XNAT refused to merge into it while a workflow "
+            f"is open on it ({answer}; XNAT says: {busy.strip()}). A pipeline or a container run on archive "
+            "works on the session, or a workflow it left 'In Progress' was never closed (an admin closes it on "
+            "the session's History page). Nothing of this upload was archived; the client removed its "
+            "prearchive row")
+    said = next((r.strip() for r in reasons if r.strip()), "")
     code = prearchive_code(session, project)
     try:
         existing = find_session(session, project, label)
@@ -131,7 +155,8 @@ def refused_import(session, project: str, label: str, tag: str, before: dict[str
         existing = None
     if existing is not None and not asked_merge:
         return XnatError(
-            f"XNAT refused to archive {label} into project {project} ({answer}; its prearchive row went to CONFLICT): "
+            f"XNAT refused to archive {label} into project {project} ({answer}; its prearchive row went to CONFLICT"
+            + (f"; XNAT says: {said}" if said else "") + "): "
             f"a session {label} appeared there after the client looked (another upload archived it meanwhile), and "
             "this upload did not ask to merge. XNAT merges into an existing session unasked only in projects set to "
             f"auto-archive; project {project}'s prearchive setting is {_code_text(code)}. The client removed its "
@@ -140,6 +165,7 @@ def refused_import(session, project: str, label: str, tag: str, before: dict[str
             "overwrite=append)")
     return XnatError(
         f"XNAT refused to archive {label} into project {project} ({answer}; its prearchive row went to CONFLICT"
+        + (f"; XNAT says: {said}" if said else "")
         + (", although the upload asked to merge with overwrite=append" if asked_merge else "")
         + "): XNAT finds a conflict with the session of that label (files it already holds under the same name "
         "or SOPInstanceUID, another subject or study; PrearcSessionArchiver, MergeSessionsA). The client removed "

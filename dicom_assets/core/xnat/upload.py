@@ -3,10 +3,11 @@ verifies, sends again what did not arrive, and reports what XNAT holds."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import XnatError, classify_error, http_status, in_doubt
+from .errors import XnatBusyError, XnatError, classify_error, http_status, in_doubt
 from .files import (
     UploadFile,
     expected_names,
@@ -106,6 +107,16 @@ def check_visit(files: list[UploadFile], xsubject: str, xlabel: str, session_lab
             raise XnatError(f"the XNAT {kind} label {value[:40]!r}... has {len(value)} characters; XNAT stores "
                             f"labels of at most {MAX_LABEL} (XFT's default string size): shorten it "
                             "(session_label_pattern, or the participant ID)")
+    studies: dict[str, int] = {}
+    for f in files:
+        studies[f.study_instance_uid] = studies.get(f.study_instance_uid, 0) + 1
+    if len(studies) > 1:
+        shown = ", ".join(f"{uid or '(none)'}: {n} files" for uid, n in sorted(studies.items()))
+        raise XnatError(
+            f"{session_label} holds {len(studies)} studies ({shown}); XNAT keeps one study per session "
+            "(PrearcDatabase keys its prearchive rows by StudyInstanceUID: it would archive the first study under "
+            f"{xlabel} and refuse the others into that label), so nothing was sent. Split the dump into one visit "
+            "per study, or exclude the other study's series (exclude_series)")
     refused = importer_refusals(files)
     if refused:
         shown = ", ".join(f"{name} ({why})" for name, why in refused[:3])
@@ -182,6 +193,21 @@ class _VisitUpload:
 
     # --- sending ---------------------------------------------------------------------------
     def send(self, batch: list[UploadFile], overwrite: str | None) -> None:
+        """:meth:`send_once`, again while XNAT says the session is busy (a workflow open on it),
+        every ``poll_seconds`` for at most ``wait_seconds``; then the busy error, named."""
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            try:
+                return self.send_once(batch, overwrite)
+            except XnatBusyError as exc:
+                if time.monotonic() + self.poll_seconds > deadline:
+                    raise XnatBusyError(f"{exc} The client waited {self.wait_seconds:.0f} s for the workflow to "
+                                        "end; the step is retried later") from None
+                self.log(f"{self.xlabel} is busy in XNAT (a workflow is open on it): sending again in "
+                         f"{self.poll_seconds:.0f} s")
+                time.sleep(self.poll_seconds)
+
+    def send_once(self, batch: list[UploadFile], overwrite: str | None) -> None:
         """One import of ``batch``; returns once XNAT archived at least part of it (what did not
         arrive is the caller's to find)."""
         before = prearchive_rows(self.session, self.project, self.xlabel, self.tag)
@@ -276,6 +302,8 @@ class _VisitUpload:
                  "again (overwrite=append)")
         try:
             self.send([f for f in self.files if f.arcname in missing], "append")
+        except XnatBusyError:
+            raise  # named, and retried: the missing files are sent once the workflow ended
         except XnatError as exc:
             raise self.incomplete(missing, f"XNAT did not take them ({exc})") from None
         except Exception as exc:  # a transport failure: classified for the message
