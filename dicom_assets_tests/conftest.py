@@ -14,6 +14,8 @@ from dagster import instance_for_test
 from dicom_assets.testing.demo import build_demo_dataset
 from dicom_assets.testing.samples import ensure_samples
 
+from .xnat_target import xnat_target  # noqa: F401 - the XNAT of the contract tests (a fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 # xnatpy's progress bar (progressbar2) keeps the sys.stderr of the moment it is first imported:
 # imported inside a test that captures output (capsys), it would write to that test's closed

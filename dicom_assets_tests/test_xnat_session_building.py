@@ -2,11 +2,11 @@
 UIDs rewritten by a project's anonymization script), and the client's completeness check
 against it. The session-building rules of the test server are tested on their own first
 (each against the XNAT class it follows, named in dicom_assets/testing/xnat_session_builder.py);
-the upload tests then read XNAT only through its REST API, as xnatpy does."""
+the upload tests are contract tests: they read XNAT only through its REST API, as xnatpy does,
+and run against the test server, or a real XNAT with ``XNAT_TEST_URL`` (``xnat_target.py``)."""
 
 from __future__ import annotations
 
-import secrets
 import shutil
 
 import pydicom
@@ -16,7 +16,6 @@ from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_u
 from dicom_assets.core.dicomscan import Rules
 from dicom_assets.core.organize import classify_tree
 from dicom_assets.core.xnat import compare_series, files_from_records, upload_visit
-from dicom_assets.testing.xnat_server import XnatTestServer
 from dicom_assets.testing.xnat_session_builder import (
     PRIMARY_SOP_UIDS,
     SeriesSeen,
@@ -25,9 +24,6 @@ from dicom_assets.testing.xnat_session_builder import (
     scan_ids,
     series_number_key,
 )
-
-USER = "site-uploader"
-PROJECT = "BUILD"
 
 
 # --------------------------------------------------------------------------- the server's rules
@@ -67,19 +63,6 @@ def test_secondary_resource_follows_the_primary_sop_list():
 
 
 # --------------------------------------------------------------------------- a visit XNAT splits up
-@pytest.fixture
-def password():
-    return "pw-" + secrets.token_hex(8)
-
-
-@pytest.fixture
-def server(samples, password, tmp_path):
-    srv = XnatTestServer(samples.xnat_schemas,
-                         USER, password, storage=tmp_path / "xnat-storage").start()
-    yield srv
-    srv.stop()
-
-
 def tricky_visit(samples, tmp_path):
     """20 real MR files split into what scanners and TCIA deliver: two series sharing number 3, a
     series without a SeriesNumber, and a Secondary Capture series (a dose report's kind)."""
@@ -107,12 +90,10 @@ def tricky_visit(samples, tmp_path):
     return kept
 
 
-def rest_scans(server, password, label):
-    """Scan ID -> {resource label: file names}, as XNAT's REST API lists them."""
-    import xnat
-
-    with xnat.connect(server.url, user=USER, password=password, loglevel="ERROR") as s:
-        exp = next(r for r in s.get_json(f"/data/projects/{PROJECT}/experiments")["ResultSet"]["Result"]
+def rest_scans(target, project, label):
+    """Scan ID -> {resource label: file names}, and the experiment's row, as XNAT's REST API lists them."""
+    with target.connect() as s:
+        exp = next(r for r in s.get_json(f"/data/projects/{project}/experiments")["ResultSet"]["Result"]
                    if r["label"] == label)
         out = {}
         for scan in s.get_json(f"/data/experiments/{exp['ID']}/scans")["ResultSet"]["Result"]:
@@ -123,19 +104,33 @@ def rest_scans(server, password, label):
         return out, exp
 
 
-def upload(server, password, files, label="V1", **kw):
-    import xnat
-
-    with xnat.connect(server.url, user=USER, password=password, loglevel="ERROR") as s:
-        return upload_visit(s, server=server.url, project=PROJECT, subject="P1", session_label=label, files=files,
+def upload(target, project, files, label="V1", **kw):
+    with target.connect() as s:
+        return upload_visit(s, server=target.url, project=project, subject="P1", session_label=label, files=files,
                             excluded=[], metadata_files=[], **kw)
 
 
-def test_shared_numbers_a_blank_number_and_a_secondary_capture_upload_complete(samples, server, password, tmp_path):
+def imports(target, project) -> int:
+    """How many import requests reached XNAT for the project: on the test server, its count; on
+    a real XNAT not observable, so the tests read the session instead (the count is None)."""
+    return None if target.real else sum(1 for q in target.server.import_queries if q.get("project") == project)
+
+
+def file_count(scans) -> int:
+    return sum(len(n) for v in scans.values() for n in v.values())
+
+
+def prearchive_rows(target, project) -> list[dict]:
+    with target.connect() as s:
+        return s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
+
+
+def test_shared_numbers_a_blank_number_and_a_secondary_capture_upload_complete(samples, xnat_target, tmp_path):
+    project = xnat_target.project("BUILD")
     files = tricky_visit(samples, tmp_path)
-    res = upload(server, password, files)
+    res = upload(xnat_target, project, files)
     assert res.status == "uploaded" and res.files_sent == 20
-    scans, _exp = rest_scans(server, password, "V1")
+    scans, _exp = rest_scans(xnat_target, project, "V1")
     blank_uid = next(f.series_instance_uid for f in files if f.series_number is None)
     # XNAT's scan IDs, not the series numbers: 3-MR1/3-MR2 (no plain 3), the UID for the blank one
     assert sorted(scans) == sorted(["3-MR1", "3-MR2", "9", blank_uid.replace(".", "_")])
@@ -146,38 +141,42 @@ def test_shared_numbers_a_blank_number_and_a_secondary_capture_upload_complete(s
     assert [(r["series_number"], r["expected"], r["on_xnat"]) for r in rows] == [
         (3, 5, 5), (3, 5, 5), (9, 5, 5), (None, 5, 5)]
     assert {r["scans"] for r in rows if r["series_number"] == 3} == {"3-MR1", "3-MR2"}
-    again = upload(server, password, files)
-    assert again.status == "already_archived" and again.files_sent == 0 and server.imports == 1
+    again = upload(xnat_target, project, files)
+    assert again.status == "already_archived" and again.files_sent == 0
+    assert imports(xnat_target, project) in (None, 1)
 
 
 @pytest.mark.slow
-def test_a_rerun_appends_only_what_is_missing_into_xnats_own_scans(samples, server, password, tmp_path):
+def test_a_rerun_appends_only_what_is_missing_into_xnats_own_scans(samples, xnat_target, tmp_path):
+    project = xnat_target.project("BUILD")
     files = tricky_visit(samples, tmp_path)
     first = [f for f in files if f.series_number is not None and f.series_description != "T1 run 2"]
-    upload(server, password, first)
-    res = upload(server, password, files, policy="append")
+    upload(xnat_target, project, first)
+    res = upload(xnat_target, project, files, policy="append")
     assert res.status == "appended" and res.files_sent == 10
-    scans, _ = rest_scans(server, password, "V1")
-    # the new series sharing number 3 is renamed on the merge (correctScanID), never merged into 3-...
-    assert sum(len(n) for v in scans.values() for n in v.values()) == 20
+    scans, _ = rest_scans(xnat_target, project, "V1")
+    # the new series sharing number 3 gets its own scan on the merge (correctScanID), every file once
+    assert file_count(scans) == 20
     assert all(r["on_xnat"] == r["expected"] for r in compare_series(files, res.held))
-    assert upload(server, password, files).status == "already_archived"
+    assert upload(xnat_target, project, files).status == "already_archived"
 
 
 @pytest.mark.slow
-def test_uids_rewritten_by_a_project_script_still_a_complete_session(samples, server, password, tmp_path):
-    server.add_project(PROJECT, owner=USER)
-    server.uid_hashing_projects.add(PROJECT)
+def test_uids_rewritten_by_a_project_script_still_a_complete_session(samples, xnat_target, tmp_path):
+    server = xnat_target.test_server("a project anonymization script that hashUIDs the study, series and SOP UIDs")
+    project = xnat_target.project("BUILD")
+    server.add_project(project, owner=xnat_target.user)
+    server.uid_hashing_projects.add(project)
     files = tricky_visit(samples, tmp_path)
-    res = upload(server, password, files)
+    res = upload(xnat_target, project, files)
     assert res.status == "uploaded"
-    scans, exp = rest_scans(server, password, "V1")
-    study = files[0].study_instance_uid
-    on_xnat = server.find_experiment(exp["ID"])
-    assert on_xnat.uid.startswith("2.25.") and on_xnat.uid != study  # XNAT holds other UIDs now
-    assert sum(len(n) for v in scans.values() for n in v.values()) == 20
-    again = upload(server, password, files)
-    assert again.status == "already_archived" and again.files_sent == 0 and server.imports == 1
+    scans, _exp = rest_scans(xnat_target, project, "V1")
+    with xnat_target.connect() as s:  # the session's StudyInstanceUID, as XNAT reports it
+        uid = s.get_json(f"/data/experiments/{_exp['ID']}")["items"][0]["data_fields"]["UID"]
+    assert uid.startswith("2.25.") and uid != files[0].study_instance_uid  # XNAT holds other UIDs now
+    assert file_count(scans) == 20
+    again = upload(xnat_target, project, files)
+    assert again.status == "already_archived" and again.files_sent == 0 and imports(xnat_target, project) == 1
 
 
 # --------------------------------------------------------------------------- several studies, busy sessions
@@ -193,49 +192,52 @@ def two_study_visit(samples, tmp_path):
                               files[0].path.parents[1])
 
 
-def test_xnat_archives_the_first_of_two_studies_and_refuses_the_next(samples, server, password, tmp_path):
+def test_xnat_archives_the_first_of_two_studies_and_refuses_the_next(samples, xnat_target, tmp_path):
     """What XNAT does with a zip of two studies under one label (PrearcDatabase: one row per
     study; DicomZipImporter.xmlBuild archives them in turn): the first is archived, the second's
     row goes to CONFLICT with XNAT's reason in its log, and the import answers 400."""
-    import xnat
-
     from dicom_assets.core.xnat import write_zip
 
+    project = xnat_target.project("BUILD")
     files = two_study_visit(samples, tmp_path)
     zpath = tmp_path / "two.zip"
     write_zip(files, zpath)
-    with xnat.connect(server.url, user=USER, password=password, loglevel="ERROR") as s:
-        s.put(f"/data/projects/{PROJECT}")
+    with xnat_target.connect() as s:
+        s.put(f"/data/projects/{project}")
         r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
-                                                   "project": PROJECT, "subject": "P1", "session": "V1"},
+                                                   "project": project, "subject": "P1", "session": "V1"},
                    data=zpath.read_bytes(), headers={"Content-Type": "application/zip"}, accepted_status=[400])
         assert r.status_code == 400
-        rows = s.get_json(f"/data/prearchive/projects/{PROJECT}")["ResultSet"]["Result"]
+        rows = s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
         assert [row["status"] for row in rows] == ["CONFLICT"]
         reason = s.get(f"/data{rows[0]['url']}/logs/last").text
         assert "Invalid modification of session UID" in reason
-    scans, _ = rest_scans(server, password, "V1")
-    assert sum(len(n) for v in scans.values() for n in v.values()) == 10  # the first study only
+        s.post("/data/services/prearchive/delete", query={"src": rows[0]["url"]})
+    scans, _ = rest_scans(xnat_target, project, "V1")
+    assert file_count(scans) == 10  # the first study only
 
 
-def test_the_client_refuses_a_visit_of_two_studies_before_sending(samples, server, password, tmp_path):
+def test_the_client_refuses_a_visit_of_two_studies_before_sending(samples, xnat_target, tmp_path):
     from dicom_assets.core.xnat import XnatError
 
+    project = xnat_target.project("BUILD")
     files = two_study_visit(samples, tmp_path)
     with pytest.raises(XnatError) as err:
-        upload(server, password, files)
+        upload(xnat_target, project, files)
     message = str(err.value)
     assert "V1 holds 2 studies" in message and "10 files" in message and "nothing was sent" in message
-    assert server.imports == 0
+    assert imports(xnat_target, project) in (None, 0) and prearchive_rows(xnat_target, project) == []
 
 
 @pytest.mark.slow
-def test_a_busy_session_is_waited_for_then_completed(samples, server, password, tmp_path):
+def test_a_busy_session_is_waited_for_then_completed(samples, xnat_target, tmp_path):
     """An automation run on archive keeps a workflow open on the session: XNAT refuses the merge
     (PrearcSessionArchiver.preventConcurrentArchiving); the client names it, waits, sends again."""
+    server = xnat_target.test_server("a workflow opened on the session and closed while the client waits")
+    project = xnat_target.project("BUILD")
     files = tricky_visit(samples, tmp_path)
-    upload(server, password, files[:10])
-    _, exp = rest_scans(server, password, "V1")
+    upload(xnat_target, project, files[:10])
+    _, exp = rest_scans(xnat_target, project, "V1")
     session = server.find_experiment(exp["ID"])
     server.open_workflow(session)
     logs = []
@@ -245,22 +247,65 @@ def test_a_busy_session_is_waited_for_then_completed(samples, server, password, 
         if "is busy in XNAT" in message:
             server.close_workflows(session)
 
-    res = upload(server, password, files, policy="append", poll_seconds=0.3, wait_seconds=20, log=log)
+    res = upload(xnat_target, project, files, policy="append", poll_seconds=0.3, wait_seconds=20, log=log)
     assert res.status == "appended" and res.files_sent == 10
     assert any("is busy in XNAT" in m for m in logs)
-    assert server.prearchive == {}  # the refused rows were removed each time
+    assert prearchive_rows(xnat_target, project) == []  # the refused rows were removed each time
 
 
 @pytest.mark.slow
-def test_a_session_busy_for_good_fails_naming_the_workflow(samples, server, password, tmp_path):
+def test_a_session_busy_for_good_fails_naming_the_workflow(samples, xnat_target, tmp_path):
     from dicom_assets.core.xnat import XnatBusyError
 
+    server = xnat_target.test_server("a workflow left open on the session")
+    project = xnat_target.project("BUILD")
     files = tricky_visit(samples, tmp_path)
-    upload(server, password, files[:10])
-    _, exp = rest_scans(server, password, "V1")
+    upload(xnat_target, project, files[:10])
+    _, exp = rest_scans(xnat_target, project, "V1")
     server.open_workflow(server.find_experiment(exp["ID"]), pipeline="dcm2niix-container")
     with pytest.raises(XnatBusyError) as err:
-        upload(server, password, files, policy="append", poll_seconds=0.2, wait_seconds=0.5)
+        upload(xnat_target, project, files, policy="append", poll_seconds=0.2, wait_seconds=0.5)
     message = str(err.value)
     assert "is busy" in message and "dcm2niix-container" in message and "conflict with" not in message
-    assert server.prearchive == {}
+    assert prearchive_rows(xnat_target, project) == []
+
+
+@pytest.mark.slow
+def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
+    """This module against an XNAT it can only reach over HTTP (the test server in a process of
+    its own, given as XNAT_TEST_URL, as a site gives its own XNAT): every test passes or says it
+    needs the test server; none touches the server's internals."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from .helpers import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    port, password = free_port(), "pw-contract"
+    env = {**os.environ, "XNAT_PASSWORD": password}
+    server = subprocess.Popen([str(Path(sys.executable).with_name("dicom-assets-testing")), "xnat-server", "--port",
+                               str(port), "--user", "admin"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        import requests
+
+        for _ in range(100):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/data/version", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        run_env = {**os.environ, "XNAT_TEST_URL": f"http://127.0.0.1:{port}", "XNAT_TEST_USER": "admin",
+                   "XNAT_TEST_PASSWORD": password}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                               str(Path(__file__)), "-k", "not contract_tests_need"],
+                              cwd=repo, env=run_env, capture_output=True, text=True, timeout=600)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    assert "skipped" in out and "needs the XNAT test server" in out  # the fault cases say why
+    assert " passed" in out
