@@ -309,3 +309,31 @@ def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "skipped" in out and "needs the XNAT test server" in out  # the fault cases say why
     assert " passed" in out
+
+
+@pytest.mark.slow
+def test_a_login_that_expires_mid_upload_is_renewed_once(samples, xnat_target, tmp_path):
+    """XNAT ends the login while the upload is archived (sessionTimeout, or a restart): its next
+    answer is 401 although the credentials are right. The client logs in again once and goes
+    on: the session is found complete, nothing is sent twice; without a way to log in again the
+    401 fails the step as a credentials error, as before."""
+    from dicom_assets.core.xnat import XnatAuthError
+
+    server = xnat_target.test_server("ending XNAT's login sessions during an upload")
+    project = xnat_target.project("BUILD")
+    files = tricky_visit(samples, tmp_path)
+    server.on_archive = lambda row: server.expire_logins()
+    logs, logins = [], []
+
+    def reconnect():
+        import xnat
+
+        logins.append(1)
+        return xnat.connect(xnat_target.url, user=xnat_target.user, password=xnat_target.password, loglevel="ERROR")
+
+    res = upload(xnat_target, project, files, log=logs.append, reconnect=reconnect)
+    assert res.status == "uploaded" and res.files_sent == 20 and logins == [1]
+    assert any("logging in again, once" in m for m in logs)
+    assert imports(xnat_target, project) == 1
+    with pytest.raises(XnatAuthError, match="401"):
+        upload(xnat_target, project, files, label="V2")

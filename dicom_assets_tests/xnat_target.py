@@ -54,8 +54,14 @@ class XnatTarget:
     def connect(self):
         import xnat
 
-        with xnat.connect(self.url, user=self.user, password=self.password, loglevel="ERROR") as s:
+        s = xnat.connect(self.url, user=self.user, password=self.password, loglevel="ERROR")
+        try:
             yield s
+        finally:
+            try:
+                s.disconnect()
+            except Exception:  # a login XNAT already ended (a test of that) cannot be closed
+                pass
 
     def cleanup(self) -> None:
         if not self.created:

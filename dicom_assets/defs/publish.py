@@ -158,7 +158,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
                 policy=cfg.xnat_duplicate_policy, workdir=lay.xnat_upload_dir, log=context.log.info,
                 known_filtered=known_filtered,
                 # what is being sent, beside the marker: a retry completes its own unfinished upload
-                pending_path=lay.xnat_pending_path(visit.key))
+                pending_path=lay.xnat_pending_path(visit.key), reconnect=xnat.login)
     except XnatAuthError as exc:
         raise Failure(str(exc), allow_retries=False) from None
     except XnatTransientError:

@@ -56,6 +56,17 @@ class XnatResource(ConfigurableResource):
 
     @contextmanager
     def connect(self):
+        session = self.login()
+        try:
+            yield session
+        finally:
+            try:
+                session.disconnect()
+            except Exception:  # the step's own outcome is what counts; closing is best effort
+                pass
+
+    def login(self):
+        """A new xnatpy session (the caller disconnects it); raises XnatError subclasses."""
         import xnat
 
         settings = current()
@@ -70,17 +81,10 @@ class XnatResource(ConfigurableResource):
             raise XnatAuthError(f"{server}: no XNAT credentials: set XNAT_USER and XNAT_PASSWORD")
         verify = settings.xnat_verify if self.verify is None else self.verify
         try:
-            session = xnat.connect(server, user=user, password=password, verify=verify, loglevel="ERROR",
-                                   default_timeout=self.timeout)
-        except Exception as exc:
+            return xnat.connect(server, user=user, password=password, verify=verify, loglevel="ERROR",
+                                default_timeout=self.timeout)
+        except Exception as exc:  # xnatpy's and requests' errors, named for the user
             raise classify_error(exc, server) from None
-        try:
-            yield session
-        finally:
-            try:
-                session.disconnect()
-            except Exception:
-                pass
 
 
 class TciaResource(ConfigurableResource):

@@ -499,6 +499,13 @@ class XnatTestServer:
             timer.daemon = True
             timer.start()
 
+    def expire_logins(self) -> None:
+        """Every JSESSION ends, as when XNAT's sessionTimeout (15 minutes by default) elapses or
+        XNAT restarts: a request carrying only the old JSESSIONID is answered 401
+        (XnatSecureGuard); basic auth and a new login still work."""
+        with self.lock:
+            self.tokens.clear()
+
     def close_workflows(self, exp: Experiment) -> None:
         with self.lock:
             self.open_workflows.pop(exp.id, None)

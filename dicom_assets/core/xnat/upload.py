@@ -62,7 +62,7 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
                  policy: str = "fail", workdir: Path | None = None, log=lambda m: None,
                  project_files: dict[str, list[Path]] | None = None, known_filtered: frozenset[str] = frozenset(),
                  wait_seconds: float = 900.0, poll_seconds: float = 2.0,
-                 pending_path: Path | None = None) -> UploadResult:
+                 pending_path: Path | None = None, reconnect=None) -> UploadResult:
     """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages.
 
     ``project_files`` (resource label -> files) are attached to the project after the session
@@ -83,13 +83,34 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
                           files=files, excluded=excluded, metadata_files=metadata_files, policy=policy,
                           workdir=workdir, log=log, known_filtered=known_filtered, wait_seconds=wait_seconds,
                           poll_seconds=poll_seconds, pending_path=pending_path)
+    fresh = None
     try:
-        result = upload.run()
-    except XnatError:
-        raise
-    except Exception as exc:  # a client or transport failure not named above: classified, never raw
-        raise classify_error(exc, server) from None
-    attach_project_files(session, server, project, project_files or {}, result, log)
+        try:
+            result = upload.run()
+        except XnatError:
+            raise
+        except Exception as exc:  # a client or transport failure not named above: classified, never raw
+            if reconnect is None or http_status(exc) != 401:
+                raise classify_error(exc, server) from None
+            # the login worked, then XNAT answered 401 (XnatSecureGuard): its session timed out or XNAT
+            # restarted, and xnatpy keeps only the JSESSIONID. Log in again, once, and go on: the
+            # plan is made again from what XNAT holds, so nothing is sent twice
+            log(f"XNAT answered 401 to a login that had worked (its session timed out, or XNAT restarted): "
+                f"logging in again, once, and going on with {upload.xlabel}")
+            fresh = upload.session = reconnect()
+            try:
+                result = upload.run()
+            except XnatError:
+                raise
+            except Exception as again:  # the second login failed too: classified (401: the credentials)
+                raise classify_error(again, server) from None
+        attach_project_files(upload.session, server, project, project_files or {}, result, log)
+    finally:
+        if fresh is not None:
+            try:
+                fresh.disconnect()
+            except Exception:  # closing the second login is best effort; the result stands
+                pass
     return result
 
 
@@ -318,7 +339,9 @@ class _VisitUpload:
 
     def unchanged(self, action: Action, exp: dict, have: dict[str, set[str]]) -> UploadResult:
         result = self.result
-        result.status, result.session_uri = action.status, exp["uri"]
+        if not result.files_sent:  # a pass after a new login keeps what the first one did
+            result.status = action.status
+        result.session_uri = exp["uri"]
         result.scans = [{"scan": k, "files": len(v)} for k, v in sorted(have.items()) if v]
         result.held = {k: set(v) for k, v in have.items() if v}
         if action.status == "already_archived" and self.pending_path is not None:
