@@ -133,12 +133,9 @@ class GlobalConfig(BaseModel):
     @field_validator("session_label_pattern", mode="before")
     @classmethod
     def _pattern(cls, v):
-        try:
-            ok = isinstance(v, str) and bool(v.format(participant="P", session="ses-01"))
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError("must be a format string using only {participant} and {session}")
+        problem = label_pattern_problem(v)
+        if problem:
+            raise ValueError(f"must be a format string using only {{participant}} and {{session}} ({problem})")
         return v
 
     @field_validator("datalad_store_url", mode="before")
@@ -211,16 +208,58 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
     return cfg
 
 
+#: ``{participant}`` / ``{session}`` may carry a format spec of fill, alignment and a width
+#: up to this (``{participant:>8}``); nothing else is formatted
+MAX_LABEL_WIDTH = 64
+_LABEL_SPEC = re.compile(r"^(?:.?[<>^])?(\d+)?$")
+
+
+def label_pattern_problem(v) -> str | None:
+    """Why ``v`` is no session label pattern, None when it is one: only the fields
+    ``participant`` and ``session``, no attribute or index access (``{participant.__class__}``
+    would read Python objects), no conversion, no nested field, a width of at most
+    :data:`MAX_LABEL_WIDTH` (a huge one would take all the memory)."""
+    import string
+
+    if not isinstance(v, str):
+        return "not a string"
+    try:
+        parts = list(string.Formatter().parse(v))
+    except ValueError as exc:
+        return str(exc)
+    fields = 0
+    for _literal, name, spec, conversion in parts:
+        if name is None:
+            continue
+        fields += 1
+        if name not in ("participant", "session"):
+            return f"field {{{name}}} is not allowed"
+        if conversion is not None:
+            return f"conversion !{conversion} is not allowed"
+        m = _LABEL_SPEC.match(spec or "")
+        if m is None:
+            return f"format spec {spec!r} is not allowed (only fill, alignment and a width)"
+        if m.group(1) and int(m.group(1)) > MAX_LABEL_WIDTH:
+            return f"width {m.group(1)} is over {MAX_LABEL_WIDTH}"
+    if not fields and not v.strip():
+        return "empty"
+    return None
+
+
 def load_config(path: Path | str) -> GlobalConfig:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: global config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the global config: {exc.strerror}") from None
     try:
-        data = json.loads(text)
+        # json finds UTF-8 (with or without BOM), UTF-16 and UTF-32, as RFC 8259 readers may
+        data = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (or UTF-16/32) text: byte {exc.start} cannot be read "
+                          f"({exc.reason}); save it as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"

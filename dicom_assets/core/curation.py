@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .dataset import Dataset
 from .downloads import read_dicom_dir_map, scan_downloads
-from .fsutil import atomic_write, file_lock
+from .fsutil import atomic_write, file_lock, printable
 from .sources import tcia_visits, visit_source
 
 COLUMNS = ("participant_id", "session_id", "visit", "in_downloads", "in_raw_dicoms", "in_organized",
@@ -77,10 +77,25 @@ def compute_status(dataset: Dataset) -> list[dict]:
     return rows
 
 
+#: a cell a spreadsheet would run as a formula starts with one of these (OWASP, CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value) -> str:
+    """A value as the table shows it: booleans as ``true``/``false``; control characters written
+    ``\\xNN`` (``fsutil.printable``); a text a spreadsheet would take for a formula (a raw
+    participant id ``=cmd|...``) prefixed with ``'``, as OWASP advises, so opening the status
+    table never runs anything."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = printable("" if value is None else str(value))  # one line: a CR or LF would split the row
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def _line(row: dict) -> str:
     buf = io.StringIO()
     csv.DictWriter(buf, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n").writerow(
-        {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in row.items()})
+        {k: _cell(v) for k, v in row.items()})
     return buf.getvalue()
 
 

@@ -114,6 +114,9 @@ def read_dicom_dir_map(path: Path) -> dict[tuple[str, str], str]:
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
             raise DownloadError(f"{path}: needs the tab-separated columns {', '.join(sorted(need))}")
         for line, row in enumerate(reader, start=2):
+            short = [k for k in ("participant_id", "session_id", "download") if row.get(k) is None]
+            if short:  # csv gives None to the columns a short row lacks
+                raise DownloadError(f"{path}: line {line}: the row has no {', '.join(short)} column (a tab missing?)")
             try:
                 key = (normalize_participant_id(row["participant_id"]), normalize_session_id(row["session_id"]))
             except ValueError as exc:

@@ -1,0 +1,82 @@
+"""Hostile configuration and tables (issue 25, items 7, 8 and 12): each ends in the whole data
+or a named refusal, never a raw traceback, a format string reading Python objects, unbounded
+memory, or a spreadsheet formula."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dicom_assets.core.config import MAX_LABEL_WIDTH, label_pattern_problem, load_config
+from dicom_assets.core.curation import COLUMNS, _line
+from dicom_assets.core.downloads import read_dicom_dir_map
+from dicom_assets.core.errors import ConfigError, DownloadError
+
+GOOD = {"dataset_name": "demo", "study_id": "QPN", "sessions": ["ses-01"], "xnat_project": "QPN_X"}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "utf-32"])
+def test_config_saved_as_utf16_or_with_a_bom_loads(tmp_path, encoding):
+    """RFC 8259 readers accept UTF-16/32 JSON; an editor on Windows saves it so."""
+    p = tmp_path / "global_config.json"
+    p.write_bytes(json.dumps(GOOD).encode(encoding))
+    assert load_config(p).study_id == "QPN"
+
+
+@pytest.mark.faults
+def test_config_in_another_encoding_is_named(tmp_path):
+    p = tmp_path / "global_config.json"
+    p.write_bytes('{"dataset_name": "d\xe9mo", "study_id": "QPN"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="global_config.json: not UTF-8 .*save it as UTF-8"):
+        load_config(p)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("pattern,says", [
+    ("{participant.__class__.__mro__}", "field {participant.__class__.__mro__} is not allowed"),
+    ("{participant[0]}", "is not allowed"),
+    ("{session!r}", "conversion !r is not allowed"),
+    ("{participant:>999999999}", f"width 999999999 is over {MAX_LABEL_WIDTH}"),
+    ("{participant:{session}}", "format spec"),
+    ("{participant:.2f}", "format spec"),
+    ("{visit}", "field {visit} is not allowed"),
+    ("{participant", "expected '}'"),
+])
+def test_label_pattern_allows_only_its_fields_with_bounded_widths(tmp_path, pattern, says):
+    assert says in label_pattern_problem(pattern)
+    p = tmp_path / "global_config.json"
+    p.write_text(json.dumps({**GOOD, "session_label_pattern": pattern}))
+    with pytest.raises(ConfigError, match="session_label_pattern"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("pattern", ["{participant}_{session}", "{participant:>8}-{session}", "{session:_<12}",
+                                     "MR_{participant}"])
+def test_label_patterns_a_site_writes_still_load(tmp_path, pattern):
+    assert label_pattern_problem(pattern) is None
+    p = tmp_path / "global_config.json"
+    p.write_text(json.dumps({**GOOD, "session_label_pattern": pattern}))
+    assert load_config(p).session_label_pattern == pattern
+
+
+@pytest.mark.faults
+def test_dir_map_row_missing_its_last_column_is_named(tmp_path):
+    p = tmp_path / "dicom_dir_map.tsv"
+    p.write_text("participant_id\tsession_id\tdownload\nQPN_001\t01\tQPN_001_MR.zip\nQPN_002\t01\n")
+    with pytest.raises(DownloadError, match=r"dicom_dir_map.tsv: line 3: the row has no download column"):
+        read_dicom_dir_map(p)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("raw", ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(A1:A9)", "\t=1", "\r=1"])
+def test_status_table_cells_never_start_a_formula(raw):
+    import csv
+    import io
+
+    row = {"participant_id": raw, "session_id": "ses-01", "visit": "X_ses-01"}
+    cells = next(csv.reader(io.StringIO(_line(row), newline=""), delimiter="\t"))
+    assert len(cells) == len(COLUMNS) and cells[2] == "X_ses-01", cells  # one row, whatever the id holds
+    assert not cells[0].startswith(("=", "+", "-", "@", "\t", "\r")) and raw.strip("\t\r") in cells[0]
+    assert _line({"participant_id": "QPN_001"}).startswith("QPN_001")  # ordinary ids are left as they are
