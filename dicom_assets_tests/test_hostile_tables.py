@@ -80,3 +80,28 @@ def test_status_table_cells_never_start_a_formula(raw):
     assert len(cells) == len(COLUMNS) and cells[2] == "X_ses-01", cells  # one row, whatever the id holds
     assert not cells[0].startswith(("=", "+", "-", "@", "\t", "\r")) and raw.strip("\t\r") in cells[0]
     assert _line({"participant_id": "QPN_001"}).startswith("QPN_001")  # ordinary ids are left as they are
+
+
+@pytest.mark.faults
+def test_xnat_exclusions_of_an_empty_string_are_refused(tmp_path):
+    from dicom_assets.core.xnat import XnatError, read_exclusions
+
+    p = tmp_path / "exclusions.json"
+    p.write_text(json.dumps({"Exclude": ["Localizers", ""]}))
+    with pytest.raises(XnatError, match="an empty exclusion would exclude every series"):
+        read_exclusions(p)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("uid", ["../../etc/x", "a/b", "..", ".hidden"])
+def test_files_named_from_a_hostile_uid_are_refused_before_sending(tmp_path, uid):
+    """The classic-tree CLI names zip members from the file's SOPInstanceUID: one read from a
+    hostile header must not become a path; nothing is sent (no XNAT is even contacted)."""
+    from dicom_assets.core.xnat import UploadFile, XnatError, upload_visit
+
+    f = tmp_path / "x.dcm"
+    f.write_bytes(b"\0" * 132)
+    files = [UploadFile(f, f"{uid}.dcm" if uid != ".." else "..", uid, 1, "T1", "1.2.3", "1.2.3.4")]
+    with pytest.raises(XnatError, match="no plain file name"):
+        upload_visit(object(), server="http://127.0.0.1:9", project="P", subject="S", session_label="V",
+                     files=files, excluded=[], metadata_files=[])

@@ -182,5 +182,15 @@ def read_exclusions(path: Path | None) -> tuple[str, ...]:
     values = data.get("Exclude") if isinstance(data, dict) else data
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise XnatError(f"{path}: expected {{\"Exclude\": [\"substring\", ...]}}")
+    if any(not v.strip() for v in values):  # "" is a substring of every description: all excluded
+        raise XnatError(f"{path}: an empty exclusion would exclude every series; remove it")
     return tuple(values)
+
+
+def unsafe_names(files: list[UploadFile]) -> list[str]:
+    """The zip member names that are no plain file name (a SOPInstanceUID read from a hostile
+    header, ``../../x``, would become a path in XNAT's prearchive): refused before sending."""
+    return [f.arcname for f in files
+            if not f.arcname or "/" in f.arcname or "\\" in f.arcname or f.arcname.strip(".") == ""
+            or f.arcname.startswith(".") or "\x00" in f.arcname]
 

@@ -15,6 +15,7 @@ from .files import (
     read_pending,
     series_summary,
     temp_zip_path,
+    unsafe_names,
     write_pending,
     write_zip,
 )
@@ -128,6 +129,11 @@ def check_visit(files: list[UploadFile], xsubject: str, xlabel: str, session_lab
             raise XnatError(f"the XNAT {kind} label {value[:40]!r}... has {len(value)} characters; XNAT stores "
                             f"labels of at most {MAX_LABEL} (XFT's default string size): shorten it "
                             "(session_label_pattern, or the participant ID)")
+    unsafe = unsafe_names(files)
+    if unsafe:
+        raise XnatError(f"{len(unsafe)} files of {session_label} would be sent under names that are no plain file "
+                        f"name (from their SOPInstanceUID): {', '.join(repr(n) for n in unsafe[:3])}; nothing was "
+                        "sent. Repair or exclude those files")
     studies: dict[str, int] = {}
     for f in files:
         studies[f.study_instance_uid] = studies.get(f.study_instance_uid, 0) + 1
