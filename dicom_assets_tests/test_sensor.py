@@ -204,3 +204,55 @@ def test_raw_dicoms_names_the_download_it_cannot_take(instance, demo_root):
     message = failure.event_specific_data.error.message
     assert "no download for visit QPN004_ses-02" in message
     assert "not taken: 'ses-02/QPN_004_MR.7z' is a 7-Zip archive, which cannot be extracted here" in message
+
+
+def _state_file(result, root):
+    from dicom_assets.core.downloads_state import parse_cursor
+    from dicom_assets.core.layout import DatasetLayout
+
+    return DatasetLayout(root).downloads_state_path(parse_cursor(result.cursor)["state"])
+
+
+def _zero(path):
+    path.write_bytes(b"\0" * max(path.stat().st_size, 4096))
+
+
+def _garble_undo(path):
+    """An undo row that cannot be read, of a tick the instance did not keep (rolled back next)."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    gen = int(db.execute("SELECT value FROM meta WHERE key='gen'").fetchone()[0])
+    db.execute("UPDATE meta SET value=? WHERE key='gen'", (str(gen + 1),))
+    db.execute("INSERT INTO undo VALUES (?, 'item', ?, ?)", (gen + 1, b"ses-01/x.zip", "{not json"))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("damage", [_zero, _garble_undo], ids=["zeroed", "garbled-undo"])
+def test_a_damaged_state_is_set_aside_and_rebuilt_taking_nothing_twice(instance, demo_root, damage, capfd):
+    """The sensor's state is a cache: damaged, it is set aside (named in the log, never deleted)
+    and rebuilt on its own. Nothing is taken twice (same run keys, which the daemon runs once)
+    and nothing is missed (a dump that arrived meanwhile is taken)."""
+    t = downloads_ticker(instance, demo_root)
+    t.tick()
+    first = t.tick()
+    keys = {r.run_key for r in requests(first)}
+    assert len(keys) == 6
+    state = _state_file(first, demo_root)
+    damage(state)
+    (demo_root / "downloads" / "ses-01" / "QPN_004_MR.zip").write_bytes(
+        (demo_root / "downloads" / "ses-01" / "QPN_001_MR.zip").read_bytes())
+    capfd.readouterr()
+    healed = t.tick()  # no exception, no dead sensor
+    logged = capfd.readouterr().err  # the sensor's log (the daemon keeps it with the tick)
+    assert isinstance(healed, SensorResult)
+    aside = [p for p in state.parent.iterdir() if p.name.startswith(state.name + ".damaged-")]
+    assert aside, "the damaged state is kept aside"
+    assert f"sensor state {state} is damaged" in logged and "set aside as" in logged, logged[-2000:]
+    assert _state_file(healed, demo_root) != state
+    again = requests(t.tick())
+    # every dump is signed again: the six taken ones come with the same run keys (run once), plus the new one
+    assert {r.run_key for r in again} - keys == {r.run_key for r in again if "QPN_004" in r.run_key}
+    assert keys <= {r.run_key for r in again} and any(r.partition_key == "QPN004_ses-01" for r in again)

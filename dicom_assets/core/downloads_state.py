@@ -53,6 +53,7 @@ from .downloads import (
     passed_over,
     signature,
 )
+from .errors import DicomAssetsError
 from .fsutil import file_token
 from .layout import DatasetLayout
 
@@ -71,6 +72,15 @@ def _b(s: str) -> bytes:
 
 def _s(b: bytes | str | None) -> str | None:
     return b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else b
+
+
+class StateDamaged(DicomAssetsError):
+    """The sensor's state file cannot be used (not a database, a malformed page, a garbled
+    row, read-only): :meth:`DownloadsState.healed` replaces it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"sensor state {path} is damaged: {reason}")
+        self.path, self.reason = path, reason
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,36 @@ class DownloadsState:
     def tick(self, cursor_gen: int, *, sessions: tuple[str, ...], ctx_token: str,
              classifier: Callable[[], tuple[set[str], dict]], settings: SensorLimits = SensorLimits(),
              legacy: dict | None = None, notes: list[str] | None = None) -> TickOutcome:
+        try:
+            return self._tick(cursor_gen, sessions=sessions, ctx_token=ctx_token, classifier=classifier,
+                              settings=settings, legacy=legacy, notes=notes)
+        except sqlite3.DatabaseError as exc:  # zeroed bytes, a malformed page, a read-only file
+            raise StateDamaged(self.path, f"{type(exc).__name__}: {exc}") from None
+
+    def healed(self, damage: "StateDamaged") -> tuple["DownloadsState", str]:
+        """A new, empty state in place of this damaged one, and the note that says so. The damaged
+        file (with its -wal and -shm) is set aside as ``<name>.damaged-<UTC time>``, never
+        deleted; the new state lists every download again, and the run keys (``<dump>:<signature>``)
+        keep the dumps already taken from running twice."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        moved = True
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            try:
+                if src.exists():
+                    os.replace(src, Path(f"{aside}{suffix}"))
+            except OSError:  # a folder we cannot write: the new state gets a new name anyway
+                moved = False
+        fresh = DownloadsState(self.layout, uuid.uuid4().hex[:16])
+        where = f"set aside as {aside}" if moved else f"left where it is ({self.path} cannot be moved)"
+        return fresh, (f"sensor state {damage.path} is damaged ({damage.reason}): {where}; starting a new state "
+                       f"{fresh.path}: every download is signed again, run keys keep those already taken from "
+                       "running twice")
+
+    def _tick(self, cursor_gen: int, *, sessions: tuple[str, ...], ctx_token: str,
+              classifier: Callable[[], tuple[set[str], dict]], settings: SensorLimits = SensorLimits(),
+              legacy: dict | None = None, notes: list[str] | None = None) -> TickOutcome:
         db = self.connect()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -295,6 +335,12 @@ class _Tick:
 
     # --------------------------------------------------------------- rollback
     def rollback_to(self, gen: int) -> None:
+        try:
+            self._rollback_to(gen)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # a garbled undo row
+            raise sqlite3.DatabaseError(f"an undo row cannot be read ({type(exc).__name__}: {exc})") from None
+
+    def _rollback_to(self, gen: int) -> None:
         db = self.db
         for kind, key, row in db.execute("SELECT kind, key, row FROM undo WHERE gen > ? ORDER BY rowid DESC",
                                          (gen,)).fetchall():

@@ -8,7 +8,7 @@ from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReaso
 
 from ..core.dataset import Dataset
 from ..core.downloads import read_dicom_dir_map, signature
-from ..core.downloads_state import DownloadsState, SensorLimits, context_token, parse_cursor
+from ..core.downloads_state import DownloadsState, SensorLimits, StateDamaged, context_token, parse_cursor
 from ..core.errors import DicomAssetsError
 from ..core.layout import DatasetLayout
 from ..core.tcia import manifest_name, manifests, read_resolved
@@ -54,10 +54,16 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
         return set(ds.manifest.participants), read_dicom_dir_map(lay.dicom_dir_map_path)
 
     state, cursor_gen, notes, legacy = DownloadsState.for_cursor(lay, context.cursor)
+    token = context_token(lay.config_path, lay.manifest_path, lay.dicom_dir_map_path, sessions)
     try:
-        out = state.tick(cursor_gen, sessions=sessions,
-                         ctx_token=context_token(lay.config_path, lay.manifest_path, lay.dicom_dir_map_path, sessions),
-                         classifier=classifier, settings=settings, legacy=legacy, notes=notes)
+        try:
+            out = state.tick(cursor_gen, sessions=sessions, ctx_token=token, classifier=classifier,
+                             settings=settings, legacy=legacy, notes=notes)
+        except StateDamaged as damage:
+            # the state is a cache: set aside, rebuilt in this same tick (the note names the file)
+            state, note = state.healed(damage)
+            out = state.tick(0, sessions=sessions, ctx_token=token, classifier=classifier, settings=settings,
+                             legacy=legacy, notes=notes + [note])
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}")
     for note in out.notes:
