@@ -426,3 +426,59 @@ def test_folder_dump_is_copied_not_hard_linked(tmp_path, samples):
         fh.write(b"EDITED")
     assert (src / "IM1").read_bytes() == data, "the edit in scratch/ changed the download"
     assert os.stat(src / "IM1").st_nlink == 1
+
+
+# ------------------------------------------------------------ issue 25: no silent part
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            add_file(tf, name, data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("joined", ["tar", "tar.gz", "tar.xz", "members after two zero blocks"])
+def test_archives_joined_end_to_end_are_refused_not_cut_short(tmp_path, joined):
+    import gzip
+    import lzma
+
+    a, b = _tar_bytes({"a.dcm": b"A" * 600}), _tar_bytes({"b.dcm": b"B" * 600, "c.dcm": b"C" * 10})
+    if joined == "tar.gz":
+        data, suffix = gzip.compress(a) + gzip.compress(b), ".tar.gz"
+    elif joined == "tar.xz":
+        data, suffix = lzma.compress(a) + lzma.compress(b), ".tar.xz"
+    elif joined == "tar":
+        data, suffix = a + b, ".tar"
+    else:  # a's two end blocks, then b's members without padding: still data after the marker
+        data, suffix = a[:a.index(b"\0" * 1024, 1024)] + b"\0" * 1024 + b, ".tar"
+    item = tmp_path / f"QPN_001{suffix}"
+    item.write_bytes(data)
+    before = sha(item)
+    with pytest.raises(UnsafeArchiveError, match="data follows the tar's end-of-archive marker"):
+        run(item, "tar" if suffix == ".tar" else suffix.lstrip("."), tmp_path / "out")
+    assert sha(item) == before and not (tmp_path / "out").exists()
+
+
+def test_trailing_zero_padding_is_still_fine(tmp_path):
+    item = tmp_path / "QPN_001.tar"
+    item.write_bytes(_tar_bytes({"a.dcm": b"A" * 600}) + b"\0" * 20480)
+    assert run(item, "tar", tmp_path / "out").files == 1
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_member_named_dot_holding_data_is_refused(tmp_path, kind):
+    if kind == "zip":
+        item = make_zip(tmp_path / "QPN_001.zip", {"a.dcm": b"A", "./": b"", ".": b"hidden data"})
+    else:
+        item = tmp_path / "QPN_001.tar"
+        item.write_bytes(_tar_bytes({"a.dcm": b"A", ".": b"hidden data"}))
+    with pytest.raises(UnsafeArchiveError, match="names the archive's root but holds 11 bytes"):
+        run(item, kind, tmp_path / "out")
+
+
+@pytest.mark.parametrize("members", [{}, {"series1/": b"", "series1/sub/": b""}], ids=["empty", "folders-only"])
+def test_an_empty_zip_is_a_named_refusal_not_an_empty_visit(tmp_path, members):
+    item = make_zip(tmp_path / "QPN_001.zip", members)
+    with pytest.raises(UnsafeArchiveError, match="the download holds no file"):
+        run(item, "zip", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -235,6 +235,9 @@ def _zip_member_refusal(info: zipfile.ZipInfo, rel: PurePosixPath | None, archiv
     if stat.S_ISLNK(info.external_attr >> 16):
         return f"{archive}: member {info.filename!r} is a symbolic link; refusing the archive"
     if rel is None:
+        if not info.is_dir() and info.file_size:
+            return (f"{archive}: member {info.filename!r} names the archive's root but holds {info.file_size} "
+                    "bytes, which have no file name to be written to; refusing the archive")
         return None
     if info.is_dir():
         if info.file_size or info.CRC:  # the CRC of nothing is 0
@@ -392,6 +395,25 @@ def _check_tar_end(tf: tarfile.TarFile, rec: _Recorder, archive: str, rep: ItemR
                              f"its tar stream, after {rep.files} file(s); is the download complete?")
 
 
+def _check_nothing_follows(rec: _Recorder, archive: str, budget: _Budget) -> None:
+    """Read the (decompressed) stream to its end: a cut compressed end or a bad CRC fails here;
+    anything but zeros after the end-of-archive marker is refused, naming where it starts (GNU
+    tar reads on only with -i; taking the first archive alone would lose the rest silently)."""
+    while True:
+        at = rec.tell()
+        chunk = rec.read(_CHUNK)
+        if not chunk:
+            return
+        budget.add(len(chunk))
+        stripped = chunk.lstrip(b"\0")
+        if stripped:
+            where = at + len(chunk) - len(stripped)
+            raise UnsafeArchiveError(
+                f"{archive}: data follows the tar's end-of-archive marker, at byte {where} of its tar stream (two "
+                "archives joined end to end, e.g. with cat, or two compressed streams in one file): refusing the "
+                "archive rather than taking only its first part; re-pack the dump as one archive")
+
+
 def _make_links(links: list, names: _Names, out: Path, archive: str, rep: ItemReport) -> None:
     for rel, target, is_sym, name in links:
         if names.kinds.get(target) != "file":
@@ -432,10 +454,14 @@ def _extract_tar(path: Path, out: Path, limits: ExtractLimits, rep: ItemReport) 
                 if rel is not None:
                     budget.member()
                     _tar_member(tf, m, rel, out, archive, names, budget, rep, links)
+                elif m.isreg() and m.size:
+                    raise UnsafeArchiveError(f"{archive}: member {m.name!r} names the archive's root but holds "
+                                             f"{m.size} bytes, which have no file name to be written to; refusing "
+                                             "the archive")
             _check_tar_end(tf, rec, archive, rep)
-            if stream is not None:  # read the compressed stream to its end: a cut end, a bad CRC
-                while chunk := stream.read(_CHUNK):
-                    budget.add(len(chunk))
+            # after the end-of-archive marker only zeros (the record's padding) may follow: more data
+            # is a second archive joined to the first (cat a.tar b.tar, two gzip or xz streams)
+            _check_nothing_follows(rec, archive, budget)
         except FileNotFoundError:
             raise UnsafeArchiveError(f"{archive}: the download vanished during extraction") from None
         except _READ_ERRORS as exc:
@@ -586,7 +612,13 @@ def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits
                 extractor(item.path, out, limits, rep)
             except OSError as exc:  # the last line: a filesystem error still names the download
                 raise UnsafeArchiveError(f"{shown(item.name)}: extraction failed ({exc})") from None
+            if not (rep.files or rep.links):
+                rep.skipped.append(f"{shown(item.name)}: the download holds no file")
             report.items.append(rep)
+        if not (report.files or any(i.links for i in report.items)):
+            raise UnsafeArchiveError(
+                f"{', '.join(shown(i.name) for i in items)}: the download holds no file (an empty archive, or "
+                "folders only): nothing to extract for the visit; deliver the dump again")
         swap_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
