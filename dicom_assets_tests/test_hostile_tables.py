@@ -5,6 +5,7 @@ memory, or a spreadsheet formula."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -105,3 +106,57 @@ def test_files_named_from_a_hostile_uid_are_refused_before_sending(tmp_path, uid
     with pytest.raises(XnatError, match="no plain file name"):
         upload_visit(object(), server="http://127.0.0.1:9", project="P", subject="S", session_label="V",
                      files=files, excluded=[], metadata_files=[])
+
+
+def _dcm2bids_config(tmp_path, **extra):
+    from dicom_assets.testing.demo import DEMO_DCM2BIDS_CONFIG
+
+    p = tmp_path / "dcm2bids_config.json"
+    p.write_text(json.dumps({**DEMO_DCM2BIDS_CONFIG, **extra}))
+    return p
+
+
+@pytest.mark.faults
+def test_dcm2bids_post_op_runs_nothing_unless_the_site_allows_it(tmp_path):
+    """dcm2bids' post_op runs a command on the converted files: refused in the config unless
+    global_config.json says bids_allow_post_op."""
+    from dicom_assets.core.bids import BidsConfigError, load_dcm2bids_config
+
+    p = _dcm2bids_config(tmp_path, post_op=[{"cmd": "touch /tmp/pwned src_file dst_file",
+                                              "datatype": "anat", "suffix": ["T1w"]}])
+    with pytest.raises(BidsConfigError, match="'post_op' runs commands .* \"bids_allow_post_op\": true"):
+        load_dcm2bids_config(p)
+    assert "post_op" in load_dcm2bids_config(p, allow_post_op=True).data
+    cfg = tmp_path / "global_config.json"
+    cfg.write_text(json.dumps({**GOOD, "bids_allow_post_op": True}))
+    assert load_config(cfg).bids_allow_post_op is True
+    cfg.write_text(json.dumps(GOOD))
+    assert load_config(cfg).bids_allow_post_op is False
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("name", ["%p/%s", "../%s", "/tmp/%s", ".."])
+def test_dcm2niix_output_name_that_is_a_path_is_refused(tmp_path, name):
+    from dicom_assets.core.bids import BidsConfigError, load_dcm2bids_config
+
+    p = _dcm2bids_config(tmp_path, dcm2niixOptions=f"-b y -z y -f {name}")
+    with pytest.raises(BidsConfigError, match=f"'dcm2niixOptions' has '-f {re.escape(name)}'"):
+        load_dcm2bids_config(p)
+
+
+@pytest.mark.parametrize("date,time,want", [
+    ("00000000", "000000", None), ("20241399", "120000", None), ("20240229", "250000", None),
+    ("20240422", "082410.5", "2024-04-22T08:24:10"),
+])
+def test_an_unknown_study_date_gives_no_acq_time(tmp_path, samples, date, time, want):
+    """acq_time 0000-00-00 failed the blocking BIDS validation: an unknown date is left out."""
+    import pydicom
+
+    from dicom_assets.core.bids import acq_time_of
+
+    src = next(samples.root.rglob("*.dcm"))
+    ds = pydicom.dcmread(src, force=True)
+    ds.StudyDate, ds.StudyTime = date, time
+    out = tmp_path / "x.dcm"
+    ds.save_as(out)
+    assert acq_time_of(out) == want

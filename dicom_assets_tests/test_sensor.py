@@ -256,3 +256,20 @@ def test_a_damaged_state_is_set_aside_and_rebuilt_taking_nothing_twice(instance,
     # every dump is signed again: the six taken ones come with the same run keys (run once), plus the new one
     assert {r.run_key for r in again} - keys == {r.run_key for r in again if "QPN_004" in r.run_key}
     assert keys <= {r.run_key for r in again} and any(r.partition_key == "QPN004_ses-01" for r in again)
+
+
+@pytest.mark.faults
+def test_a_dump_name_that_is_no_utf8_is_printed_not_passed_on_raw(instance, demo_root, capfd):
+    """A name with a byte that is no UTF-8 (a Latin-1 export) reaches the skip reason and the log
+    as \\xNN, as the organize report writes it: never a lone surrogate that breaks a UTF-8 log."""
+    folder = os.fsencode(demo_root / "downloads" / "ses-01")
+    with open(os.path.join(folder, b"NOBODY_\xe9t\xe9.zip"), "wb") as fh:
+        fh.write(b"PK\x05\x06" + b"\0" * 18)
+    t = downloads_ticker(instance, demo_root)
+    capfd.readouterr()
+    results = [t.tick(), t.tick(), t.tick()]
+    logged = capfd.readouterr().err
+    reason = " ".join(skip_text(r) for r in results if not requests(r))
+    for text in (reason, logged):
+        text.encode("utf-8")  # no lone surrogate
+    assert "NOBODY_\\xe9t\\xe9.zip" in reason + logged

@@ -157,9 +157,30 @@ def _check_description(path: Path, i: int, desc: object, regex: bool) -> None:
         raise BidsConfigError(f"{path}: {_entry_name(i, desc)}: {problem}")
 
 
-def load_dcm2bids_config(path: Path) -> Dcm2bidsConfig:
+def _check_options(path: Path, data: dict, allow_post_op: bool) -> None:
+    """``post_op`` (allowed only by the site), and ``dcm2niixOptions`` (no -o, no -b n, a -f that is a name)."""
+    if "post_op" in data and not allow_post_op:
+        raise BidsConfigError(f"{path}: 'post_op' runs commands on the converted files; it is refused unless the "
+                              "site allows it with \"bids_allow_post_op\": true in global_config.json")
+    opts = data.get("dcm2niixOptions", DEFAULT_DCM2NIIX_OPTIONS)
+    if not isinstance(opts, str) or re.search(r"(^|\s)-o(\s|$)", opts):
+        raise BidsConfigError(f"{path}: 'dcm2niixOptions' must be a string of dcm2niix options without -o "
+                              "(the output folder is the visit's scratch)")
+    if re.search(r"(^|\s)-b\s+n", opts):
+        raise BidsConfigError(f"{path}: 'dcm2niixOptions' has '-b n': dcm2bids needs dcm2niix's JSON sidecars")
+    for m in re.finditer(r"(?:^|\s)-f\s+(\S+)", opts):
+        name = m.group(1)
+        if "/" in name or "\\" in name or name.strip(".") == "":
+            raise BidsConfigError(f"{path}: 'dcm2niixOptions' has '-f {name}': dcm2niix's output file name must "
+                                  "be a name, not a path (no '/', no '..'): each series is converted into the "
+                                  "visit's scratch folder")
+
+
+def load_dcm2bids_config(path: Path, *, allow_post_op: bool = False) -> Dcm2bidsConfig:
     """The dcm2bids config, checked as dcm2bids 3.x reads it; one :class:`BidsConfigError`
-    naming the file and the entry at fault."""
+    naming the file and the entry at fault. ``post_op`` (commands dcm2bids runs on the
+    converted files) is refused unless the site allows it (``bids_allow_post_op`` in
+    global_config.json): a config file must not be a way to run any command."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -197,12 +218,7 @@ def load_dcm2bids_config(path: Path) -> Dcm2bidsConfig:
                 raise BidsConfigError(f"{path}: {_entry_name(i, desc)}: id already used by "
                                       f"descriptions[{ids[desc['id']]}]")
             ids[desc["id"]] = i
-    opts = data.get("dcm2niixOptions", DEFAULT_DCM2NIIX_OPTIONS)
-    if not isinstance(opts, str) or re.search(r"(^|\s)-o(\s|$)", opts):
-        raise BidsConfigError(f"{path}: 'dcm2niixOptions' must be a string of dcm2niix options without -o "
-                              "(the output folder is the visit's scratch)")
-    if re.search(r"(^|\s)-b\s+n", opts):
-        raise BidsConfigError(f"{path}: 'dcm2niixOptions' has '-b n': dcm2bids needs dcm2niix's JSON sidecars")
+    _check_options(path, data, allow_post_op)
     return Dcm2bidsConfig(path, data, hashlib.sha256(raw).hexdigest())
 
 
@@ -498,6 +514,12 @@ def acq_time_of(dicom_file: Path) -> str | None:
     if not re.fullmatch(r"\d{8}", d):
         return None
     t = (t.split(".")[0] + "000000")[:6] if re.fullmatch(r"\d{2,6}(\.\d*)?", t) else "000000"
+    try:  # 00000000, 20241399: no date, so no acq_time (the BIDS validator refuses one)
+        from datetime import datetime
+
+        datetime.strptime(d + t, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
     return f"{d[:4]}-{d[4:6]}-{d[6:]}T{t[:2]}:{t[2:4]}:{t[4:]}"
 
 
@@ -590,7 +612,7 @@ class ConversionResult:
     fingerprint: str
     versions: dict
     seconds: float
-    note: str = ""  # why nothing was written, when nothing matched the config
+    note: str = ""  # why nothing was written, when nothing matched the config; or what was left out
     # sha256 of every file of the session folder as the conversion leaves it (relative path:
     # digest; None without a folder): the asset's data version is made from it, so the session
     # is hashed once per run
@@ -724,7 +746,9 @@ def convert_visit(*, visit: Visit, layout: DatasetLayout, dicom_dir: Path, confi
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = ConversionResult(visit.key, str(target), changed, True, files, [_series_row(s) for s in series], warnings,
-                              written, fp, tool_versions(), time.monotonic() - t0, tree=new_tree)
+                              written, fp, tool_versions(), time.monotonic() - t0, tree=new_tree,
+                              note="" if acq else "the visit's StudyDate/StudyTime is no valid date (00000000?): "
+                                                  "acq_time is left out of sessions.tsv")
     record = {**asdict(result), "acq_time": acq, "config": str(config.path)}
     for k in ("seconds", "note"):
         record.pop(k)

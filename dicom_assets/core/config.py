@@ -76,6 +76,9 @@ class GlobalConfig(BaseModel):
     derived_series_markers: tuple[str, ...] = ("MoCoSeries",)
     mixed_visit_policy: MixedVisitPolicy = "fail"
     session_label_pattern: str = "{participant}_{session}"
+    # dcm2bids' post_op runs commands on the converted files: refused in the dcm2bids config
+    # unless the site allows it here
+    bids_allow_post_op: bool = False
     xnat_duplicate_policy: XnatDuplicatePolicy = "fail"
     # base URL under which clones of the DataLad datasets reach store/ (default: its file:// URL)
     datalad_store_url: str | None = None

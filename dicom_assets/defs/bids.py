@@ -57,7 +57,7 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource):
         return
     dicom_dir = organized_dir_of(lay, visit)
     try:
-        config = load_dcm2bids_config(lay.dcm2bids_config_path)
+        config = load_dcm2bids_config(lay.dcm2bids_config_path, allow_post_op=ds.config.bids_allow_post_op)
         res = convert_visit(visit=visit, layout=lay, dicom_dir=dicom_dir, config=config,
                             dataset_name=ds.config.dataset_name)
     except BidsError as exc:
@@ -135,6 +135,9 @@ def bids_session(context: AssetExecutionContext, dataset: DatasetResource):
     }
     if res.note:
         metadata["note"] = res.note
+    if "post_op" in config.data:  # allowed by the site: shown, as it runs commands
+        metadata["post_op"] = MetadataValue.md("**dcm2bids `post_op` is on** (commands run on the converted files; "
+                                               "allowed by `bids_allow_post_op` in global_config.json)")
     # lineage: the session folder's content (relative paths + sha256, as convert_visit hashed
     # them: not read again here), so Dagster tells a re-conversion that wrote the same files
     # from one that changed them

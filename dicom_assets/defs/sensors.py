@@ -10,6 +10,7 @@ from ..core.dataset import Dataset
 from ..core.downloads import read_dicom_dir_map, signature
 from ..core.downloads_state import DownloadsState, SensorLimits, StateDamaged, context_token, parse_cursor
 from ..core.errors import DicomAssetsError
+from ..core.fsutil import printable
 from ..core.layout import DatasetLayout
 from ..core.tcia import manifest_name, manifests, read_resolved
 from ..settings import current as current_settings
@@ -66,13 +67,15 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
                              legacy=legacy, notes=notes + [note])
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}")
+    # dump names are as the OS gives them: a byte that is no UTF-8 is written \xNN (as in the
+    # organize report), never a lone surrogate in the log or the skip reason
     for note in out.notes:
-        context.log.warning(note)
+        context.log.warning(printable(note))
     for problem in out.new_problems:
-        context.log.warning(problem)
+        context.log.warning(printable(problem))
     if out.dropped:
-        context.log.info(f"{len(out.dropped)} pending download(s) vanished before they were taken, dropped: "
-                         + ", ".join(out.dropped[:5]) + (" ..." if len(out.dropped) > 5 else ""))
+        context.log.info(printable(f"{len(out.dropped)} pending download(s) vanished before they were taken, dropped: "
+                                   + ", ".join(out.dropped[:5]) + (" ..." if len(out.dropped) > 5 else "")))
     selection = run_selection(lay) if out.taken else None
     run_requests = [RunRequest(run_key=f"{t.rel}:{t.token}", partition_key=t.visit, asset_selection=selection,
                                tags={VISIT_TAG: t.visit, DOWNLOAD_TAG: t.rel}) for t in out.taken]
@@ -85,7 +88,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
         if out.problems:
             reason.append(f"{out.problems} download(s) not taken: {out.first_problem}"
                           + (f" (and {out.problems - 1} more, in the sensor's log)" if out.problems > 1 else ""))
-        return SensorResult(skip_reason=SkipReason("; ".join(reason) or "no new complete download"),
+        return SensorResult(skip_reason=SkipReason(printable("; ".join(reason)) or "no new complete download"),
                             cursor=cursor)
     # every visit of the batch is asked for: the daemon adds those missing (one look-up per key,
     # which it does anyway), so a partition deleted in the UI comes back with its re-delivered dump
@@ -94,7 +97,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     observed = state.taken_tokens(new_keys)
     shown = ", ".join(r.partition_key for r in run_requests[:20])
     more = f" and {len(run_requests) - 20} more" if len(run_requests) > 20 else ""
-    context.log.info(f"{len(run_requests)} complete download(s): {shown}{more}"
+    context.log.info(printable(f"{len(run_requests)} complete download(s): {shown}{more}")
                      + (f"; {out.queued} more complete, waiting in order ({settings.batch} per tick)"
                         if out.queued else ""))
     return SensorResult(
