@@ -33,7 +33,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dicom_assets.core.dicomscan import KEPT, REASONS, Rules, read_record
+from dicom_assets.core.dicomscan import KEPT, REASONS, Rules, is_image_storage, read_record
 from dicom_assets.core.errors import DicomAssetsError
 from dicom_assets.core.metadata import describe_tarball, dump_json
 from dicom_assets.core.organize import MAX_NAME, organize_visit, read_kept
@@ -427,5 +427,53 @@ def test_tarball_of_a_hostile_organized_folder(seeds, tmp_path, entries):
             raise AssertionError(f"unexpected failure: {exc}")
         assert a.sha256 == b.sha256 and a.members == len(entries)
         tried("tarball: same sha256 twice")
+    finally:
+        shutil.rmtree(work)
+
+
+# ------------------------------------------------------------------ truthful reasons (issue 25, item 6)
+@settings(max_examples=BASE * 2)
+@given(garbage=st.binary(min_size=0, max_size=4096), meta=st.booleans())
+def test_a_dicm_marker_followed_by_garbage_is_unreadable_never_no_pixel_data(tmp_path, garbage, meta):
+    """128 bytes of preamble and "DICM", then anything: whatever pydicom's forced read makes of
+    it, the reason a curator reads is about the file's damage, never its content."""
+    work = _fresh(tmp_path)
+    try:
+        path = work / "f.dcm"
+        # with meta: a real-looking file meta group start, then garbage
+        head = b"\0" * 128 + b"DICM" + (b"\x02\x00\x00\x00UL\x04\x00\x10\x00\x00\x00" if meta else b"")
+        path.write_bytes(head + garbage)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for force in (False, True):
+                rec = read_record(path, "f.dcm", force_pydicom=force)
+                assert rec.reason != "no_pixel_data", (rec.reason, rec.detail)
+                assert rec.reason in {"unreadable", "not_dicom", KEPT}, (rec.reason, rec.detail)
+        tried("reader: DICM then garbage is never called a non-image object")
+    finally:
+        shutil.rmtree(work)
+
+
+IMAGE_SEEDS = ("pydicom:MR_small.dcm", "pydicom:MR_small_implicit.dcm", "ge")
+
+
+@settings(max_examples=BASE * 3)
+@given(case=mutated(IMAGE_SEEDS))
+def test_a_damaged_image_header_never_yields_a_content_reason(seeds, tmp_path, case):
+    """A real image file (MR, CT) truncated or flipped: the record says what is wrong with the
+    file (unreadable, not a DICOM, missing its UID...), or keeps it when it still reads whole;
+    never "no pixel data", which is a statement about the object's content."""
+    key, kind, offsets, values = case
+    work = _fresh(tmp_path)
+    try:
+        path = work / "f.dcm"
+        path.write_bytes(mutate(seeds[key], kind, offsets, values))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for force in (False, True):
+                rec = read_record(path, "f.dcm", force_pydicom=force)
+                if rec.reason == "no_pixel_data":  # only a flip that made the SOP class a non-image one
+                    assert "non-image object" in rec.detail and not is_image_storage(rec.sop_class_uid), rec.detail
+        tried("reader: a damaged image header never yields a content-based reason")
     finally:
         shutil.rmtree(work)

@@ -12,12 +12,15 @@ Reasons (a fixed vocabulary, in the order they are tested):
 ``unreadable``      a DICOM file whose header cannot be parsed (whatever the reader
                     raises: the file is excluded, the visit goes on), whose pixel
                     data is cut short (truncated transfer), whose deflated data set
-                    is corrupt or cut short, or unreadable permissions; also what
-                    the walk finds but cannot read as a file: a folder that cannot
-                    be listed, a broken link, a link to a folder, a FIFO/socket
+                    is corrupt or cut short, or unreadable permissions; a header
+                    with neither a SOP Class UID nor pixel data (a DICM marker then
+                    garbage), an image storage object without its pixel data (a
+                    damaged header); also what the walk finds but cannot read as a
+                    file: a folder that cannot be listed, a broken link, a link to a
+                    folder, a FIFO/socket
 ``no_pixel_data``   a non-image object: DICOMDIR, structured report, presentation
                     state, raw data, spectroscopy, Siemens CSA report, ... or an
-                    image class with no pixel data element
+                    object of another (private) class with no pixel data element
 ``derived``         ``ImageType`` contains ``DERIVED`` (any value, not just the first),
                     a secondary capture, or a series description carrying a derived
                     marker (``MoCoSeries`` by default)
@@ -226,13 +229,32 @@ def _record_from_scan(rec: FileRecord, scan: HeaderScan, fp, size: int) -> FileR
     return _classify_object(rec, scan.has_pixels)
 
 
+def is_image_storage(sop_class: str | None) -> bool:
+    """Whether a SOP class is an image storage class of the standard (its PS3.6 name says
+    "Image Storage"): such an object without pixel data is damaged, not a non-image object."""
+    if not sop_class:
+        return False
+    from pydicom.uid import UID_dictionary
+
+    entry = UID_dictionary.get(sop_class)
+    return bool(entry) and "Image Storage" in entry[0]
+
+
 def _classify_object(rec: FileRecord, has_pixels: bool) -> FileRecord:
     kind = non_image_kind(rec.sop_class_uid)
     if kind:
         return rec.exclude("no_pixel_data", f"non-image object: {kind} ({rec.sop_class_uid})")
-    if not has_pixels:
-        return rec.exclude("no_pixel_data", "no pixel data element")
-    return rec
+    if has_pixels:
+        return rec
+    # a reason a curator acts on must be the true one: a header with nothing that makes it an
+    # object (no SOP Class UID), or an image object without its image, is damaged
+    if not rec.sop_class_uid:
+        return rec.exclude("unreadable", "the header holds neither a SOP Class UID nor pixel data: damaged, "
+                                         "or not a DICOM object after its DICM marker")
+    if is_image_storage(rec.sop_class_uid):
+        return rec.exclude("unreadable", f"an image object ({rec.sop_class_uid}) without pixel data: the header "
+                                         "is damaged or the file cut")
+    return rec.exclude("no_pixel_data", "no pixel data element")
 
 
 def _pydicom_scan(fp, rec: FileRecord, media: str | None = None) -> HeaderScan | FileRecord:
