@@ -248,10 +248,10 @@ def _classify_object(rec: FileRecord, has_pixels: bool) -> FileRecord:
         return rec
     # a reason a curator acts on must be the true one: a header with nothing that makes it an
     # object (no SOP Class UID), or an image object without its image, is damaged
-    if not rec.sop_class_uid:
-        return rec.exclude("unreadable", "the header holds neither a SOP Class UID nor pixel data: damaged, "
-                                         "or not a DICOM object after its DICM marker")
-    if is_image_storage(rec.sop_class_uid):
+    if not rec.sop_class_uid or not rec.sop_instance_uid:
+        return rec.exclude("unreadable", "the header holds no SOP Class UID or no SOP Instance UID, and no pixel "
+                                         "data: damaged, cut short, or not a DICOM object after its DICM marker")
+    if is_image_storage(rec.sop_class_uid) or rec.image_type:  # ImageType: an image IOD's (Type 1)
         return rec.exclude("unreadable", f"an image object ({rec.sop_class_uid}) without pixel data: the header "
                                          "is damaged or the file cut")
     return rec.exclude("no_pixel_data", "no pixel data element")
