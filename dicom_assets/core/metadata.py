@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .dicomscan import sniff
 from .errors import DicomAssetsError
 from .fasttags import KEYWORDS, parse_tags, read_tags
 from .fsutil import BackgroundDigests, atomic_write
@@ -106,10 +107,6 @@ class VisitMetadata:
     member_names: set[str]  # every regular file of the tarball, as read in the same pass
 
 
-def _looks_dicom(head: bytes) -> bool:
-    return len(head) >= 132 and head[128:132] == b"DICM"
-
-
 def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str, session: str,
                      tool_version: str) -> VisitMetadata:
     """Read the tarball once: per-member md5/size/tags and the whole file's md5/sha256."""
@@ -138,7 +135,9 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                 latest = max(latest, mtime)
                 head = bytes(data[:TAG_BYTES])
                 tags: dict | None = None
-                if _looks_dicom(head) or head[:4] in (b"\x08\x00\x05\x00", b"\x08\x00\x08\x00"):
+                # the organize step's own test of what may be DICOM (a preamble, or a data set
+                # starting at a low group tag, little or big endian): one decision for both stages
+                if sniff(head, msize) is None:
                     try:
                         tags = parse_tags(head)  # same tags as from more bytes, when it gives any
                         if tags is None:  # the first MiB, then pydicom on the whole member (e.g. deflated)
