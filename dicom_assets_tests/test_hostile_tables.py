@@ -30,7 +30,7 @@ def test_config_saved_as_utf16_or_with_a_bom_loads(tmp_path, encoding):
 def test_config_in_another_encoding_is_named(tmp_path):
     p = tmp_path / "global_config.json"
     p.write_bytes('{"dataset_name": "d\xe9mo", "study_id": "QPN"}'.encode("latin-1"))
-    with pytest.raises(ConfigError, match="global_config.json: not UTF-8 .*save it as UTF-8"):
+    with pytest.raises(ConfigError, match="global_config.json: not UTF-8 .*save the global config as UTF-8"):
         load_config(p)
 
 

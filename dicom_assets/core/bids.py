@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .errors import DicomAssetsError
+from .errors import DicomAssetsError, parse_json_text
 from .fsutil import atomic_write, file_digest, file_lock, recover_dir, swap_dir, temp_sibling, tree_digests
 from .ids import Visit
 from .layout import DatasetLayout
@@ -193,11 +193,10 @@ def load_dcm2bids_config(path: Path, *, allow_post_op: bool = False) -> Dcm2bids
     except OSError as exc:
         raise BidsConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
-        data = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BidsConfigError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise BidsConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    data = parse_json_text(text, path, BidsConfigError, "dcm2bids config")
     if not isinstance(data, dict):
         raise BidsConfigError(f"{path}: the top level must be a JSON object with 'descriptions'")
     unknown = sorted(set(data) - _TOP_KEYS)

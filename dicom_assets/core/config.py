@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, parse_json_text
 from .ids import normalize_session_id
 
 OrganizeMode = Literal["symlink", "copy"]
@@ -207,6 +207,9 @@ def parse_config(data: object, path: Path | str = "<global_config>") -> GlobalCo
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: (_ORDER.get(e["type"], 2), len(e["loc"])))
         raise ConfigError(_message(path, errors[0], errors)) from None
+    except UnicodeEncodeError:  # a JSON escape such as "\ud800": half of a character, no text
+        raise ConfigError(f"{path}: a text value holds a lone surrogate escape (\\ud800-\\udfff), which is no "
+                          "character; write the character itself") from None
     cfg._source = str(path)
     return cfg
 
@@ -257,17 +260,7 @@ def load_config(path: Path | str) -> GlobalConfig:
         raise ConfigError(f"{path}: global config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the global config: {exc.strerror}") from None
-    try:
-        # json finds UTF-8 (with or without BOM), UTF-16 and UTF-32, as RFC 8259 readers may
-        data = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 (or UTF-16/32) text: byte {exc.start} cannot be read "
-                          f"({exc.reason}); save it as UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-        ) from None
-    return parse_config(data, path)
+    return parse_config(parse_json_text(raw, path, ConfigError, "global config"), path)
 
 
 def write_config(path: Path | str, config: GlobalConfig) -> None:

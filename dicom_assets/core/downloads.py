@@ -107,6 +107,15 @@ def read_dicom_dir_map(path: Path) -> dict[tuple[str, str], str]:
     """``participant_id  session_id  download`` (TSV) -> {(participant, session): name}."""
     if not path.exists():
         return {}
+    try:
+        return _read_dir_map(path)
+    except UnicodeDecodeError as exc:
+        raise DownloadError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the table as UTF-8") from None
+    except csv.Error as exc:  # a field over csv's size limit, a NUL byte, ...
+        raise DownloadError(f"{path}: the table cannot be read as tab-separated text ({exc})") from None
+
+
+def _read_dir_map(path: Path) -> dict[tuple[str, str], str]:
     out: dict[tuple[str, str], str] = {}
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh, delimiter="\t")

@@ -162,7 +162,10 @@ def _properties(lines: list[tuple[int, str]]) -> dict[str, tuple[str, int]]:
 def server_of(download_server_url: str) -> str | None:
     """The NBIA server of a manifest's ``downloadServerUrl`` (the part before
     ``/nbia-download/servlet/DownloadServlet``, where the Retriever puts ``/nbia-api/services/...``)."""
-    parts = urllib.parse.urlsplit(download_server_url.strip())
+    try:
+        parts = urllib.parse.urlsplit(download_server_url.strip())
+    except ValueError:  # "Invalid IPv6 URL" and the like: no server URL at all
+        return None
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         return None
     path = parts.path.rstrip("/")
@@ -187,6 +190,13 @@ def parse_manifest(path: Path | str) -> TciaManifest:
         raise TciaManifestError(f"{path}: cannot read the manifest: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise TciaManifestError(f"{path}: not a text file (UTF-8)") from None
+    try:
+        return _parse_manifest_text(path, text)
+    except csv.Error as exc:  # a field over csv's size limit, a NUL byte, ...
+        raise TciaManifestError(f"{path}: cannot be read as a manifest ({exc})") from None
+
+
+def _parse_manifest_text(path: Path, text: str) -> TciaManifest:
     lines = _lines(text)
     first = next((ln for ln in lines if ln.strip()), "")
     if _csv_series_column(next(csv.reader([first]), [])) is not None:

@@ -10,6 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import parse_json_text
 from ..fsutil import atomic_write
 from .errors import XnatError
 
@@ -178,7 +179,11 @@ def read_exclusions(path: Path | None) -> tuple[str, ...]:
     """``{"Exclude": ["Localizers", ...]}`` (the classic script's file) or a plain list."""
     if path is None:
         return ()
-    data = json.loads(Path(path).read_text())
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise XnatError(f"{path}: the exclusions file cannot be read ({exc.strerror or exc})") from None
+    data = parse_json_text(raw, path, XnatError, "exclusions file")
     values = data.get("Exclude") if isinstance(data, dict) else data
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise XnatError(f"{path}: expected {{\"Exclude\": [\"substring\", ...]}}")
