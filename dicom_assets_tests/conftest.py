@@ -63,6 +63,21 @@ def demo_root(pristine_demo, tmp_path) -> Path:
 
 
 @pytest.fixture
+def nobody_dir():
+    """A folder the unprivileged user (nobody, see helpers.as_nobody) can work in (pytest's
+    tmp_path is root's, mode 0700)."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="dicom_assets_nobody_"))
+    os.chmod(d, 0o755)
+    yield d
+    for p in [d, *d.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            os.chmod(p, 0o755)
+    shutil.rmtree(d)
+
+
+@pytest.fixture
 def instance():
     with instance_for_test() as inst:
         yield inst

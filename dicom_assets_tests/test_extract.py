@@ -7,7 +7,6 @@ import os
 import shutil
 import struct
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -283,18 +282,6 @@ def test_vanished_zip_is_named(tmp_path):
         run(tmp_path / "P1.zip", "zip", tmp_path / "raw" / "P1")
     assert not (tmp_path / "raw" / "P1").exists()
 
-
-
-@pytest.fixture
-def nobody_dir():
-    """A folder the unprivileged user owns (pytest's tmp_path is root's, mode 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="dicom_assets_nobody_"))
-    os.chmod(d, 0o755)
-    yield d
-    for p in [d, *d.rglob("*")]:
-        if p.is_dir() and not p.is_symlink():
-            os.chmod(p, 0o755)
-    shutil.rmtree(d)
 
 
 @pytest.mark.parametrize("unreadable, message", [

@@ -273,3 +273,39 @@ def test_a_dump_name_that_is_no_utf8_is_printed_not_passed_on_raw(instance, demo
     for text in (reason, logged):
         text.encode("utf-8")  # no lone surrogate
     assert "NOBODY_\\xe9t\\xe9.zip" in reason + logged
+
+
+@pytest.mark.faults
+def test_a_read_only_state_file_is_set_aside_too(nobody_dir):
+    """A state file the sensor may not write (restored read-only, another user's): sqlite refuses
+    every tick ("attempt to write a readonly database"); it is set aside and rebuilt as well.
+    Run as an unprivileged user, for whom the permission holds."""
+    from dicom_assets.core.downloads_state import DownloadsState, StateDamaged
+    from dicom_assets.core.layout import DatasetLayout
+
+    from .helpers import as_nobody
+
+    lay = DatasetLayout(nobody_dir / "root")
+    ses = lay.downloads_dir("ses-01")
+    ses.mkdir(parents=True)
+    (ses / "QPN_001_MR.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    kw = dict(sessions=("ses-01",), ctx_token="t", classifier=lambda: ({"QPN001": "QPN_001"}, {}))
+    state = DownloadsState(lay, "0123456789abcdef")
+    state.tick(0, **kw)
+    for p in [nobody_dir, *nobody_dir.rglob("*")]:
+        os.chown(p, 65534, 65534)
+    for p in state.path.parent.glob(state.path.name + "*"):
+        os.chmod(p, 0o444)
+
+    def tick_as_the_sensor():
+        try:
+            state.tick(1, **kw)
+            return "no damage seen"
+        except StateDamaged as damage:
+            fresh, note = state.healed(damage)
+            out = fresh.tick(0, **kw)
+            return note, fresh.path.exists(), out.waiting
+    res = as_nobody(tick_as_the_sensor)
+    assert res[0] == "ok", res
+    note, created, waiting = res[1]
+    assert "readonly" in note and "set aside as" in note and created and waiting == 1
