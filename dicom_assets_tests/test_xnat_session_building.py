@@ -337,3 +337,50 @@ def test_a_login_that_expires_mid_upload_is_renewed_once(samples, xnat_target, t
     assert imports(xnat_target, project) == 1
     with pytest.raises(XnatAuthError, match="401"):
         upload(xnat_target, project, files, label="V2")
+
+
+def test_a_file_without_study_uid_xnat_cannot_build_is_refused_before_sending(samples, xnat_target, tmp_path):
+    """XNAT's importer takes a DICOM without StudyInstanceUID, but its session builder cannot
+    build a session of it (DICOMSessionBuilder: NoUniqueSessionException) and the archive fails:
+    the client refuses such a visit before sending, naming the files."""
+    from dicom_assets.core.xnat import XnatError, write_zip
+
+    project = xnat_target.project("BUILD")
+    files = tricky_visit(samples, tmp_path)
+    ds = pydicom.dcmread(files[0].path)
+    del ds.StudyInstanceUID
+    ds.save_as(files[0].path)
+    files = files_from_records(classify_tree(files[0].path.parents[1], Rules(exclude_derived=False)),
+                               files[0].path.parents[1])
+    with pytest.raises(XnatError, match="1 files of V1 carry no StudyInstanceUID"):
+        upload(xnat_target, project, files)
+    assert imports(xnat_target, project) in (None, 0)
+    lone = [f for f in files if not f.study_instance_uid]
+    zpath = tmp_path / "lone.zip"
+    write_zip(lone, zpath)
+    with xnat_target.connect() as s:  # what XNAT does with it: taken, then the archive fails
+        s.put(f"/data/projects/{project}")
+        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                   "project": project, "subject": "P1", "session": "V9"},
+                   data=zpath.read_bytes(), headers={"Content-Type": "application/zip"}, accepted_status=[400])
+        assert r.status_code == 400
+        rows = s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
+        assert [row["status"] for row in rows] == ["ERROR"]
+        s.post("/data/services/prearchive/delete", query={"src": rows[0]["url"]})
+
+
+def test_the_import_answers_the_archived_session_by_its_labels(samples, xnat_target, tmp_path):
+    """PrearcSessionArchiver.buildURI: /archive/projects/<project>/subjects/<subject label>/
+    experiments/<session label>, labels not accession IDs (a client must not parse IDs out of it)."""
+    from dicom_assets.core.xnat import write_zip
+
+    project = xnat_target.project("BUILD")
+    files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "T1 run 1"]
+    zpath = tmp_path / "one.zip"
+    write_zip(files, zpath)
+    with xnat_target.connect() as s:
+        s.put(f"/data/projects/{project}")
+        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                   "project": project, "subject": "P1", "session": "V1"},
+                   data=zpath.read_bytes(), headers={"Content-Type": "application/zip"})
+    assert r.text.strip().endswith(f"/archive/projects/{project}/subjects/P1/experiments/V1")

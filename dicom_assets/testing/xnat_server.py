@@ -588,6 +588,10 @@ class XnatTestServer:
         already holds are refused unless ``override or overwrite_files`` (the archiver passes
         that to MergePrearcToArchiveSession; MergeSessionsA.checkForConflict: the same path is
         HAS_FILES, the same SOPInstanceUID under another name CAT_ENTRY_MATCH, both 409)."""
+        if not row.tag:
+            # DICOMSessionBuilder: no StudyInstanceUID, no session to build (NoUniqueSessionException);
+            # the importer took the files (GradualDicomImporter does not require it), the build fails
+            raise _HttpError(500, "org.nrg.dcm.xnat.NoUniqueSessionException: no unique StudyInstanceUID")
         with self.lock:
             proj = self.projects[row.project]
             # fixSessionLabel / fixSubject: labels are cleaned (cleanValue)
@@ -675,6 +679,12 @@ class XnatTestServer:
             return ids
         modality_of = {uid: sorted(mods)[0] for uid, (_n, mods) in seen.items()}
         return merged_scan_ids(ids, modality_of, {sc.uid: sc.id for sc in existing.scans.values() if sc.uid})
+
+    def archive_uri(self, exp: Experiment) -> str:
+        """PrearcSessionArchiver.buildURI: the archived session by labels (the subject's label,
+        else its ID; the session's label), not by accession IDs."""
+        subj = next((s for s in self.projects[exp.project].subjects.values() if s.id == exp.subject_id), None)
+        return f"/data/archive/projects/{exp.project}/subjects/{subj.label if subj else exp.subject_id}/experiments/{exp.label}"
 
     def archive_row(self, row: PrearchiveEntry, **kw) -> Experiment:
         """Archive a prearchive row as PrearcDatabase.archive does: the row is ARCHIVING (locked)
@@ -1500,7 +1510,7 @@ class _Handler(BaseHTTPRequestHandler):
             # xmlBuild catches whatever the archiver threw (the row is CONFLICT after a 409,
             # ERROR otherwise) and throws ClientException(ARCHIVE_FAILED): Importer answers 400
             raise _HttpError(400, ARCHIVE_FAILED) from None
-        return self._send(200, f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}\r\n")
+        return self._send(200, x.archive_uri(exp) + "\r\n")
 
     def _import_studies(self, q: dict, project: str, subject: str, name: str, files: list, studies: list) -> None:
         """An upload holding several studies: GradualDicomImporter puts each file into the row of
@@ -1523,7 +1533,7 @@ class _Handler(BaseHTTPRequestHandler):
                                     overwrite_files=x.overwrite_files_for(row, False))
             except Exception:
                 raise _HttpError(400, ARCHIVE_FAILED) from None
-            uris.append(f"/data/archive/projects/{exp.project}/subjects/{exp.subject_id}/experiments/{exp.id}")
+            uris.append(x.archive_uri(exp))
         return self._send(200, "\r\n".join(uris) + "\r\n")
 
     def _read_entries(self, q: dict, entries, faults: bool = True) -> tuple[list, str | None]:
@@ -1656,7 +1666,7 @@ class _Handler(BaseHTTPRequestHandler):
         exp = x.archive_row(e, subject=arg.get("subject"), label=arg.get("session") or arg.get("label"),
                             allow_merge=True, override=(arg.get("overwrite") or "").lower() in ("append", "delete"),
                             overwrite_files=x.overwrite_files_for(e, (arg.get("overwrite_files") or "").lower() == "true"))
-        return self._send(200, f"/data/archive/projects/{e.project}/subjects/{exp.subject_id}/experiments/{exp.id}")
+        return self._send(200, x.archive_uri(exp))
 
 
 def _escape_xml11(value: str) -> str:

@@ -134,6 +134,12 @@ def check_visit(files: list[UploadFile], xsubject: str, xlabel: str, session_lab
         raise XnatError(f"{len(unsafe)} files of {session_label} would be sent under names that are no plain file "
                         f"name (from their SOPInstanceUID): {', '.join(repr(n) for n in unsafe[:3])}; nothing was "
                         "sent. Repair or exclude those files")
+    no_study = [f.arcname for f in files if not f.study_instance_uid]
+    if no_study:  # XNAT takes them, then cannot build the session (NoUniqueSessionException)
+        raise XnatError(f"{len(no_study)} files of {session_label} carry no StudyInstanceUID "
+                        f"({', '.join(no_study[:3])}{' ...' if len(no_study) > 3 else ''}): XNAT builds a session "
+                        "from one study and cannot build one without it, so nothing was sent. Repair or exclude "
+                        "those files")
     studies: dict[str, int] = {}
     for f in files:
         studies[f.study_instance_uid] = studies.get(f.study_instance_uid, 0) + 1
