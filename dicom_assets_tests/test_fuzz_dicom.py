@@ -217,24 +217,28 @@ def _fresh(tmp_path: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=tmp_path))
 
 
+def _records_by_both_readers(tmp_path: Path, data: bytes) -> list:
+    """``data`` as a file, read by the fast reader and by pydicom (``force_pydicom``)."""
+    work = _fresh(tmp_path)
+    try:
+        path = work / "f.dcm"
+        path.write_bytes(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [read_record(path, "f.dcm", force_pydicom=force) for force in (False, True)]
+    finally:
+        shutil.rmtree(work)
+
+
 # ------------------------------------------------------------------ properties
 @settings(max_examples=BASE * 5)
 @given(case=mutated())
 def test_reader_classifies_any_mutated_file(seeds, tmp_path, case):
     """Truncated or flipped real files: both readers give a record, never an exception."""
     key, kind, offsets, values = case
-    work = _fresh(tmp_path)
-    try:
-        path = work / "f.dcm"
-        path.write_bytes(mutate(seeds[key], kind, offsets, values))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for force in (False, True):
-                rec = read_record(path, "f.dcm", force_pydicom=force)
-                assert rec.reason in VOCABULARY and (rec.reason == KEPT or rec.detail)
-        tried("reader: a record with a reason for any mutated file")
-    finally:
-        shutil.rmtree(work)
+    for rec in _records_by_both_readers(tmp_path, mutate(seeds[key], kind, offsets, values)):
+        assert rec.reason in VOCABULARY and (rec.reason == KEPT or rec.detail)
+    tried("reader: a record with a reason for any mutated file")
 
 
 @settings(max_examples=BASE * 2)
@@ -437,21 +441,12 @@ def test_tarball_of_a_hostile_organized_folder(seeds, tmp_path, entries):
 def test_a_dicm_marker_followed_by_garbage_is_unreadable_never_no_pixel_data(tmp_path, garbage, meta):
     """128 bytes of preamble and "DICM", then anything: whatever pydicom's forced read makes of
     it, the reason a curator reads is about the file's damage, never its content."""
-    work = _fresh(tmp_path)
-    try:
-        path = work / "f.dcm"
-        # with meta: a real-looking file meta group start, then garbage
-        head = b"\0" * 128 + b"DICM" + (b"\x02\x00\x00\x00UL\x04\x00\x10\x00\x00\x00" if meta else b"")
-        path.write_bytes(head + garbage)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for force in (False, True):
-                rec = read_record(path, "f.dcm", force_pydicom=force)
-                assert rec.reason != "no_pixel_data", (rec.reason, rec.detail)
-                assert rec.reason in {"unreadable", "not_dicom", KEPT}, (rec.reason, rec.detail)
-        tried("reader: DICM then garbage is never called a non-image object")
-    finally:
-        shutil.rmtree(work)
+    # with meta: a real-looking file meta group start, then garbage
+    head = b"\0" * 128 + b"DICM" + (b"\x02\x00\x00\x00UL\x04\x00\x10\x00\x00\x00" if meta else b"")
+    for rec in _records_by_both_readers(tmp_path, head + garbage):
+        assert rec.reason != "no_pixel_data", (rec.reason, rec.detail)
+        assert rec.reason in {"unreadable", "not_dicom", KEPT}, (rec.reason, rec.detail)
+    tried("reader: DICM then garbage is never called a non-image object")
 
 
 IMAGE_SEEDS = ("pydicom:MR_small.dcm", "pydicom:MR_small_implicit.dcm", "ge")
@@ -464,16 +459,7 @@ def test_a_damaged_image_header_never_yields_a_content_reason(seeds, tmp_path, c
     file (unreadable, not a DICOM, missing its UID...), or keeps it when it still reads whole;
     never "no pixel data", which is a statement about the object's content."""
     key, kind, offsets, values = case
-    work = _fresh(tmp_path)
-    try:
-        path = work / "f.dcm"
-        path.write_bytes(mutate(seeds[key], kind, offsets, values))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for force in (False, True):
-                rec = read_record(path, "f.dcm", force_pydicom=force)
-                if rec.reason == "no_pixel_data":  # only a flip that made the SOP class a non-image one
-                    assert "non-image object" in rec.detail and not is_image_storage(rec.sop_class_uid), rec.detail
-        tried("reader: a damaged image header never yields a content-based reason")
-    finally:
-        shutil.rmtree(work)
+    for rec in _records_by_both_readers(tmp_path, mutate(seeds[key], kind, offsets, values)):
+        if rec.reason == "no_pixel_data":  # only a flip that made the SOP class a non-image one
+            assert "non-image object" in rec.detail and not is_image_storage(rec.sop_class_uid), rec.detail
+    tried("reader: a damaged image header never yields a content-based reason")

@@ -120,6 +120,20 @@ def file_count(scans) -> int:
     return sum(len(n) for v in scans.values() for n in v.values())
 
 
+def import_zip(target, project, files, zpath, session="V1", accepted=(200,)):
+    """The visit's files zipped and POSTed to XNAT's import service as the client does (no
+    client logic: the request alone), after the project is made; XNAT's answer."""
+    from dicom_assets.core.xnat import write_zip
+
+    write_zip(files, zpath)
+    with target.connect() as s:
+        s.put(f"/data/projects/{project}")
+        return s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                      "project": project, "subject": "P1", "session": session},
+                      data=zpath.read_bytes(), headers={"Content-Type": "application/zip"},
+                      accepted_status=list(accepted))
+
+
 def prearchive_rows(target, project) -> list[dict]:
     with target.connect() as s:
         return s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
@@ -196,18 +210,10 @@ def test_xnat_archives_the_first_of_two_studies_and_refuses_the_next(samples, xn
     """What XNAT does with a zip of two studies under one label (PrearcDatabase: one row per
     study; DicomZipImporter.xmlBuild archives them in turn): the first is archived, the second's
     row goes to CONFLICT with XNAT's reason in its log, and the import answers 400."""
-    from dicom_assets.core.xnat import write_zip
-
     project = xnat_target.project("BUILD")
-    files = two_study_visit(samples, tmp_path)
-    zpath = tmp_path / "two.zip"
-    write_zip(files, zpath)
+    r = import_zip(xnat_target, project, two_study_visit(samples, tmp_path), tmp_path / "two.zip", accepted=[400])
+    assert r.status_code == 400
     with xnat_target.connect() as s:
-        s.put(f"/data/projects/{project}")
-        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
-                                                   "project": project, "subject": "P1", "session": "V1"},
-                   data=zpath.read_bytes(), headers={"Content-Type": "application/zip"}, accepted_status=[400])
-        assert r.status_code == 400
         rows = s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
         assert [row["status"] for row in rows] == ["CONFLICT"]
         reason = s.get(f"/data{rows[0]['url']}/logs/last").text
@@ -343,7 +349,7 @@ def test_a_file_without_study_uid_xnat_cannot_build_is_refused_before_sending(sa
     """XNAT's importer takes a DICOM without StudyInstanceUID, but its session builder cannot
     build a session of it (DICOMSessionBuilder: NoUniqueSessionException) and the archive fails:
     the client refuses such a visit before sending, naming the files."""
-    from dicom_assets.core.xnat import XnatError, write_zip
+    from dicom_assets.core.xnat import XnatError
 
     project = xnat_target.project("BUILD")
     files = tricky_visit(samples, tmp_path)
@@ -356,14 +362,10 @@ def test_a_file_without_study_uid_xnat_cannot_build_is_refused_before_sending(sa
         upload(xnat_target, project, files)
     assert imports(xnat_target, project) in (None, 0)
     lone = [f for f in files if not f.study_instance_uid]
-    zpath = tmp_path / "lone.zip"
-    write_zip(lone, zpath)
-    with xnat_target.connect() as s:  # what XNAT does with it: taken, then the archive fails
-        s.put(f"/data/projects/{project}")
-        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
-                                                   "project": project, "subject": "P1", "session": "V9"},
-                   data=zpath.read_bytes(), headers={"Content-Type": "application/zip"}, accepted_status=[400])
-        assert r.status_code == 400
+    # what XNAT does with it: taken, then the archive fails
+    r = import_zip(xnat_target, project, lone, tmp_path / "lone.zip", session="V9", accepted=[400])
+    assert r.status_code == 400
+    with xnat_target.connect() as s:
         rows = s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
         assert [row["status"] for row in rows] == ["ERROR"]
         s.post("/data/services/prearchive/delete", query={"src": rows[0]["url"]})
@@ -372,15 +374,7 @@ def test_a_file_without_study_uid_xnat_cannot_build_is_refused_before_sending(sa
 def test_the_import_answers_the_archived_session_by_its_labels(samples, xnat_target, tmp_path):
     """PrearcSessionArchiver.buildURI: /archive/projects/<project>/subjects/<subject label>/
     experiments/<session label>, labels not accession IDs (a client must not parse IDs out of it)."""
-    from dicom_assets.core.xnat import write_zip
-
     project = xnat_target.project("BUILD")
     files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "T1 run 1"]
-    zpath = tmp_path / "one.zip"
-    write_zip(files, zpath)
-    with xnat_target.connect() as s:
-        s.put(f"/data/projects/{project}")
-        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
-                                                   "project": project, "subject": "P1", "session": "V1"},
-                   data=zpath.read_bytes(), headers={"Content-Type": "application/zip"})
+    r = import_zip(xnat_target, project, files, tmp_path / "one.zip")
     assert r.text.strip().endswith(f"/archive/projects/{project}/subjects/P1/experiments/V1")
