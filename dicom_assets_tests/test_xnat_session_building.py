@@ -378,3 +378,23 @@ def test_the_import_answers_the_archived_session_by_its_labels(samples, xnat_tar
     files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "T1 run 1"]
     r = import_zip(xnat_target, project, files, tmp_path / "one.zip")
     assert r.text.strip().endswith(f"/archive/projects/{project}/subjects/P1/experiments/V1")
+
+
+def test_series_filters_read_the_first_300_characters_of_a_header():
+    """RegExBasedSeriesImportFilter reads a header through getValueAsString(characterSet, 300):
+    a pattern that matches only past character 300 matches nothing, in the test server's filter
+    and in the client's reading of it alike; a blank value is "" (EXISTS holds)."""
+    from pydicom.dataset import Dataset
+
+    from dicom_assets.core.xnat import parse_series_filter
+    from dicom_assets.testing.xnat_server import SeriesImportFilter
+
+    ds = Dataset()
+    ds.SeriesDescription = "x" * 300 + "LOCALIZER"
+    server_side = SeriesImportFilter("LOCALIZER", mode="blacklist")
+    client_side = parse_series_filter("site-wide", '{"mode": "blacklist", "list": "LOCALIZER"}')
+    assert server_side.includes(ds) and client_side.keeps(ds)
+    ds.SeriesDescription = "LOCALIZER " + "x" * 300
+    assert not server_side.includes(ds) and not client_side.keeps(ds)
+    ds.SeriesDescription = " "
+    assert not SeriesImportFilter("EXISTS").includes(ds) and SeriesImportFilter("!EXISTS").includes(ds)

@@ -291,15 +291,37 @@ class SeriesImportFilter:
     def contents(self) -> str:
         return json.dumps({"mode": self.mode, "enabled": str(self.enabled).lower(), "list": self.list})
 
-    def includes(self, ds) -> bool:
-        for tag, patterns in self.patterns.items():
+    def header_values(self, ds) -> dict[int, str | None]:
+        """shouldIncludeDicomObject(DicomObject), first step: the value of each filtered header
+        as ``getValueAsString(characterSet, 300)`` gives it (at most 300 characters; a blank
+        value is ""), None for a header the object does not hold."""
+        values: dict[int, str | None] = {}
+        for tag in self.patterns:
             elem = ds.get(tag) if ds is not None else None
-            value = None if elem is None else _header_string(elem.value)
-            for p in patterns:
-                if (p.pattern == "EXISTS" and value is not None) or (p.pattern == "!EXISTS" and value is None) \
-                        or (value is not None and p.search(value)):
-                    return self.mode == "whitelist"
-        return self.mode == "blacklist"
+            if elem is None:
+                values[tag] = None
+                continue
+            text = _header_string(elem.value)[:300]
+            values[tag] = text if text.strip() else ""
+        return values
+
+    def includes(self, ds) -> bool:
+        """shouldIncludeDicomObjectImpl over :meth:`header_values`: the first pattern that
+        matches decides (whitelist: in, blacklist: out); none matches: the opposite."""
+        values = self.header_values(ds)
+        hit = any(_value_matches(values[tag], pattern) for tag, patterns in self.patterns.items()
+                  for pattern in patterns)
+        return hit if self.mode == "whitelist" else not hit
+
+
+def _value_matches(value: str | None, pattern: re.Pattern) -> bool:
+    """RegExBasedSeriesImportFilter.testValueAgainstFilter: EXISTS holds for any value, !EXISTS
+    for none; otherwise a value (absent: never) is searched (Matcher.find)."""
+    if pattern.pattern == "EXISTS" and value is not None:
+        return True
+    if pattern.pattern == "!EXISTS" and value is None:
+        return True
+    return value is not None and pattern.search(value) is not None
 
 
 def _header_id(name: str) -> int:

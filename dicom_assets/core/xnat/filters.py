@@ -25,7 +25,8 @@ class SeriesFilter:
         includes the object in a whitelist and drops it in a blacklist; no match, the opposite."""
         for tag, patterns in self.patterns.items():
             elem = ds.get(tag)
-            value = None if elem is None else _header_text(elem.value)
+            # XNAT reads at most 300 characters of a header (getValueAsString(characterSet, 300))
+            value = None if elem is None else _header_text(elem.value)[:300]
             for p in patterns:
                 if (p.pattern == "EXISTS" and value is not None) or (p.pattern == "!EXISTS" and value is None) \
                         or (value is not None and p.search(value)):
