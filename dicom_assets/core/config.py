@@ -233,11 +233,9 @@ def label_pattern_problem(v) -> str | None:
         parts = list(string.Formatter().parse(v))
     except ValueError as exc:
         return str(exc)
-    fields = 0
     for _literal, name, spec, conversion in parts:
         if name is None:
             continue
-        fields += 1
         if name not in ("participant", "session"):
             return f"field {{{name}}} is not allowed"
         if conversion is not None:
@@ -247,7 +245,7 @@ def label_pattern_problem(v) -> str | None:
             return f"format spec {spec!r} is not allowed (only fill, alignment and a width)"
         if m.group(1) and int(m.group(1)) > MAX_LABEL_WIDTH:
             return f"width {m.group(1)} is over {MAX_LABEL_WIDTH}"
-    if not fields and not v.strip():
+    if not v.strip():
         return "empty"
     return None
 

@@ -25,6 +25,8 @@ from ..core.xnat import (
     XnatError,
     XnatTransientError,
     compare_series,
+    expected_names,
+    foreign_names,
     load_dicoms_json,
     select_files,
     upload_visit,
@@ -180,7 +182,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
     # secondary its own way)
     filtered = set(result.filtered)
     series = compare_series([f for f in files if f.arcname not in filtered], result.held)
-    foreign = sum(len(names) for names in result.held.values()) - sum(r["on_xnat"] for r in series)
+    foreign = len(foreign_names(expected_names(files), result.held))  # XNAT's, not this visit's
     have = {s["scan"]: s["files"] for s in result.scans}
     complete = all(r["on_xnat"] == r["expected"] for r in series) and foreign == 0
     context.log.info(f"{visit.key}: {result.status} as {result.project}/{result.subject}/{result.session_label}")

@@ -81,14 +81,14 @@ from .files import (
 from .filters import SeriesFilter, SeriesFilters, parse_series_filter, series_import_filters
 from .labels import MAX_LABEL, PROJECT_ID, XNAT_CLEANED_CHARS, clean_label
 from .plan import POLICIES, Action, Existing, Visit, plan
-from .remote import dicom_names, ensure_project, find_session, scan_counts
+from .remote import dicom_names, ensure_project, find_session, foreign_names, scan_counts
 from .upload import UploadResult, upload_visit
 
 __all__ = [
     "Action", "Existing", "MAX_LABEL", "POLICIES", "PROJECT_ID", "SeriesFilter", "SeriesFilters", "UploadFile",
     "UploadResult", "Visit", "XNAT_CLEANED_CHARS", "XnatAuthError", "XnatBusyError", "XnatError", "XnatTransientError",
     "classic_tree_sessions", "classify_error", "clean_label", "dicom_names", "ensure_project", "expected_names",
-    "compare_series", "files_from_records", "find_session", "http_status", "importer_refusals", "load_dicoms_json",
+    "compare_series", "files_from_records", "find_session", "foreign_names", "http_status", "importer_refusals", "load_dicoms_json",
     "parse_series_filter", "plan", "read_exclusions", "read_pending", "scan_counts", "select_files",
     "series_import_filters", "series_summary", "upload_visit", "write_pending", "write_zip",
 ]

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import XnatBusyError, XnatError, XnatTransientError, http_status
-from .remote import dicom_names, find_session, rows
+from .remote import find_session, rows, session_names
 
 #: PrearcSessionArchiver.preventConcurrentArchiving's refusal: a workflow is open on the session
 BUSY = "Session processing may already be in progress"
@@ -189,7 +189,7 @@ def unarchived_answer(session, project: str, label: str, tag: str, before: dict[
         "upload in its prearchive; waiting while XNAT still works on it")
     wait_for_prearchive(session, project, label, tag, before, wait_seconds, poll, log)
     arrived = find_session(session, project, label)
-    present = set().union(*dicom_names(session, arrived["id"]).values()) if arrived else set()
+    present = session_names(session, arrived)
     if {f.arcname for f in sent} & present:  # what did not arrive is the caller's to find
         log(f"XNAT archived {label} by itself after its answer (its session rebuilder)")
         return

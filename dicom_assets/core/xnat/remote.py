@@ -101,7 +101,13 @@ def scan_counts(session, exp_id: str) -> dict[str, int]:
 
 
 def held_names(have: dict[str, set[str]]) -> set[str]:
+    """Every instance name the session's scans hold (``have``: scan ID -> names)."""
     return set().union(*have.values()) if have else set()
+
+
+def session_names(session, exp: dict | None) -> set[str]:
+    """The instance names an experiment (``find_session``'s answer) holds, none when there is none."""
+    return held_names(dicom_names(session, exp["id"])) if exp else set()
 
 
 def missing_names(want: set[str], have: dict[str, set[str]]) -> set[str]:

@@ -37,7 +37,9 @@ from .remote import (
     ensure_project,
     find_session,
     foreign_names,
+    held_names,
     missing_names,
+    session_names,
 )
 
 
@@ -219,7 +221,7 @@ class _VisitUpload:
             self.log(f"{len(untrue)} files an earlier upload of {self.xlabel} recorded as filtered by XNAT are not "
                      f"dropped by its series import filter ({self.filters().describe()}): they are missing, not "
                      "filtered")
-        held = set().union(*have.values()) if have else set()
+        held = held_names(have)
         state = Existing(exp["subject"], exp["uid"], frozenset(held), frozenset(missing),
                          frozenset(foreign_names(self.want, have)), sum(1 for v in have.values() if v))
         return state, have, filtered
@@ -280,7 +282,7 @@ class _VisitUpload:
         wait_for_prearchive(self.session, self.project, self.xlabel, self.tag, before, self.wait_seconds,
                             self.poll_seconds, self.log)
         arrived = find_session(self.session, self.project, self.xlabel)
-        present = set().union(*dicom_names(self.session, arrived["id"]).values()) if arrived else set()
+        present = session_names(self.session, arrived)
         names = {f.arcname for f in batch}
         if not present & names:
             clean_after_failure(self.session, self.project, self.xlabel, self.tag, before, self.log)
