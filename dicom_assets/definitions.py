@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dagster import Definitions, in_process_executor, multiprocess_executor
 
+from .defs.dicomnode import OrthancResource, dicom_node_retrieve, dicom_node_study
 from .defs.ingest import downloads
 from .defs.jobs import (  # noqa: F401 - the asset lists, re-exported for tests and bench
     ARCHIVE_CHAIN,
@@ -16,7 +17,7 @@ from .defs.jobs import (  # noqa: F401 - the asset lists, re-exported for tests 
     visit_chain_job,
 )
 from .defs.resources import DatasetResource, TciaResource, XnatResource, default_dataset_root
-from .defs.sensors import downloads_sensor, tcia_sensor
+from .defs.sensors import dicom_node_sensor, downloads_sensor, tcia_sensor
 from .defs.tcia import tcia_series
 
 
@@ -34,13 +35,13 @@ def default_executor():
 def build_definitions(root: str | None = None) -> Definitions:
     return Definitions(
         executor=default_executor(),
-        assets=[downloads] + CHAIN_ASSETS + BIDS_ASSETS + [tcia_series],
+        assets=[downloads, dicom_node_study] + CHAIN_ASSETS + BIDS_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
-        jobs=[visit_chain_job, tcia_job],
-        sensors=[downloads_sensor, tcia_sensor],
-        # XNAT's and TCIA's settings are read from the environment when a step uses them
+        jobs=[visit_chain_job, tcia_job, dicom_node_retrieve],
+        sensors=[downloads_sensor, tcia_sensor, dicom_node_sensor],
+        # XNAT's, TCIA's and the DICOM node's settings are read from the environment when a step uses them
         resources={"dataset": DatasetResource(root=root or default_dataset_root()), "xnat": XnatResource(),
-                   "tcia": TciaResource()},
+                   "tcia": TciaResource(), "dicom_node": OrthancResource()},
     )
 
 

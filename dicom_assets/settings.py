@@ -66,6 +66,19 @@ class Settings(BaseSettings):
                                                   description="NBIA REST API version: `v4` (tcia_utils') or `v1` "
                                                               "(the Data Retriever's)")
 
+    # --- the DICOM node (Orthanc) --------------------------------------------------------------
+    orthanc_url: str | None = Field(
+        None, alias="ORTHANC_URL",
+        description="the DICOM node's REST API (Orthanc), e.g. `http://127.0.0.1:8042`; unset: the "
+                    "`dicom_node_sensor` has nothing to follow")
+    orthanc_user: str | None = Field(None, alias="ORTHANC_USER", description="Orthanc user")
+    orthanc_password: SecretStr | None = Field(None, alias="ORTHANC_PASSWORD",
+                                               description="Orthanc password (secret: never logged)")
+    orthanc_changes_per_tick: int = Field(
+        20000, ge=1, alias="DICOM_ASSETS_NODE_CHANGES_PER_TICK",
+        description="changes of Orthanc's `/changes` log the `dicom_node_sensor` reads at most per tick "
+                    "(the rest at the next)")
+
     # --- how the code location runs ------------------------------------------------------------
     executor: Literal["in_process", "multiprocess"] = Field(
         "in_process", alias="DICOM_ASSETS_EXECUTOR",
@@ -121,6 +134,11 @@ class Settings(BaseSettings):
     def xnat_configured(self) -> bool:
         """An XNAT to upload to: ``XNAT_HOST`` is set."""
         return bool(self.xnat_host)
+
+    @property
+    def dicom_node_configured(self) -> bool:
+        """A DICOM node to follow: ``ORTHANC_URL`` is set."""
+        return bool(self.orthanc_url)
 
     def downloads_sensor(self, **overrides) -> SensorLimits:
         """The downloads sensor's limits (``overrides`` that are not None win)."""

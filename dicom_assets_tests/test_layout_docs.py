@@ -32,17 +32,19 @@ FIX = f"regenerate with: {docs_mod.REGENERATE}"
 VISIT = Visit("QPN001", "ses-01")
 STUDY, TCIA_NAME, SERIES_UID = "QPN", "manifest-basket_2", "1.3.6.1.4.1.14519.5.2.1.7695.1700.1234"
 ITEM, STATE_ID, PART, TAG = "QPN_001_MR.zip", "0a1b2c3d4e5f6a7b", "refs", "9f8e7d6c"
+NODE_STUDY = "27f7126f-4f66fb14-03f4081b-f9341db2-53925988"
 
 # what each <placeholder> becomes for the sample arguments below
 VALUES = {"session": VISIT.session, "participant": VISIT.participant, "visit": VISIT.key, "study": STUDY,
-          "item": ITEM, "name": TCIA_NAME, "uid": SERIES_UID, "id": STATE_ID, "part": PART, "tag": TAG}
+          "item": ITEM, "name": TCIA_NAME, "uid": SERIES_UID, "id": STATE_ID, "part": PART, "tag": TAG,
+          "study_id": NODE_STUDY}
 
 
 def sample_args(lay: DatasetLayout) -> dict:
     """The argument of each parameter name a member of DatasetLayout takes."""
     return {"visit": VISIT, "visit_key": VISIT.key, "participant": VISIT.participant, "session": VISIT.session,
             "study": STUDY, "item": ITEM, "name": TCIA_NAME, "series_uid": SERIES_UID, "state_id": STATE_ID,
-            "part": PART, "tag": TAG, "store_dir": lay.store_dir(STUDY),
+            "part": PART, "tag": TAG, "study_id": NODE_STUDY, "store_dir": lay.store_dir(STUDY),
             "series_dir": lay.tcia_series_dir(TCIA_NAME), "superdataset": lay.datalad_study_dir(STUDY)}
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The demo: a demo dataset root, the XNAT-compatible test server on loopback (standing in for
 # the site's XNAT), the NBIA-compatible test server (standing in for TCIA, with a .tcia manifest
-# dropped into downloads/tcia/), and `dagster dev` (webserver + daemon). Ctrl-C stops everything.
+# dropped into downloads/tcia/), a real Orthanc as the DICOM node (a visit pushed to it with
+# storescu), and `dagster dev` (webserver + daemon). Ctrl-C stops everything.
 set -euo pipefail
 VENV=${VENV:?}; DEMO_ROOT=${DEMO_ROOT:?}; HOST=${HOST:-127.0.0.1}; PORT=${PORT:-3000}; XNAT_PORT=${XNAT_PORT:-8088}; NBIA_PORT=${NBIA_PORT:-8089}
+ORTHANC_HTTP_PORT=${ORTHANC_HTTP_PORT:-8042}; ORTHANC_DICOM_PORT=${ORTHANC_DICOM_PORT:-4242}
 "$VENV/bin/dicom-assets" demo-data "$DEMO_ROOT"
 mkdir -p "$DAGSTER_HOME" && cp "${DAGSTER_YAML:-dagster.yaml}" "$DAGSTER_HOME/dagster.yaml"
 export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
@@ -15,8 +17,15 @@ XNAT_PID=$!
 export TCIA_SERVERS="http://127.0.0.1:$NBIA_PORT"
 "$VENV/bin/dicom-assets-testing" nbia-server --port "$NBIA_PORT" --manifest-out "$DEMO_ROOT/downloads/tcia/demo-basket.tcia" &
 NBIA_PID=$!
-trap 'kill $XNAT_PID $NBIA_PID 2>/dev/null || true' EXIT
+# the DICOM node: a real Orthanc (AE title DANODE); the demo's "scanner" pushes QPN_004 ses-01 to it with storescu
+export ORTHANC_URL="http://127.0.0.1:$ORTHANC_HTTP_PORT" ORTHANC_USER=demo
+export ORTHANC_PASSWORD="${ORTHANC_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
+"$VENV/bin/dicom-assets-testing" orthanc-node --workdir "$(dirname "$DEMO_ROOT")/orthanc" --http-port "$ORTHANC_HTTP_PORT" \
+  --dicom-port "$ORTHANC_DICOM_PORT" --user "$ORTHANC_USER" --push QPN_004/ses-01 &
+ORTHANC_PID=$!
+trap 'kill $XNAT_PID $NBIA_PID $ORTHANC_PID 2>/dev/null || true' EXIT
 echo "XNAT test server: $XNAT_HOST (user $XNAT_USER)"
 echo "TCIA (NBIA) test server: $TCIA_SERVERS"
+echo "DICOM node (Orthanc): $ORTHANC_URL; push to AE title DANODE at 127.0.0.1:$ORTHANC_DICOM_PORT"
 echo "Dagster UI: http://$HOST:$PORT  (dataset root: $DEMO_ROOT, instance: $DAGSTER_HOME)"
 DICOM_ASSETS_ROOT="$DEMO_ROOT" "$VENV/bin/dagster" dev -w workspace.yaml -h "$HOST" -p "$PORT"

@@ -52,6 +52,64 @@ class Limits(BaseModel):
     max_compression_ratio: StrictInt = Field(1000, gt=0)
 
 
+class SessionRule(BaseModel):
+    """How a study from the DICOM node finds its session (``dicom_node.session_rule``):
+
+    * ``{"kind": "attribute", "attribute": "StudyDescription", "pattern": "ses-([A-Za-z0-9]+)"}``:
+      the first group of ``pattern`` (a Python regex, searched) in that DICOM attribute, e.g.
+      ``{"kind": "attribute", "attribute": "PatientComments", "pattern": "Session: *(\\w+)"}`` as XNAT's
+      default session rule reads it;
+    * ``{"kind": "order"}``: the participant's n-th study by StudyDate and StudyTime is its n-th
+      session of the manifest (in the order of ``sessions``);
+    * ``{"kind": "table", "path": "tabular/dicom_node_sessions.tsv"}``: a table under the dataset
+      root with columns StudyInstanceUID and session_id.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["attribute", "order", "table"] = "attribute"
+    attribute: str = "StudyDescription"
+    pattern: str = r"ses-([A-Za-z0-9]+)"
+    path: str | None = None
+
+    @field_validator("attribute")
+    @classmethod
+    def _keyword(cls, v):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}", v):
+            raise ValueError(f"({v!r}) must be a DICOM keyword such as StudyDescription")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v):
+        try:
+            compiled = re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"({v!r}) is no regular expression: {exc}") from None
+        if compiled.groups > 1:
+            raise ValueError(f"({v!r}) may hold at most one group (the session)")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v):
+        if v is not None and (not v.strip() or v.startswith("/") or ".." in Path(v).parts):
+            raise ValueError(f"({v!r}) must be a path under the dataset root, such as tabular/sessions.tsv")
+        return v
+
+    def model_post_init(self, _context) -> None:
+        if self.kind == "table" and not self.path:
+            raise ValueError("kind 'table' needs a path (a table with columns StudyInstanceUID and session_id)")
+
+
+class DicomNodeConfig(BaseModel):
+    """``dicom_node`` in global_config.json: how studies arriving at the DICOM node map to visits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    session_rule: SessionRule = SessionRule()
+
+
 def _str_list(value: object) -> object:
     if isinstance(value, dict):
         # the established exclusion file form: {"Exclude": ["Localizers", ...]}
@@ -86,6 +144,8 @@ class GlobalConfig(BaseModel):
     datalad_superdataset: StrictBool = True
     # a TCIA manifest run succeeds without the series its NBIA server does not know (default: it fails)
     tcia_allow_missing_series: StrictBool = False
+    # studies arriving at the DICOM node (Orthanc): PatientID -> participant by the manifest, the session by this rule
+    dicom_node: DicomNodeConfig = DicomNodeConfig()
     limits: Limits = Limits()
     _source: str = PrivateAttr("")
 
@@ -162,6 +222,8 @@ class GlobalConfig(BaseModel):
 
 _TOP_FIELDS = tuple(GlobalConfig.model_fields)
 _LIMIT_FIELDS = tuple(Limits.model_fields)
+_NESTED_FIELDS = {("limits",): _LIMIT_FIELDS, ("dicom_node",): tuple(DicomNodeConfig.model_fields),
+                  ("dicom_node", "session_rule"): tuple(SessionRule.model_fields)}
 _ORDER = {"extra_forbidden": 0, "missing": 1}
 
 
@@ -175,7 +237,8 @@ def _message(path: Path, err: dict, errors: list[dict]) -> str:
     kind, name, ctx = err["type"], _field(err["loc"]), err.get("ctx") or {}
     if kind == "extra_forbidden":
         if len(err["loc"]) > 1:
-            return f"{path}: unknown field '{name}'; known: {', '.join(_LIMIT_FIELDS)}"
+            known = _NESTED_FIELDS.get(tuple(err["loc"][:-1]), ())
+            return f"{path}: unknown field '{name}'; known: {', '.join(known)}"
         unknown = sorted(e["loc"][0] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1)
         return (f"{path}: unknown field(s) {', '.join(repr(u) for u in unknown)}; "
                 f"known fields are {', '.join(sorted(_TOP_FIELDS))}")

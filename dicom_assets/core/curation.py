@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from .dataset import Dataset
+from .dicomnode import node_zips
 from .downloads import read_dicom_dir_map, scan_downloads
 from .fsutil import atomic_write, file_lock, printable
 from .sources import tcia_visits, visit_source
@@ -67,6 +68,12 @@ def compute_status(dataset: Dataset) -> list[dict]:
     dir_map = read_dicom_dir_map(lay.dicom_dir_map_path)
     # one scan of downloads/ for all visits, not one per visit
     downloaded = {s.visit for s in scan_downloads(lay, dataset.config.sessions, participants, dir_map)}
+    # and the visits the DICOM node sent a study for: one listing of downloads/dicom_node/
+    try:
+        node = {p.name for p in lay.dicom_node_root.iterdir() if node_zips(p)}
+    except OSError:
+        node = set()
+    downloaded |= {v for v in dataset.manifest.visits if v.key in node}
     tcia = tcia_visits(lay)
     rows = [visit_row(dataset, visit, raw_id, visit in downloaded)
             for visit, raw_id in zip(dataset.manifest.visits, dataset.manifest.table["participant_id"])

@@ -14,7 +14,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       tabular/dicom_dir_map.tsv                              optional: visit -> download name (dumps named by no convention)
       tabular/curation_status.tsv                            how far each visit got, read from its files
       tabular/.curation_status.lock                          held while a row of curation_status.tsv is written
-      downloads/                                             what arrives: one folder per session, and tcia/
+      downloads/                                             what arrives: one folder per session, tcia/ and dicom_node/
       downloads/<session>/                                   the session's scanner dumps, as delivered
       downloads/<session>/<item>                             one scanner dump, named as the site names it
       downloads/tcia/                                        TCIA manifests as dropped (<name>.tcia or <name>.csv), never changed
@@ -23,6 +23,9 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       downloads/tcia/<name>/series/<uid>.{zip,json}          a series as NBIA sent it, and its verification record
       downloads/tcia/<name>/series/<uid>.zip                 a series as NBIA sent it (md5 verified)
       downloads/tcia/<name>/resolved.csv                     SeriesInstanceUID -> PatientID, study, visit, session label
+      downloads/dicom_node/                                  studies fetched from the DICOM node (Orthanc), one folder per visit
+      downloads/dicom_node/<visit>/                          the visit's studies as the DICOM node sent them
+      downloads/dicom_node/<visit>/<study_id>.{zip,json}     one study as one ZIP, and its record: instances, data version
       scratch/                                               temporary files; safe to delete when nothing runs
       scratch/xnat/                                          the XNAT upload's temporary zips (xnat-upload-*.zip), removed after each upload
       scratch/state/                                         the platform's own state; safe to delete (costs one full rescan)
@@ -62,6 +65,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       logs/qc/<visit>_montage.png                            QC montage (middle image of each kept series)
       logs/xnat/<visit>.json                                 the visit's XNAT session: labels, status, files XNAT filtered
       logs/xnat/<visit>.pending.json                         what an upload of the visit is sending (files by SOPInstanceUID); removed once XNAT holds them all
+      logs/dicom_node/unmapped.tsv                           studies on the DICOM node that map to no visit (yet), and why
       logs/bids/<visit>.json                                 the visit's last BIDS conversion: inputs' fingerprint, files, series
 
 Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
@@ -91,6 +95,7 @@ PLACEHOLDERS: dict[str, str] = {
     "id": "the downloads sensor's state id (random, held by its cursor)",
     "part": "a file of a DataLad deposit: `refs`, `repo-export` (`pack` while it is written)",
     "tag": "random hex making a scratch folder unique",
+    "study_id": "Orthanc's ID of a study (a hash of its StudyInstanceUID and PatientID)",
 }
 
 _ENTRY_ATTR = "__layout_path__"
@@ -182,7 +187,7 @@ class DatasetLayout:
 
     # --- downloads --------------------------------------------------------------------
     @property
-    @layout_path("downloads/", "what arrives: one folder per session, and tcia/")
+    @layout_path("downloads/", "what arrives: one folder per session, tcia/ and dicom_node/")
     def downloads_root(self) -> Path:
         return self.root / "downloads"
 
@@ -220,6 +225,21 @@ class DatasetLayout:
     @layout_path("downloads/tcia/<name>/resolved.csv", "SeriesInstanceUID -> PatientID, study, visit, session label")
     def tcia_resolved_path(self, name: str) -> Path:
         return self.tcia_manifest_dir(name) / "resolved.csv"
+
+    @property
+    @layout_path("downloads/dicom_node/", "studies fetched from the DICOM node (Orthanc), one folder per visit")
+    def dicom_node_root(self) -> Path:
+        return self.downloads_root / "dicom_node"
+
+    @layout_path("downloads/dicom_node/<visit>/", "the visit's studies as the DICOM node sent them")
+    def dicom_node_dir(self, visit_key: str) -> Path:
+        return self.dicom_node_root / visit_key
+
+    @layout_path("downloads/dicom_node/<visit>/<study_id>.{zip,json}",
+                 "one study as one ZIP, and its record: instances, data version")
+    def dicom_node_files(self, visit_key: str, study_id: str) -> tuple[Path, Path]:
+        folder = self.dicom_node_dir(visit_key)
+        return folder / f"{study_id}.zip", folder / f"{study_id}.json"
 
     # --- scratch ----------------------------------------------------------------------
     @property
@@ -405,6 +425,11 @@ class DatasetLayout:
                  "what an upload of the visit is sending (files by SOPInstanceUID); removed once XNAT holds them all")
     def xnat_pending_path(self, visit_key: str) -> Path:
         return self.logs_dir / "xnat" / f"{visit_key}.pending.json"
+
+    @property
+    @layout_path("logs/dicom_node/unmapped.tsv", "studies on the DICOM node that map to no visit (yet), and why")
+    def dicom_node_unmapped_path(self) -> Path:
+        return self.logs_dir / "dicom_node" / "unmapped.tsv"
 
     @layout_path("logs/bids/<visit>.json", "the visit's last BIDS conversion: inputs' fingerprint, files, series")
     def bids_record_path(self, visit: Visit) -> Path:

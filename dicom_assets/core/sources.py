@@ -1,6 +1,7 @@
 """Where a visit comes from: the one answer, used by the assets and the curation status.
 
-A visit is either a **scanner dump** (a manifest visit; its items in ``downloads/<session>/``)
+A visit is either a **scanner dump** (a manifest visit; its items in ``downloads/<session>/``,
+and the studies the DICOM node sent for it in ``downloads/dicom_node/<visit>/``)
 or a **TCIA** visit (a visit of a resolved TCIA manifest, ``downloads/tcia/<name>/resolved.csv``;
 its dump is the series zips, its XNAT subject TCIA's PatientID and its session label the
 XNAT-TCIA one). A TCIA visit wins over a manifest visit of the same key, as before.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dataset import Dataset
+from .dicomnode import node_zips
 from .downloads import DownloadItem, items_for_visit, read_dicom_dir_map
 from .fsutil import NO_FILE, file_token
 from .ids import Visit, parse_visit_key
@@ -92,8 +94,10 @@ class VisitSource:
             return []
         lay = dataset.layout
         m = dataset.manifest
-        return items_for_visit(lay, self.visit, m.participants.keys(), read_dicom_dir_map(lay.dicom_dir_map_path),
-                               index=m.participant_index)
+        items = items_for_visit(lay, self.visit, m.participants.keys(), read_dicom_dir_map(lay.dicom_dir_map_path),
+                                index=m.participant_index)
+        # and the studies the DICOM node sent for it (downloads/dicom_node/<visit>/<study>.zip)
+        return items + [DownloadItem(z, self.visit.session, "zip") for z in node_zips(lay.dicom_node_dir(self.visit.key))]
 
 
 def visit_source(dataset: Dataset, visit: Visit | str, *, tcia: dict[str, TciaVisitSource] | None = None) -> VisitSource:

@@ -35,6 +35,7 @@ from ..core.qc import build_montage, middle_images
 from ..core.sources import DUMP, tcia_visits, visit_source
 from ..core.versions import dump_version, kept_version
 from ..settings import current as current_settings
+from .dicomnode import dicom_node_study
 from .lineage import DOWNLOADS
 from .partitions import visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
@@ -75,9 +76,10 @@ def _signed(lay: DatasetLayout, items: list[DownloadItem]) -> list[tuple[str, st
 @visit_asset(
     group="ingest",
     kinds={"dicom", "file"},
-    deps=[downloads],
+    deps=[downloads, dicom_node_study],
     description=(
-        "The visit's scanner dump(s) from `downloads/<session>/`, extracted safely into "
+        "The visit's scanner dump(s) from `downloads/<session>/` (and the studies the DICOM node sent, "
+        "`downloads/dicom_node/<visit>/`), extracted safely into "
         "`scratch/raw_dicoms/<session>/<participant>/` (no path escapes, bounded size, atomic swap; "
         "downloads are never moved or changed)."
     ),

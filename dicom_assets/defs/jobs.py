@@ -4,6 +4,7 @@ from dagster import AssetKey, AssetSelection, define_asset_job
 
 from .archive import visit_metadata, visit_tarball
 from .bids import bids_session
+from .dicomnode import dicom_node_study
 from .ingest import organized_dicoms, raw_dicoms
 from .publish import datalad_dataset, visit_catalog, xnat_session
 from .tcia import tcia_series
@@ -21,7 +22,7 @@ CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 # sensors leave them out of the runs they request (chain_selection, read at each tick)
 visit_chain_job = define_asset_job(
     "visit_chain",
-    selection=AssetSelection.assets(*CHAIN_ASSETS, *BIDS_ASSETS),
+    selection=AssetSelection.assets(dicom_node_study, *CHAIN_ASSETS, *BIDS_ASSETS),
     description="Run the whole chain for one visit (started by the downloads sensor).",
 )
 
@@ -29,8 +30,10 @@ tcia_job = define_asset_job("tcia_download", selection=[tcia_series],
                             description="Download and group the series of one TCIA manifest.")
 
 
-def chain_selection(*, xnat: bool, bids: bool) -> list[AssetKey]:
+def chain_selection(*, xnat: bool, bids: bool, dicom_node: bool = False) -> list[AssetKey]:
     """The assets of a visit's run that have work: the local chain, XNAT when one is configured,
-    BIDS when the dataset root has a dcm2bids config."""
-    assets = LOCAL_CHAIN + ([xnat_session] if xnat else []) + (BIDS_ASSETS if bids else [])
+    BIDS when the dataset root has a dcm2bids config; the fetch of its study first for a run the
+    DICOM node's sensor requests."""
+    assets = (([dicom_node_study] if dicom_node else []) + LOCAL_CHAIN + ([xnat_session] if xnat else [])
+              + (BIDS_ASSETS if bids else []))
     return [a.key for a in assets]

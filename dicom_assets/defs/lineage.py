@@ -23,6 +23,7 @@ from ..core.versions import dump_version
 
 # the output format version of each stage of the visit chain
 CODE_VERSIONS = {
+    "dicom_node_study": "1",  # downloads/dicom_node/<visit>/<study>.{zip,json}
     "raw_dicoms": "1",        # scratch/raw_dicoms/<session>/<participant>/ + logs/extract/<visit>.json
     "organized_dicoms": "1",  # dicom/<session>/<participant>/<SOPInstanceUID>.dcm + logs/organize/<visit>_files.tsv
     "visit_tarball": "1",     # store/<study>/<visit>_dicom.tar, byte for byte

@@ -1,5 +1,6 @@
 """The sensors: scanner dumps in ``downloads/<session>/`` and TCIA manifests in
-``downloads/tcia/``, each starting the visit chain for the visits it finds."""
+``downloads/tcia/``, each starting the visit chain for the visits it finds (the DICOM node's
+sensor is built in dicomnode.py, with the assets it runs)."""
 
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..core.fsutil import printable
 from ..core.layout import DatasetLayout
 from ..core.tcia import manifest_name, manifests, read_resolved
 from ..settings import current as current_settings
+from .dicomnode import build_dicom_node_sensor
 from .jobs import chain_selection, tcia_job, visit_chain_job
 from .lineage import dump_observation
 from .partitions import VISITS_PARTITION_NAME, sensor_default_status, visits_partitions
@@ -24,11 +26,17 @@ VISIT_TAG = "dicom_assets/visit"
 DOWNLOAD_TAG = "dicom_assets/download"
 
 
-def run_selection(layout: DatasetLayout) -> list:
+def run_selection(layout: DatasetLayout, *, dicom_node: bool = False) -> list:
     """The assets a visit's run requested now holds: the chain, XNAT only when one is configured
-    (``XNAT_HOST``), BIDS only when the dataset root has a dcm2bids config. Read at every tick,
-    so setting either later takes effect without reloading the code location."""
-    return chain_selection(xnat=current_settings().xnat_configured, bids=layout.dcm2bids_config_path.is_file())
+    (``XNAT_HOST``), BIDS only when the dataset root has a dcm2bids config (and, for the DICOM
+    node's runs, the fetch of the study first). Read at every tick, so setting either later takes
+    effect without reloading the code location."""
+    return chain_selection(xnat=current_settings().xnat_configured, bids=layout.dcm2bids_config_path.is_file(),
+                           dicom_node=dicom_node)
+
+
+def node_run_selection(layout: DatasetLayout) -> list:
+    return run_selection(layout, dicom_node=True)
 
 
 def load_cursor(raw: str | None, *keys: str) -> list[dict]:
@@ -185,4 +193,5 @@ def build_tcia_sensor(chain_job, minimum_interval_seconds: int = 10):
 
 
 downloads_sensor = build_downloads_sensor(visit_chain_job)
+dicom_node_sensor = build_dicom_node_sensor(visit_chain_job, node_run_selection)
 tcia_sensor = build_tcia_sensor(visit_chain_job)

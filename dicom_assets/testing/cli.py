@@ -4,6 +4,8 @@ site runs in production.
 
   dicom-assets-testing xnat-server     the XNAT-compatible test server (password from $XNAT_PASSWORD)
   dicom-assets-testing nbia-server     the NBIA-compatible (TCIA) test server
+  dicom-assets-testing orthanc-node    a real Orthanc as the DICOM node, and a visit pushed to it
+                                       with storescu, as a scanner console does
 """
 
 from __future__ import annotations
@@ -51,6 +53,41 @@ def cmd_nbia_server(args) -> int:
             time.sleep(3600)
 
 
+def cmd_orthanc_node(args) -> int:
+    import signal
+
+    from .demo import visit_spec, write_node_push
+    from .orthanc import OrthancNode, missing_tools, storescu
+
+    missing = missing_tools()
+    if missing:
+        print(f"no DICOM node: not installed: {', '.join(missing)} (scripts/system-deps.sh installs them)",
+              file=sys.stderr)
+        return 3
+    password = os.environ.get(args.password_env)
+    if not password:
+        print(f"error: set the password in ${args.password_env}", file=sys.stderr)
+        return 2
+    node = OrthancNode(Path(args.workdir), aet=args.aet, user=args.user, password=password,
+                       http_port=args.http_port, dicom_port=args.dicom_port, stable_age=args.stable_age).start()
+    signal.signal(signal.SIGTERM, lambda *_: (node.stop(), sys.exit(0)))
+    print(f"DICOM node (Orthanc): {node.url}, AE title {node.aet} on port {node.dicom_port}", file=sys.stderr,
+          flush=True)
+    try:
+        for visit in args.push:
+            participant, session = visit.split("/", 1)
+            folder = Path(args.workdir) / "push" / f"{participant}_{session}"
+            if not folder.is_dir():
+                write_node_push(folder, _samples(args), visit_spec(participant, session, 0))
+            storescu(node.dicom_port, node.aet, folder, calling_aet="DEMO_SCANNER")
+            print(f"pushed {participant} {session} with storescu ({len(list(folder.iterdir()))} files)",
+                  file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        node.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dicom-assets-testing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--manifest-out", help="write a .tcia manifest of the served series here (as TCIA's portal "
                    "writes it, downloadServerUrl naming this server; set TCIA_SERVERS to allow it)")
     n.set_defaults(fn=cmd_nbia_server)
+    o = sub.add_parser("orthanc-node", help="run a real Orthanc on loopback as the DICOM node")
+    o.add_argument("--workdir", required=True, help="its storage, index, config and log")
+    o.add_argument("--aet", default="DANODE", help="its AE title")
+    o.add_argument("--http-port", type=int, default=8042)
+    o.add_argument("--dicom-port", type=int, default=4242)
+    o.add_argument("--stable-age", type=int, default=5, help="seconds without a new instance before a study is stable")
+    o.add_argument("--user", default="demo")
+    o.add_argument("--password-env", default="ORTHANC_PASSWORD",
+                   help="environment variable holding the password (never a command-line argument)")
+    o.add_argument("--push", action="append", default=[], metavar="PARTICIPANT/SESSION",
+                   help="push this demo visit with storescu once the node is up (repeatable)")
+    o.set_defaults(fn=cmd_orthanc_node)
     args = p.parse_args(argv)
     return args.fn(args)
 

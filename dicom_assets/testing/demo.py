@@ -425,3 +425,60 @@ def build_corpus(out: Path | str, samples: Samples, *, n_files: int = 2000, file
 def tree_digest(root: Path | str) -> dict[str, str]:
     """sha256 of every file under root, by relative path (for reproducibility checks)."""
     return tree_digests(Path(root))
+
+
+def write_node_push(out: Path | str, samples: Samples, spec: VisitSpec, *, dataset: str = "qpn-demo", seed: int = 0,
+                    slices: int = 8, study_description: str | None = None, patient_id: str | None = None,
+                    series: tuple[int, ...] | None = None) -> list[Path]:
+    """What a scanner console pushes for one visit (C-STORE): the visit's real DICOM images
+    only (no DICOMDIR, junk or truncated file, which a console never sends), each a Part 10 file
+    in ``out``, StudyDescription ``study_description`` (default ``<dataset> <session>``, which the
+    default session rule reads). ``series``: only these SeriesNumbers (a series sent later)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in sorted(_visit_files(samples, spec, seed, dataset, slices).items()):
+        if not (name.rsplit("/", 1)[-1].startswith("IM") and name[-4:].isdigit()) or name.endswith(("IM9998", "IM9999")):
+            continue
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if series is not None and int(ds.SeriesNumber) not in series:
+            continue
+        ds.StudyDescription = study_description or f"{dataset} {spec.session}"
+        if patient_id is not None:
+            ds.PatientID = patient_id
+        path = out / f"{ds.SeriesNumber:>03}_{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def write_large_push(out: Path | str, samples: Samples, raw_participant: str, session: str, *, n: int = 2000,
+                     per_series: int = 500, side: int = 64, dataset: str = "qpn-demo") -> list[Path]:
+    """A large study as a console pushes it: ``n`` real MR slices (Case001's 3D volume, cycled),
+    ``per_series`` per series, each its own SOPInstanceUID and InstanceNumber, pixels resampled to
+    ``side`` x ``side`` so the study stays small on disk. StudyDescription ``<dataset> <session>``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = _case001_series(samples, 5)
+    study_uid = _uid("large", raw_participant, session, n)
+    written = []
+    resized: dict[int, bytes] = {}  # each real slice resampled once, then given each instance's identity
+    for k in range(n):
+        number = 1 + k // per_series
+        series_uid = _uid(study_uid, number, "series")
+        src = k % len(sources)
+        if src not in resized:
+            resized[src] = rewrite_dicom(
+                sources[src], patient_id=raw_participant, patient_name=f"{dataset}^{raw_participant}",
+                study_uid=study_uid, series_uid=series_uid, sop_uid=_uid(study_uid, src, "template"),
+                series_number=number, series_description="T1w", instance_number=1, study_date="20240601",
+                study_time="101500", pixel_side=side, pixel_seed=src)
+        ds = pydicom.dcmread(io.BytesIO(resized[src]))
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, number, f"T1w_run{number}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(series_uid, k, "sop")
+        ds.InstanceNumber = k % per_series + 1
+        ds.StudyDescription = f"{dataset} {session}"
+        path = out / f"{number:03d}_{k:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
