@@ -75,8 +75,14 @@ def cmd_status(args) -> int:
     from .core.curation import update_curation_status
     from .core.dataset import Dataset
 
-    path = update_curation_status(Dataset.open(args.root))
+    ds = Dataset.open(args.root)
+    path = update_curation_status(ds)
     sys.stdout.write(path.read_text())
+    unmapped = ds.layout.dicom_node_unmapped_path
+    rows = unmapped.read_text(encoding="utf-8").splitlines()[1:] if unmapped.is_file() else []
+    if rows:  # studies the DICOM node holds that no visit takes yet: never dropped, listed with why
+        sys.stdout.write(f"\n# {len(rows)} study(ies) on the DICOM node map to no visit ({unmapped}):\n")
+        sys.stdout.write("\n".join(rows) + "\n")
     return 0
 
 

@@ -187,7 +187,7 @@ def test_pushed_visit_is_fetched_counted_and_archived(instance, samples, tmp_pat
 
 @pytest.mark.slow
 def test_unknown_participant_is_listed_then_taken_once_the_manifest_knows_it(instance, samples, tmp_path, node,
-                                                                             root, resources):
+                                                                             root, resources, capsys):
     push(node, samples, tmp_path, participant="QPN_009")
     wait_stable(node)
     ticker = Ticker(instance, dicom_node_sensor, resources)
@@ -197,6 +197,11 @@ def test_unknown_participant_is_listed_then_taken_once_the_manifest_knows_it(ins
     listed = (root / "logs" / "dicom_node" / "unmapped.tsv").read_text().splitlines()
     assert len(listed) == 2 and "no participant of the manifest" in listed[1] and "QPN_009" in listed[1]
     assert not ticker.tick().run_requests  # kept, not retried on every tick, never dropped
+    from dicom_assets.cli import main as cli
+
+    assert cli(["status", str(root)]) == 0
+    status = capsys.readouterr().out
+    assert "1 study(ies) on the DICOM node map to no visit" in status and "QPN_009" in status
     # the site adds the participant: the next tick takes the study
     manifest = root / "tabular" / "demographics" / "mr_proc_manifest.csv"
     manifest.write_text(manifest.read_text() + "QPN_009,01,ses-01,\"['anat']\"\n")

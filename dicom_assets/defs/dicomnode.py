@@ -183,9 +183,8 @@ def _studies_for(ds: Dataset, client: OrthancClient, visit, tagged: list[str]):
 def _cursor(raw: str | None) -> dict:
     data = parse_cursor(raw)
     seq = data.get("seq")
-    return {"seq": seq if isinstance(seq, int) and seq >= 0 else 0,
-            "unmapped": data.get("unmapped") if isinstance(data.get("unmapped"), dict) else {},
-            "ctx": str(data.get("ctx", ""))}
+    return {"seq": seq if isinstance(seq, int) and seq >= 0 else 0, "ctx": str(data.get("ctx", "")),
+            "unmapped": data.get("unmapped") if isinstance(data.get("unmapped"), int) else 0}
 
 
 def _ctx_token(ds: Dataset) -> str:
@@ -193,6 +192,10 @@ def _ctx_token(ds: Dataset) -> str:
     rule = ds.config.dicom_node.session_rule
     files = [lay.config_path, lay.manifest_path] + ([lay.root / rule.path] if rule.kind == "table" else [])
     return "|".join(file_token(p) for p in files)
+
+
+#: studies mapped (one REST call each) per tick at most; the rest at the next tick
+STUDIES_PER_TICK = 2000
 
 
 def _read_changes(client: OrthancClient, since: int, budget: int, seconds: float) -> tuple[dict[str, int], int]:
@@ -216,9 +219,10 @@ def _read_changes(client: OrthancClient, since: int, budget: int, seconds: float
 def evaluate_dicom_node(context: SensorEvaluationContext, dataset: DatasetResource, node: OrthancResource,
                         chain_job_name: str, selection_for=None):
     """One tick: Orthanc's changes since the cursor's Seq -> one run per newly stable study of a
-    visit; a study of no visit is kept (cursor and logs/dicom_node/unmapped.tsv) until the
-    config, manifest or session table changes. Light: one REST call per page of changes and one
-    per new stable study; no study is fetched here."""
+    visit. A study of no visit is kept in logs/dicom_node/unmapped.tsv (with its reason and
+    change Seq) and looked at again when the config, the manifest or the session table changes.
+    Light: a tick with nothing new is one REST call and a cursor of a few dozen bytes, whatever
+    the size of the archive; a new stable study costs one call; no study is fetched here."""
     if not node.configured:
         return SkipReason("no DICOM node configured (set ORTHANC_URL, ORTHANC_USER, ORTHANC_PASSWORD)")
     cur = _cursor(context.cursor)
@@ -228,26 +232,34 @@ def evaluate_dicom_node(context: SensorEvaluationContext, dataset: DatasetResour
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}")
     settings = current_settings()
+    lay = ds.layout
     try:
         client = node.client()
         stable, seq = _read_changes(client, cur["seq"], settings.orthanc_changes_per_tick, 20.0)
-        # a study unmapped so far is looked at again when what maps it changed
-        again = cur["unmapped"] if token != cur["ctx"] else {}
-        todo = {**{sid: int(v.get("seq", 0)) for sid, v in again.items()}, **stable}
-        requests, unmapped = _map_studies(ds, client, todo, cur["unmapped"], chain_job_name, selection_for)
+        retry = token != cur["ctx"] and cur["unmapped"] > 0  # what maps studies changed: look again
+        kept = read_unmapped(lay) if (retry or stable) and cur["unmapped"] else {}
+        todo = {**({sid: int(v.get("change") or 0) for sid, v in kept.items()} if retry else {}), **stable}
+        todo, seq = _bounded(todo, stable, seq)
+        requests, unmapped = _map_studies(ds, client, todo, kept, chain_job_name, selection_for)
     except DicomNodeError as exc:
         return SkipReason(f"{exc}; the sensor resumes from change {cur['seq']}")
     except DicomAssetsError as exc:
         return SkipReason(f"dataset not usable: {exc}; the sensor resumes from change {cur['seq']}")
-    if unmapped != cur["unmapped"] or not ds.layout.dicom_node_unmapped_path.exists():
-        _write_unmapped(ds.layout, unmapped)
-    for sid in sorted(set(unmapped) - set(cur["unmapped"])):
+    if todo and unmapped != kept:
+        _write_unmapped(lay, unmapped)
+    new_unmapped = sorted(set(unmapped) - set(kept), key=lambda sid: int(unmapped[sid].get("change") or 0))
+    for sid in new_unmapped[:20]:  # the first of them by name; an archive's backlog is counted, not listed
         context.log.warning(printable(f"study {unmapped[sid]['label']} ({sid}) maps to no visit: "
                                       f"{unmapped[sid]['reason']}"))
-    cursor = json.dumps({"seq": seq, "unmapped": unmapped, "ctx": token}, sort_keys=True)
+    if len(new_unmapped) > 20:
+        context.log.warning(f"and {len(new_unmapped) - 20} more studies map to no visit: "
+                            f"{lay.dicom_node_unmapped_path}")
+    n_unmapped = len(unmapped) if todo else cur["unmapped"]
+    cursor = json.dumps({"seq": seq, "ctx": token, "unmapped": n_unmapped}, sort_keys=True)
     if not requests:
-        why = (f"{len(unmapped)} study(ies) map to no visit (logs/dicom_node/unmapped.tsv), first: "
-               f"{next(iter(unmapped.values()))['reason']}") if unmapped else "no newly stable study"
+        why = (f"{n_unmapped} study(ies) map to no visit (logs/dicom_node/unmapped.tsv)"
+               + (f", first: {next(iter(unmapped.values()))['reason']}" if unmapped else "")
+               if n_unmapped else "no newly stable study")
         return SensorResult(skip_reason=SkipReason(printable(f"up to change {seq}: {why}")), cursor=cursor)
     context.log.info(f"up to change {seq}: {len(requests)} stable study(ies): "
                      + ", ".join(f"{r.partition_key}" for r in requests[:20]))
@@ -256,6 +268,16 @@ def evaluate_dicom_node(context: SensorEvaluationContext, dataset: DatasetResour
     keys = sorted({r.partition_key for r in requests})
     return SensorResult(run_requests=requests, cursor=cursor,
                         dynamic_partitions_requests=[visits_partitions.build_add_request(keys)])
+
+
+def _bounded(todo: dict[str, int], stable: dict[str, int], seq: int) -> tuple[dict[str, int], int]:
+    """At most STUDIES_PER_TICK studies this tick, in change order; when cut, the cursor stops
+    before the first newly stable study left, so the next tick reads it again."""
+    if len(todo) <= STUDIES_PER_TICK:
+        return todo, seq
+    ordered = sorted(todo.items(), key=lambda kv: kv[1])
+    taken, left = dict(ordered[:STUDIES_PER_TICK]), [s for sid, s in ordered[STUDIES_PER_TICK:] if sid in stable]
+    return taken, (min(left) - 1 if left else seq)
 
 
 def _map_studies(ds, client, todo: dict[str, int], old_unmapped: dict, chain_job_name: str, selection_for):
@@ -269,7 +291,7 @@ def _map_studies(ds, client, todo: dict[str, int], old_unmapped: dict, chain_job
             continue
         got = mapping(study)
         if not isinstance(got, Mapped):
-            unmapped[sid] = {"seq": seq, "reason": got.reason, "label": study.label,
+            unmapped[sid] = {"change": seq, "reason": got.reason, "label": study.label,
                              "StudyInstanceUID": study.study_uid, "PatientID": study.patient_id}
             continue
         if selection is None:
@@ -283,16 +305,25 @@ def _map_studies(ds, client, todo: dict[str, int], old_unmapped: dict, chain_job
 UNMAPPED_COLUMNS = ("study", "PatientID", "StudyInstanceUID", "label", "reason", "change")
 
 
+def read_unmapped(lay: DatasetLayout) -> dict[str, dict]:
+    """logs/dicom_node/unmapped.tsv: the studies kept for later, by Orthanc ID (empty if none)."""
+    try:
+        text = lay.dicom_node_unmapped_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    rows = csv.DictReader(io.StringIO(text), delimiter="\t")
+    return {r["study"]: {k: r.get(k, "") for k in UNMAPPED_COLUMNS[1:]} for r in rows if r.get("study")}
+
+
 def _write_unmapped(lay: DatasetLayout, unmapped: dict) -> None:
     from ..core.curation import _cell
 
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(UNMAPPED_COLUMNS)
-    for sid in sorted(unmapped, key=lambda s: unmapped[s].get("seq", 0)):
+    for sid in sorted(unmapped, key=lambda s: int(unmapped[s].get("change") or 0)):
         u = unmapped[sid]
-        w.writerow([_cell(v) for v in (sid, u.get("PatientID", ""), u.get("StudyInstanceUID", ""), u.get("label", ""),
-                                       u.get("reason", ""), u.get("seq", ""))])
+        w.writerow([sid] + [_cell(u.get(k, "")) for k in UNMAPPED_COLUMNS[1:]])
     lay.dicom_node_unmapped_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(lay.dicom_node_unmapped_path) as fh:
         fh.write(buf.getvalue())
