@@ -487,3 +487,38 @@ def test_manifest_loader_is_the_one_the_mapping_reads(root):
     m = read_manifest(root / "tabular" / "demographics" / "mr_proc_manifest.csv")
     got = map_study(_study(pid="QPN_004", StudyDescription="qpn-demo ses-01"), SessionRule(), m, SESSIONS)
     assert got.visit == "QPN004_ses-01"
+
+
+@pytest.mark.parametrize("rule,message", [
+    ({"kind": "table"}, "kind 'table' needs a path"),
+    ({"kind": "attribute", "pattern": "ses-("}, "is no regular expression"),
+    ({"kind": "attribute", "pattern": "(a)(b)"}, "at most one group"),
+    ({"kind": "attribute", "attribute": "Study Description"}, "must be a DICOM keyword"),
+    ({"kind": "table", "path": "../elsewhere.tsv"}, "must be a path under the dataset root"),
+    ({"kind": "guess"}, "must be one of attribute, order, table"),
+    ({"kind": "order", "when": "date"}, "unknown field 'dicom_node.session_rule.when'; known: kind"),
+])
+def test_session_rule_config_errors_name_the_field(rule, message):
+    from dicom_assets.core.config import parse_config
+    from dicom_assets.core.errors import ConfigError
+
+    base = {"dataset_name": "d", "study_id": "S", "sessions": ["01"]}
+    with pytest.raises(ConfigError, match="dicom_node.session_rule") as err:
+        parse_config({**base, "dicom_node": {"session_rule": rule}}, "global_config.json")
+    assert message in str(err.value)
+
+
+def test_session_table_is_read_as_csv_or_tsv(tmp_path):
+    from dicom_assets.core.dicomnode import read_session_table
+
+    tsv = tmp_path / "s.tsv"
+    tsv.write_text("StudyInstanceUID\tsession_id\n1.2.3\t02\n")
+    csv_ = tmp_path / "s.csv"
+    csv_.write_text("\ufeffStudyInstanceUID,session_id\n1.2.4,ses-01\n")
+    assert read_session_table(tsv) == {"1.2.3": "02"} and read_session_table(csv_) == {"1.2.4": "ses-01"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uid,session\n1.2,01\n")
+    with pytest.raises(DicomNodeError, match="needs the columns StudyInstanceUID and session_id"):
+        read_session_table(bad)
+    with pytest.raises(DicomNodeError, match="does not exist"):
+        read_session_table(tmp_path / "none.tsv")
