@@ -360,6 +360,7 @@ class CuttingProxy:
         self.sock.close()
 
 
+@pytest.mark.slow
 def test_fetch_cut_off_keeps_nothing_then_completes(samples, tmp_path, node):
     files = push(node, samples, tmp_path)
     wait_stable(node)
