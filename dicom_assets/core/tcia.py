@@ -320,6 +320,25 @@ def _error_text(body: bytes, ctype: str) -> str:
     return " ".join(text.split())[:200]
 
 
+class RedirectRefused(urllib.error.URLError):
+    """A redirect to a host other than the server the manifest was allowed to name."""
+
+
+class _SameServerRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects followed only to the same host (http -> https of it included): the allow-list of
+    TCIA_SERVERS holds for every hop, not only the first."""
+
+    def __init__(self, server: str):
+        self.host = urllib.parse.urlsplit(server).netloc.lower()
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
+        if target.netloc.lower() != self.host or target.scheme.lower() not in ("http", "https"):
+            raise RedirectRefused(f"redirected ({code}) to {target.scheme}://{target.netloc}, outside the allowed "
+                                  f"server {self.host}: not followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class NbiaClient:
     """The NBIA REST API of one server: ``getSeries`` for metadata, the series zip with its MD5 list."""
 
@@ -331,6 +350,7 @@ class NbiaClient:
         self.version = version
         self.base = f"{self.server}{API_PATH}/{version}"
         self.retries, self.backoff, self.timeout, self.sleep = retries, backoff, timeout, sleep
+        self._opener = urllib.request.build_opener(_SameServerRedirects(self.server))
 
     def image_request(self, uid: str) -> tuple[str, dict]:
         """The endpoint and parameters of a series zip that carries ``md5hashes.csv``."""
@@ -342,7 +362,9 @@ class NbiaClient:
         url = f"{self.base}/{endpoint}?{urllib.parse.urlencode(params)}"
         what = f"{endpoint} {params.get('SeriesInstanceUID', '')}".strip()
         try:
-            return urllib.request.urlopen(url, timeout=self.timeout)
+            return self._opener.open(url, timeout=self.timeout)
+        except RedirectRefused as exc:
+            raise TciaDownloadError(f"{what}: {self.server} {exc.reason}", transient=False) from None
         except urllib.error.HTTPError as exc:
             try:
                 detail = _error_text(exc.read(64 * 1024), exc.headers.get("Content-Type", ""))
@@ -426,6 +448,64 @@ class SeriesResult:
     StudyTime: str = ""
 
 
+#: what is read of the first image to describe the series (the fast reader's window; pydicom
+#: reads on from the member's stream only when the header is longer)
+_HEADER_BYTES = 256 * 1024
+#: md5hashes.csv may hold this many bytes per image (a file name of NBIA's, a comma, an md5, a
+#: line break, with room to spare), plus a header: a list inflating past it is refused unread
+_MD5_ROW_BYTES, _MD5_SLACK = 512, 4096
+#: NBIA's LICENSE member is a short text; anything else under that name is refused
+_LICENSE_MAX = 1024 * 1024
+
+
+class _Rewound:
+    """A zip member's stream, rewound once for pydicom after the fast reader's look at its head."""
+
+    def __init__(self, fh):
+        fh.seek(0)
+        self._fh = fh
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _md5_rows(zf: zipfile.ZipFile, images: int) -> list[list[str]]:
+    """md5hashes.csv's rows, read within a bound set by the number of images: a list that
+    inflates to more (a zip bomb of blank lines) is refused without reading it."""
+    limit = _MD5_ROW_BYTES * (images + 1) + _MD5_SLACK
+    if zf.getinfo(MD5_LIST).file_size > limit:
+        raise TciaDownloadError(f"{MD5_LIST} says it inflates to {zf.getinfo(MD5_LIST).file_size} bytes, more than "
+                                f"{limit} for {images} image(s): refused unread")
+    with zf.open(MD5_LIST) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise TciaDownloadError(f"{MD5_LIST} inflates past {limit} bytes for {images} image(s): refused")
+    return list(csv.reader(io.StringIO(data.decode("utf-8"))))
+
+
+def _check_license(zf: zipfile.ZipFile, listed: dict[str, str]) -> None:
+    """The LICENSE member is verified like an image when md5hashes.csv lists it; otherwise it
+    must be what NBIA puts there, a short UTF-8 text, so no file (a DICOM, say) rides into the
+    visit under that name unverified."""
+    info = zf.getinfo(LICENSE_ENTRY)
+    if info.file_size > _LICENSE_MAX:
+        raise TciaDownloadError(f"{LICENSE_ENTRY}: {info.file_size} bytes, not NBIA's license text: refused")
+    with zf.open(info) as fh:
+        data = fh.read(_LICENSE_MAX + 1)
+    if LICENSE_ENTRY in listed:
+        digest = hashlib.md5(data).hexdigest()
+        if digest != listed[LICENSE_ENTRY]:
+            raise TciaDownloadError(f"{LICENSE_ENTRY}: md5 {digest} != {listed[LICENSE_ENTRY]} of {MD5_LIST}")
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text or data[128:132] == b"DICM":
+        raise TciaDownloadError(f"{LICENSE_ENTRY} is not a text (a binary file under the license's name, not in "
+                                f"{MD5_LIST}): refused, it would escape verification")
+
+
 def verify_zip(path: Path | str, info: dict) -> tuple[int, dict]:
     """(image count, header of the first image) of a series zip as NBIA sends it; raises
     :class:`TciaDownloadError` when it does not match its ``md5hashes.csv`` or ``ImageCount``."""
@@ -435,7 +515,7 @@ def verify_zip(path: Path | str, info: dict) -> tuple[int, dict]:
             images = [n for n in names if n not in (LICENSE_ENTRY, MD5_LIST)]
             if MD5_LIST not in names:
                 raise TciaDownloadError(f"the zip holds no {MD5_LIST}: its images cannot be verified")
-            rows = list(csv.reader(io.StringIO(zf.read(MD5_LIST).decode("utf-8"))))
+            rows = _md5_rows(zf, len(images))
             if not rows or [c.strip() for c in rows[0]] != MD5_HEADER:
                 raise TciaDownloadError(f"{MD5_LIST}: header {rows[0] if rows else []} is not NBIA's "
                                         f"{','.join(MD5_HEADER)}")
@@ -447,7 +527,7 @@ def verify_zip(path: Path | str, info: dict) -> tuple[int, dict]:
                     raise TciaDownloadError(f"{MD5_LIST}: row {row} is not 'Filename,MD5Hash'")
                 listed[row[0].strip()] = row[1].strip().lower()
             unlisted = sorted(set(images) - set(listed))
-            absent = sorted(set(listed) - set(images))
+            absent = sorted(set(listed) - set(images) - ({LICENSE_ENTRY} & set(names)))
             if unlisted or absent:
                 raise TciaDownloadError(f"{MD5_LIST} and the zip differ: not listed {unlisted[:3]}, "
                                         f"not in the zip {absent[:3]}")
@@ -463,7 +543,10 @@ def verify_zip(path: Path | str, info: dict) -> tuple[int, dict]:
                 raise TciaDownloadError(f"zip holds {len(images)} images, getSeries says ImageCount {expected}")
             if not images:
                 raise TciaDownloadError("zip holds no image")
-            tags = read_tags(zf.read(sorted(images)[0]))  # one image in memory, never the whole zip
+            if LICENSE_ENTRY in names:
+                _check_license(zf, listed)
+            with zf.open(sorted(images)[0]) as first:  # its header only: a DBT image can be hundreds of MB
+                tags = read_tags(first.read(_HEADER_BYTES), full=_Rewound(first))
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnicodeDecodeError) as exc:
         raise TciaDownloadError(f"not a readable zip ({_describe(exc)})") from None
     return len(images), {k: str(tags.get(k) or "") for k in ("PatientID", "StudyInstanceUID", "StudyDate",
