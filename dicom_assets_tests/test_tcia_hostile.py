@@ -125,3 +125,21 @@ def test_a_redirect_to_another_host_is_not_followed(tmp_path):
         for s in (server, other):
             s.shutdown()
             s.server_close()
+
+
+def _result(uid, patient, study="1.2.9"):
+    from dicom_assets.core.tcia import SeriesResult
+
+    return SeriesResult(uid, "downloaded", 1, "", patient, study, "20200101", "1000")
+
+
+def test_patient_ids_that_normalize_alike_are_refused_naming_both():
+    from dicom_assets.core.tcia import TciaManifestError, group_visits
+
+    with pytest.raises(TciaManifestError, match="'TCGA-02-0001' and 'TCGA-020-001' both normalize") as err:
+        group_visits([_result("1.1", "TCGA-02-0001", "1.2.1"), _result("1.2", "TCGA-020-001", "1.2.2")])
+    assert "merged" in str(err.value)
+    with pytest.raises(TciaManifestError, match="series 1.3: PatientID '---' has no letter or digit"):
+        group_visits([_result("1.3", "---")])
+    ok = group_visits([_result("1.1", "TCGA-02-0001", "1.2.1"), _result("1.2", "TCGA-02-0002", "1.2.2")])
+    assert sorted(v.visit for v in ok) == ["TCGA020001_ses-01", "TCGA020002_ses-01"]

@@ -624,14 +624,36 @@ def group_visits(results: list[SeriesResult]) -> list[TciaVisit]:
         s = studies.setdefault((r.PatientID, r.StudyInstanceUID), {"date": r.StudyDate, "time": r.StudyTime,
                                                                    "series": []})
         s["series"].append(r.uid)
+    participants = _participants({p for p, _ in studies}, studies)
     out = []
     for patient in sorted({p for p, _ in studies}):
         ordered = sorted(((k, v) for k, v in studies.items() if k[0] == patient),
                          key=lambda kv: (kv[1]["date"], kv[1]["time"], kv[0][1]))
-        participant = normalize_participant_id(patient)
+        participant = participants[patient]
         for i, ((_, study), v) in enumerate(ordered):
             label = patient if i == 0 else f"{patient}_{i:02d}"
             out.append(TciaVisit(patient, study, f"{participant}_ses-{i + 1:02d}", label, tuple(sorted(v["series"]))))
+    return out
+
+
+def _participants(patients: set[str], studies: dict) -> dict[str, str]:
+    """PatientID -> participant; two PatientIDs that normalize alike (``TCGA-02-0001`` and
+    ``TCGA-020-001``) are two people: refused naming both, never merged into one visit; a
+    PatientID with no letter or digit is refused naming a series of it."""
+    out: dict[str, str] = {}
+    by_norm: dict[str, str] = {}
+    for patient in sorted(patients):
+        try:
+            norm = normalize_participant_id(patient)
+        except ValueError:
+            series = next(v["series"][0] for k, v in studies.items() if k[0] == patient)
+            raise TciaManifestError(f"series {series}: PatientID {patient!r} has no letter or digit, so it names "
+                                    "no participant; the series cannot be given a visit") from None
+        if norm in by_norm:
+            raise TciaManifestError(f"PatientIDs {by_norm[norm]!r} and {patient!r} both normalize to participant "
+                                    f"{norm!r}: two people's data would be merged into one visit; refused")
+        by_norm[norm] = patient
+        out[patient] = norm
     return out
 
 

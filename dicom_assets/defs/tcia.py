@@ -89,7 +89,10 @@ def tcia_series(context: AssetExecutionContext, dataset: DatasetResource, tcia: 
                       metadata=common, allow_retries=bool(failed))
     for r in missing:
         context.log.warning(f"series {r.uid}: {r.message}; going on without it (tcia_allow_missing_series)")
-    visits = group_visits(results)
+    try:
+        visits = group_visits(results)
+    except DicomAssetsError as exc:  # PatientIDs that name no participant, or two that name one
+        raise Failure(f"{name}: {exc}", metadata=common, allow_retries=False) from None
     out = lay.tcia_resolved_path(name)
     write_resolved(out, visits)
     context.log.info(f"{name}: {len(visits)} visit(s) from {len(results) - len(missing)} series -> {out}")
