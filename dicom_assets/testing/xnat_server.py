@@ -1385,10 +1385,42 @@ class _Handler(BaseHTTPRequestHandler):
                 if res is None:
                     raise _HttpError(404, f"Resource {rest[3]} not found")
                 return self._send(200, _result_set(_file_rows(base, rest[3], res)))
+            if len(rest) in (4, 6) and rest[2] == "resources" and (len(rest) == 4 or rest[4] == "files"):
+                return self._scan_file(method, exp, scan, rest[3], rest[5] if len(rest) == 6 else None, body)
         if rest and rest[0] == "resources":
             return self._resources(method, exp.resources, rest, self.xnat.storage / exp.project / exp.label / "RESOURCES",
                                    f"/data/experiments/{exp.id}", body)
         raise _HttpError(404, "Not found")
+
+    def _scan_file(self, method: str, exp: Experiment, scan: Scan, label: str, name: str | None, body: bytes) -> None:
+        """A scan's resource and its files, as CatalogResource (PUT of a resource) and FileList
+        (GET, PUT, DELETE of a file) answer them (xnat-web restlet/resources, routed in
+        XNATApplication): a pipeline adds SNAPSHOTS/NIFTI resources this way, a user deletes a file.
+        Changing a scan is for those who may edit the project's data (owners and members)."""
+        x = self.xnat
+        if method in ("PUT", "POST", "DELETE") and x.role(exp.project, self.user) not in ROLE_ACTIONS["edit"]:
+            raise _HttpError(403, f"User {self.user} may not edit session {exp.label}")
+        if name is None:
+            if method != "PUT":
+                raise _HttpError(405, "Method Not Allowed")
+            scan.resources.setdefault(label, {})
+            return self._send(200, "")
+        res = scan.resources.get(label)
+        if method in ("PUT", "POST"):
+            ctype = self.headers.get("Content-Type", "")
+            data = _first_multipart_part(body, ctype) if ctype.startswith("multipart/form-data") else body
+            path = x.storage / exp.project / exp.label / "SCANS" / scan.id / label / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            scan.resources.setdefault(label, {})[name] = str(path)
+            return self._send(200, "")
+        if res is None or name not in res:
+            raise _HttpError(404, f"File {name} not found")
+        if method == "DELETE":
+            Path(res.pop(name)).unlink(missing_ok=True)
+            scan.sop_uids.pop(name, None)
+            return self._send(200, "")
+        return self._send(200, Path(res[name]).read_bytes(), "application/octet-stream")
 
     def _resources(self, method: str, resources: dict, rest: list[str], folder, uri: str, body: bytes) -> None:
         """Resource folders of an experiment or a project: list, create, upload, download."""
