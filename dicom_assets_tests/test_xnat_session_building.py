@@ -25,6 +25,8 @@ from dicom_assets.testing.xnat_session_builder import (
     series_number_key,
 )
 
+from .xnat_rest import file_count, imports, prearchive_rows, rest_scans
+
 
 # --------------------------------------------------------------------------- the server's rules
 def test_scan_ids_as_dicom_session_builder_numbers_them():
@@ -90,19 +92,6 @@ def tricky_visit(samples, tmp_path):
     return kept
 
 
-def rest_scans(target, project, label):
-    """Scan ID -> {resource label: file names}, and the experiment's row, as XNAT's REST API lists them."""
-    with target.connect() as s:
-        exp = next(r for r in s.get_json(f"/data/projects/{project}/experiments")["ResultSet"]["Result"]
-                   if r["label"] == label)
-        out = {}
-        for scan in s.get_json(f"/data/experiments/{exp['ID']}/scans")["ResultSet"]["Result"]:
-            rows = s.get_json(f"/data/experiments/{exp['ID']}/scans/{scan['ID']}/files")["ResultSet"]["Result"]
-            out[scan["ID"]] = {}
-            for r in rows:
-                out[scan["ID"]].setdefault(r["collection"], set()).add(r["Name"])
-        return out, exp
-
 
 def upload(target, project, files, label="V1", **kw):
     with target.connect() as s:
@@ -110,14 +99,6 @@ def upload(target, project, files, label="V1", **kw):
                             excluded=[], metadata_files=[], **kw)
 
 
-def imports(target, project) -> int:
-    """How many import requests reached XNAT for the project: on the test server, its count; on
-    a real XNAT not observable, so the tests read the session instead (the count is None)."""
-    return None if target.real else sum(1 for q in target.server.import_queries if q.get("project") == project)
-
-
-def file_count(scans) -> int:
-    return sum(len(n) for v in scans.values() for n in v.values())
 
 
 def import_zip(target, project, files, zpath, session="V1", accepted=(200,)):
@@ -133,10 +114,6 @@ def import_zip(target, project, files, zpath, session="V1", accepted=(200,)):
                       data=zpath.read_bytes(), headers={"Content-Type": "application/zip"},
                       accepted_status=list(accepted))
 
-
-def prearchive_rows(target, project) -> list[dict]:
-    with target.connect() as s:
-        return s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
 
 
 def test_shared_numbers_a_blank_number_and_a_secondary_capture_upload_complete(samples, xnat_target, tmp_path):
@@ -278,9 +255,9 @@ def test_a_session_busy_for_good_fails_naming_the_workflow(samples, xnat_target,
 
 @pytest.mark.slow
 def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
-    """This module against an XNAT it can only reach over HTTP (the test server in a process of
-    its own, given as XNAT_TEST_URL, as a site gives its own XNAT): every test passes or says it
-    needs the test server; none touches the server's internals."""
+    """This module and test_xnat.py against an XNAT they can only reach over HTTP (the test server
+    in a process of its own, given as XNAT_TEST_URL, as a site gives its own XNAT): every test
+    passes or says it needs the test server; none touches the server's internals."""
     import os
     import subprocess
     import sys
@@ -306,7 +283,8 @@ def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
         run_env = {**os.environ, "XNAT_TEST_URL": f"http://127.0.0.1:{port}", "XNAT_TEST_USER": "admin",
                    "XNAT_TEST_PASSWORD": password}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                               str(Path(__file__)), "-k", "not contract_tests_need"],
+                               str(Path(__file__)), str(Path(__file__).with_name("test_xnat.py")),
+                               "-k", "not contract_tests_need"],
                               cwd=repo, env=run_env, capture_output=True, text=True, timeout=600)
     finally:
         server.terminate()
