@@ -83,7 +83,7 @@ def xnat_target(samples, tmp_path):
         yield target
         target.cleanup()
         return
-    from dicom_assets.testing.xnat_server import XnatTestServer
+    from dicom_assets.testing.xnat import XnatTestServer
 
     user, password = "site-uploader", "pw-" + secrets.token_hex(8)
     srv = XnatTestServer(samples.xnat_schemas, user, password, storage=tmp_path / "xnat-storage").start()
