@@ -1205,3 +1205,43 @@ def test_asset_rerun_completes_its_own_partial_session_and_removes_the_record(in
     assert checks_of(result)["scans_match_series"] is True
     assert not pending.exists() and prearchive_rows(target, project) == []
     assert json.loads((demo_root / "logs/xnat/QPN001_ses-01.json").read_text())["filtered_by_xnat"] == []
+
+
+# ------------------------------------------------- why XNAT refuses to create a project
+@pytest.mark.faults
+def test_a_deleted_projects_id_is_refused_by_name(samples, target, project, tmp_path):
+    """ProjectResource.handlePut: a new project whose ID is in xnat_projectdata_history (a
+    project of that ID was deleted) is refused with 403; the client says so, not "not visible"."""
+    from dicom_assets.core.xnat import XnatAuthError, XnatError
+
+    create_project(target, "QPN_DEMO")
+    with target.connect() as s:
+        s.delete(f"/data/projects/{project}", query={"removeFiles": "true"})
+    assert project not in project_ids(target)
+    with pytest.raises(XnatError) as err:
+        upload(target, visit_folder(samples, tmp_path), project=project)
+    message = str(err.value)
+    assert not isinstance(err.value, XnatAuthError)
+    assert f"XNAT project {project} cannot be created: XNAT refused the ID because a project of that ID was " \
+           f"deleted (403: Project '{project}' was used in a previously deleted project and cannot be reused.)" in message
+    assert "set xnat_project to another ID" in message and project not in project_ids(target)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("field", ["secondary_ID", "name"])
+def test_an_id_another_project_holds_is_refused_by_name(samples, target, project, tmp_path, field):
+    """XnatProjectdata.validateProjectFields: the new ID may not be another project's running
+    title (secondary_ID) or title, case-insensitively: 409 naming the conflict; the client says
+    which and why."""
+    from dicom_assets.core.xnat import XnatError
+
+    other = target.project("OTHER")
+    with target.connect() as s:
+        s.put(f"/data/projects/{other}", query={field: project.lower()})
+    with pytest.raises(XnatError) as err:
+        upload(target, visit_folder(samples, tmp_path), project=project)
+    message = str(err.value)
+    assert f"XNAT project {project} cannot be created: its ID is already used by another project" in message
+    assert (f"(409: Requested new project conflicts with existing projects: Invalid Project Id: '{project.lower()}' "
+            "is already being used.)") in message
+    assert project not in project_ids(target)

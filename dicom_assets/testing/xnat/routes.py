@@ -43,6 +43,18 @@ def _prearchive_key(src: str) -> str:
 
 
 
+def _project_conflicts(projects, pid: str, name: str | None, secondary_id: str | None) -> list[str]:
+    """BaseXnatProjectdata.validateProjectFields / validateElements (xnat-data-models; read in
+    danielmarcus/xnat-monorepo): the new project's ID, title and running title, lower-cased and
+    XML-escaped (TurbineUtils.escapeParam), may not equal the ID, running title, title or an alias
+    of any *other* project (``LOWER(id) != <id>``), whoever may see it: the query runs over every
+    project, private ones included. One message per element taken."""
+    elements = {"Project Id": pid, "Project Title": name, "Running Title": secondary_id}
+    taken = set().union(*(p.taken_names() for p in projects if p.id.lower() != pid.lower()))
+    return [f"Invalid {what}: '{_escape_xml11(value.lower())}' is already being used."
+            for what, value in elements.items() if value and _escape_xml11(value.lower()) in taken]
+
+
 def _escape_xml11(value: str) -> str:
     """StringEscapeUtils.escapeXml11 as TurbineUtils.escapeParam applies it (the five entities;
     characters XML 1.1 forbids, such as NUL, are dropped)."""
@@ -161,7 +173,7 @@ class Routes:
         # ProjectListResource.DefaultProjectHandler: the projects the user may read
         # (Permissions.getAllowedValues on xnat:projectData/ID): protected and public ones too
         return self._send(200, _result_set([
-            {"ID": p.id, "secondary_ID": p.id, "name": p.name, "description": "", "pi_firstname": "",
+            {"ID": p.id, "secondary_ID": p.secondary_id or p.id, "name": p.name, "description": "", "pi_firstname": "",
              "pi_lastname": "", "URI": f"/data/projects/{p.id}", "xsiType": "xnat:projectData"}
             for p in self.xnat.projects.values() if p.readable_by(self.user)]))
 
@@ -268,10 +280,18 @@ class Routes:
                     raise _HttpError(417, "Invalid character in project ID.")
                 if p is not None:  # item.getCurrentDBVersion() != null, Permissions.canEdit false
                     raise _HttpError(403, "User account doesn't have permission to edit this project.")
+                if pid in x.deleted_projects:  # a new item: xnat_projectdata_history counts the ID
+                    raise _HttpError(403, f"Project '{pid}' was used in a previously deleted project and cannot be "
+                                          "reused.")
+                conflicts = _project_conflicts(x.projects.values(), pid, q.get("name"), q.get("secondary_ID"))
+                if conflicts:  # XnatProjectdata.validateProjectFields
+                    raise _HttpError(409, "Requested new project conflicts with existing projects: "
+                                          + ", ".join(conflicts))
                 # BaseXnatProjectdata.createProject: accessibility defaults to "protected"
                 accessibility = q.get("accessibility") or "protected"
                 # BaseXnatProjectdata.initArcProjectImpl: the site's defaultPrearchiveCode (4)
-                x.add_project(pid, owner=self.user, accessibility=accessibility).name = q.get("name") or pid
+                x.add_project(pid, owner=self.user, accessibility=accessibility, name=q.get("name"),
+                              secondary_id=q.get("secondary_ID") or "")
                 return self._send(200, "")
             if role not in ("owner", "member"):  # Permissions.canEditProject: members and owners
                 raise _HttpError(403, f"User {self.user} doesn't have permission to edit the project {pid}")
@@ -284,10 +304,12 @@ class Routes:
             if role != "owner":  # Permissions.canDelete
                 raise _HttpError(403, "")
             x.projects.pop(pid, None)
+            x.deleted_projects.add(pid)  # its row stays in xnat_projectdata_history
             return self._send(200, "")
         if not visible:
             raise _HttpError(404, "Unable to find the specified experiment.")
-        return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.id, "name": p.name}))
+        return self._send(200, _item("xnat:projectData", {"ID": p.id, "secondary_ID": p.secondary_id or p.id,
+                                                           "name": p.name}))
 
     def _config(self, pid: str | None, tool: str, cpath: str, q: dict) -> None:
         """GET /data[/projects/<id>]/config/<tool>/<path> as ConfigResource.represent answers it

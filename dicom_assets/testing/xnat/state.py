@@ -112,6 +112,13 @@ class Project:
     roles: dict[str, str] = field(default_factory=dict)  # user -> "owner" | "member"
     accessibility: str = "protected"  # private | protected | public (BaseXnatProjectdata.createProject)
     prearchive_code: int = DEFAULT_PREARCHIVE_CODE  # arc:project/prearchive_code (PREARCHIVE_CODES)
+    secondary_id: str = ""  # the "Running Title" (xnat:projectData/secondary_ID); "" shows the ID
+    aliases: tuple[str, ...] = ()  # xnat:projectData/aliases
+
+    def taken_names(self) -> set[str]:
+        """What this project holds that a new project may not reuse, lower-cased as
+        BaseXnatProjectdata.validateElements compares them: its ID, running title, title, aliases."""
+        return {v.lower() for v in (self.id, self.secondary_id, self.name, *self.aliases) if v}
 
     def readable_by(self, user: str) -> bool:
         """Permissions.canReadProject: a member, or anyone when the project is not private
@@ -280,6 +287,9 @@ class XnatState:
         self.prearchive: dict[str, PrearchiveEntry] = {}  # key "<project>/<timestamp>/<name>"
         self.storage = Path(storage or tempfile.mkdtemp(prefix="xnat-test-server-"))
         self.can_create_projects = can_create_projects
+        # IDs of deleted projects: XNAT keeps them in xnat_projectdata_history, and
+        # ProjectResource.handlePut refuses to create a project of such an ID (403)
+        self.deleted_projects: set[str] = set()
         self.lock = threading.RLock()
         self.faults: list[dict] = []
         self.slow_seconds = 3.0
@@ -367,12 +377,14 @@ class XnatState:
         self.users[user] = password
 
     def add_project(self, pid: str, owner: str | None = None, members: tuple[str, ...] = (),
-                    accessibility: str = "protected", prearchive_code: int | None = None) -> Project:
+                    accessibility: str = "protected", prearchive_code: int | None = None, name: str | None = None,
+                    secondary_id: str = "", aliases: tuple[str, ...] = ()) -> Project:
         """A project as the site has it; ``prearchive_code`` defaults to the site's
         defaultPrearchiveCode (4), as a new project gets it (BaseXnatProjectdata.initArcProjectImpl)."""
         with self.lock:
             code = self.default_prearchive_code if prearchive_code is None else prearchive_code
-            p = self.projects.setdefault(pid, Project(pid, pid, accessibility=accessibility, prearchive_code=code))
+            p = self.projects.setdefault(pid, Project(pid, name or pid, accessibility=accessibility, prearchive_code=code,
+                                                      secondary_id=secondary_id, aliases=tuple(aliases)))
             if owner:
                 p.roles[owner] = "owner"
             for m in members:
