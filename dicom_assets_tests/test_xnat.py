@@ -1245,3 +1245,48 @@ def test_an_id_another_project_holds_is_refused_by_name(samples, target, project
     assert (f"(409: Requested new project conflicts with existing projects: Invalid Project Id: '{project.lower()}' "
             "is already being used.)") in message
     assert project not in project_ids(target)
+
+
+# ------------------------------------------------- a merge XNAT refuses across modalities
+def as_ct(samples, tmp_path, count=10):
+    """``count`` of the series' files as a CT exam (CT Image Storage, Modality CT), same names."""
+    import pydicom
+    from pydicom.uid import CTImageStorage
+
+    from dicom_assets.core.dicomscan import Rules
+    from dicom_assets.core.organize import classify_tree
+    from dicom_assets.core.xnat import files_from_records
+
+    folder = tmp_path / "ct"
+    shutil.copytree(next((samples.xnat_case001 / "scans").glob("2_*")), folder)
+    for path in sorted(folder.rglob("*.dcm"))[count:]:
+        path.unlink()
+    for path in folder.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.Modality = "CT"
+        ds.save_as(path)
+    return files_from_records(classify_tree(folder, Rules()), folder)
+
+
+@pytest.mark.faults
+def test_an_append_of_another_modality_is_refused_by_name(samples, target, project, tmp_path):
+    """PrearcSessionArchiver.checkForConflicts under preventCrossModalityMerge (on by default):
+    the MR files appended to a CT session of the label make a session of another data type, so
+    XNAT refuses the merge (409, row CONFLICT, 400); the client says so by name and removes its
+    row; the CT session stays as it was."""
+    from dicom_assets.core.xnat import XnatError
+
+    ct = as_ct(samples, tmp_path)
+    assert upload(target, ct, project=project).status == "uploaded"
+    assert experiment(target, project, "Case001_MR1")["xsiType"] == "xnat:ctSessionData"
+    mr = visit_folder(samples, tmp_path)
+    with pytest.raises(XnatError) as err:
+        upload(target, mr, project=project, policy="append")
+    message = str(err.value)
+    assert f"XNAT refused to merge this upload into session Case001_MR1 of project {project}: the upload builds a " \
+           "session of another modality than the one XNAT holds" in message
+    assert "Invalid modification of session modality via archive process" in message
+    assert "preventCrossModalityMerge" in message and "conflict with the session" not in message
+    assert dicom_names(target, project, "Case001_MR1") == {f.arcname for f in ct}
+    assert prearchive_rows(target, project) == []

@@ -108,3 +108,24 @@ def test_an_unknown_uri_needs_a_login_then_is_not_found(samples, tmp_path):
         assert requests.get(f"{srv.url}/data/services/import", auth=("u", "pw"), timeout=10).status_code == 404
     finally:
         srv.stop()
+
+
+def test_the_session_type_follows_the_lead_modality():
+    """The data type a built session gets (PrearcSessionArchiver compares it under
+    preventCrossModalityMerge): the modality most primary files hold; secondary captures do not
+    count; a modality without a session type of its own is otherDicom."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage
+
+    from dicom_assets.testing.xnat.importer import session_xsi_type
+
+    def ds(modality, sop=MRImageStorage):
+        d = Dataset()
+        d.Modality, d.SOPClassUID = modality, sop
+        return ("f", b"", d)
+
+    assert session_xsi_type([ds("MR"), ds("MR"), ds("OT", SecondaryCaptureImageStorage)] * 2) == "xnat:mrSessionData"
+    assert session_xsi_type([ds("CT", CTImageStorage), ds("OT", SecondaryCaptureImageStorage)]) == "xnat:ctSessionData"
+    assert session_xsi_type([ds("OT", SecondaryCaptureImageStorage)]) == "xnat:otherDicomSessionData"
+    assert session_xsi_type([ds("SR", SecondaryCaptureImageStorage)], separate_secondary=False) == \
+        "xnat:otherDicomSessionData"

@@ -31,7 +31,9 @@ from .state import (
     HAS_FILES,
     JOINABLE,
     MAX_STRING,
+    MODALITY_MOD,
     PRE_EXISTS,
+    SESSION_TYPES,
     SUBJECT_MOD,
     UID_MOD,
     Experiment,
@@ -250,6 +252,9 @@ class Importer:
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
                 parsed.append((fname, data, ds))
             ids = self._scan_ids(parsed, existing)
+            xsi_type = session_xsi_type(parsed, self.separate_secondary)
+            if existing is not None and self.prevent_cross_modality_merge and existing.xsi_type != xsi_type:
+                raise _HttpError(409, MODALITY_MOD)  # PrearcSessionArchiver.checkForConflicts
             if existing is not None and not replace:  # MergeSessionsA.checkForConflict
                 why = None
                 for fname, _data, ds in parsed:
@@ -268,7 +273,8 @@ class Importer:
                 subj = proj.subjects[subject_label] = Subject(self._next_id("S"), subject_label, proj.id)
             exp = existing
             if exp is None:
-                exp = subj.experiments[label] = Experiment(self._next_id("E"), label, proj.id, subj.id, uid=tag)
+                exp = subj.experiments[label] = Experiment(self._next_id("E"), label, proj.id, subj.id, uid=tag,
+                                                           xsi_type=xsi_type)
             folder = self.storage / proj.id / subj.label / label
             for fname, data, ds in parsed:
                 scan_id = ids[_series_uid(ds)]
@@ -359,6 +365,20 @@ class Importer:
         self._rebuilder = threading.Thread(target=loop, daemon=True)
         self._rebuilder.start()
 
+
+
+def session_xsi_type(parsed: list, separate_secondary: bool = True) -> str:
+    """The data type of the session built of ``parsed`` (DICOMSessionBuilder picks the session
+    builder of the files' lead modality: an MR exam is an xnat:mrSessionData, a CT one an
+    xnat:ctSessionData): here the most frequent Modality of the primary imaging files (those that
+    land in DICOM; all files when none does), ties broken by name; a modality without a session
+    type of its own gives xnat:otherDicomSessionData. DICOMSessionBuilder's PET/MR rules
+    (separatePETMR) are not modelled."""
+    mods = [str(ds.get("Modality", "") or "") for _f, _d, ds in parsed
+            if resource_label(str(ds.get("SOPClassUID", "") or ""), separate_secondary) == "DICOM"]
+    mods = mods or [str(ds.get("Modality", "") or "") for _f, _d, ds in parsed]
+    lead = min(set(mods), key=lambda m: (-mods.count(m), m)) if mods else ""
+    return SESSION_TYPES.get(lead, "xnat:otherDicomSessionData")
 
 
 def _series_uid(ds) -> str:

@@ -436,7 +436,7 @@ class Routes:
         subj = self.xnat.find_subject(e.subject_id)
         return {"ID": e.id, "label": e.label, "project": e.project, "subject_ID": e.subject_id,
                 "subject_label": subj.label if subj else "", "date": e.date, "UID": e.uid,
-                "xsiType": "xnat:mrSessionData", "URI": f"/data/experiments/{e.id}", "insert_date": ""}
+                "xsiType": e.xsi_type, "URI": f"/data/experiments/{e.id}", "insert_date": ""}
 
     def _experiments(self, method, subj: Subject, rest: list[str], q: dict, body: bytes) -> None:
         if rest == ["experiments"]:
@@ -456,7 +456,7 @@ class Routes:
                         if s.experiments.get(exp.label) is exp:
                             del s.experiments[exp.label]
                 return self._send(200, "")
-            return self._send(200, _item("xnat:mrSessionData", {
+            return self._send(200, _item(exp.xsi_type, {
                 "ID": exp.id, "label": exp.label, "project": exp.project, "subject_ID": exp.subject_id,
                 "date": exp.date, "UID": exp.uid}))
         if rest == ["scans"]:

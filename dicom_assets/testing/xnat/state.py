@@ -62,6 +62,14 @@ DEFAULT_PREARCHIVE_CODE = 4
 ARCHIVE_FAILED = "Failed to archive 1 of 1 session(s)"
 # PrearcSessionArchiver.preventConcurrentArchiving's refusal (409), before the workflow's name
 BUSY = "Session processing may already be in progress"
+# PrearcSessionArchiver.MODALITY_MOD: with the site preference preventCrossModalityMerge (true by
+# default, SiteConfigPreferences.getPreventCrossModalityMerge) checkForConflicts refuses to merge a
+# session into an existing one of another data type (getXSIType differs), 409
+MODALITY_MOD = "Invalid modification of session modality via archive process.  Data may require a manual merge."
+# the session data type of a lead modality (xnat.xsd: xnat:mrSessionData, xnat:ctSessionData, ...)
+SESSION_TYPES = {"MR": "xnat:mrSessionData", "CT": "xnat:ctSessionData", "PT": "xnat:petSessionData",
+                 "US": "xnat:usSessionData", "CR": "xnat:crSessionData", "DX": "xnat:dxSessionData",
+                 "MG": "xnat:mgSessionData", "NM": "xnat:nmSessionData", "XA": "xnat:xaSessionData"}
 
 
 def clean_value(value: str) -> str:
@@ -93,6 +101,7 @@ class Experiment:
     uid: str = ""  # StudyInstanceUID
     scans: dict[str, Scan] = field(default_factory=dict)
     resources: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> name -> path
+    xsi_type: str = "xnat:mrSessionData"  # the session's data type (session_xsi_type)
 
 
 @dataclass
@@ -290,6 +299,8 @@ class XnatState:
         # IDs of deleted projects: XNAT keeps them in xnat_projectdata_history, and
         # ProjectResource.handlePut refuses to create a project of such an ID (403)
         self.deleted_projects: set[str] = set()
+        # the site preference preventCrossModalityMerge (SiteConfigPreferences, true by default)
+        self.prevent_cross_modality_merge = True
         self.lock = threading.RLock()
         self.faults: list[dict] = []
         self.slow_seconds = 3.0
@@ -396,11 +407,13 @@ class XnatState:
             p = self.projects[project]
             return p.subjects.setdefault(label, Subject(self._next_id("S"), label, project))
 
-    def add_experiment(self, project: str, subject: str, label: str, uid: str) -> Experiment:
+    def add_experiment(self, project: str, subject: str, label: str, uid: str,
+                       xsi_type: str = "xnat:mrSessionData") -> Experiment:
         """A session already in XNAT (no scans)."""
         with self.lock:
             subj = self.add_subject(project, subject)
-            return subj.experiments.setdefault(label, Experiment(self._next_id("E"), label, project, subj.id, uid=uid))
+            return subj.experiments.setdefault(label, Experiment(self._next_id("E"), label, project, subj.id, uid=uid,
+                                                                 xsi_type=xsi_type))
 
     def add_scan_resource(self, exp: Experiment, scan_id: str, label: str, files: dict[str, bytes]) -> None:
         """A resource an automatic pipeline adds to a scan (SNAPSHOTS, NIFTI, ...)."""
