@@ -21,6 +21,7 @@ from dicom_assets.defs.resources import XnatResource
 from .conftest import ARCHIVED_VISIT
 from .helpers import AssetSelection, checks_of, metadata_of, run_chain
 from .xnat_rest import (
+    call,
     create_project,
     delete_scan_file,
     dicom_counts,
@@ -33,6 +34,7 @@ from .xnat_rest import (
     project_ids,
     project_resources,
     rest_scans,
+    said,
     scan_resource_upload,
     series_descriptions,
     subject_labels,
@@ -204,6 +206,7 @@ def test_no_right_to_create_the_project(instance, demo_root, target, project, xn
     assert (f"XNAT project {project} is not visible to this user and XNAT refused to create it (403: User "
             f"{target.user} doesn't have permission to create projects on this system)") in message
     assert "or the user may not create projects (ask an XNAT admin to create it)" in message
+    assert "<html" not in message and "Status page" not in message  # XNAT's HTML status page, read
     assert project not in project_ids(target)
 
 
@@ -305,10 +308,10 @@ def test_import_service_refuses_what_xnat_refuses(samples, target, tmp_path):
     z = one_series_zip(samples, tmp_path)
     pid = create_project(target, "P1")
     with target.connect() as s:
-        with pytest.raises(xe.XNATUploadError, match="Status code 400, response text Unsupported format"):
+        with pytest.raises(xe.XNATUploadError, match=r"(?s)Status code 400, response text .*<h3>Unsupported format"):
             s.services.import_(z, project=pid, subject="S1", experiment="E1", import_handler="DICOM-zip",
                                content_type="application/octet-stream", destination="/archive")
-        with pytest.raises(xe.XNATUploadError, match="Status code 400, response text Failed to archive 1 of 1 session"):
+        with pytest.raises(xe.XNATUploadError, match=r"(?s)Status code 400, response text .*<h3>Failed to archive 1 of 1 session"):
             s.services.import_(z, project=pid, subject="S1", experiment="E1", import_handler="DICOM-zip",
                                content_type="application/zip", destination="/archive", direct_archive=True)
         assert s.get_json(f"/data/projects/{pid}/subjects")["ResultSet"]["Result"] == []
@@ -319,8 +322,8 @@ def test_import_service_refuses_what_xnat_refuses(samples, target, tmp_path):
         (row,) = s.get_json(f"/data/prearchive/projects/{pid}")["ResultSet"]["Result"]
         key = row["url"].replace("/prearchive/projects/", "")
         server.prearchive[key].status = "_ARCHIVING"  # what XNAT shows while it archives the row
-        r = s.delete(f"/data/prearchive/projects/{key}", accepted_status=[200, 409])
-        assert r.status_code == 409 and "locked" in r.text
+        r = call(target, "DELETE", f"/data/prearchive/projects/{key}")
+        assert r.status_code == 409 and "locked" in said(r)
         assert [x["url"] for x in s.get_json(f"/data/prearchive/projects/{pid}")["ResultSet"]["Result"]] == [row["url"]]
         s.post("/data/services/prearchive/delete", query={"src": row["url"]})
         (locked,) = s.get_json(f"/data/prearchive/projects/{pid}")["ResultSet"]["Result"]  # PrearchiveBatchDelete
@@ -546,13 +549,16 @@ def test_projects_are_seen_as_their_accessibility_allows(target):
             s.put(f"/data/projects/{pid}/subjects/S1")
     with target.connect() as s:
         assert {r["ID"] for r in s.get_json("/data/projects")["ResultSet"]["Result"]} == {"PROT", "PUB"}
-        r = s.get("/data/projects/PRIV", accepted_status=[404])
-        assert r.text == "Unable to find the specified experiment."  # ProjectResource.represent, sic
+        r = call(target, "GET", "/data/projects/PRIV")
+        assert r.status_code == 404
+        assert said(r) == "Unable to find the specified experiment."  # ProjectResource.represent, sic
         assert s.get_json("/data/projects/PROT")["items"][0]["data_fields"]["ID"] == "PROT"
-        r = s.put("/data/projects/PRIV", accepted_status=[403])
-        assert r.text == "User account doesn't have permission to edit this project."
-        r = s.put("/data/projects/PROT", accepted_status=[403])
-        assert r.text == f"User {target.user} doesn't have permission to edit the project PROT"
+        r = call(target, "PUT", "/data/projects/PRIV")
+        assert r.status_code == 403
+        assert said(r) == "User account doesn't have permission to edit this project."
+        r = call(target, "PUT", "/data/projects/PROT")
+        assert r.status_code == 403
+        assert said(r) == f"User {target.user} doesn't have permission to edit the project PROT"
         assert s.get_json("/data/projects/PROT/subjects")["ResultSet"]["Result"] == []
         assert [r["label"] for r in s.get_json("/data/projects/PUB/subjects")["ResultSet"]["Result"]] == ["S1"]
         allowed = s.get_json("/data/projects", query={"permissions": "create", "dataType": "xnat:subjectData"})
@@ -562,8 +568,9 @@ def test_projects_are_seen_as_their_accessibility_allows(target):
         allowed = s.get_json("/data/projects", query={"permissions": "create", "dataType": "xnat:subjectData"})
         assert [r["id"] for r in allowed["ResultSet"]["Result"]] == ["MINE"]
         s.put("/data/projects/MINE/prearchive_code/4")  # for owners only (ProjectResource)
-        r = s.put("/data/projects/MY%20PROJ", accepted_status=[417])
-        assert r.text == "Invalid character in project ID."
+        r = call(target, "PUT", "/data/projects/MY%20PROJ")
+        assert r.status_code == 417
+        assert said(r) == "Invalid character in project ID."
     # protected: others see the project, not its data
     assert "MINE" in project_ids(pi) and subject_labels(pi, "MINE") == []
     assert subject_labels(target, "MINE") == ["S1"]
@@ -618,7 +625,7 @@ def test_importer_refuses_a_dicom_without_sop_class_uid(samples, target, tmp_pat
     kw = dict(project=pid, subject="S1", experiment="E1", import_handler="DICOM-zip",
               content_type="application/zip", destination="/archive")
     with target.connect() as s:
-        with pytest.raises(xe.XNATUploadError, match=f"response text object {bad.arcname} contains no SOP Class UID"):
+        with pytest.raises(xe.XNATUploadError, match=rf"(?s)response text .*<h3>object {bad.arcname} contains no SOP Class UID"):
             s.services.import_(z, **kw)
         # what was read before it stays, RECEIVING; archived by hand it holds every file but the refused one
         (row,) = s.get_json(f"/data/prearchive/projects/{pid}")["ResultSet"]["Result"]
@@ -668,10 +675,12 @@ def test_subject_put_keeps_the_label_as_xnat_does(target):
         assert s.put(f"/data/projects/{pid}/subjects/QPN.001%20(b)", accepted_status=[200]).text == r.text
         s.put(f"/data/projects/{pid}/subjects/qpn.001%20(b)", accepted_status=[201])  # another subject
         assert len(subject_labels(target, pid)) == 2
-        r = s.put(f"/data/projects/{pid}/subjects/" + "x" * 256, accepted_status=[400])
-        assert r.text == "Must Be Less Than 255 Characters : Current Length (256)\n"
-        r = s.put(f"/data/projects/{target.project('NOPE')}/subjects/S1", accepted_status=[422])
-        assert r.text == "Submitted subject record must include the project attribute."
+        r = call(target, "PUT", f"/data/projects/{pid}/subjects/" + "x" * 256)
+        assert r.status_code == 400
+        assert said(r) == "Must Be Less Than 255 Characters : Current Length (256)\n"
+        r = call(target, "PUT", f"/data/projects/{target.project('NOPE')}/subjects/S1")
+        assert r.status_code == 422
+        assert said(r) == "Submitted subject record must include the project attribute."
 
 
 @pytest.mark.faults
@@ -725,12 +734,14 @@ def test_project_prearchive_code_as_xnat_keeps_it(samples, target, tmp_path):
         assert s.get("/data/projects/P0/prearchive_code").text == "4"
         s.put("/data/projects/P0/prearchive_code/0")
         assert s.get("/data/projects/P0/prearchive_code").text == "0"
-        r = s.put("/data/projects/P0/prearchive_code/auto", accepted_status=[400])
-        assert r.text == "The submitted code auto is invalid: must be an integer."
+        r = call(target, "PUT", "/data/projects/P0/prearchive_code/auto")
+        assert r.status_code == 400
+        assert said(r) == "The submitted code auto is invalid: must be an integer."
         assert s.get("/data/projects/P0/prearchive_code").text == "0"
         assert s.get("/data/projects/THEIRS/prearchive_code").text == "4"
-        r = s.put("/data/projects/THEIRS/prearchive_code/0", accepted_status=[403])  # a member, not an owner
-        assert r.text == "User account doesn't have permission to edit this project."
+        r = call(target, "PUT", "/data/projects/THEIRS/prearchive_code/0")  # a member, not an owner
+        assert r.status_code == 403
+        assert said(r) == "User account doesn't have permission to edit this project."
         assert s.get("/data/projects/THEIRS/prearchive_code").text == "4"
     r = raw_import(target, z, project="P0")
     assert r.status_code == 200 and r.text.startswith("/data/archive/projects/P0/")
@@ -773,7 +784,7 @@ def test_import_merges_as_xnats_importer_decides(samples, target, tmp_path):
         if merged:
             ok = r.status_code == 200 and held == {"2": 20} and rows == []
         else:
-            ok = (r.status_code, r.text) == (400, "Failed to archive 1 of 1 session(s)") and held == {"2": 10} \
+            ok = (r.status_code, said(r)) == (400, "Failed to archive 1 of 1 session(s)") and held == {"2": 10} \
                 and [e["status"] for e in rows] == ["CONFLICT"]
         outcome.append((code, query, part, ok))
     assert [c for c in outcome if not c[3]] == []
@@ -959,6 +970,7 @@ def test_missing_files_that_cannot_be_delivered_fail_the_step(instance, demo_roo
     assert "no series import filter is set for the site or the project" in message
     # every file of the resend dropped: XNAT answers with the last refusal it kept (DicomZipImporter)
     assert "XNAT did not take them" in message and "unable to read DICOM object" in message
+    assert "<html" not in message and "<h3>" not in message  # the status text of XNAT's page, not the page
     assert "Nothing was recorded as filtered" in message
     assert "'append' sends only the missing files" in message
     assert not (demo_root / "logs/xnat/QPN001_ses-01.json").exists()
@@ -1061,10 +1073,11 @@ def test_import_stopped_mid_zip_leaves_no_partial_session(samples, target, proje
     z = tmp_path / "all.zip"
     write_zip_of(files, z)
     with target.connect() as s:
-        r = s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
-                                                   "project": project, "subject": "S", "session": "V"},
-                   data=z.read_bytes(), headers={"Content-Type": "application/zip"}, accepted_status=[400])
-        assert "unable to read DICOM object" in r.text
+        r = call(target, "POST", "/data/services/import", params={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                                   "project": project, "subject": "S", "session": "V"},
+                 data=z.read_bytes(), headers={"Content-Type": "application/zip"})
+        assert r.status_code == 400
+        assert "unable to read DICOM object" in said(r)
         rows = s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
         assert [row["status"] for row in rows] == ["RECEIVING"]
 
@@ -1088,10 +1101,11 @@ def test_series_import_filters_as_xnat_keeps_and_applies_them(samples, target, t
     create_project(target, "P1")
     server.add_project("THEIRS", owner="pi")
     with target.connect() as s:
-        assert s.get("/data/config/seriesImportFilter/config", accepted_status=[404]).status_code == 404
+        assert call(target, "GET", "/data/config/seriesImportFilter/config").status_code == 404
         assert series_import_filters(s, "P1").describe() == "no series import filter is set for the site or the project"
-        r = s.get("/data/projects/THEIRS/config/seriesImportFilter/config", accepted_status=[403])
-        assert r.text == f"User {target.user} can not access project THEIRS"
+        r = call(target, "GET", "/data/projects/THEIRS/config/seriesImportFilter/config")
+        assert r.status_code == 403
+        assert said(r) == f"User {target.user} can not access project THEIRS"
         cases = [  # (site filter, project filter, files kept)
             ((desc.upper(), "blacklist", True), None, 0),
             ((desc.upper(), "blacklist", False), None, 20),
@@ -1114,8 +1128,8 @@ def test_series_import_filters_as_xnat_keeps_and_applies_them(samples, target, t
         rows = s.get_json("/data/projects/P1/config/seriesImportFilter/config")["ResultSet"]["Result"]
         assert rows[0]["status"] == "enabled" and json.loads(rows[0]["contents"])["mode"] == "whitelist"
         server.set_series_import_filter("x", mode="whitelist", enabled=False)
-        assert s.get("/data/config/seriesImportFilter/config", query={"contents": "true"},
-                     accepted_status=[404]).status_code == 404
+        assert call(target, "GET", "/data/config/seriesImportFilter/config",
+                    params={"contents": "true"}).status_code == 404
 
 
 # ------------------------------------------------- a retry completes its own unfinished upload

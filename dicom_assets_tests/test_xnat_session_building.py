@@ -16,7 +16,7 @@ from dicom_assets.core.dicomscan import Rules
 from dicom_assets.core.organize import classify_tree
 from dicom_assets.core.xnat import compare_series, files_from_records, upload_visit
 
-from .xnat_rest import file_count, imports, prearchive_rows, rest_scans
+from .xnat_rest import call, file_count, imports, prearchive_rows, rest_scans
 
 
 # --------------------------------------------------------------------------- a visit XNAT splits up
@@ -64,10 +64,11 @@ def import_zip(target, project, files, zpath, session="V1", accepted=(200,)):
     write_zip(files, zpath)
     with target.connect() as s:
         s.put(f"/data/projects/{project}")
-        return s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
-                                                      "project": project, "subject": "P1", "session": session},
-                      data=zpath.read_bytes(), headers={"Content-Type": "application/zip"},
-                      accepted_status=list(accepted))
+    r = call(target, "POST", "/data/services/import", params={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                              "project": project, "subject": "P1", "session": session},
+             data=zpath.read_bytes(), headers={"Content-Type": "application/zip"})
+    assert r.status_code in accepted, (r.status_code, r.text)
+    return r
 
 
 

@@ -146,3 +146,25 @@ def imports(target, project: str | None = None) -> int | None:
     if target.real:
         return None
     return sum(1 for q in target.server.import_queries if project is None or q.get("project") == project)
+
+
+def said(response) -> str:
+    """What XNAT said in an answer: the status text of an error page (Restlet's status page holds
+    it in ``<h3>``: XNAT's resources set a status with a description and no entity), else the
+    text itself. The tests' own reading, not the client's."""
+    import html
+    import re
+
+    text = response.text
+    m = re.search(r"<h3>(.*?)</h3>", text, re.S)
+    if "text/html" in response.headers.get("Content-Type", "") and m:
+        return html.unescape(m.group(1))
+    return text
+
+
+def call(target, method: str, path: str, **kw):
+    """One request as XNAT answers it, error pages included (xnatpy refuses an HTML body even
+    under an accepted status, and XNAT answers errors with Restlet's HTML status page)."""
+    import requests
+
+    return requests.request(method, target.url + path, auth=(target.user, target.password), timeout=120, **kw)

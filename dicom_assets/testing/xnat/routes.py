@@ -127,7 +127,7 @@ class Routes:
         """XnatSecureGuard: every URI but the login needs a user (JSESSION cookie or basic auth)."""
         user = self._user()
         if user is None:
-            raise _HttpError(401, "<html><h3>Login attempt failed. Please try again.</h3></html>")
+            raise _HttpError(401, "<html><h3>Login attempt failed. Please try again.</h3></html>", page=False)
         self.user = user
 
     # ------------------------------------------------------------------ login, site
@@ -135,7 +135,7 @@ class Routes:
         x = self.xnat
         form = {k: v[-1] for k, v in parse_qs(body.decode()).items()}
         if x.users.get(form.get("username")) != form.get("password"):
-            raise _HttpError(401, "<html><h3>Login attempt failed. Please try again.</h3></html>")
+            raise _HttpError(401, "<html><h3>Login attempt failed. Please try again.</h3></html>", page=False)
         token = secrets.token_hex(16).upper()
         x.tokens[token] = form["username"]
         self._send(200, token, headers={"Set-Cookie": f"JSESSIONID={token}; Path=/; HttpOnly"})

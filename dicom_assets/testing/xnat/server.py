@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlparse
 
 from .importer import Importer, ImportHandlers
 from .routes import Routes
-from .state import VERSION, XnatState, _HttpError
+from .state import VERSION, XnatState, _HttpError, status_page
 
 
 class XnatTestServer(Importer, XnatState):
@@ -148,7 +148,10 @@ class _Handler(ImportHandlers, Routes, BaseHTTPRequestHandler):
         try:
             self._route(method, path, query, body)
         except _HttpError as exc:
-            self._send(exc.status, exc.message)
+            if exc.page:
+                self._send(exc.status, status_page(exc.status, exc.message), "text/html")
+            else:
+                self._send(exc.status, exc.message)
         except Exception as exc:  # a bug here must show as a 500, like a Java stack trace would
             self._send(500, f"Internal server error: {type(exc).__name__}: {exc}")
 

@@ -269,9 +269,34 @@ def _now() -> str:
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str):
+    """An error answer. XNAT's restlet resources and services set a status with a description
+    (``getResponse().setStatus(status, message)``, Importer.respondToException included) and no
+    entity, so Restlet answers it with its status page (:func:`status_page`); ``page=False`` is for
+    answers XNAT writes itself (the login's)."""
+
+    def __init__(self, status: int, message: str, page: bool = True):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.page = status, message, page
+
+
+# RFC 2616 sections of Restlet's Status constants (the "technical details" link of its page)
+_RFC_SECTIONS = {400: "10.4.1", 401: "10.4.2", 403: "10.4.4", 404: "10.4.5", 405: "10.4.6", 409: "10.4.10",
+                 417: "10.4.18", 422: "10.4", 423: "10.4", 500: "10.5.1", 507: "10.5"}
+
+
+def status_page(status: int, description: str) -> str:
+    """The page Restlet 1.1 (XNAT's, gradle/libs.versions.toml) answers an error status without
+    an entity with: com.noelios.restlet.application.StatusFilter's default representation, a
+    ``Status page`` title and the status description in ``<h3>`` (HTML-escaped here; XNAT pages
+    seen in the wild read ``<h3>Already assigned to project:...</h3>``)."""
+    import html
+
+    section = _RFC_SECTIONS.get(status, "10.4" if status < 500 else "10.5")
+    return ("<html>\n<head>\n   <title>Status page</title>\n</head>\n<body>\n<h3>"
+            f"{html.escape(description or 'No description available for this result status', quote=False)}"
+            "</h3><p>You can get technical details <a href=\"http://www.w3.org/Protocols/rfc2616/rfc2616-sec10.html"
+            f"#sec{section}\">here</a>.<br>\nPlease continue your visit at our <a href=\"/\">home page</a>.\n"
+            "</p>\n</body>\n</html>\n")
 
 
 def _result_set(rows: list[dict]) -> dict:
