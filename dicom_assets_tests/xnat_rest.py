@@ -71,24 +71,23 @@ def first_dicom(target, project: str, label: str):
     return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
 
 
-def experiment_resources(target, project: str, label: str) -> dict[str, set[str]]:
-    """The session's own resources (not its scans'): label -> file names."""
-    exp = experiment(target, project, label)
+def _resources(target, base: str) -> dict[str, set[str]]:
+    """The resources under ``base`` (a session's or a project's URI): label -> file names."""
     with target.connect() as s:
         out = {}
-        for r in s.get_json(f"/data/experiments/{exp['ID']}/resources")["ResultSet"]["Result"]:
-            files = s.get_json(f"/data/experiments/{exp['ID']}/resources/{r['label']}/files")["ResultSet"]["Result"]
+        for r in s.get_json(f"{base}/resources")["ResultSet"]["Result"]:
+            files = s.get_json(f"{base}/resources/{r['label']}/files")["ResultSet"]["Result"]
             out[r["label"]] = {f["Name"] for f in files}
     return out
+
+
+def experiment_resources(target, project: str, label: str) -> dict[str, set[str]]:
+    """The session's own resources (not its scans'): label -> file names."""
+    return _resources(target, f"/data/experiments/{experiment(target, project, label)['ID']}")
 
 
 def project_resources(target, project: str) -> dict[str, set[str]]:
-    with target.connect() as s:
-        out = {}
-        for r in s.get_json(f"/data/projects/{project}/resources")["ResultSet"]["Result"]:
-            files = s.get_json(f"/data/projects/{project}/resources/{r['label']}/files")["ResultSet"]["Result"]
-            out[r["label"]] = {f["Name"] for f in files}
-    return out
+    return _resources(target, f"/data/projects/{project}")
 
 
 def subject_labels(target, project: str) -> list[str]:

@@ -213,19 +213,18 @@ class Routes:
         p = self._project(m.group(1))
         sid = m.group(2)
         subj = p.subjects.get(sid) or next((s for s in p.subjects.values() if s.id == sid), None)
-        if subj is None or not p.data_readable_by(self.user):
-            raise _HttpError(404, f"Subject {sid} not found")
-        rest = _rest(m, 3)
-        if not rest:
-            return self._send(200, self._subject_item(subj))
-        return self._experiments(method, subj, rest, q, body)
+        return self._subject_answer(subj if p.data_readable_by(self.user) else None, sid, _rest(m, 3), method, q, body)
 
     def _subject_by_id(self, m, method, q, body) -> None:
-        x = self.xnat
-        subj = x.find_subject(m.group(1))
-        if subj is None or not x.projects[subj.project].data_readable_by(self.user):
-            raise _HttpError(404, f"Subject {m.group(1)} not found")
-        rest = _rest(m, 2)
+        subj = self.xnat.find_subject(m.group(1))
+        if subj is not None and not self.xnat.projects[subj.project].data_readable_by(self.user):
+            subj = None
+        return self._subject_answer(subj, m.group(1), _rest(m, 2), method, q, body)
+
+    def _subject_answer(self, subj: Subject | None, asked: str, rest: list[str], method, q, body) -> None:
+        """A subject the user may read (else 404), or what its experiments' URIs below it answer."""
+        if subj is None:
+            raise _HttpError(404, f"Subject {asked} not found")
         if not rest:
             return self._send(200, self._subject_item(subj))
         return self._experiments(method, subj, rest, q, body)
