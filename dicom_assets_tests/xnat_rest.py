@@ -1,5 +1,6 @@
-"""What XNAT holds, read as a client reads it: XNAT's REST API through xnatpy (``target.connect()``),
-never the test server's state. Shared by the contract tests (test_xnat.py,
+"""What XNAT holds, read as a client reads it: XNAT's REST API (the URIs xnatpy calls, over plain
+HTTP with the target's credentials: one reused connection, no xnatpy login and data-model
+build per read), never the test server's state. Shared by the contract tests (test_xnat.py,
 test_xnat_session_building.py); ``target`` is an :class:`~.xnat_target.XnatTarget`. Setting up
 through REST what XNAT's REST API can set up (a project, its prearchive code, a subject, a scan
 resource) is here too, so a test runs against a real XNAT as well."""
@@ -7,13 +8,54 @@ resource) is here too, so a test runs against a real XNAT as well."""
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 
 import pydicom
 
 
+class _Rest:
+    """The few calls of an xnatpy session these helpers make, over one ``requests`` session with
+    basic auth (XNAT's ``XnatSecureGuard`` takes it on every URI); an error status raises."""
+
+    def __init__(self, target):
+        import requests
+
+        self.url, self.http = target.url, requests.Session()
+        self.http.auth = (target.user, target.password)
+
+    def _call(self, method: str, path: str, query: dict | None = None, **kw):
+        r = self.http.request(method, self.url + path, params=query, timeout=120, **kw)
+        r.raise_for_status()
+        return r
+
+    def get_json(self, path: str, query: dict | None = None):
+        return self._call("GET", path, {"format": "json", **(query or {})}).json()
+
+    def get(self, path: str, query: dict | None = None):
+        return self._call("GET", path, query)
+
+    def put(self, path: str, query: dict | None = None, data=None, headers=None):
+        return self._call("PUT", path, query, data=data, headers=headers)
+
+    def delete(self, path: str, query: dict | None = None):
+        return self._call("DELETE", path, query)
+
+
+@contextmanager
+def _rest(target):
+    rest = getattr(target, "_rest_session", None)
+    if rest is None:
+        rest = _Rest(target)
+        try:
+            target._rest_session = rest
+        except AttributeError:  # a target that keeps no attributes: one per call
+            pass
+    yield rest
+
+
 def experiment(target, project: str, label: str) -> dict | None:
     """The experiment row of ``label`` in ``project`` (labels are unique per project), or None."""
-    with target.connect() as s:
+    with _rest(target) as s:
         rows = s.get_json(f"/data/projects/{project}/experiments")["ResultSet"]["Result"]
     return next((r for r in rows if r["label"] == label), None)
 
@@ -23,7 +65,7 @@ def rest_scans(target, project: str, label: str) -> tuple[dict, dict]:
     exp = experiment(target, project, label)
     assert exp is not None, f"no session {label} in XNAT project {project}"
     out = {}
-    with target.connect() as s:
+    with _rest(target) as s:
         for scan in s.get_json(f"/data/experiments/{exp['ID']}/scans")["ResultSet"]["Result"]:
             rows = s.get_json(f"/data/experiments/{exp['ID']}/scans/{scan['ID']}/files")["ResultSet"]["Result"]
             out[scan["ID"]] = {}
@@ -52,7 +94,7 @@ def scan_rows(target, project: str, label: str) -> list[dict]:
     """The session's scans as /data/experiments/<id>/scans lists them (ID, series_description, UID, ...)."""
     exp = experiment(target, project, label)
     assert exp is not None, f"no session {label} in XNAT project {project}"
-    with target.connect() as s:
+    with _rest(target) as s:
         return s.get_json(f"/data/experiments/{exp['ID']}/scans")["ResultSet"]["Result"]
 
 
@@ -63,7 +105,7 @@ def series_descriptions(target, project: str, label: str) -> dict[str, str]:
 def first_dicom(target, project: str, label: str):
     """One file of the session's first scan, downloaded and read: real DICOM, as XNAT stores it."""
     exp = experiment(target, project, label)
-    with target.connect() as s:
+    with _rest(target) as s:
         scan = s.get_json(f"/data/experiments/{exp['ID']}/scans")["ResultSet"]["Result"][0]
         rows = s.get_json(f"/data/experiments/{exp['ID']}/scans/{scan['ID']}/resources/DICOM/files")
         uri = sorted(r["URI"] for r in rows["ResultSet"]["Result"])[0]
@@ -73,7 +115,7 @@ def first_dicom(target, project: str, label: str):
 
 def _resources(target, base: str) -> dict[str, set[str]]:
     """The resources under ``base`` (a session's or a project's URI): label -> file names."""
-    with target.connect() as s:
+    with _rest(target) as s:
         out = {}
         for r in s.get_json(f"{base}/resources")["ResultSet"]["Result"]:
             files = s.get_json(f"{base}/resources/{r['label']}/files")["ResultSet"]["Result"]
@@ -91,25 +133,25 @@ def project_resources(target, project: str) -> dict[str, set[str]]:
 
 
 def subject_labels(target, project: str) -> list[str]:
-    with target.connect() as s:
+    with _rest(target) as s:
         return [r["label"] for r in s.get_json(f"/data/projects/{project}/subjects")["ResultSet"]["Result"]]
 
 
 def experiment_labels(target, project: str, subject: str | None = None) -> list[str]:
     """The session labels of the project (of one subject when ``subject`` is given)."""
-    with target.connect() as s:
+    with _rest(target) as s:
         rows = s.get_json(f"/data/projects/{project}/experiments")["ResultSet"]["Result"]
     return [r["label"] for r in rows if subject is None or r.get("subject_label") == subject]
 
 
 def project_ids(target) -> set[str]:
     """The projects the user sees (/data/projects)."""
-    with target.connect() as s:
+    with _rest(target) as s:
         return {r["ID"] for r in s.get_json("/data/projects")["ResultSet"]["Result"]}
 
 
 def prearchive_rows(target, project: str) -> list[dict]:
-    with target.connect() as s:
+    with _rest(target) as s:
         return s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
 
 
@@ -117,7 +159,7 @@ def create_project(target, name: str, prearchive_code: int | None = None) -> str
     """A project created over REST (PUT /data/projects/<id>; the user becomes its owner), with
     its prearchive code set (PUT .../prearchive_code/<n>) when given; its ID."""
     pid = target.project(name)
-    with target.connect() as s:
+    with _rest(target) as s:
         s.put(f"/data/projects/{pid}")
         if prearchive_code is not None:
             s.put(f"/data/projects/{pid}/prearchive_code/{prearchive_code}")
@@ -126,7 +168,7 @@ def create_project(target, name: str, prearchive_code: int | None = None) -> str
 
 def scan_resource_upload(target, exp_id: str, scan_id: str, label: str, files: dict[str, bytes]) -> None:
     """A resource a pipeline adds to a scan (SNAPSHOTS, NIFTI), uploaded as xnatpy uploads files."""
-    with target.connect() as s:
+    with _rest(target) as s:
         s.put(f"/data/experiments/{exp_id}/scans/{scan_id}/resources/{label}")
         for name, data in files.items():
             s.put(f"/data/experiments/{exp_id}/scans/{scan_id}/resources/{label}/files/{name}", data=data,
@@ -135,7 +177,7 @@ def scan_resource_upload(target, exp_id: str, scan_id: str, label: str, files: d
 
 def delete_scan_file(target, exp_id: str, scan_id: str, name: str, resource: str = "DICOM") -> None:
     """Someone deletes a file of a scan on XNAT."""
-    with target.connect() as s:
+    with _rest(target) as s:
         s.delete(f"/data/experiments/{exp_id}/scans/{scan_id}/resources/{resource}/files/{name}")
 
 
