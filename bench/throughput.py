@@ -129,7 +129,7 @@ def _demo_root(samples, root: Path, participants: tuple[str, ...], slices: int) 
 
 
 def _xnat(samples, storage: Path):
-    from dicom_assets.testing.xnat_server import XnatTestServer
+    from dicom_assets.testing.xnat import XnatTestServer
 
     return XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=storage).start()
 

@@ -45,7 +45,7 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
 
     from dicom_assets.testing.dagster_dev import LAUNCH_BACKFILL, DagsterDev
     from dicom_assets.testing.demo import build_demo_dataset
-    from dicom_assets.testing.xnat_server import XnatTestServer
+    from dicom_assets.testing.xnat import XnatTestServer
 
     root = build_demo_dataset(tmp_path / "dataset", samples, slices=2,
                               participants=tuple(f"BF_{i:03d}" for i in range(N_PARTICIPANTS)),

@@ -31,7 +31,7 @@ from dicom_assets.core.xnat import find_session, scan_counts
 from dicom_assets.definitions import downloads_sensor
 from dicom_assets.defs.lineage import CODE_VERSIONS
 from dicom_assets.defs.resources import DatasetResource, XnatResource
-from dicom_assets.testing.xnat_server import XnatTestServer
+from dicom_assets.testing.xnat import XnatTestServer
 
 from .helpers import Ticker, metadata_of, run_chain
 

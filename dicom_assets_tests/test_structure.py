@@ -111,3 +111,17 @@ def test_every_third_party_import_is_a_declared_dependency():
                     missing.setdefault(top, set()).add(str(path.relative_to(REPO)))
     assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(
         f"{m} ({', '.join(sorted(f))})" for m, f in sorted(missing.items()))
+
+
+def test_the_xnat_test_server_never_imports_the_client():
+    """The test server follows XNAT's code, not the client's: nothing under
+    dicom_assets/testing/xnat/ imports dicom_assets.core.xnat (nor anything else of core), so a
+    bug the client and the server share cannot hide."""
+    offenders = []
+    for path in (PACKAGE / "testing" / "xnat").glob("*.py"):
+        for node in _imports(path):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                offenders.append(f"{path.name}: from {'.' * node.level}{node.module or ''}")
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("dicom_assets.core")]
+    assert (PACKAGE / "testing" / "xnat" / "server.py").exists() and not offenders, offenders

@@ -468,7 +468,7 @@ def test_manifest_in_downloads_ends_as_labelled_xnat_sessions(demo_root, samples
     from dicom_assets.definitions import CHAIN_ASSETS, tcia_sensor
     from dicom_assets.defs.resources import XnatResource
     from dicom_assets.defs.tcia import tcia_series
-    from dicom_assets.testing.xnat_server import XnatTestServer
+    from dicom_assets.testing.xnat import XnatTestServer
 
     set_config(demo_root, tcia_allow_missing_series=True)  # the unknown series below is reported, not fatal
     xsrv = XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=tmp_path / "xnat").start()

@@ -51,7 +51,7 @@ def http_ok(url) -> bool:
 
 @pytest.fixture(scope="module")
 def dagster_dev(pristine_demo, samples, tmp_path_factory):
-    from dicom_assets.testing.xnat_server import XnatTestServer
+    from dicom_assets.testing.xnat import XnatTestServer
 
     if not os.path.exists(CHROMIUM):
         pytest.skip("no chromium here and none installable: `make test` installs Debian's chromium with apt")

@@ -1,8 +1,7 @@
 """How XNAT builds a session out of what it receives (scan IDs, the ``secondary`` resource,
 UIDs rewritten by a project's anonymization script), and the client's completeness check
-against it. The session-building rules of the test server are tested on their own first
-(each against the XNAT class it follows, named in dicom_assets/testing/xnat_session_builder.py);
-the upload tests are contract tests: they read XNAT only through its REST API, as xnatpy does,
+against it (the test server's own rules are tested in test_xnat_test_server.py). These are
+contract tests: they read XNAT only through its REST API, as xnatpy does,
 and run against the test server, or a real XNAT with ``XNAT_TEST_URL`` (``xnat_target.py``)."""
 
 from __future__ import annotations
@@ -11,55 +10,13 @@ import shutil
 
 import pydicom
 import pytest
-from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from dicom_assets.core.dicomscan import Rules
 from dicom_assets.core.organize import classify_tree
 from dicom_assets.core.xnat import compare_series, files_from_records, upload_visit
-from dicom_assets.testing.xnat_session_builder import (
-    PRIMARY_SOP_UIDS,
-    SeriesSeen,
-    merged_scan_ids,
-    resource_label,
-    scan_ids,
-    series_number_key,
-)
 
-
-# --------------------------------------------------------------------------- the server's rules
-def test_scan_ids_as_dicom_session_builder_numbers_them():
-    seen = [SeriesSeen("3", "1.2.9", frozenset({"MR"})), SeriesSeen("3", "1.2.10", frozenset({"MR"})),
-            SeriesSeen("4", "1.2.4", frozenset({"MR"})), SeriesSeen("3", "1.2.11", frozenset({"CT"}))]
-    ids = scan_ids(seen)
-    # a shared number: <number>-<modality><index> per UID in string order, counted per modality
-    assert ids == {"1.2.10": "3-MR1", "1.2.9": "3-MR2", "1.2.11": "3-CT1", "1.2.4": "4"}
-    assert "3" not in ids.values()
-
-
-@pytest.mark.parametrize("number,uid,key", [
-    ("7", "1.2.3", "7"), ("", "1.2.840.113619.2.1", "1_2_840_113619_2_1"), ("+5", "1.2", "_5"),
-    ("  ", "1.2-3", "1_2_3"),
-])
-def test_series_number_key(number, uid, key):
-    assert series_number_key(number, uid) == key
-
-
-def test_merged_scan_ids_follow_correct_scan_id():
-    existing = {"1.1": "3", "1.2": "4"}
-    # a UID the session has keeps its scan; a new series whose ID is taken is renamed
-    got = merged_scan_ids({"1.1": "5", "1.3": "4", "1.4": "6"}, {"1.1": "MR", "1.3": "MR", "1.4": "MR"}, existing)
-    assert got == {"1.1": "3", "1.3": "4-MR1", "1.4": "6"}
-    # Java's matches() is a full match: only a one-character stem is kept
-    assert merged_scan_ids({"2.1": "3-MR1"}, {"2.1": "MR"}, {"9": "3-MR1"}) == {"2.1": "3-MR2"}
-    assert merged_scan_ids({"2.1": "12-MR1"}, {"2.1": "MR"}, {"9": "12-MR1"}) == {"2.1": "12-MR1-MR1"}
-
-
-def test_secondary_resource_follows_the_primary_sop_list():
-    assert resource_label(MRImageStorage) == "DICOM"
-    assert resource_label(SecondaryCaptureImageStorage) == "secondary"
-    assert resource_label("1.2.840.10008.5.1.4.1.1.88.67") == "secondary"  # X-Ray Radiation Dose SR
-    assert resource_label(SecondaryCaptureImageStorage, separate_secondary=False) == "DICOM"
-    assert "1.2.840.10008.5.1.4.1.1.2" in PRIMARY_SOP_UIDS and len(PRIMARY_SOP_UIDS) >= 40  # CT, and the list
+from .xnat_rest import call, file_count, imports, prearchive_rows, rest_scans
 
 
 # --------------------------------------------------------------------------- a visit XNAT splits up
@@ -90,19 +47,6 @@ def tricky_visit(samples, tmp_path):
     return kept
 
 
-def rest_scans(target, project, label):
-    """Scan ID -> {resource label: file names}, and the experiment's row, as XNAT's REST API lists them."""
-    with target.connect() as s:
-        exp = next(r for r in s.get_json(f"/data/projects/{project}/experiments")["ResultSet"]["Result"]
-                   if r["label"] == label)
-        out = {}
-        for scan in s.get_json(f"/data/experiments/{exp['ID']}/scans")["ResultSet"]["Result"]:
-            rows = s.get_json(f"/data/experiments/{exp['ID']}/scans/{scan['ID']}/files")["ResultSet"]["Result"]
-            out[scan["ID"]] = {}
-            for r in rows:
-                out[scan["ID"]].setdefault(r["collection"], set()).add(r["Name"])
-        return out, exp
-
 
 def upload(target, project, files, label="V1", **kw):
     with target.connect() as s:
@@ -110,14 +54,6 @@ def upload(target, project, files, label="V1", **kw):
                             excluded=[], metadata_files=[], **kw)
 
 
-def imports(target, project) -> int:
-    """How many import requests reached XNAT for the project: on the test server, its count; on
-    a real XNAT not observable, so the tests read the session instead (the count is None)."""
-    return None if target.real else sum(1 for q in target.server.import_queries if q.get("project") == project)
-
-
-def file_count(scans) -> int:
-    return sum(len(n) for v in scans.values() for n in v.values())
 
 
 def import_zip(target, project, files, zpath, session="V1", accepted=(200,)):
@@ -128,15 +64,12 @@ def import_zip(target, project, files, zpath, session="V1", accepted=(200,)):
     write_zip(files, zpath)
     with target.connect() as s:
         s.put(f"/data/projects/{project}")
-        return s.post("/data/services/import", query={"import-handler": "DICOM-zip", "dest": "/archive",
-                                                      "project": project, "subject": "P1", "session": session},
-                      data=zpath.read_bytes(), headers={"Content-Type": "application/zip"},
-                      accepted_status=list(accepted))
+    r = call(target, "POST", "/data/services/import", params={"import-handler": "DICOM-zip", "dest": "/archive",
+                                                              "project": project, "subject": "P1", "session": session},
+             data=zpath.read_bytes(), headers={"Content-Type": "application/zip"})
+    assert r.status_code in accepted, (r.status_code, r.text)
+    return r
 
-
-def prearchive_rows(target, project) -> list[dict]:
-    with target.connect() as s:
-        return s.get_json(f"/data/prearchive/projects/{project}")["ResultSet"]["Result"]
 
 
 def test_shared_numbers_a_blank_number_and_a_secondary_capture_upload_complete(samples, xnat_target, tmp_path):
@@ -278,9 +211,9 @@ def test_a_session_busy_for_good_fails_naming_the_workflow(samples, xnat_target,
 
 @pytest.mark.slow
 def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
-    """This module against an XNAT it can only reach over HTTP (the test server in a process of
-    its own, given as XNAT_TEST_URL, as a site gives its own XNAT): every test passes or says it
-    needs the test server; none touches the server's internals."""
+    """This module and test_xnat.py against an XNAT they can only reach over HTTP (the test server
+    in a process of its own, given as XNAT_TEST_URL, as a site gives its own XNAT): every test
+    passes or says it needs the test server; none touches the server's internals."""
     import os
     import subprocess
     import sys
@@ -306,7 +239,8 @@ def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
         run_env = {**os.environ, "XNAT_TEST_URL": f"http://127.0.0.1:{port}", "XNAT_TEST_USER": "admin",
                    "XNAT_TEST_PASSWORD": password}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                               str(Path(__file__)), "-k", "not contract_tests_need"],
+                               str(Path(__file__)), str(Path(__file__).with_name("test_xnat.py")),
+                               "-k", "not contract_tests_need"],
                               cwd=repo, env=run_env, capture_output=True, text=True, timeout=600)
     finally:
         server.terminate()
@@ -378,23 +312,3 @@ def test_the_import_answers_the_archived_session_by_its_labels(samples, xnat_tar
     files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "T1 run 1"]
     r = import_zip(xnat_target, project, files, tmp_path / "one.zip")
     assert r.text.strip().endswith(f"/archive/projects/{project}/subjects/P1/experiments/V1")
-
-
-def test_series_filters_read_the_first_300_characters_of_a_header():
-    """RegExBasedSeriesImportFilter reads a header through getValueAsString(characterSet, 300):
-    a pattern that matches only past character 300 matches nothing, in the test server's filter
-    and in the client's reading of it alike; a blank value is "" (EXISTS holds)."""
-    from pydicom.dataset import Dataset
-
-    from dicom_assets.core.xnat import parse_series_filter
-    from dicom_assets.testing.xnat_server import SeriesImportFilter
-
-    ds = Dataset()
-    ds.SeriesDescription = "x" * 300 + "LOCALIZER"
-    server_side = SeriesImportFilter("LOCALIZER", mode="blacklist")
-    client_side = parse_series_filter("site-wide", '{"mode": "blacklist", "list": "LOCALIZER"}')
-    assert server_side.includes(ds) and client_side.keeps(ds)
-    ds.SeriesDescription = "LOCALIZER " + "x" * 300
-    assert not server_side.includes(ds) and not client_side.keeps(ds)
-    ds.SeriesDescription = " "
-    assert not SeriesImportFilter("EXISTS").includes(ds) and SeriesImportFilter("!EXISTS").includes(ds)

@@ -24,7 +24,7 @@ def _samples(args):
 
 
 def cmd_xnat_server(args) -> int:
-    from .xnat_server import serve_forever
+    from .xnat import serve_forever
 
     password = os.environ.get(args.password_env)
     if not password:

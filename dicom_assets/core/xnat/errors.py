@@ -41,10 +41,34 @@ def in_doubt(exc: Exception) -> bool:
         exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
+_PAGE = re.compile(r"<html\b.*?(?:</html>|$)", re.S | re.I)
+
+
+def status_text(page: str) -> str:
+    """The readable status of an HTML error page: XNAT's restlet resources answer errors with
+    Restlet's status page, the description in ``<h3>`` (``getResponse().setStatus(status,
+    message)`` without an entity: com.noelios.restlet StatusFilter); a proxy's page has it in
+    ``<h1>`` or ``<title>``. "" when the page holds none."""
+    import html
+
+    for tag in ("h3", "h1", "title"):
+        m = re.search(rf"<{tag}\b[^>]*>(.*?)</{tag}>", page, re.S | re.I)
+        text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", m.group(1))).split()) if m else ""
+        if text and text != "Status page":
+            return text
+    return ""
+
+
+def readable(text: str) -> str:
+    """``text`` with every HTML page in it replaced by its status text (never a raw HTML dump)."""
+    return _PAGE.sub(lambda m: status_text(m.group(0)) or "(an HTML page without a status text)", text)
+
+
 def response_text(exc: Exception) -> str:
-    """The text XNAT answered (xnatpy's XNATResponseError keeps it as ``text``), unless a page."""
+    """The text XNAT answered (xnatpy's XNATResponseError keeps it as ``text``); of an HTML page,
+    its status text."""
     text = getattr(exc, "text", None) or getattr(getattr(exc, "response", None), "text", "") or ""
-    return " ".join(text.split())[:200] if text.lstrip()[:1] != "<" else ""
+    return " ".join(readable(text).split())[:200]
 
 
 def classify_error(exc: Exception, server: str) -> XnatError:
@@ -59,6 +83,6 @@ def classify_error(exc: Exception, server: str) -> XnatError:
     if in_doubt(exc):
         return XnatTransientError(f"XNAT at {server} is unavailable or failed ({status or type(exc).__name__}); "
                                   "transient: retried with backoff (3 attempts)")
-    text = str(exc).replace("\n", " ")[:300]
+    text = " ".join(readable(str(exc)).split())[:300]
     return XnatError(f"XNAT at {server} answered an error: {text}")
 

@@ -129,6 +129,8 @@ def series_import_filters(session, project: str) -> SeriesFilters:
                 continue
             rows = resp.json()["ResultSet"]["Result"]
         except Exception as exc:
+            if http_status(exc) == 404:  # none: answered as Restlet's HTML status page, which xnatpy refuses
+                continue
             out.unknown.append(f"the {scope} filter, which the client could not read "
                                f"({http_status(exc) or type(exc).__name__})")
             continue

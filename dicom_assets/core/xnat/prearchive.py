@@ -11,6 +11,9 @@ from .remote import find_session, rows, session_names
 
 #: PrearcSessionArchiver.preventConcurrentArchiving's refusal: a workflow is open on the session
 BUSY = "Session processing may already be in progress"
+# PrearcSessionArchiver.MODALITY_MOD (checkForConflicts, under the site preference
+# preventCrossModalityMerge, on by default): the session's data type differs from the existing one's
+MODALITY_MOD = "Invalid modification of session modality"
 
 IN_PROGRESS = ("RECEIVING", "RECEIVING_INTERRUPT", "BUILDING", "QUEUED_BUILDING", "QUEUED_ARCHIVING", "ARCHIVING",
                "_RECEIVING", "_BUILDING", "_ARCHIVING", "QUEUED_DELETING", "DELETING", "_DELETING")
@@ -109,6 +112,29 @@ def post_import(session, zpath: Path, *, project: str, subject: str, label: str,
     return (resp.text or "").strip()
 
 
+def _named_conflict(reasons: list[str], project: str, label: str, answer: str) -> XnatError | None:
+    """A refusal XNAT gives for a reason of its own, named: a busy session (a workflow open on it)
+    or a merge across modalities (preventCrossModalityMerge); None for the others."""
+    busy = next((r for r in reasons if BUSY in r), None)
+    if busy:
+        return XnatBusyError(
+            f"XNAT session {label} in project {project} is busy: XNAT refused to merge into it while a workflow "
+            f"is open on it ({answer}; XNAT says: {busy.strip()}). A pipeline or a container run on archive "
+            "works on the session, or a workflow it left 'In Progress' was never closed (an admin closes it on "
+            "the session's History page). Nothing of this upload was archived; the client removed its "
+            "prearchive row")
+    modality = next((r for r in reasons if MODALITY_MOD in r), None)
+    if modality:
+        return XnatError(
+            f"XNAT refused to merge this upload into session {label} of project {project}: the upload builds a "
+            f"session of another modality than the one XNAT holds ({answer}; XNAT says: {modality.strip()}). "
+            "XNAT's site preference preventCrossModalityMerge (on by default) forbids merging sessions of "
+            "different modalities (an MR visit into a CT session, say). Nothing of this upload was archived; the "
+            "client removed its prearchive row: give the visit another session label, or ask the XNAT admin to "
+            "merge it by hand or to turn preventCrossModalityMerge off")
+    return None
+
+
 def refused_import(session, project: str, label: str, tag: str, before: dict[str, dict], exc: Exception,
                    asked_merge: bool, log) -> XnatError | None:
     """XNAT answered the import with a refusal (a 4xx, or a 5xx that is not worth waiting for,
@@ -139,14 +165,9 @@ def refused_import(session, project: str, label: str, tag: str, before: dict[str
     if not reasons:
         return None
     answer = f"HTTP {http_status(exc) or '4xx'}"
-    busy = next((r for r in reasons if BUSY in r), None)
-    if busy:
-        return XnatBusyError(
-            f"XNAT session {label} in project {project} is busy: XNAT refused to merge into it while a workflow "
-            f"is open on it ({answer}; XNAT says: {busy.strip()}). A pipeline or a container run on archive "
-            "works on the session, or a workflow it left 'In Progress' was never closed (an admin closes it on "
-            "the session's History page). Nothing of this upload was archived; the client removed its "
-            "prearchive row")
+    named = _named_conflict(reasons, project, label, answer)
+    if named is not None:
+        return named
     said = next((r.strip() for r in reasons if r.strip()), "")
     code = prearchive_code(session, project)
     try:

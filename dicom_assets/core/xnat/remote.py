@@ -19,8 +19,10 @@ def ensure_project(session, project: str) -> bool:
     *protected* (the default of ``BaseXnatProjectdata.createProject``) and *public* projects are
     listed to every user, but only owners and members may add data. A PUT of a project the user
     cannot see is a creation (``ProjectResource.handlePut``): 417 for an ID outside
-    ``[A-Za-z0-9_-]``, 403 when only admins may create projects, and 403 again when the ID
-    belongs to a private project of others."""
+    ``[A-Za-z0-9_-]``, 403 when only admins may create projects, 403 again when the ID
+    belongs to a private project of others or to a deleted project (``xnat_projectdata_history``),
+    409 when another project already holds the ID as its ID, title, running title or alias
+    (``BaseXnatProjectdata.validateProjectFields``)."""
     session.clearcache()
     if project in session.projects:
         if not _may_add_data(session, project):
@@ -36,16 +38,33 @@ def ensure_project(session, project: str) -> bool:
     try:
         session.put(f"/data/projects/{project}")
     except Exception as exc:
-        if http_status(exc) != 403:
-            raise
-        text = response_text(exc)
+        _refused_project(project, exc)
+    session.clearcache()
+    return True
+
+
+def _refused_project(project: str, exc: Exception) -> None:
+    """Why XNAT refused to create ``project`` (ProjectResource.handlePut), named; any other
+    failure is raised on as it came."""
+    status, text = http_status(exc), response_text(exc)
+    if status == 403 and "previously deleted project" in text:
+        raise XnatError(
+            f"XNAT project {project} cannot be created: XNAT refused the ID because a project of that ID was deleted "
+            f"(403: {text}); XNAT keeps deleted projects' IDs (xnat_projectdata_history) and never gives them "
+            "again: set xnat_project to another ID, or ask an XNAT admin") from None
+    if status == 409:
+        raise XnatError(
+            f"XNAT project {project} cannot be created: its ID is already used by another project as its ID, title, "
+            f"running title or alias (409: {text or 'XNAT gave no details'}); XNAT keeps these unique across "
+            "projects, case-insensitively, private projects this user cannot see included: set xnat_project to "
+            "another ID, or ask an XNAT admin which project holds it") from None
+    if status == 403:
         raise XnatAuthError(
             f"XNAT project {project} is not visible to this user and XNAT refused to create it (403"
             + (f": {text}" if text else "") + "): either it exists as a private project the user is not a member "
             "of (ask its owner to add the user), or the user may not create projects (ask an XNAT admin to "
             "create it)") from None
-    session.clearcache()
-    return True
+    raise exc
 
 
 def _may_add_data(session, project: str) -> bool:
