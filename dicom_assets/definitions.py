@@ -13,6 +13,7 @@ from .defs.jobs import (  # noqa: F401 - the asset lists, re-exported for tests 
     CHAIN_CHECKS,
     INDEX_ASSETS,
     LOCAL_CHAIN,
+    dicom_node_visit_job,
     tcia_job,
     visit_chain_job,
 )
@@ -37,7 +38,7 @@ def build_definitions(root: str | None = None) -> Definitions:
         executor=default_executor(),
         assets=[downloads, dicom_node_study] + CHAIN_ASSETS + BIDS_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
-        jobs=[visit_chain_job, tcia_job, dicom_node_retrieve],
+        jobs=[visit_chain_job, dicom_node_visit_job, tcia_job, dicom_node_retrieve],
         sensors=[downloads_sensor, tcia_sensor, dicom_node_sensor],
         # XNAT's, TCIA's and the DICOM node's settings are read from the environment when a step uses them
         resources={"dataset": DatasetResource(root=root or default_dataset_root()), "xnat": XnatResource(),

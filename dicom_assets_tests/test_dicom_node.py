@@ -165,7 +165,7 @@ def test_pushed_visit_is_fetched_counted_and_archived(instance, samples, tmp_pat
     result = ticker.tick()
     [req] = result.run_requests
     assert req.partition_key == "QPN004_ses-01" and req.tags[STUDY_TAG]
-    assert req.asset_selection[0].to_user_string() == "dicom_node_study"
+    assert req.asset_selection[0].to_user_string() == "dicom_node_study" and req.job_name == "dicom_node_visit"
     assert "QPN004_ses-01" in instance.get_dynamic_partitions("visits")
     out = run_request(instance, req, resources)
     assert out.success

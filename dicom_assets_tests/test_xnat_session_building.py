@@ -225,8 +225,10 @@ def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     port, password = free_port(), "pw-contract"
     env = {**os.environ, "XNAT_PASSWORD": password}
+    # its log to a file: a pipe nobody reads fills up and blocks the server
+    log = open(tmp_path / "xnat-server.log", "wb")
     server = subprocess.Popen([str(Path(sys.executable).with_name("dicom-assets-testing")), "xnat-server", "--port",
-                               str(port), "--user", "admin"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               str(port), "--user", "admin"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         import requests
 
@@ -244,7 +246,12 @@ def test_contract_tests_need_nothing_but_the_rest_api(samples, tmp_path):
                               cwd=repo, env=run_env, capture_output=True, text=True, timeout=600)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+        log.close()
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:]
     assert "skipped" in out and "needs the XNAT test server" in out  # the fault cases say why

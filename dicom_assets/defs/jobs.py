@@ -22,8 +22,18 @@ CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 # sensors leave them out of the runs they request (chain_selection, read at each tick)
 visit_chain_job = define_asset_job(
     "visit_chain",
-    selection=AssetSelection.assets(dicom_node_study, *CHAIN_ASSETS, *BIDS_ASSETS),
+    selection=AssetSelection.assets(*CHAIN_ASSETS, *BIDS_ASSETS),
     description="Run the whole chain for one visit (started by the downloads sensor).",
+)
+
+# a visit whose study came from the DICOM node: the fetch first, then the chain. Its own job,
+# not a part of visit_chain: dicom_node_study has nothing to do for a visit of folder dumps
+# (it records nothing), and Dagster skips what comes after a step that yields nothing, so in
+# visit_chain it would stop every dump visit's run launched without a selection
+dicom_node_visit_job = define_asset_job(
+    "dicom_node_visit",
+    selection=AssetSelection.assets(dicom_node_study, *CHAIN_ASSETS, *BIDS_ASSETS),
+    description="Fetch a visit's study from the DICOM node, then run the chain (started by the dicom_node_sensor).",
 )
 
 tcia_job = define_asset_job("tcia_download", selection=[tcia_series],

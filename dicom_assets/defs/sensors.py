@@ -16,7 +16,7 @@ from ..core.layout import DatasetLayout
 from ..core.tcia import manifest_name, manifests, read_resolved
 from ..settings import current as current_settings
 from .dicomnode import build_dicom_node_sensor
-from .jobs import chain_selection, tcia_job, visit_chain_job
+from .jobs import chain_selection, dicom_node_visit_job, tcia_job, visit_chain_job
 from .lineage import dump_observation
 from .partitions import VISITS_PARTITION_NAME, sensor_default_status, visits_partitions
 from .resources import DatasetResource
@@ -193,5 +193,5 @@ def build_tcia_sensor(chain_job, minimum_interval_seconds: int = 10):
 
 
 downloads_sensor = build_downloads_sensor(visit_chain_job)
-dicom_node_sensor = build_dicom_node_sensor(visit_chain_job, node_run_selection)
+dicom_node_sensor = build_dicom_node_sensor(dicom_node_visit_job, node_run_selection)
 tcia_sensor = build_tcia_sensor(visit_chain_job)
