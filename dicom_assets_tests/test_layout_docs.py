@@ -45,7 +45,7 @@ def sample_args(lay: DatasetLayout) -> dict:
     return {"visit": VISIT, "visit_key": VISIT.key, "participant": VISIT.participant, "session": VISIT.session,
             "study": STUDY, "item": ITEM, "name": TCIA_NAME, "series_uid": SERIES_UID, "state_id": STATE_ID,
             "part": PART, "tag": TAG, "study_id": NODE_STUDY, "store_dir": lay.store_dir(STUDY),
-            "series_dir": lay.tcia_series_dir(TCIA_NAME), "superdataset": lay.datalad_study_dir(STUDY)}
+            "series_dir": lay.tcia_series_dir(TCIA_NAME), "visit_dir": lay.dicom_node_dir(VISIT.key), "superdataset": lay.datalad_study_dir(STUDY)}
 
 
 def expand(pattern: str) -> list[str]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from .errors import DicomAssetsError
 from .fsutil import atomic_write, printable
 from .ids import Visit, VisitKeyError, normalize_participant_id, normalize_session_id
+from .layout import DatasetLayout
 
 #: the rule kinds of ``dicom_node.session_rule`` in global_config.json
 RULE_KINDS = ("attribute", "order", "table")
@@ -138,13 +139,12 @@ class OrthancClient:
         got = self.post_json("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study.study_uid}})
         return sorted(str(i) for i in got)
 
-    def first_instance_tags(self, study_id: str) -> dict:
+    def first_instance_tags(self, study: StudyInfo) -> dict:
         """The simplified tags of one instance of the study (for a rule reading a tag that is not
         among the study's main tags, e.g. PatientComments)."""
-        series = self.get_json(f"/studies/{_safe_id(study_id)}").get("Series") or []
-        if not series:
+        if not study.series:
             return {}
-        instances = self.get_json(f"/series/{_safe_id(series[0])}").get("Instances") or []
+        instances = self.get_json(f"/series/{_safe_id(study.series[0])}").get("Instances") or []
         return self.get_json(f"/instances/{_safe_id(instances[0])}/simplified-tags") if instances else {}
 
     def studies_of(self, patient_id: str) -> list[StudyInfo]:
@@ -201,13 +201,14 @@ class StudyInfo:
     study_uid: str
     patient_id: str
     tags: dict = field(default_factory=dict, compare=False)  # MainDicomTags + PatientMainDicomTags
+    series: tuple[str, ...] = field(default=(), compare=False)  # Orthanc IDs of its series
 
     @classmethod
     def from_orthanc(cls, data: dict) -> StudyInfo:
         main = dict(data.get("MainDicomTags") or {})
         patient = dict(data.get("PatientMainDicomTags") or {})
         return cls(str(data.get("ID", "")), str(main.get("StudyInstanceUID", "")), str(patient.get("PatientID", "")),
-                   {**patient, **main})
+                   {**patient, **main}, tuple(str(x) for x in data.get("Series") or ()))
 
     @property
     def when(self) -> tuple[str, str, str]:
@@ -236,7 +237,7 @@ def map_study(study: StudyInfo, rule, manifest, sessions: tuple[str, ...], *, ta
               studies_of=None, table: dict[str, str] | None = None) -> Mapped | Unmapped:
     """The visit a study belongs to, or why none: PatientID -> participant through the manifest
     (as for folder dumps), the session by the site's rule (``rule``: the ``dicom_node`` config's
-    ``session_rule``). ``tags_of(study_id)``: an instance's tags, read only when the rule's
+    ``session_rule``). ``tags_of(study)``: an instance's tags, read only when the rule's
     attribute is not among the study's main tags; ``studies_of(patient_id)``: the participant's
     studies, for the ``order`` rule; ``table``: StudyInstanceUID -> session, for the ``table`` rule."""
     if not study.patient_id.strip():
@@ -269,7 +270,7 @@ def _session_by_rule(study, rule, manifest, participant, sessions, tags_of, stud
         return _session_by_order(study, manifest, participant, sessions, studies_of)
     value = study.tags.get(rule.attribute)
     if value is None and tags_of is not None:
-        value = (tags_of(study.orthanc_id) or {}).get(rule.attribute)
+        value = (tags_of(study) or {}).get(rule.attribute)
     if value is None or not str(value).strip():
         return Unmapped(f"the study has no {rule.attribute} (the session rule reads it)")
     found = re.search(rule.pattern, str(value))
@@ -351,7 +352,7 @@ def fetch_study(client: OrthancClient, study: StudyInfo, dest: Path, *, visit: s
         raise DicomNodeError(f"study {study.label} ({study.orthanc_id}) holds no instance on {client.url}")
     version = instances_version(before)
     dest.mkdir(parents=True, exist_ok=True)
-    zip_path, record_path = dest / f"{study.orthanc_id}.zip", dest / f"{study.orthanc_id}.json"
+    zip_path, record_path = DatasetLayout.dicom_node_files(dest, study.orthanc_id)
     old = read_record(record_path)
     if old and old.get("version") == version and zip_path.is_file():
         return FetchResult(zip_path, record_path, len(before), version, "unchanged", zip_path.stat().st_size)

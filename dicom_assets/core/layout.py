@@ -235,11 +235,11 @@ class DatasetLayout:
     def dicom_node_dir(self, visit_key: str) -> Path:
         return self.dicom_node_root / visit_key
 
+    @staticmethod
     @layout_path("downloads/dicom_node/<visit>/<study_id>.{zip,json}",
                  "one study as one ZIP, and its record: instances, data version")
-    def dicom_node_files(self, visit_key: str, study_id: str) -> tuple[Path, Path]:
-        folder = self.dicom_node_dir(visit_key)
-        return folder / f"{study_id}.zip", folder / f"{study_id}.json"
+    def dicom_node_files(visit_dir: Path, study_id: str) -> tuple[Path, Path]:
+        return Path(visit_dir) / f"{study_id}.zip", Path(visit_dir) / f"{study_id}.json"
 
     # --- scratch ----------------------------------------------------------------------
     @property

@@ -55,7 +55,7 @@ from ..core.errors import DicomAssetsError
 from ..core.fsutil import atomic_write, file_token, printable
 from ..core.layout import DatasetLayout
 from ..settings import current as current_settings
-from .partitions import sensor_default_status, visit_asset, visit_of
+from .partitions import sensor_default_status, visit_asset, visit_of, visits_partitions
 from .resources import DatasetResource
 from .ui import path, table
 
@@ -263,8 +263,6 @@ def evaluate_dicom_node(context: SensorEvaluationContext, dataset: DatasetResour
         return SensorResult(skip_reason=SkipReason(printable(f"up to change {seq}: {why}")), cursor=cursor)
     context.log.info(f"up to change {seq}: {len(requests)} stable study(ies): "
                      + ", ".join(f"{r.partition_key}" for r in requests[:20]))
-    from .partitions import visits_partitions
-
     keys = sorted({r.partition_key for r in requests})
     return SensorResult(run_requests=requests, cursor=cursor,
                         dynamic_partitions_requests=[visits_partitions.build_add_request(keys)])
@@ -281,8 +279,10 @@ def _bounded(todo: dict[str, int], stable: dict[str, int], seq: int) -> tuple[di
 
 
 def _map_studies(ds, client, todo: dict[str, int], old_unmapped: dict, chain_job_name: str, selection_for):
-    mapping = _mapper(ds, client)
     unmapped = {k: v for k, v in old_unmapped.items() if k not in todo}
+    if not todo:  # an idle tick reads no session table and asks Orthanc nothing more
+        return [], unmapped
+    mapping = _mapper(ds, client)
     requests = []
     selection = None
     for sid, seq in sorted(todo.items(), key=lambda kv: kv[1]):
