@@ -26,11 +26,18 @@ def default_executor():
     """All steps of a run in the run's own process (the default, ``in_process``: the chain is
     linear, so nothing runs in parallel anyway, and each step saves a Python start and a code
     load, measured in bench/run.py), or ``DICOM_ASSETS_EXECUTOR=multiprocess``: each step in
-    its own process (isolation of a step's memory, or for executors that need it). Run limits,
-    the ``xnat_upload`` pool and run retries of dagster.yaml hold with either."""
+    its own process (isolation of a step's memory, or for executors that need it), or
+    ``celery``: each step a task on the Celery workers of the cluster profile
+    (``defs/cluster.py``, docs/deploy.md). Run limits, the ``xnat_upload`` pool and run retries
+    of dagster.yaml hold with any of them."""
     from .settings import current
 
-    return in_process_executor if current().executor == "in_process" else multiprocess_executor
+    kind = current().executor
+    if kind == "celery":
+        from .defs.cluster import cluster_executor
+
+        return cluster_executor()
+    return in_process_executor if kind == "in_process" else multiprocess_executor
 
 
 def build_definitions(root: str | None = None) -> Definitions:

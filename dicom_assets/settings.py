@@ -80,10 +80,11 @@ class Settings(BaseSettings):
                     "(the rest at the next)")
 
     # --- how the code location runs ------------------------------------------------------------
-    executor: Literal["in_process", "multiprocess"] = Field(
+    executor: Literal["in_process", "multiprocess", "celery"] = Field(
         "in_process", alias="DICOM_ASSETS_EXECUTOR",
         description="`in_process`: every step of a run in the run's process; `multiprocess`: each step in its "
-                    "own process (read when the code location loads)")
+                    "own process; `celery`: each step a task on the Celery workers of the cluster profile "
+                    "(docs/deploy.md; read when the code location loads)")
     sensors: Literal["on", "off"] = Field(
         "on", alias="DICOM_ASSETS_SENSORS",
         description="`off` (or `0`, `false`, `stopped`): the sensors start stopped, e.g. to backfill by hand "
@@ -95,6 +96,19 @@ class Settings(BaseSettings):
         "direct", alias="DICOM_ASSETS_DATALAD_WRITER",
         description="`direct`: git-annex's records written with one `git fast-import`; `batch`: the reference "
                     "path through DataLad and git-annex's batch commands")
+
+    # --- the cluster profile (DICOM_ASSETS_EXECUTOR=celery, docs/deploy.md) ------------------------
+    celery_broker: SecretStr | None = Field(
+        None, alias="DICOM_ASSETS_CELERY_BROKER",
+        description="the Celery broker (Redis) of the cluster profile, e.g. `redis://:PASSWORD@host:6379/0`; "
+                    "read by the run workers and the Celery workers (secret: it may carry a password)")
+    celery_backend: SecretStr | None = Field(
+        None, alias="DICOM_ASSETS_CELERY_BACKEND",
+        description="the Celery result backend (default: the broker)")
+    celery_visibility_timeout: float = Field(
+        3600.0, gt=0, alias="DICOM_ASSETS_CELERY_VISIBILITY_TIMEOUT",
+        description="seconds after which Redis gives a step whose worker vanished (no acknowledgement) to "
+                    "another worker; keep it longer than the longest step, which would otherwise run twice")
 
     # --- the downloads sensor --------------------------------------------------------------------
     sensor_batch: int = Field(SensorLimits.batch, ge=1, alias="DICOM_ASSETS_SENSOR_BATCH",
@@ -139,6 +153,15 @@ class Settings(BaseSettings):
     def dicom_node_configured(self) -> bool:
         """A DICOM node to follow: ``ORTHANC_URL`` is set."""
         return bool(self.orthanc_url)
+
+    @property
+    def celery_urls(self) -> tuple[str, str]:
+        """(broker, result backend) of the cluster profile; a named error when the broker is unset."""
+        if self.celery_broker is None:
+            raise SettingsError("DICOM_ASSETS_CELERY_BROKER is not set: the Celery workers and the run workers "
+                                "need the broker's URL (e.g. redis://host:6379/0)")
+        broker = self.celery_broker.get_secret_value()
+        return broker, (self.celery_backend.get_secret_value() if self.celery_backend is not None else broker)
 
     def downloads_sensor(self, **overrides) -> SensorLimits:
         """The downloads sensor's limits (``overrides`` that are not None win)."""

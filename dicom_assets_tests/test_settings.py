@@ -52,7 +52,7 @@ def test_values_are_typed_and_read_when_asked(monkeypatch):
 @pytest.mark.parametrize("name,value,says", [
     ("DICOM_ASSETS_ORGANIZE_WORKERS", "two", "valid integer"),
     ("DICOM_ASSETS_ORGANIZE_WORKERS", "0", "greater than or equal to 1"),
-    ("DICOM_ASSETS_EXECUTOR", "celery", "in_process"),
+    ("DICOM_ASSETS_EXECUTOR", "kubernetes", "in_process"),
     ("DICOM_ASSETS_SENSORS", "sometimes", "'on' or 'off'"),
     ("XNAT_VERIFY", "maybe", "valid boolean"),
     ("DICOM_ASSETS_SENSOR_BATCH", "-1", "greater than or equal to 1"),

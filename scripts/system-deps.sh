@@ -5,6 +5,7 @@
 #   git       DataLad / git-annex
 #   chromium  the end-to-end browser test of the Dagster UI
 #   postgresql  the scale-out storage test (a throwaway cluster in a temporary folder)
+#   redis-server  the Celery broker and result backend of the cluster profile (tests, demo-cluster, bench)
 #   orthanc   the DICOM node (a real Orthanc: the tests', the demo's and the bench's)
 #   dcmtk     DICOM network tools (storescu pushes as a scanner console; storescp for the bench)
 #   p7zip-full  7z, which DataLad's legacy archive remote (datalad-archives) needs; the
@@ -14,6 +15,7 @@ need=()
 command -v git >/dev/null 2>&1 || need+=(git)
 [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1 || need+=(chromium)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)

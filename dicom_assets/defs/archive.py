@@ -23,6 +23,7 @@ from ..core.errors import DicomAssetsError
 from ..core.metadata import describe_tarball, write_metadata
 from ..core.organize import read_kept
 from ..core.tarball import organized_files, write_tarball
+from .cluster import CPU_QUEUE
 from .ingest import organized_dicoms
 from .partitions import organized_dir_of, visit_asset, visit_of
 from .resources import DatasetResource
@@ -30,6 +31,7 @@ from .ui import path, table
 
 
 @visit_asset(
+    queue=CPU_QUEUE,
     group="archive",
     kinds={"tar", "file"},
     deps=[organized_dicoms],

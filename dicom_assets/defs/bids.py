@@ -17,6 +17,7 @@ from dagster import (
 from ..core.bids import BidsError, convert_visit, load_dcm2bids_config, tool_versions, validate
 from ..core.curation import update_visit_status
 from ..core.versions import digests_version
+from .cluster import CPU_QUEUE
 from .ingest import organized_dicoms
 from .partitions import not_applicable, organized_dir_of, visit_asset, visit_of
 from .resources import DatasetResource
@@ -26,6 +27,7 @@ MAX_ROWS = 200
 
 
 @visit_asset(
+    queue=CPU_QUEUE,
     group="bids",
     kinds={"bids", "file"},
     deps=[organized_dicoms],

@@ -35,6 +35,7 @@ from ..core.qc import build_montage, middle_images
 from ..core.sources import DUMP, tcia_visits, visit_source
 from ..core.versions import dump_version, kept_version
 from ..settings import current as current_settings
+from .cluster import CPU_QUEUE
 from .dicomnode import dicom_node_study
 from .lineage import DOWNLOADS
 from .partitions import visit_asset, visit_of, visits_partitions
@@ -164,6 +165,7 @@ def _organize_checks(result, policy: str) -> list[AssetCheckResult]:
 
 
 @visit_asset(
+    queue=CPU_QUEUE,
     group="ingest",
     kinds={"dicom", "file"},
     deps=[raw_dicoms],

@@ -47,15 +47,18 @@ def not_applicable(context, visit: Visit, asset: str, checks: list[str], why: st
 OWNERS = ["team:imaging"]
 
 
-def visit_asset(*, group: str, kinds: set[str], **kwargs):
+def visit_asset(*, group: str, kinds: set[str], queue: str | None = None, **kwargs):
     """``@asset`` for a step of the visit chain: partitioned by visit, owned, grouped by stage;
     its ``code_version`` is its output format version, from ``lineage.CODE_VERSIONS`` (a stage
-    missing there fails at import)."""
+    missing there fails at import); ``queue``: the Celery queue of its step in the cluster
+    profile (``cluster.QUEUES``; default: dagster-celery's ``dagster``)."""
+    from .cluster import on_queue
     from .lineage import CODE_VERSIONS
 
     def decorate(fn):
         return asset(partitions_def=visits_partitions, group_name=group, kinds=kinds, owners=OWNERS,
-                     code_version=CODE_VERSIONS[fn.__name__], **kwargs)(fn)
+                     code_version=CODE_VERSIONS[fn.__name__], op_tags=on_queue(queue) if queue else None,
+                     **kwargs)(fn)
     return decorate
 
 

@@ -33,6 +33,7 @@ from ..core.xnat import (
 )
 from ..settings import current as current_settings
 from .archive import visit_metadata
+from .cluster import XNAT_QUEUE
 from .ingest import organized_dicoms
 from .partitions import not_applicable, visit_asset, visit_of
 from .resources import DatasetResource, XnatResource
@@ -110,6 +111,7 @@ def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> M
 
 
 @visit_asset(
+    queue=XNAT_QUEUE,
     group="publish",
     kinds={"xnat"},
     deps=[organized_dicoms, visit_metadata],

@@ -29,6 +29,16 @@ class DatasetResource(ConfigurableResource):
     root: str = Field(description="Dataset root folder (global_config.json, downloads/, dicom/, store/ ...)")
 
     def open(self) -> Dataset:
+        """The dataset, or a Failure naming the root and the machine and process that cannot see
+        it (on a cluster: a worker whose shared filesystem is not mounted at that path)."""
+        if not Path(self.root).is_dir():
+            from dagster import Failure
+
+            from .cluster import worker_identity
+
+            raise Failure(f"dataset root {self.root} does not exist on worker {worker_identity()} (host:pid): "
+                          "mount the shared dataset root there at the same path (DICOM_ASSETS_ROOT), then "
+                          "re-execute the run from failure")
         return Dataset.open(self.root)
 
 
