@@ -1,65 +1,27 @@
 """Scale-out storage: the chain through a real PostgreSQL instance (a throwaway cluster on a
 free loopback port), with the multiprocess executor, read back from a second instance."""
 
-import glob
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from .helpers import free_port
+from dicom_assets.testing import postgres as pg
 
 REPO = Path(__file__).resolve().parents[1]
-INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-def _as_postgres(cmd, **kw):
-    """Run a server command as the unprivileged postgres user when we are root."""
-    if os.geteuid() == 0:
-        cmd = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", *cmd]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(scope="module")
 def postgres():
-    if not INITDB:
-        pytest.skip("PostgreSQL server not installed: `make test` installs Debian's postgresql")
-    if os.geteuid() == 0:
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("no 'postgres' system user to run the server as")
-    bindir = Path(INITDB[-1]).parent
-    top = Path(tempfile.mkdtemp(prefix="dicom-assets-pg-", dir="/tmp"))
-    data, sock = top / "data", top / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(top, "postgres", "postgres")
-        shutil.chown(sock, "postgres", "postgres")
-    password = "pg-" + os.urandom(6).hex()
-    pwfile = top / "pw"
-    pwfile.write_text(password)
-    if os.geteuid() == 0:
-        shutil.chown(pwfile, "postgres", "postgres")
-    _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "dagster", "--pwfile", str(pwfile),
-                  "--auth=scram-sha-256", "-E", "UTF8"])
-    port = free_port()
-    _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(top / "server.log"), "-w", "-o",
-                  f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"])
-    try:
-        env = {**os.environ, "PGPASSWORD": password}
-        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "dagster", "dagster"],
-                       check=True, env=env, capture_output=True)
-        yield {"host": "127.0.0.1", "port": str(port), "db": "dagster", "user": "dagster", "password": password}
-    finally:
-        _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"])
-        shutil.rmtree(top, ignore_errors=True)
+    why = pg.missing()
+    if why:
+        pytest.skip(why)
+    with pg.postgres_server() as server:
+        yield server
 
 
 @pytest.mark.slow
