@@ -200,6 +200,7 @@ def site(samples, tmp_path_factory):
         try:
             with DagsterInstance.get() as instance:
                 assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+                cl.prime_pools(instance)  # (a Dagster race on a fresh instance: docs/deploy.md)
                 yield Site(root, ref_root, cluster, dev, xnat, ref_xnat, instance, log)
         finally:
             dev.stop()

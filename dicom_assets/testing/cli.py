@@ -6,6 +6,8 @@ site runs in production.
   dicom-assets-testing nbia-server     the NBIA-compatible (TCIA) test server
   dicom-assets-testing orthanc-node    a real Orthanc as the DICOM node, and a visit pushed to it
                                        with storescu, as a scanner console does
+  dicom-assets-testing cluster         Redis, PostgreSQL and Celery workers on loopback (the cluster
+                                       profile, `make demo-cluster`)
 """
 
 from __future__ import annotations
@@ -88,6 +90,45 @@ def cmd_orthanc_node(args) -> int:
         node.stop()
 
 
+#: what the workers of `cluster` get from this process's environment (the steps they run need them)
+WORKER_PASS = ("XNAT_HOST", "XNAT_USER", "XNAT_PASSWORD", "XNAT_VERIFY", "TCIA_SERVERS", "TCIA_API_VERSION",
+               "ORTHANC_URL", "ORTHANC_USER", "ORTHANC_PASSWORD")
+
+
+def cmd_cluster(args) -> int:
+    import signal
+
+    from .cluster import Cluster, WorkerSpec, missing
+
+    why = missing()
+    if why:
+        print(f"no cluster: {why}", file=sys.stderr)
+        return 3
+    passed = {k: os.environ[k] for k in WORKER_PASS if os.environ.get(k)}
+    specs = [WorkerSpec(f"worker{i + 1}", tuple(args.queues.split(",")), concurrency=args.concurrency)
+             for i in range(args.workers)]
+    cluster = Cluster(Path(args.workdir), Path(args.root), workers=specs, extra_env=passed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        cluster.start()
+        out = Path(args.env_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the daemon's host needs these (passwords included): a file only its owner reads
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            for k, v in cluster.env().items():
+                fh.write(f"export {k}='{v}'\n")
+        for w in cluster.workers.values():
+            print(f"Celery worker {w.hostname} (pid {w.pid}, queues {','.join(w.spec.queues)}): {w.log}",
+                  file=sys.stderr, flush=True)
+        print(f"Redis on 127.0.0.1:{cluster.redis.port}, PostgreSQL on 127.0.0.1:{cluster.postgres.port}; "
+              f"environment for the daemon: {out}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        cluster.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dicom-assets-testing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--push", action="append", default=[], metavar="PARTICIPANT/SESSION",
                    help="push this demo visit with storescu once the node is up (repeatable)")
     o.set_defaults(fn=cmd_orthanc_node)
+    c = sub.add_parser("cluster", help="Redis, PostgreSQL and Celery workers on loopback (the cluster profile)")
+    c.add_argument("--root", required=True, help="the dataset root (the shared path every worker sees)")
+    c.add_argument("--workdir", required=True, help="Redis's folder, each worker's folder and HOME")
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--queues", default="dagster,cpu,xnat", help="the queues every worker takes")
+    c.add_argument("--concurrency", type=int, default=1, help="pool processes per worker")
+    c.add_argument("--env-out", required=True,
+                   help="write the daemon's environment here (export lines, mode 0600: it holds passwords)")
+    c.set_defaults(fn=cmd_cluster)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -48,6 +48,24 @@ def _wait_port(port: int, timeout: float, what: str, log: Path | None = None) ->
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s\n{tail}")
 
 
+#: the instance's pools (the XNAT asset's)
+POOLS = ("xnat_upload",)
+
+
+def prime_pools(instance=None) -> None:
+    """Create each pool's row at its default limit before any run claims it: on a fresh
+    PostgreSQL instance, Dagster 1.13 races when several runs make the row at once (an
+    IntegrityError, then "current transaction is aborted": the run fails and is retried). The
+    instance of ``$DAGSTER_HOME`` when none is given."""
+    from dagster import DagsterInstance
+
+    if instance is None:
+        with DagsterInstance.get() as inst:
+            return prime_pools(inst)
+    for pool in POOLS:
+        instance.event_log_storage.initialize_concurrency_limit_to_default(pool)
+
+
 class RedisServer:
     """``redis-server`` on a free loopback port, its own folder, a password, and an append-only
     file fsynced on every write: a restart keeps the queued and unacknowledged tasks."""
