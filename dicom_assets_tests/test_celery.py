@@ -442,3 +442,26 @@ def test_redis_restarted_during_a_backfill_every_visit_completes_by_the_retry_po
         retries = [r.dagster_run for r in records if r.dagster_run.tags.get("dagster/parent_run_id") == run.run_id]
         assert retries, f"run {run.run_id} failed and was not retried"
     assert not list((site.root / "store" / "QPN").glob(".*.tmp-*"))
+
+
+def test_a_task_delivered_again_runs_only_a_step_that_never_ended(demo_root, instance):
+    """The workers' delivery check, on a real run's event log (no cluster needed): a task of an
+    ended run is dropped; while the run goes on, a step that succeeded hands back its recorded
+    events (STEP_START to STEP_SUCCESS) and is not run again; a step with no end runs."""
+    from dagster import DagsterEventType, DagsterRunStatus
+
+    from dicom_assets.defs.cluster import _delivery_verdict
+
+    from .helpers import run_chain
+
+    result = run_chain(instance, demo_root, "QPN001_ses-01", selection=["raw_dicoms", "organized_dicoms"])
+    run = instance.get_run_by_id(result.run_id)
+    verdict, events = _delivery_verdict(instance, run, ["raw_dicoms"])
+    assert "already ended" in verdict and events == []
+
+    going = run._replace(status=DagsterRunStatus.STARTED)  # the same run, as seen while it goes on
+    verdict, events = _delivery_verdict(instance, going, ["organized_dicoms"])
+    assert "already succeeded" in verdict
+    assert events[0].event_type == DagsterEventType.STEP_START and events[-1].event_type == DagsterEventType.STEP_SUCCESS
+    assert {e.step_key for e in events} == {"organized_dicoms"}
+    assert _delivery_verdict(instance, going, ["visit_tarball"]) == ("run", [])
