@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     tcia_api_version: Literal["v4", "v1"] = Field("v4", alias="TCIA_API_VERSION",
                                                   description="NBIA REST API version: `v4` (tcia_utils') or `v1` "
                                                               "(the Data Retriever's)")
+    tcia_retry_window: float = Field(
+        600, ge=0, alias="TCIA_RETRY_WINDOW",
+        description="seconds a request keeps being retried while the NBIA server is away (429, 502-504, no "
+                    "connection), honouring `Retry-After`, before the run fails")
+    tcia_retry_failed_every: float = Field(
+        900, ge=0, alias="TCIA_RETRY_FAILED_EVERY",
+        description="seconds after a failed manifest run (an outage, a series that failed) before the "
+                    "`tcia_sensor` requests it again")
+    tcia_retry_failed_times: int = Field(
+        24, ge=0, alias="TCIA_RETRY_FAILED_TIMES",
+        description="how many times the `tcia_sensor` requests a failed manifest again (0: never)")
 
     # --- the DICOM node (Orthanc) --------------------------------------------------------------
     orthanc_url: str | None = Field(

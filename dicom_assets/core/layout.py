@@ -14,6 +14,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       tabular/dicom_dir_map.tsv                              optional: visit -> download name (dumps named by no convention)
       tabular/curation_status.tsv                            how far each visit got, read from its files
       tabular/.curation_status.lock                          held while a row of curation_status.tsv is written
+      tabular/tcia_studies.csv                               every TCIA study and the visit and label it was given, for good
       downloads/                                             what arrives: one folder per session, tcia/ and dicom_node/
       downloads/<session>/                                   the session's scanner dumps, as delivered
       downloads/<session>/<item>                             one scanner dump, named as the site names it
@@ -23,6 +24,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       downloads/tcia/<name>/series/<uid>.{zip,json}          a series as NBIA sent it, and its verification record
       downloads/tcia/<name>/series/<uid>.zip                 a series as NBIA sent it (md5 verified)
       downloads/tcia/<name>/resolved.csv                     SeriesInstanceUID -> PatientID, study, visit, session label
+      downloads/tcia/<name>/series.csv                       every series of the manifest's last run: outcome, visit, reason
       downloads/dicom_node/                                  studies fetched from the DICOM node (Orthanc), one folder per visit
       downloads/dicom_node/<visit>/                          the visit's studies as the DICOM node sent them
       downloads/dicom_node/<visit>/<study_id>.{zip,json}     one study as one ZIP, and its record: instances, data version
@@ -90,7 +92,7 @@ PLACEHOLDERS: dict[str, str] = {
     "visit": "the visit id, the Dagster partition key: `<participant>_<session>` (`QPN001_ses-01`)",
     "study": "`study_id` of `global_config.json` (`QPN`)",
     "item": "a dump (zip, tar or folder) as the site named it (`QPN_001_MR.zip`)",
-    "name": "a TCIA manifest's name: the stem of `<name>.tcia` or `<name>.csv`, made safe",
+    "name": "a TCIA manifest's name: the stem of `<name>.tcia`, or for another file its stem made safe plus `-` and 8 hex digits of its name's sha1",
     "uid": "a SeriesInstanceUID",
     "id": "the downloads sensor's state id (random, held by its cursor)",
     "part": "a file of a DataLad deposit: `refs`, `repo-export` (`pack` while it is written)",
@@ -185,6 +187,11 @@ class DatasetLayout:
     def curation_lock_path(self) -> Path:
         return self.tabular_dir / ".curation_status.lock"
 
+    @property
+    @layout_path("tabular/tcia_studies.csv", "every TCIA study and the visit and label it was given, for good")
+    def tcia_studies_path(self) -> Path:
+        return self.tabular_dir / "tcia_studies.csv"
+
     # --- downloads --------------------------------------------------------------------
     @property
     @layout_path("downloads/", "what arrives: one folder per session, tcia/ and dicom_node/")
@@ -225,6 +232,10 @@ class DatasetLayout:
     @layout_path("downloads/tcia/<name>/resolved.csv", "SeriesInstanceUID -> PatientID, study, visit, session label")
     def tcia_resolved_path(self, name: str) -> Path:
         return self.tcia_manifest_dir(name) / "resolved.csv"
+
+    @layout_path("downloads/tcia/<name>/series.csv", "every series of the manifest's last run: outcome, visit, reason")
+    def tcia_series_table_path(self, name: str) -> Path:
+        return self.tcia_manifest_dir(name) / "series.csv"
 
     @property
     @layout_path("downloads/dicom_node/", "studies fetched from the DICOM node (Orthanc), one folder per visit")
