@@ -201,7 +201,8 @@ class NbiaClient:
                     block = resp.read1(_CHUNK)  # what has arrived, to disk at once
                 except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: the stream was cut off
                     raise TciaDownloadError(f"{endpoint} {uid}: stream cut off after {size} bytes "
-                                            f"({_describe(exc)})") from None
+                                            f"({_describe(exc)}; NBIA builds the zip as it streams it, with no "
+                                            "ranges, so the next attempt starts again at byte 0)") from None
                 if not block:
                     return size
                 out.write(block)  # a local write error (disk full) is not the server's: not retried
