@@ -221,6 +221,12 @@ class Context:
     profile: Profile
     safe_private: tuple[SafePrivate, ...] = ()
     identifiers: list[str] = field(default_factory=list)  # cut out of the texts that are cleaned
+    _pattern: tuple | None = None
+
+    def scrub_pattern(self) -> re.Pattern | None:
+        if self._pattern is None or self._pattern[0] != self.identifiers:
+            self._pattern = (list(self.identifiers), terms_pattern(self.identifiers))
+        return self._pattern[1]
 
     @property
     def pseudonym(self) -> str:
@@ -267,11 +273,15 @@ def _dummy(elem: DataElement, ctx: Context) -> None:
         elem.value = DUMMY
 
 
-def scrub_text(text: str, identifiers: list[str]) -> str:
-    """``text`` with every identifying value cut out (case-insensitive), spaces tidied."""
-    out = str(text)
-    for ident in identifiers:
-        out = re.sub(re.escape(ident), "", out, flags=re.IGNORECASE)
+def terms_pattern(terms) -> re.Pattern | None:
+    """One case-insensitive pattern matching any of ``terms``, the longest first (None: no term)."""
+    terms = sorted({t.lower() for t in terms}, key=lambda t: (-len(t), t))
+    return re.compile("|".join(map(re.escape, terms)), re.IGNORECASE) if terms else None
+
+
+def scrub_text(text: str, pattern: re.Pattern | None) -> str:
+    """``text`` with every identifying value (``pattern``, :func:`terms_pattern`) cut out, spaces tidied."""
+    out = pattern.sub("", str(text)) if pattern is not None else str(text)
     return re.sub(r"\s{2,}", " ", out).strip(" ^-_,;")
 
 
@@ -282,7 +292,8 @@ def _clean(elem: DataElement, ctx: Context) -> None:
         else:
             elem.value = elem.empty_value
     elif elem.VR in _TEXT_VRS:
-        _set(elem, [scrub_text(v, ctx.identifiers) for v in _values(elem)] or [""])
+        pattern = ctx.scrub_pattern()
+        _set(elem, [scrub_text(v, pattern) for v in _values(elem)] or [""])
     elif elem.VR not in ("TM", "SQ") and elem.VR not in _NUMBER_VRS:
         elem.value = elem.empty_value
 
@@ -524,12 +535,12 @@ def _as_text(elem: DataElement) -> str:
 
 
 def _scan(ds: Dataset, prefix: str, idents: dict[str, Identifier], uids: dict[str, Identifier],
-          file: str, hits: list[LeakHit]) -> None:
+          file: str, hits: list[LeakHit], pattern: re.Pattern | None = None) -> None:
     for elem in ds:
         path = f"{prefix}{_tag_name(elem)}"
         if elem.VR == "SQ":
             for i, item in enumerate(elem.value or []):
-                _scan(item, f"{path}[{i}].", idents, uids, file, hits)
+                _scan(item, f"{path}[{i}].", idents, uids, file, hits, pattern)
             continue
         if int(elem.tag) in _BULK:
             continue
@@ -539,28 +550,45 @@ def _scan(ds: Dataset, prefix: str, idents: dict[str, Identifier], uids: dict[st
                 if found is not None:
                     hits.append(LeakHit(file, path, found.source))
             continue
-        text = _as_text(elem).lower()
-        for term, ident in idents.items():
-            if term in text:
-                hits.append(LeakHit(file, path, ident.source))
-                break
+        m = pattern.search(_as_text(elem)) if pattern is not None else None
+        if m is not None:
+            hits.append(LeakHit(file, path, idents[m.group(0).lower()].source))
 
 
-def scan_dataset(ds: Dataset, identifiers: dict[str, Identifier], file: str) -> list[LeakHit]:
-    """The identifying values found in ``ds`` (its file meta included) and in its ``file`` name."""
-    uids = {k: v for k, v in identifiers.items() if re.fullmatch(r"[0-9.]+", k) and "." in k}
-    idents = searchable({k: v for k, v in identifiers.items() if k not in uids})
+@dataclass(frozen=True)
+class Needles:
+    """The identifiers prepared for scanning: UIDs compared whole, the rest searched in text."""
+
+    idents: dict[str, Identifier]
+    uids: dict[str, Identifier]
+    pattern: re.Pattern | None
+
+    @classmethod
+    def of(cls, identifiers: dict[str, Identifier]) -> Needles:
+        uids = {k: v for k, v in identifiers.items() if re.fullmatch(r"[0-9.]+", k) and "." in k}
+        idents = searchable({k: v for k, v in identifiers.items() if k not in uids})
+        return cls(idents, uids, terms_pattern(idents))
+
+
+def scan_dataset(ds: Dataset, identifiers: dict[str, Identifier] | Needles, file: str) -> list[LeakHit]:
+    """The identifying values found in ``ds`` (its file meta and preamble included) and in its
+    ``file`` name."""
+    n = identifiers if isinstance(identifiers, Needles) else Needles.of(identifiers)
     hits: list[LeakHit] = []
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        _scan(meta, "file meta.", idents, uids, file, hits)
-    _scan(ds, "", idents, uids, file, hits)
+        _scan(meta, "file meta.", n.idents, n.uids, file, hits, n.pattern)
+    _scan(ds, "", n.idents, n.uids, file, hits, n.pattern)
     name = file.lower()
     stripped = _NEW_UID.sub("", name)  # the digits of a new UID are no value of the source
-    hits += [LeakHit(file, "file name", i.source) for t, i in idents.items() if t in stripped]
-    hits += [LeakHit(file, "file name", i.source) for t, i in uids.items() if t in name]
-    preamble = (getattr(ds, "preamble", None) or b"").decode("latin-1").lower()
-    hits += [LeakHit(file, "preamble", i.source) for t, i in idents.items() if t in preamble][:1]
+    m = n.pattern.search(stripped) if n.pattern is not None else None
+    if m is not None:
+        hits.append(LeakHit(file, "file name", n.idents[m.group(0).lower()].source))
+    hits += [LeakHit(file, "file name", i.source) for t, i in n.uids.items() if t in name]
+    preamble = (getattr(ds, "preamble", None) or b"").decode("latin-1")
+    m = n.pattern.search(preamble) if n.pattern is not None else None
+    if m is not None:
+        hits.append(LeakHit(file, "preamble", n.idents[m.group(0).lower()].source))
     return hits
 
 
@@ -569,10 +597,11 @@ def leak_check(folder: Path, identifiers: dict[str, Identifier]) -> tuple[list[L
     from pydicom import dcmread
 
     hits: list[LeakHit] = []
+    needles = Needles.of(identifiers)
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     for path in files:
         rel = path.relative_to(folder).as_posix()
-        hits += scan_dataset(dcmread(path, force=True), identifiers, rel)
+        hits += scan_dataset(dcmread(path, force=True), needles, rel)
     return hits, len(files)
 
 
@@ -637,3 +666,79 @@ def deidentify_files(files: list[Path], dest: Path, ctx: Context, identifiers: d
         if "PixelData" in ds:
             res.pixel_sha256[name] = hashlib.sha256(ds.PixelData).hexdigest()
     return res
+
+
+@dataclass
+class ShareResult:
+    """A visit's shared copy: what was kept and excluded, the leak check, where it went."""
+
+    files: VisitResult
+    hits: list[LeakHit]          # with the source file's name in ``file`` (never the new name)
+    scanned: int
+    placed: bool                 # False: leaks found, nothing was put in share/
+    digests: dict[str, str] = field(default_factory=dict)  # new file name -> sha256
+    pixels_changed: list[str] = field(default_factory=list)  # source names whose PixelData differs
+
+
+def _pixel_digests(files: list[Path]) -> dict[str, str]:
+    from pydicom import dcmread
+
+    out = {}
+    for path in files:
+        ds = dcmread(path, force=True)
+        if "PixelData" in ds:
+            out[path.name] = hashlib.sha256(ds.PixelData).hexdigest()
+    return out
+
+
+def share_visit(files: list[Path], target: Path, ctx: Context, extra: dict[str, str] | None = None) -> ShareResult:
+    """De-identify a visit's ``files`` into ``target`` (``share/<pseudonym>/<session>/``), then
+    leak-check what was written. Staged beside ``target`` and swapped in whole only when the
+    check finds nothing; with a hit, neither the new copy nor an older one stays in share/."""
+    import shutil
+
+    from .fsutil import swap_dir, temp_sibling, tree_digests
+
+    target = Path(target)
+    staged = temp_sibling(target)
+    identifiers = visit_identifiers(files, ctx.profile, extra)
+    try:
+        res = deidentify_files(files, staged, ctx, identifiers)
+        hits, scanned = leak_check(staged, identifiers)
+        source_of = {new: old for old, new in res.kept}
+        hits = [LeakHit(source_of.get(h.file, h.file), h.path, h.source) for h in hits]
+        before = _pixel_digests([p for p in files if p.name in source_of.values()])
+        changed = [old for old, new in res.kept if old in before and res.pixel_sha256.get(new) != before[old]]
+        digests = tree_digests(staged)
+        if hits:
+            shutil.rmtree(staged)
+            if target.exists():
+                shutil.rmtree(target)
+            return ShareResult(res, hits, scanned, False, {}, changed)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        swap_dir(staged, target)
+    except BaseException:
+        if staged.exists():
+            shutil.rmtree(staged)
+        raise
+    return ShareResult(res, hits, scanned, True, digests, changed)
+
+
+def record_pseudonym(map_path: Path, participant: str, pseudo: str, fingerprint: str) -> bool:
+    """Add ``participant -> pseudo`` (made with the key of ``fingerprint``) to the site's map, a
+    TSV, under a lock; True when the row was new."""
+    from .fsutil import atomic_write, file_lock
+
+    map_path = Path(map_path)
+    with file_lock(map_path.with_name(f".{map_path.name}.lock")):
+        rows = []
+        if map_path.is_file():
+            rows = [line.split("\t") for line in map_path.read_text(encoding="utf-8").splitlines()[1:] if line]
+        row = [participant, pseudo, fingerprint]
+        if row in rows:
+            return False
+        rows = sorted([r for r in rows if r[:1] != [participant] or r[2:3] != [fingerprint]] + [row])
+        with atomic_write(map_path, encoding="utf-8") as fh:
+            fh.write("participant_id\tpseudonym\tkey_fingerprint\n")
+            fh.writelines("\t".join(r) + "\n" for r in rows)
+    return True
