@@ -303,7 +303,7 @@ def test_asset_and_its_blocking_check_in_dagster(share_root, instance, tmp_path)
     assert KEY.decode() not in shown and pseudo not in shown  # the map is only where the site says
     assert not list((share_root / "share").rglob("*QPN001*"))
     assert (tmp_path / "site" / "pseudonyms.tsv").read_text().splitlines()[1].split("\t")[:2] == [PATIENT, pseudo]
-    assert dcmread(written[0]).PatientID == pseudo
+    assert dcmread(written[0]).PatientID == pseudo and meta["pixel_data_changed"] == 0
 
     # a source value the standard keeps (an attribute not in its table) holding the patient's name:
     # the check fails, names where, and nothing stays in share/
@@ -331,3 +331,30 @@ def test_off_by_default_nothing_shared(demo_root, instance, monkeypatch):
     assert "deidentified_dicoms" not in {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert checks_of(result)["no_identifying_value"] is True
     assert not (demo_root / "share").exists()
+
+
+def test_the_config_the_key_and_the_runs_the_sensor_requests(demo_root, monkeypatch):
+    from dicom_assets.core.config import parse_config
+    from dicom_assets.core.errors import ConfigError
+    from dicom_assets.core.layout import DatasetLayout
+    from dicom_assets.defs.sensors import run_selection
+    from dicom_assets.settings import current
+
+    base = {"dataset_name": "d", "study_id": "S", "sessions": ["ses-01"]}
+    assert parse_config(base).deid.enabled is False
+    with pytest.raises(ConfigError, match="deid.options.*'retain_everything'"):
+        parse_config({**base, "deid": {"options": ["retain_everything"]}})
+    with pytest.raises(ConfigError, match=r"deid.safe_private.group' \('0018'\) must be an odd group"):
+        parse_config({**base, "deid": {"safe_private": [{"group": "0018", "creator": "X", "element": "0C"}]}})
+    with pytest.raises(deid.DeidError, match="DICOM_ASSETS_DEID_KEY is not set"):
+        deid.check_key(None)
+    with pytest.raises(deid.DeidError, match="shorter than 16"):
+        deid.check_key("short")
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", KEY.decode())
+    assert KEY.decode() not in repr(current()) and current().deid_key.get_secret_value() == KEY.decode()
+
+    lay = DatasetLayout(demo_root)
+    assert "deidentified_dicoms" not in {k.to_user_string() for k in run_selection(lay)}
+    cfg = json.loads(lay.config_path.read_text())
+    lay.config_path.write_text(json.dumps({**cfg, "deid": {"enabled": True}}))
+    assert "deidentified_dicoms" in {k.to_user_string() for k in run_selection(lay)}

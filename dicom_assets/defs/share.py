@@ -96,6 +96,7 @@ def deidentified_dicoms(context: AssetExecutionContext, dataset: DatasetResource
                                   f"deid is off in {lay.config_path}: no shared copy made")
         return
     src = organized_dir_of(lay, visit)
+    map_path = _map_path(lay)
     try:
         key = _key()
         profile = load_profile(cfg.options)
@@ -107,7 +108,6 @@ def deidentified_dicoms(context: AssetExecutionContext, dataset: DatasetResource
     except (DeidError, DicomAssetsError) as exc:
         raise Failure(str(exc)) from None
     fingerprint = key_fingerprint(key)
-    map_path = _map_path(lay)
     if map_path is not None and result.placed:
         record_pseudonym(map_path, visit.participant, pseudonym(key, visit.participant), fingerprint)
     report = _report(profile, fingerprint, result)
