@@ -258,6 +258,24 @@ def test_burned_in_images_are_excluded_with_the_reason(pydicom_files, tmp_path):
     assert [k[0] for k in res.kept] == ["MR_small.dcm"] and len(list((tmp_path / "out").iterdir())) == 1
 
 
+def test_no_module_left_invalid_by_a_combined_code(pydicom_files, tmp_path):
+    """What dciodvfy objected to: an overlay whose data the table removes goes whole, and an X/Z
+    sequence with items (Referenced Study Sequence, Type 3) keeps them, de-identified, never
+    becoming an empty Type 3 sequence."""
+    ds = dcmread(pydicom_files / "examples_overlay.dcm")
+    assert 0x60000010 in ds and 0x60003000 in ds  # Overlay Rows, Overlay Data (repeating group)
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.3.1.2.3.1", ds.StudyInstanceUID + ".9"
+    ds.ReferencedStudySequence = Sequence([ref])
+    ds.save_as(tmp_path / "overlay.dcm")
+    res, hits, _ = _run([tmp_path / "overlay.dcm"], tmp_path / "out")
+    assert hits == [] and len(res.kept) == 1
+    out = dcmread(tmp_path / "out" / res.kept[0][1])
+    assert not [e for e in out if 0x6000 <= e.tag.group <= 0x601E]
+    assert len(out.ReferencedStudySequence) == 1
+    assert out.ReferencedStudySequence[0].ReferencedSOPInstanceUID == deid.remap_uid(KEY, ref.ReferencedSOPInstanceUID)
+
+
 # --------------------------------------------------------------------------- in Dagster
 @pytest.fixture
 def share_root(demo_root, monkeypatch, tmp_path):

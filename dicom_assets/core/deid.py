@@ -8,8 +8,10 @@ action per attribute:
 * options: each chosen option's column overrides the Basic Profile's code where its cell is
   not empty; when two chosen options disagree, ``C`` (clean) wins over ``K`` (keep);
 * the combined codes are resolved without the IOD's attribute types (not read here) to the
-  choice that is valid whatever the type: ``X/Z`` -> ``Z``, ``X/D``, ``Z/D`` and ``X/Z/D`` -> ``D``,
-  ``X/Z/U*`` -> the sequence is kept and its content de-identified (its UIDs replaced);
+  choice that is valid whatever the type: ``X/Z`` -> ``Z`` (on a sequence: its items kept and
+  de-identified, as an empty sequence is invalid where it is Type 3), ``X/D``, ``Z/D`` and
+  ``X/Z/D`` -> ``D``, ``X/Z/U*`` -> the sequence is kept and its content de-identified (its UIDs
+  replaced);
 * the actions: ``X`` removed, ``Z`` emptied, ``D`` a dummy of the VR (a UID: replaced), ``K`` kept,
   ``U`` replaced by a keyed UID, ``C`` cleaned: a date (DA, DT) shifted by the participant's
   shift (Retain Longitudinal Temporal Information with Modified Dates), a text kept with every
@@ -67,7 +69,7 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
 DEFAULT_OPTIONS = ("retain_longitudinal_modified_dates", "retain_patient_characteristics",
                    "retain_device_identity", "clean_descriptors", "retain_safe_private")
 _RESOLVE = {"X": "X", "Z": "Z", "D": "D", "K": "K", "C": "C", "U": "U",
-            "X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U*", "X/Z/U": "U*"}
+            "X/Z": "XZ", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U*", "X/Z/U": "U*"}
 MIN_KEY_CHARS = 16
 DATE_SHIFT_DAYS = (365, 3650)  # a participant's dates move this many days back (from the key)
 
@@ -305,10 +307,12 @@ def _apply(elem: DataElement, action: str | None, ctx: Context) -> bool:
     if elem.VR == "SQ":
         if action == "Z":
             elem.value = Sequence()
-        else:  # kept, cleaned, dummy or U*: the table applied to its items
+        else:  # kept, cleaned, dummy, X/Z or U*: the table applied to its items
             for item in elem.value or []:
                 deidentify_dataset(item, ctx)
         return True
+    if action == "XZ":
+        action = "Z"
     if action == "Z":
         elem.value = elem.empty_value
     elif action == "D":
@@ -355,6 +359,17 @@ def deidentify_dataset(ds: Dataset, ctx: Context) -> None:
             continue
         if not _apply(elem, ctx.profile.action(tag), ctx):
             del ds[tag]
+    _drop_orphan_overlays(ds)
+
+
+def _drop_orphan_overlays(ds: Dataset) -> None:
+    """An overlay group (60xx) whose Overlay Data the profile removed goes whole: its other
+    attributes alone would be an Overlay Plane module without its Type 1 data (dciodvfy's error)."""
+    groups = {int(t) >> 16 for t in ds.keys() if 0x6000 <= int(t) >> 16 <= 0x601E and not (int(t) >> 16) % 2}
+    for group in groups:
+        if (group << 16 | 0x3000) not in ds:
+            for tag in [int(t) for t in ds.keys() if int(t) >> 16 == group]:
+                del ds[tag]
 
 
 def _method_codes(profile: Profile) -> Sequence:
@@ -452,7 +467,7 @@ def _terms(elem: DataElement) -> list[str]:
 
 
 def _removing(action: str | None, vr: str) -> bool:
-    return action in ("X", "Z", "D", "U", "U*") or (action == "C" and vr in ("DA", "DT"))
+    return action in ("X", "Z", "XZ", "D", "U", "U*") or (action == "C" and vr in ("DA", "DT"))
 
 
 def identifying_values(ds: Dataset, profile: Profile, into: dict[str, Identifier] | None = None
