@@ -90,6 +90,16 @@ class Settings(BaseSettings):
         description="changes of Orthanc's `/changes` log the `dicom_node_sensor` reads at most per tick "
                     "(the rest at the next)")
 
+    # --- the de-identified copy (deid in global_config.json) -------------------------------------
+    deid_key: SecretStr | None = Field(
+        None, alias="DICOM_ASSETS_DEID_KEY",
+        description="the site's de-identification key (secret, at least 16 characters: never logged): pseudonyms, "
+                    "new UIDs and date shifts of `deidentified_dicoms` derive from it; only its fingerprint is shown")
+    deid_map: str | None = Field(
+        None, alias="DICOM_ASSETS_DEID_MAP",
+        description="where `deidentified_dicoms` records participant -> pseudonym (a TSV, outside `share/`); unset: "
+                    "no map is written (the key gives the same pseudonyms again)")
+
     # --- how the code location runs ------------------------------------------------------------
     executor: Literal["in_process", "multiprocess"] = Field(
         "in_process", alias="DICOM_ASSETS_EXECUTOR",

@@ -61,6 +61,9 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       scratch/bids/                                          the BIDS conversions' scratch folders
       scratch/bids/<visit>.tmp-<tag>/                        one BIDS conversion's scratch (in/, niix/, out/); removed at its end
       scratch/bids/.bids.lock                                held while a session is swapped in and the dataset files written
+      share/                                                 de-identified copies for sharing, by pseudonym (nothing here names a participant)
+      share/<pseudonym>/<session>/                           a visit de-identified (PS3.15 Annex E), leak-checked
+      share/<pseudonym>/<session>/<newuid>.dcm               one de-identified DICOM, named by its new SOPInstanceUID
       logs/                                                  per-visit reports of the chain's steps
       logs/organize/<visit>_files.tsv                        every file of the dump: kept or excluded, and why
       logs/extract/<visit>.json                              what raw_dicoms extracted from each dump
@@ -69,6 +72,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       logs/xnat/<visit>.pending.json                         what an upload of the visit is sending (files by SOPInstanceUID); removed once XNAT holds them all
       logs/dicom_node/unmapped.tsv                           studies on the DICOM node that map to no visit (yet), and why
       logs/bids/<visit>.json                                 the visit's last BIDS conversion: inputs' fingerprint, files, series
+      logs/deid/<visit>.json                                 the visit's de-identification: profile, options, key fingerprint, files kept and excluded (why), leaks
 
 Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
 label (``ses-01``); the BIDS participant form ``sub-QPN001`` is only produced for a BIDS
@@ -98,6 +102,8 @@ PLACEHOLDERS: dict[str, str] = {
     "part": "a file of a DataLad deposit: `refs`, `repo-export` (`pack` while it is written)",
     "tag": "random hex making a scratch folder unique",
     "study_id": "Orthanc's ID of a study (a hash of its StudyInstanceUID and PatientID)",
+    "pseudonym": "a participant's keyed pseudonym (`S` and 12 hex digits, from `DICOM_ASSETS_DEID_KEY`), never the real id",
+    "newuid": "a SOPInstanceUID of the de-identified copy (`2.25.` and the digits of a keyed digest)",
 }
 
 _ENTRY_ATTR = "__layout_path__"
@@ -410,6 +416,20 @@ class DatasetLayout:
     def bids_lock_path(self) -> Path:
         return self.bids_scratch_root / ".bids.lock"
 
+    # --- the de-identified copy ------------------------------------------------------------
+    @property
+    @layout_path("share/", "de-identified copies for sharing, by pseudonym (nothing here names a participant)")
+    def share_root(self) -> Path:
+        return self.root / "share"
+
+    @layout_path("share/<pseudonym>/<session>/", "a visit de-identified (PS3.15 Annex E), leak-checked")
+    def share_dir(self, pseudonym: str, session: str) -> Path:
+        return self.share_root / pseudonym / session
+
+    @layout_path("share/<pseudonym>/<session>/<newuid>.dcm", "one de-identified DICOM, named by its new SOPInstanceUID")
+    def share_file(self, pseudonym: str, session: str, new_uid: str) -> Path:
+        return self.share_dir(pseudonym, session) / f"{new_uid}.dcm"
+
     # --- logs ---------------------------------------------------------------------------
     @property
     @layout_path("logs/", "per-visit reports of the chain's steps")
@@ -445,6 +465,11 @@ class DatasetLayout:
     @layout_path("logs/bids/<visit>.json", "the visit's last BIDS conversion: inputs' fingerprint, files, series")
     def bids_record_path(self, visit: Visit) -> Path:
         return self.logs_dir / "bids" / f"{visit.key}.json"
+
+    @layout_path("logs/deid/<visit>.json",
+                 "the visit's de-identification: profile, options, key fingerprint, files kept and excluded (why), leaks")
+    def deid_report_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "deid" / f"{visit.key}.json"
 
 
 # --- inside a visit's DataLad dataset (paths relative to the dataset, not to the root) -------

@@ -34,7 +34,17 @@ def run_selection(layout: DatasetLayout, *, dicom_node: bool = False) -> list:
     node's runs, the fetch of the study first). Read at every tick, so setting either later takes
     effect without reloading the code location."""
     return chain_selection(xnat=current_settings().xnat_configured, bids=layout.dcm2bids_config_path.is_file(),
-                           dicom_node=dicom_node)
+                           dicom_node=dicom_node, share=_share_on(layout))
+
+
+def _share_on(layout: DatasetLayout) -> bool:
+    """deid.enabled in the dataset's config (a config that does not load: off, the runs say why)."""
+    from ..core.config import load_config
+
+    try:
+        return load_config(layout.config_path).deid.enabled
+    except DicomAssetsError:
+        return False
 
 
 def node_run_selection(layout: DatasetLayout) -> list:
