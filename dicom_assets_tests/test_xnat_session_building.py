@@ -15,6 +15,7 @@ from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from dicom_assets.core.dicomscan import Rules
 from dicom_assets.core.organize import classify_tree
 from dicom_assets.core.xnat import compare_series, files_from_records, upload_visit
+from dicom_assets.testing.xnat.dicomedit import HASH_UIDS_SCRIPT
 
 from .xnat_rest import call, file_count, imports, prearchive_rows, rest_scans
 
@@ -113,7 +114,7 @@ def test_uids_rewritten_by_a_project_script_still_a_complete_session(samples, xn
     server = xnat_target.test_server("a project anonymization script that hashUIDs the study, series and SOP UIDs")
     project = xnat_target.project("BUILD")
     server.add_project(project, owner=xnat_target.user)
-    server.uid_hashing_projects.add(project)
+    server.set_anon_script(HASH_UIDS_SCRIPT, project=project)
     files = tricky_visit(samples, tmp_path)
     res = upload(xnat_target, project, files)
     assert res.status == "uploaded"
