@@ -362,6 +362,44 @@ def test_files_an_anonymization_script_rejects_are_named_not_sent_again(samples,
     assert row["status"] == "enabled" and "reject" in row["contents"]
 
 
+def test_a_visit_the_site_script_rejects_whole_fails_at_once(samples, xnat_target, tmp_path):
+    """Every file rejected as it arrives: XNAT leaves the empty row it made for them (RECEIVING)
+    and answers no URI. The client does not wait on that row: it removes it and names the script."""
+    from dicom_assets.core.xnat import XnatError
+
+    server = xnat_target.test_server("a site-wide anonymization script that rejects every file of a visit")
+    project = xnat_target.project("BUILD")
+    server.add_project(project, owner=xnat_target.user)
+    server.set_anon_script(DOSE_REJECT)
+    files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "Dose Report"]
+    with pytest.raises(XnatError) as err:
+        upload(xnat_target, project, files, wait_seconds=30)
+    assert "the site-wide anonymization script's statement" in str(err.value) and "5 of 5 files" in str(err.value)
+    assert prearchive_rows(xnat_target, project) == [] and imports(xnat_target, project) == 1
+    assert subject_labels(xnat_target, project) == []
+
+
+@pytest.mark.slow
+def test_an_append_into_a_session_whose_uids_a_project_script_rewrote_is_named(samples, xnat_target, tmp_path):
+    """XNAT checks a merge's StudyInstanceUID before the project's script runs
+    (PrearcSessionArchiver.checkForConflicts, then MergePrearcToArchiveSession): in a project
+    whose script hashes UIDs every append into an archived session is refused (UID_MOD, unless
+    the project's session merging setting allows it). The client names that cause."""
+    from dicom_assets.core.xnat import XnatError
+
+    server = xnat_target.test_server("a project anonymization script that hashUIDs the study, series and SOP UIDs")
+    project = xnat_target.project("BUILD")
+    server.add_project(project, owner=xnat_target.user)
+    server.set_anon_script(HASH_UIDS_SCRIPT, project=project)
+    files = tricky_visit(samples, tmp_path)
+    upload(xnat_target, project, files[:10])
+    with pytest.raises(XnatError) as err:
+        upload(xnat_target, project, files, policy="append")
+    message = str(err.value)
+    assert "Invalid modification of session UID" in message and "sessionmerging_uid_mod" in message, message
+    assert prearchive_rows(xnat_target, project) == []
+
+
 def test_a_reject_the_client_cannot_evaluate_is_named_as_a_possible_cause(samples, xnat_target, tmp_path):
     """A reject under a condition the client does not evaluate (here the ``else`` of a
     conditional): the files are sent again once, then the error says the script may reject them."""

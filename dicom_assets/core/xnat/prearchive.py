@@ -16,6 +16,8 @@ BUSY = "Session processing may already be in progress"
 MODALITY_MOD = "Invalid modification of session modality"
 # MergePrearcToArchiveSession.anonymizeSession's ArchivingException: the project's script failed
 ANON_FAILED = "Anonymization failed for prearcSession"
+# PrearcSessionArchiver.UID_MOD (checkForConflicts): the upload's StudyInstanceUID differs from the session's
+UID_MOD = "Invalid modification of session UID"
 # PrearcSessionArchiver.SUBJECT_MOD (checkForConflicts): the session exists under another subject
 SUBJECT_MOD = "Invalid modification of session subject"
 
@@ -136,6 +138,17 @@ def _named_conflict(reasons: list[str], project: str, label: str, answer: str) -
             "different modalities (an MR visit into a CT session, say). Nothing of this upload was archived; the "
             "client removed its prearchive row: give the visit another session label, or ask the XNAT admin to "
             "merge it by hand or to turn preventCrossModalityMerge off")
+    uid = next((r for r in reasons if UID_MOD in r), None)
+    if uid:
+        return XnatError(
+            f"XNAT refused to merge this upload into session {label} of project {project}: the session it holds "
+            f"has another StudyInstanceUID than the upload ({answer}; XNAT says: {uid.strip()}). XNAT compares the "
+            "upload's UID as it arrived with the session's as archived (PrearcSessionArchiver.checkForConflicts "
+            "runs before the project's anonymization script): when that script rewrites UIDs (hashUID) they always "
+            "differ, and XNAT refuses every merge into the session unless its session merging setting allows a UID "
+            "change (sessionmerging_uid_mod, off by default). Nothing of this upload was archived; the client "
+            "removed its prearchive row: ask the XNAT admin to allow UID changes in merges for the project, or "
+            "remove the session in XNAT and re-run to send the visit whole")
     subject = next((r for r in reasons if SUBJECT_MOD in r), None)
     if subject:
         return XnatError(

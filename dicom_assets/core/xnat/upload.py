@@ -25,6 +25,7 @@ from .labels import MAX_LABEL, clean_label
 from .plan import FAIL, NOTHING, Action, Existing, Visit, plan
 from .prearchive import (
     IN_PROGRESS,
+    LEFTOVER,
     clean_after_failure,
     post_import,
     prearchive_rows,
@@ -228,6 +229,19 @@ class _VisitUpload:
         certain, _maybe = self.anon().explain([self.by_name[n] for n in sorted(missing)])
         return set().union(*certain.values()) if certain else set()
 
+    def rejected_on_import(self, batch: list[UploadFile], before: dict) -> None:
+        """An empty answer to an import of files the site-wide script rejects, every one: XNAT
+        deleted each as it arrived, left the row it had made for them (RECEIVING, empty) and
+        answered no URI (DicomZipImporter.call). That row is removed and the step fails naming the
+        script, instead of waiting on the row."""
+        names = {f.arcname for f in batch}
+        certain, _maybe = self.anon().explain(batch)
+        if set().union(*(n for r, n in certain.items() if r.scope == "site-wide")) != names:
+            return
+        clean_after_failure(self.session, self.project, self.xlabel, self.tag, before, self.log,
+                            statuses=LEFTOVER + ("RECEIVING",))
+        raise self.incomplete(names, "")
+
     def summary(self, names: set[str]) -> str:
         return series_summary(names, self.files)
 
@@ -278,6 +292,8 @@ class _VisitUpload:
         finally:
             zpath.unlink(missing_ok=True)
         if answer is not None and "/archive/" not in answer:
+            if not answer:
+                self.rejected_on_import(batch, before)
             unarchived_answer(self.session, self.project, self.xlabel, self.tag, before, batch, answer,
                               self.wait_seconds, self.poll_seconds, self.log)
         self.result.files_sent += len(batch)

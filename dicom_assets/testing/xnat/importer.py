@@ -163,11 +163,13 @@ class Importer:
     ``XnatTestServer``)."""
 
     # ---------------------------------------------------------------- importing
-    def receive(self, project: str, subject: str, name: str, files: list[tuple[str, bytes, object]]) -> PrearchiveEntry:
+    def receive(self, project: str, subject: str, name: str, files: list[tuple[str, bytes, object]],
+                store: bool = True) -> PrearchiveEntry:
         """GradualDicomImporter: put each file into the prearchive row of (project,
         StudyInstanceUID, session label), joining a RECEIVING/READY/ERROR/CONFLICT row
         (PrearcDatabase.eitherGetOrCreateSession) or opening a new one (new timestamp) whose
-        AUTOARCHIVE is the project's prearchive code (GradualDicomImporter.shouldAutoArchive)."""
+        AUTOARCHIVE is the project's prearchive code (GradualDicomImporter.shouldAutoArchive).
+        ``store`` False: the row only (its files were rejected after it was made)."""
         tag = str(files[0][2].get("StudyInstanceUID", "") or "")  # none: an empty tag, as XNAT
         with self.lock:
             row = next((e for e in self.prearchive.values() if e.project == project and e.tag == tag
@@ -180,7 +182,7 @@ class Importer:
             row.status, row.lastmod = "RECEIVING", _now()
             self._receiving.add(row.key)
         try:
-            for fname, data, ds in files:
+            for fname, data, ds in files if store else ():
                 number = str(ds.get("SeriesNumber", "") or "0")  # Restructurer.determineScanSubdir
                 with self.lock:
                     # GradualDicomImporter.getSafeFile: the uploaded name is kept (rename=false);
@@ -577,8 +579,12 @@ class ImportHandlers:
             raise _HttpError(400, f"Project {project!r} does not exist or the user may not upload to it")
         files, refused = self._read_entries(q, parse_upload_zip(body))
         if not files:
+            if self._site_rejected:
+                # GradualDicomImporter made (or joined) the row before the site-wide script rejected
+                # the file (eitherGetOrCreateSession comes first): it stays RECEIVING, empty
+                x.receive(project, *self._import_labels(q, self._site_rejected), self._site_rejected, store=False)
             # DicomZipImporter.call: no session and a kept refusal: that refusal; nothing at all
-            # (empty zip, everything filtered): an empty answer
+            # (empty zip, everything filtered or rejected): an empty answer
             if refused:
                 raise _HttpError(400, refused)
             return self._send(200, "")
@@ -693,15 +699,18 @@ class ImportHandlers:
         storage_error = faults and x._take_fault("/data/services/import", ("storage_error",)) is not None
         files, refused = [], None
         site_script = x.anon_script(None)
+        self._site_rejected = []
         for fname, data, ds, why in entries:
             if ds is not None and not all(f.includes(ds) for f in filters):
                 continue
             if why is None and storage_error and len(files) >= x.storage_error_after:
                 why = f"unable to read DICOM object {fname}"  # the write's ServerException, caught
             if why is None and site_script is not None:
-                data, ds, why = self._site_anonymization(site_script, q, fname, data, ds)
-                if data is None:
+                kept, ds_kept, why = self._site_anonymization(site_script, q, fname, data, ds)
+                if kept is None:
+                    self._site_rejected.append((fname, data, ds))
                     continue  # rejected: deleted, and the import goes on (returnEmptyList)
+                data, ds = kept, ds_kept
             if why is None:
                 files.append((fname, data, ds))
                 continue
