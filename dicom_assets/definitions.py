@@ -13,6 +13,7 @@ from .defs.jobs import (  # noqa: F401 - the asset lists, re-exported for tests 
     CHAIN_CHECKS,
     INDEX_ASSETS,
     LOCAL_CHAIN,
+    SHARE_ASSETS,
     dicom_node_visit_job,
     tcia_job,
     visit_chain_job,
@@ -43,7 +44,7 @@ def default_executor():
 def build_definitions(root: str | None = None) -> Definitions:
     return Definitions(
         executor=default_executor(),
-        assets=[downloads, dicom_node_study] + CHAIN_ASSETS + BIDS_ASSETS + [tcia_series],
+        assets=[downloads, dicom_node_study] + CHAIN_ASSETS + BIDS_ASSETS + SHARE_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
         jobs=[visit_chain_job, dicom_node_visit_job, tcia_job, dicom_node_retrieve],
         sensors=[downloads_sensor, tcia_sensor, dicom_node_sensor],

@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     tcia_api_version: Literal["v4", "v1"] = Field("v4", alias="TCIA_API_VERSION",
                                                   description="NBIA REST API version: `v4` (tcia_utils') or `v1` "
                                                               "(the Data Retriever's)")
+    tcia_retry_window: float = Field(
+        600, ge=0, alias="TCIA_RETRY_WINDOW",
+        description="seconds a request keeps being retried while the NBIA server is away (429, 502-504, no "
+                    "connection), honouring `Retry-After`, before the run fails")
+    tcia_retry_failed_every: float = Field(
+        900, ge=0, alias="TCIA_RETRY_FAILED_EVERY",
+        description="seconds after a failed manifest run (an outage, a series that failed) before the "
+                    "`tcia_sensor` requests it again")
+    tcia_retry_failed_times: int = Field(
+        24, ge=0, alias="TCIA_RETRY_FAILED_TIMES",
+        description="how many times the `tcia_sensor` requests a failed manifest again (0: never)")
 
     # --- the DICOM node (Orthanc) --------------------------------------------------------------
     orthanc_url: str | None = Field(
@@ -78,6 +89,16 @@ class Settings(BaseSettings):
         20000, ge=1, alias="DICOM_ASSETS_NODE_CHANGES_PER_TICK",
         description="changes of Orthanc's `/changes` log the `dicom_node_sensor` reads at most per tick "
                     "(the rest at the next)")
+
+    # --- the de-identified copy (deid in global_config.json) -------------------------------------
+    deid_key: SecretStr | None = Field(
+        None, alias="DICOM_ASSETS_DEID_KEY",
+        description="the site's de-identification key (secret, at least 16 characters: never logged): pseudonyms, "
+                    "new UIDs and date shifts of `deidentified_dicoms` derive from it; only its fingerprint is shown")
+    deid_map: str | None = Field(
+        None, alias="DICOM_ASSETS_DEID_MAP",
+        description="where `deidentified_dicoms` records participant -> pseudonym (a TSV, outside `share/`); unset: "
+                    "no map is written (the key gives the same pseudonyms again)")
 
     # --- how the code location runs ------------------------------------------------------------
     executor: Literal["in_process", "multiprocess", "celery"] = Field(

@@ -1,4 +1,4 @@
-"""Scale: a backfill of 50 visits through a real daemon (`dagster dev`: webserver, daemon,
+"""Scale: a backfill of 24 visits (50 with ``DICOM_ASSETS_TEST_PROFILE=full``) through a real daemon (`dagster dev`: webserver, daemon,
 queued run coordinator, the repository's dagster.yaml), launched the way the UI launches it
 (the GraphQL `launchPartitionBackfill` mutation), plus a second backfill of 10 of the visits at
 once (a user clicking twice). The promises checked:
@@ -15,6 +15,7 @@ once (a user clicking twice). The promises checked:
 - every visit ends on XNAT.
 """
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-N_PARTICIPANTS = 25  # x 2 sessions = 50 visits
+# x 2 sessions: 24 visits in `make test` (the same limits bind at 24 as at 50, with 3 runs and 2
+# uploads at once), 50 in the full profile
+N_PARTICIPANTS = 25 if os.environ.get("DICOM_ASSETS_TEST_PROFILE") == "full" else 12
 ASSETS = ["raw_dicoms", "organized_dicoms", "visit_tarball", "visit_metadata", "xnat_session"]
 
 pytestmark = pytest.mark.scale
@@ -39,7 +42,7 @@ def _wait(predicate, timeout: float, what: str, log: Path):
 
 
 @pytest.mark.slow
-def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path, monkeypatch):
+def test_backfill_respects_run_and_upload_limits(samples, tmp_path, monkeypatch):
     from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
     from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES
 
@@ -69,7 +72,7 @@ def test_backfill_of_50_visits_respects_run_and_upload_limits(samples, tmp_path,
         dev.start()
         instance = DagsterInstance.from_config(str(home))
         instance.add_dynamic_partitions("visits", visits)
-        # a backfill of the 50 visits, and a second one of 10 of them launched at once (a user
+        # a backfill of all the visits, and a second one of 10 of them launched at once (a user
         # clicking twice): the queue must hold the second run of each of those visits back
         ids, twice = [], visits[::5]
         for names in (visits, twice):

@@ -35,16 +35,18 @@ ITEM, STATE_ID, PART, TAG = "QPN_001_MR.zip", "0a1b2c3d4e5f6a7b", "refs", "9f8e7
 NODE_STUDY = "27f7126f-4f66fb14-03f4081b-f9341db2-53925988"
 
 # what each <placeholder> becomes for the sample arguments below
+PSEUDONYM, NEW_UID = "S0A1B2C3D4E5F", "2.25.1234567890123456789"
 VALUES = {"session": VISIT.session, "participant": VISIT.participant, "visit": VISIT.key, "study": STUDY,
           "item": ITEM, "name": TCIA_NAME, "uid": SERIES_UID, "id": STATE_ID, "part": PART, "tag": TAG,
-          "study_id": NODE_STUDY}
+          "study_id": NODE_STUDY, "pseudonym": PSEUDONYM, "newuid": NEW_UID}
 
 
 def sample_args(lay: DatasetLayout) -> dict:
     """The argument of each parameter name a member of DatasetLayout takes."""
     return {"visit": VISIT, "visit_key": VISIT.key, "participant": VISIT.participant, "session": VISIT.session,
             "study": STUDY, "item": ITEM, "name": TCIA_NAME, "series_uid": SERIES_UID, "state_id": STATE_ID,
-            "part": PART, "tag": TAG, "study_id": NODE_STUDY, "store_dir": lay.store_dir(STUDY),
+            "part": PART, "tag": TAG, "study_id": NODE_STUDY, "pseudonym": PSEUDONYM, "new_uid": NEW_UID,
+            "store_dir": lay.store_dir(STUDY),
             "series_dir": lay.tcia_series_dir(TCIA_NAME), "visit_dir": lay.dicom_node_dir(VISIT.key), "superdataset": lay.datalad_study_dir(STUDY)}
 
 

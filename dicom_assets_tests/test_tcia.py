@@ -70,8 +70,13 @@ def fresh(collection):
     return {u: dataclasses.replace(s) for u, s in collection.items()}
 
 
+#: the zip endpoint the client asks for a series without annotations (V4_getImageWithMD5Hash)
+IMAGE = "getImageWithMD5Hash"
+
+
 def client_for(server, version="v4"):
-    return NbiaClient(server.server_url, version, retries=3, backoff=0.01)
+    # an outage (502, 503) is retried for 0.2 s here, instead of minutes
+    return NbiaClient(server.server_url, version, retries=3, backoff=0.01, retry_window=0.2)
 
 
 def get(url):
@@ -189,11 +194,11 @@ def test_tcia_portal_csv_exports_are_manifests(tmp_path, collection):
     p.write_text("\n".join(rows) + "\n")
     m = parse_manifest(p)
     assert m.series == tuple(collection) and m.server is None
-    # it names no server: its series are asked at the first configured one
-    from dicom_assets.core.tcia import manifest_server
+    # it names no server: its series are asked at every configured one, the first first
+    from dicom_assets.core.tcia import manifest_servers
 
-    assert manifest_server(m, ["https://nbia.cancerimagingarchive.net/", "https://nlst.cancerimagingarchive.net"]) \
-        == "https://nbia.cancerimagingarchive.net"
+    assert manifest_servers(m, ["https://nbia.cancerimagingarchive.net/", "https://nlst.cancerimagingarchive.net"]) \
+        == ["https://nbia.cancerimagingarchive.net", "https://nlst.cancerimagingarchive.net"]
     assert all(m.study_of[u] == s.info["StudyInstanceUID"] for u, s in collection.items())
     # ... and its older cart CSV (nbia-search csvFormatCart)
     old = ["Patient ID,Study UID,Study Date,Study Description,Series ID,Series Description,Number of images,"
@@ -220,7 +225,8 @@ def test_nlst_manifest_downloads_from_the_server_it_names(demo_root, instance, n
     result = materialize_manifest(instance, tcia_resources(demo_root, nbia, nlst), "nlst-basket")
     assert result.success
     assert nbia.requests == []
-    assert {u for v, e, q in nlst.requests if e == "getImage" for u in [q["SeriesInstanceUID"]]} == set(uids)
+    # the manifest says includeAnnotation=true: the Retriever's getDCMImage, annotations included
+    assert {u for v, e, q in nlst.requests if e == "getDCMImage" for u in [q["SeriesInstanceUID"]]} == set(uids)
     rows = read_resolved(tcia_dir / "nlst-basket" / "resolved.csv")
     assert sorted({r["session_label"] for r in rows}) == ["100012", "100158"]
     # a manifest naming a server that is not configured is refused, nothing is asked anywhere
@@ -239,7 +245,7 @@ def test_missing_series_fail_the_run_unless_the_dataset_allows_them(demo_root, i
     result = materialize_manifest(instance, tcia_resources(demo_root, nbia), "basket")
     assert not result.success
     message, metadata = failure_of(result)
-    assert "2 are unknown to" in message and "tcia_allow_missing_series" in message
+    assert "2 of 9 series of basket are unknown to" in message and "tcia_allow_missing_series" in message
     assert set(metadata["missing_series"].value.split("\n")) == {hidden, UNKNOWN}
     assert not (tcia_dir / "basket" / "resolved.csv").exists()
     set_config(demo_root, tcia_allow_missing_series=True)
@@ -256,8 +262,7 @@ def test_v4_is_the_default_api_and_v1_an_option(nbia, collection, tmp_path):
     uids = list(collection)[:2]
     res = download_series(NbiaClient(nbia.server_url, retries=0), uids, tmp_path / "v4")
     assert [r.status for r in res] == ["downloaded", "downloaded"]
-    assert {(v, e) for v, e, _ in nbia.requests} == {("v4", "getSeries"), ("v4", "getImage")}
-    assert all(q.get("IncludeMD5") == "yes" for _, e, q in nbia.requests if e == "getImage")
+    assert {(v, e) for v, e, _ in nbia.requests} == {("v4", "getSeries"), ("v4", IMAGE)}
     nbia.requests.clear()
     res = download_series(NbiaClient(nbia.server_url, "v1", retries=0), uids, tmp_path / "v1")
     assert [r.status for r in res] == ["downloaded", "downloaded"]
@@ -312,12 +317,12 @@ def test_md5_list_is_verified_as_nbia_writes_it(nbia, collection, tmp_path):
     nbia.corrupt_next[uids[0]] = 1  # once: the next download is right
     nbia.corrupt_next[uids[1]] = 10  # the stored file differs from NBIA's md5 every time
     res = {r.uid: r for r in download_series(client_for(nbia), uids[:3], tmp_path / "series")}
-    assert res[uids[0]].status == "downloaded" and nbia.count("getImage", uids[0]) == 2
+    assert res[uids[0]].status == "downloaded" and nbia.count(IMAGE, uids[0]) == 2
     assert res[uids[1]].status == "failed" and "00000001.dcm: md5" in res[uids[1]].message
     assert "of md5hashes.csv" in res[uids[1]].message
     assert res[uids[2]].status == "downloaded"
     kept = zipfile.ZipFile(tmp_path / "series" / f"{uids[0]}.zip").namelist()
-    assert kept[0] == "LICENSE" and kept[-1] == "md5hashes.csv"
+    assert kept[-1] == "md5hashes.csv" and "LICENSE" not in kept  # V4_getImageWithMD5Hash writes none
     assert sorted(p.name for p in (tmp_path / "series").iterdir()) == sorted(
         [f"{uids[0]}.zip", f"{uids[0]}.json", f"{uids[2]}.zip", f"{uids[2]}.json"])
 
@@ -329,9 +334,9 @@ def test_cut_off_stream_fails_only_its_series_and_is_retried(nbia, collection, t
     nbia.cut_next[uids[0]] = 1  # once: the retry gets the zip
     nbia.cut_next[uids[1]] = 10  # more often than the client retries
     res = {r.uid: r for r in download_series(client_for(nbia), uids, tmp_path / "series")}
-    assert res[uids[0]].status == "downloaded" and nbia.count("getImage", uids[0]) == 2
+    assert res[uids[0]].status == "downloaded" and nbia.count(IMAGE, uids[0]) == 2
     assert res[uids[1]].status == "failed" and "stream cut off" in res[uids[1]].message
-    assert "IncompleteRead" in res[uids[1]].message and nbia.count("getImage", uids[1]) == 4
+    assert "IncompleteRead" in res[uids[1]].message and nbia.count(IMAGE, uids[1]) == 4
     assert all(res[u].status == "downloaded" for u in uids[2:])
     assert not list((tmp_path / "series").glob(".*"))  # no temporary file left behind
     assert not (tmp_path / "series" / f"{uids[1]}.zip").exists()
@@ -370,11 +375,11 @@ def test_resume_after_a_failed_download_fetches_only_what_is_missing(nbia, colle
     assert all(first[u].status == "downloaded" for u in uids if u != flaky)
     assert not (tmp_path / "series" / f"{flaky}.zip").exists()  # no half file
     nbia.fail_next.clear()
-    before = nbia.count("getImage")
+    before = nbia.count(IMAGE)
     second = {r.uid: r for r in download_series(client_for(nbia), uids, tmp_path / "series")}
     assert second[flaky].status == "downloaded"
     assert all(second[u].status == "cached" for u in uids if u != flaky)
-    assert nbia.count("getImage") - before == 1  # only the failed series again
+    assert nbia.count(IMAGE) - before == 1  # only the failed series again
 
 
 @pytest.mark.faults
@@ -427,7 +432,7 @@ def test_unknown_series_is_missing_and_a_refused_one_fails_without_retry(nbia, c
     assert res[UNKNOWN].status == "missing" and "unknown to" in res[UNKNOWN].message
     assert res[refused].status == "failed" and "HTTP 400" in res[refused].message
     assert "has not been granted the access to image" in res[refused].message
-    assert nbia.count("getImage", refused) == 1  # a 400 is not retried
+    assert nbia.count(IMAGE, refused) == 1  # a 400 is not retried
     assert all(res[u].status == "downloaded" for u in uids[1:])
 
 

@@ -78,7 +78,7 @@ def test_the_first_image_is_read_by_its_header_only(samples, tmp_path):
     path = _zip(tmp_path / "big.zip", {"00000001.dcm": big}, {"00000001.dcm": _md5(big)})
     tracemalloc.start()
     try:
-        n, header = verify_zip(path, {"ImageCount": 1})
+        n, header, _ = verify_zip(path, {"ImageCount": 1})
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -15,8 +15,9 @@ from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from dicom_assets.core.dicomscan import Rules
 from dicom_assets.core.organize import classify_tree
 from dicom_assets.core.xnat import compare_series, files_from_records, upload_visit
+from dicom_assets.testing.xnat.dicomedit import HASH_UIDS_SCRIPT
 
-from .xnat_rest import call, file_count, imports, prearchive_rows, rest_scans
+from .xnat_rest import call, file_count, imports, prearchive_rows, rest_scans, subject_labels
 
 
 # --------------------------------------------------------------------------- a visit XNAT splits up
@@ -113,7 +114,7 @@ def test_uids_rewritten_by_a_project_script_still_a_complete_session(samples, xn
     server = xnat_target.test_server("a project anonymization script that hashUIDs the study, series and SOP UIDs")
     project = xnat_target.project("BUILD")
     server.add_project(project, owner=xnat_target.user)
-    server.uid_hashing_projects.add(project)
+    server.set_anon_script(HASH_UIDS_SCRIPT, project=project)
     files = tricky_visit(samples, tmp_path)
     res = upload(xnat_target, project, files)
     assert res.status == "uploaded"
@@ -319,3 +320,139 @@ def test_the_import_answers_the_archived_session_by_its_labels(samples, xnat_tar
     files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "T1 run 1"]
     r = import_zip(xnat_target, project, files, tmp_path / "one.zip")
     assert r.text.strip().endswith(f"/archive/projects/{project}/subjects/P1/experiments/V1")
+
+
+# --------------------------------------------------------------------------- anonymization's reject
+DOSE_REJECT = 'version "6.1"\n// dose reports stay at the scanner\n(0008,103E) = "Dose Report" ? reject\n'
+
+
+@pytest.mark.parametrize("scope,script,says", [
+    ("site", DOSE_REJECT, "the site-wide anonymization script's statement `(0008,103E) = \"Dose Report\" ? reject`"),
+    ("project", 'version "6.1"\n(0008,103E) ~ "Dose.*" ? reject\n(0010,0010) := subject\n',
+     "the project BUILD anonymization script's statement `(0008,103E) ~ \"Dose.*\" ? reject`"),
+], ids=["site", "project"])
+def test_files_an_anonymization_script_rejects_are_named_not_sent_again(samples, xnat_target, tmp_path, scope,
+                                                                          script, says):
+    """A site-wide script's reject drops the file as it arrives (GradualDicomImporter), a
+    project's deletes it from the session as XNAT archives it (MergeUtils.deleteRejectedFiles):
+    XNAT answers 200 with the session either way. The client reads the scripts, evaluates the
+    reject's condition on the missing files' headers and names the script and the series; it
+    sends them neither again now nor on a re-run."""
+    from dicom_assets.core.xnat import XnatError
+
+    server = xnat_target.test_server("an anonymization script that rejects a series (set by an XNAT admin)")
+    project = xnat_target.project("BUILD")
+    server.add_project(project, owner=xnat_target.user)
+    server.set_anon_script('version "6.1"\nreject\n', project=None if scope == "project" else project,
+                           enabled=False)  # a disabled script rejects nothing
+    server.set_anon_script(script, project=project if scope == "project" else None)
+    files = [f for f in tricky_visit(samples, tmp_path) if f.series_description in ("T1 run 1", "Dose Report")]
+    for _attempt in (1, 2) if scope == "site" else (1,):  # a re-run: the same error, nothing sent
+        with pytest.raises(XnatError) as err:
+            upload(xnat_target, project, files)
+        message = str(err.value)
+        assert says in message and "series 9 (Dose Report): 5 of 5 files" in message, message
+        assert "does not send again" in message and "exclude_series" in message
+        assert imports(xnat_target, project) == 1  # the first upload only: nothing sent again
+    scans, _ = rest_scans(xnat_target, project, "V1")
+    assert file_count(scans) == 5 and "9" not in scans
+    with xnat_target.connect() as s:  # where XNAT keeps the scripts (ConfigResource, tool anon)
+        uri = "/data/config/anon/script" if scope == "site" else f"/data/projects/{project}/config/anon/projects/{project}"
+        row = s.get_json(uri)["ResultSet"]["Result"][0]
+    assert row["status"] == "enabled" and "reject" in row["contents"]
+
+
+def test_a_visit_the_site_script_rejects_whole_fails_at_once(samples, xnat_target, tmp_path):
+    """Every file rejected as it arrives: XNAT leaves the empty row it made for them (RECEIVING)
+    and answers no URI. The client does not wait on that row: it removes it and names the script."""
+    from dicom_assets.core.xnat import XnatError
+
+    server = xnat_target.test_server("a site-wide anonymization script that rejects every file of a visit")
+    project = xnat_target.project("BUILD")
+    server.add_project(project, owner=xnat_target.user)
+    server.set_anon_script(DOSE_REJECT)
+    files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "Dose Report"]
+    with pytest.raises(XnatError) as err:
+        upload(xnat_target, project, files, wait_seconds=30)
+    assert "the site-wide anonymization script's statement" in str(err.value) and "5 of 5 files" in str(err.value)
+    assert prearchive_rows(xnat_target, project) == [] and imports(xnat_target, project) == 1
+    assert subject_labels(xnat_target, project) == []
+
+
+@pytest.mark.slow
+def test_an_append_into_a_session_whose_uids_a_project_script_rewrote_is_named(samples, xnat_target, tmp_path):
+    """XNAT checks a merge's StudyInstanceUID before the project's script runs
+    (PrearcSessionArchiver.checkForConflicts, then MergePrearcToArchiveSession): in a project
+    whose script hashes UIDs every append into an archived session is refused (UID_MOD, unless
+    the project's session merging setting allows it). The client names that cause."""
+    from dicom_assets.core.xnat import XnatError
+
+    server = xnat_target.test_server("a project anonymization script that hashUIDs the study, series and SOP UIDs")
+    project = xnat_target.project("BUILD")
+    server.add_project(project, owner=xnat_target.user)
+    server.set_anon_script(HASH_UIDS_SCRIPT, project=project)
+    files = tricky_visit(samples, tmp_path)
+    upload(xnat_target, project, files[:10])
+    with pytest.raises(XnatError) as err:
+        upload(xnat_target, project, files, policy="append")
+    message = str(err.value)
+    assert "Invalid modification of session UID" in message and "sessionmerging_uid_mod" in message, message
+    assert prearchive_rows(xnat_target, project) == []
+
+
+def test_a_reject_the_client_cannot_evaluate_is_named_as_a_possible_cause(samples, xnat_target, tmp_path):
+    """A reject under a condition the client does not evaluate (here the ``else`` of a
+    conditional): the files are sent again once, then the error says the script may reject them."""
+    from dicom_assets.core.xnat import XnatError
+
+    server = xnat_target.test_server("a project anonymization script that rejects in a conditional's else")
+    project = xnat_target.project("BUILD")
+    server.add_project(project, owner=xnat_target.user)
+    server.set_anon_script('version "6.1"\n(0008,103E) != "Dose Report" ? (0008,1030) := "kept" : reject\n',
+                           project=project)
+    with pytest.raises(XnatError) as err:
+        upload(xnat_target, project, tricky_visit(samples, tmp_path))
+    message = str(err.value)
+    assert "which the client cannot evaluate, may reject series 9 (Dose Report): 5 of 5 files" in message, message
+    assert imports(xnat_target, project) == 2  # sent again once, never more
+
+
+# --------------------------------------------------------------------------- the subject fixSubject leaves
+@pytest.mark.parametrize("cause", ["another subject's session", "a project script error", "a member uploads"])
+def test_a_refused_archive_leaves_no_empty_subject_behind(samples, xnat_target, tmp_path, cause):
+    """XNAT creates the subject before it checks for conflicts (PrearcSessionArchiver.call:
+    fixSubject, then checkForConflicts or the project's script): a refused archive leaves an
+    empty subject. The client, whose subject did not exist, removes it and says so (or says it
+    could not: deleting a subject is the project owner's), so a re-run starts from the same state."""
+    from dicom_assets.core.xnat import XnatError
+
+    server = xnat_target.test_server(f"an archive XNAT refuses after creating the subject ({cause})")
+    project = xnat_target.project("BUILD")
+    if cause == "a member uploads":
+        server.add_user("pi", "pi-pw")
+        server.add_project(project, owner="pi", members=(xnat_target.user,))
+    else:
+        server.add_project(project, owner=xnat_target.user)
+    if cause == "a project script error":
+        server.set_anon_script('version "6.1"\n(0010,0010) := lowercase[(0010,0010)]\n', project=project)
+    else:  # another upload archives V1 under another subject just before XNAT archives this one
+        server.on_archive = lambda row: server.add_experiment(project, "OTHER", "V1", row.tag)
+    files = [f for f in tricky_visit(samples, tmp_path) if f.series_description == "T1 run 1"]
+    with pytest.raises(XnatError) as err:
+        upload(xnat_target, project, files)
+    message = str(err.value)
+    assert "XNAT had created subject P1" in message and "fixSubject" in message, message
+    if cause == "a member uploads":
+        assert "could not remove it (403" in message and "project owner role" in message
+        assert subject_labels(xnat_target, project) == ["OTHER", "P1"]
+        return
+    assert "removed that empty subject" in message
+    assert "P1" not in subject_labels(xnat_target, project) and prearchive_rows(xnat_target, project) == []
+    if cause == "another subject's session":
+        assert "under another subject" in message and "Invalid modification of session subject" in message
+    else:
+        assert "the project's anonymization script" in message and "Anonymization failed for prearcSession" in message
+    server.on_archive = None
+    with pytest.raises(XnatError):  # the re-run: the same refusal, the same state
+        upload(xnat_target, project, files)
+    assert "P1" not in subject_labels(xnat_target, project)

@@ -132,3 +132,66 @@ def test_the_session_type_follows_the_lead_modality():
     assert session_xsi_type([ds("OT", SecondaryCaptureImageStorage)]) == "xnat:otherDicomSessionData"
     assert session_xsi_type([ds("SR", SecondaryCaptureImageStorage)], separate_secondary=False) == \
         "xnat:otherDicomSessionData"
+
+
+def test_dicomedit_subset_as_the_server_runs_it():
+    """The DicomEdit 6 statements the test server runs (dicomedit.py): assignments with XNAT's
+    variables and hashUID, removal, reject alone or in a conditional (= != ~ !~, ~ matching the
+    whole value as Java's String.matches), comments; anything else is a script error
+    (AnonymizationResultError)."""
+    from pydicom.dataset import Dataset
+
+    from dicom_assets.testing.xnat.dicomedit import DEFAULT_SITE_SCRIPT, REJECTED, ScriptError, hash_uid, run_script
+
+    def ds(desc="T1w", uid="1.2.3"):
+        d = Dataset()
+        d.SeriesDescription, d.StudyInstanceUID, d.PatientName, d.PatientID = desc, uid, "Doe^J", "123"
+        return d
+
+    d = ds()
+    assert run_script(DEFAULT_SITE_SCRIPT, d, "PRJ", "P1", "V1") is None
+    assert (d.StudyDescription, str(d.PatientName), d.PatientID) == ("PRJ", "P1", "V1")
+    d = ds()
+    run_script('version "6.1"\n(0020,000D) := hashUID[(0020,000D)] // a comment\n- (0010,0020)\n', d, "", "", "")
+    assert d.StudyInstanceUID == hash_uid("1.2.3") and "PatientID" not in d
+    for script, desc, out in [
+        ('(0008,103E) = "Dose Report" ? reject', "Dose Report", REJECTED),
+        ('(0008,103E) = "Dose Report" ? reject', "Dose Report 2", None),
+        ('(0008,103E) ~ "Dose" ? reject', "Dose Report", None),  # a whole match
+        ('(0008,103E) ~ "Dose.*" ? reject', "Dose Report", REJECTED),
+        ('(0008,103E) !~ "T1.*" ? reject', "T2w", REJECTED),
+        ('(0008,103E) != "T1w" ? (0008,1030) := "kept" : reject', "T1w", REJECTED),
+        ('reject\n(0008,103E) := "never"', "T1w", REJECTED),
+    ]:
+        assert run_script(script, ds(desc), "", "", "") == out, (script, desc)
+    with pytest.raises(ScriptError):
+        run_script("(0010,0010) := lowercase[(0010,0010)]", ds(), "", "", "")
+
+
+@pytest.mark.parametrize("script,header,rejects", [
+    ('(0008,103E) = "Dose Report" ? reject', {"SeriesDescription": "Dose Report"}, True),
+    ('(0008,103E) = "Dose Report" ? reject', {"SeriesDescription": "T1w"}, False),
+    ('(0008,0060) ~ "S[RC]" ? reject', {"Modality": "SR"}, True),
+    ('(0008,0060) !~ "MR|CT" ? reject', {"Modality": "MR"}, False),
+    ("reject", {}, True),
+    ('(0008,103E) := "x"\n(0008,103E) = "x" ? reject', {"SeriesDescription": "T1w"}, None),  # set before: cannot say
+    ('project = "P" ? reject', {}, None),
+    ('(0008,103E) != "T1w" ? (0008,1030) := "k" : reject', {"SeriesDescription": "T1w"}, None),
+    ('(0008,103E) := "rejected" // reject', {}, "none"),
+])
+def test_the_client_reads_a_scripts_rejects(script, header, rejects):
+    """What the client makes of an anonymization script's ``reject`` (core/xnat/anon.py): the
+    simple forms evaluated on a header, the others "may reject" (None), no rule at all ("none")."""
+    from pydicom.dataset import Dataset
+
+    from dicom_assets.core.xnat.anon import parse_rejects
+
+    rules = parse_rejects("site-wide", 'version "6.1"\n' + script)
+    if rejects == "none":
+        assert rules == []
+        return
+    assert len(rules) == 1
+    ds = Dataset()
+    for k, v in header.items():
+        setattr(ds, k, v)
+    assert (rules[0].rejects(ds) if rules[0].evaluable else None) == rejects

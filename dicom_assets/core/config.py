@@ -26,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError, field_validator
 
+from .deid import DEFAULT_OPTIONS, OPTIONS
 from .errors import ConfigError, parse_json_text
 from .ids import normalize_session_id
 
@@ -110,6 +111,63 @@ class DicomNodeConfig(BaseModel):
     session_rule: SessionRule = SessionRule()
 
 
+class SafePrivateAttribute(BaseModel):
+    """A private attribute the site declares free of identifying information (kept by the
+    Retain Safe Private option): ``{"group": "0019", "creator": "SIEMENS MR HEADER", "element": "0C"}``
+    is ``(0019,xx0C)`` of the block whose creator is ``SIEMENS MR HEADER``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str
+    creator: str
+    element: str
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v):
+        if not re.fullmatch(r"[0-9A-Fa-f]{4}", v) or int(v, 16) % 2 == 0 or int(v, 16) <= 7:
+            raise ValueError(f"({v!r}) must be an odd group of 4 hex digits above 0007, such as 0019")
+        return v.upper()
+
+    @field_validator("element")
+    @classmethod
+    def _element(cls, v):
+        if not re.fullmatch(r"[0-9A-Fa-f]{2}", v):
+            raise ValueError(f"({v!r}) must be the last 2 hex digits of the element, such as 0C")
+        return v.upper()
+
+    @field_validator("creator")
+    @classmethod
+    def _creator(cls, v):
+        if not v.strip():
+            raise ValueError("must be the private creator's text, such as SIEMENS MR HEADER")
+        return v.strip()
+
+
+class DeidConfig(BaseModel):
+    """``deid`` in global_config.json: the visit's de-identified copy under ``share/`` (off by
+    default). ``options``: of DICOM PS3.15 Annex E, applied to its Basic Profile (the names
+    are in ``core.deid.OPTIONS``); ``safe_private``: what Retain Safe Private keeps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: StrictBool = False
+    options: tuple[str, ...] = DEFAULT_OPTIONS
+    safe_private: tuple[SafePrivateAttribute, ...] = ()
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, v):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(o, str) for o in v):
+            raise ValueError("must be a list of option names")
+        unknown = [o for o in v if o not in OPTIONS]
+        if unknown:
+            raise ValueError(f"holds unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTIONS)}")
+        if {"retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"} <= set(v):
+            raise ValueError("may not hold both retain_longitudinal_full_dates and retain_longitudinal_modified_dates")
+        return tuple(dict.fromkeys(v))
+
+
 def _str_list(value: object) -> object:
     if isinstance(value, dict):
         # the established exclusion file form: {"Exclude": ["Localizers", ...]}
@@ -146,6 +204,8 @@ class GlobalConfig(BaseModel):
     tcia_allow_missing_series: StrictBool = False
     # studies arriving at the DICOM node (Orthanc): PatientID -> participant by the manifest, the session by this rule
     dicom_node: DicomNodeConfig = DicomNodeConfig()
+    # a de-identified copy of each visit under share/ (PS3.15 Annex E), leak-checked; off by default
+    deid: DeidConfig = DeidConfig()
     limits: Limits = Limits()
     _source: str = PrivateAttr("")
 
@@ -223,7 +283,9 @@ class GlobalConfig(BaseModel):
 _TOP_FIELDS = tuple(GlobalConfig.model_fields)
 _LIMIT_FIELDS = tuple(Limits.model_fields)
 _NESTED_FIELDS = {("limits",): _LIMIT_FIELDS, ("dicom_node",): tuple(DicomNodeConfig.model_fields),
-                  ("dicom_node", "session_rule"): tuple(SessionRule.model_fields)}
+                  ("dicom_node", "session_rule"): tuple(SessionRule.model_fields),
+                  ("deid",): tuple(DeidConfig.model_fields),
+                  ("deid", "safe_private"): tuple(SafePrivateAttribute.model_fields)}
 _ORDER = {"extra_forbidden": 0, "missing": 1}
 
 

@@ -14,6 +14,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       tabular/dicom_dir_map.tsv                              optional: visit -> download name (dumps named by no convention)
       tabular/curation_status.tsv                            how far each visit got, read from its files
       tabular/.curation_status.lock                          held while a row of curation_status.tsv is written
+      tabular/tcia_studies.csv                               every TCIA study and the visit and label it was given, for good
       downloads/                                             what arrives: one folder per session, tcia/ and dicom_node/
       downloads/<session>/                                   the session's scanner dumps, as delivered
       downloads/<session>/<item>                             one scanner dump, named as the site names it
@@ -23,6 +24,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       downloads/tcia/<name>/series/<uid>.{zip,json}          a series as NBIA sent it, and its verification record
       downloads/tcia/<name>/series/<uid>.zip                 a series as NBIA sent it (md5 verified)
       downloads/tcia/<name>/resolved.csv                     SeriesInstanceUID -> PatientID, study, visit, session label
+      downloads/tcia/<name>/series.csv                       every series of the manifest's last run: outcome, visit, reason
       downloads/dicom_node/                                  studies fetched from the DICOM node (Orthanc), one folder per visit
       downloads/dicom_node/<visit>/                          the visit's studies as the DICOM node sent them
       downloads/dicom_node/<visit>/<study_id>.{zip,json}     one study as one ZIP, and its record: instances, data version
@@ -59,6 +61,9 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       scratch/bids/                                          the BIDS conversions' scratch folders
       scratch/bids/<visit>.tmp-<tag>/                        one BIDS conversion's scratch (in/, niix/, out/); removed at its end
       scratch/bids/.bids.lock                                held while a session is swapped in and the dataset files written
+      share/                                                 de-identified copies for sharing, by pseudonym (nothing here names a participant)
+      share/<pseudonym>/<session>/                           a visit de-identified (PS3.15 Annex E), leak-checked
+      share/<pseudonym>/<session>/<newuid>.dcm               one de-identified DICOM, named by its new SOPInstanceUID
       logs/                                                  per-visit reports of the chain's steps
       logs/organize/<visit>_files.tsv                        every file of the dump: kept or excluded, and why
       logs/extract/<visit>.json                              what raw_dicoms extracted from each dump
@@ -67,6 +72,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       logs/xnat/<visit>.pending.json                         what an upload of the visit is sending (files by SOPInstanceUID); removed once XNAT holds them all
       logs/dicom_node/unmapped.tsv                           studies on the DICOM node that map to no visit (yet), and why
       logs/bids/<visit>.json                                 the visit's last BIDS conversion: inputs' fingerprint, files, series
+      logs/deid/<visit>.json                                 the visit's de-identification: profile, options, key fingerprint, files kept and excluded (why), leaks
 
 Folders use the manifest's normalized participant id (``QPN001``) and the BIDS session
 label (``ses-01``); the BIDS participant form ``sub-QPN001`` is only produced for a BIDS
@@ -90,12 +96,14 @@ PLACEHOLDERS: dict[str, str] = {
     "visit": "the visit id, the Dagster partition key: `<participant>_<session>` (`QPN001_ses-01`)",
     "study": "`study_id` of `global_config.json` (`QPN`)",
     "item": "a dump (zip, tar or folder) as the site named it (`QPN_001_MR.zip`)",
-    "name": "a TCIA manifest's name: the stem of `<name>.tcia` or `<name>.csv`, made safe",
+    "name": "a TCIA manifest's name: the stem of `<name>.tcia`, or for another file its stem made safe plus `-` and 8 hex digits of its name's sha1",
     "uid": "a SeriesInstanceUID",
     "id": "the downloads sensor's state id (random, held by its cursor)",
     "part": "a file of a DataLad deposit: `refs`, `repo-export` (`pack` while it is written)",
     "tag": "random hex making a scratch folder unique",
     "study_id": "Orthanc's ID of a study (a hash of its StudyInstanceUID and PatientID)",
+    "pseudonym": "a participant's keyed pseudonym (`S` and 12 hex digits, from `DICOM_ASSETS_DEID_KEY`), never the real id",
+    "newuid": "a SOPInstanceUID of the de-identified copy (`2.25.` and the digits of a keyed digest)",
 }
 
 _ENTRY_ATTR = "__layout_path__"
@@ -185,6 +193,11 @@ class DatasetLayout:
     def curation_lock_path(self) -> Path:
         return self.tabular_dir / ".curation_status.lock"
 
+    @property
+    @layout_path("tabular/tcia_studies.csv", "every TCIA study and the visit and label it was given, for good")
+    def tcia_studies_path(self) -> Path:
+        return self.tabular_dir / "tcia_studies.csv"
+
     # --- downloads --------------------------------------------------------------------
     @property
     @layout_path("downloads/", "what arrives: one folder per session, tcia/ and dicom_node/")
@@ -225,6 +238,10 @@ class DatasetLayout:
     @layout_path("downloads/tcia/<name>/resolved.csv", "SeriesInstanceUID -> PatientID, study, visit, session label")
     def tcia_resolved_path(self, name: str) -> Path:
         return self.tcia_manifest_dir(name) / "resolved.csv"
+
+    @layout_path("downloads/tcia/<name>/series.csv", "every series of the manifest's last run: outcome, visit, reason")
+    def tcia_series_table_path(self, name: str) -> Path:
+        return self.tcia_manifest_dir(name) / "series.csv"
 
     @property
     @layout_path("downloads/dicom_node/", "studies fetched from the DICOM node (Orthanc), one folder per visit")
@@ -399,6 +416,20 @@ class DatasetLayout:
     def bids_lock_path(self) -> Path:
         return self.bids_scratch_root / ".bids.lock"
 
+    # --- the de-identified copy ------------------------------------------------------------
+    @property
+    @layout_path("share/", "de-identified copies for sharing, by pseudonym (nothing here names a participant)")
+    def share_root(self) -> Path:
+        return self.root / "share"
+
+    @layout_path("share/<pseudonym>/<session>/", "a visit de-identified (PS3.15 Annex E), leak-checked")
+    def share_dir(self, pseudonym: str, session: str) -> Path:
+        return self.share_root / pseudonym / session
+
+    @layout_path("share/<pseudonym>/<session>/<newuid>.dcm", "one de-identified DICOM, named by its new SOPInstanceUID")
+    def share_file(self, pseudonym: str, session: str, new_uid: str) -> Path:
+        return self.share_dir(pseudonym, session) / f"{new_uid}.dcm"
+
     # --- logs ---------------------------------------------------------------------------
     @property
     @layout_path("logs/", "per-visit reports of the chain's steps")
@@ -434,6 +465,11 @@ class DatasetLayout:
     @layout_path("logs/bids/<visit>.json", "the visit's last BIDS conversion: inputs' fingerprint, files, series")
     def bids_record_path(self, visit: Visit) -> Path:
         return self.logs_dir / "bids" / f"{visit.key}.json"
+
+    @layout_path("logs/deid/<visit>.json",
+                 "the visit's de-identification: profile, options, key fingerprint, files kept and excluded (why), leaks")
+    def deid_report_path(self, visit: Visit) -> Path:
+        return self.logs_dir / "deid" / f"{visit.key}.json"
 
 
 # --- inside a visit's DataLad dataset (paths relative to the dataset, not to the root) -------

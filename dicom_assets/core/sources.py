@@ -24,7 +24,7 @@ from .downloads import DownloadItem, items_for_visit, read_dicom_dir_map
 from .fsutil import NO_FILE, file_token
 from .ids import Visit, parse_visit_key
 from .layout import DatasetLayout
-from .tcia import TciaVisitSource, manifest_name, manifests, read_resolved
+from .tcia import TciaManifestError, TciaVisitSource, manifest_files, manifest_name, manifests, read_resolved
 
 DUMP, TCIA, UNKNOWN = "dump", "tcia", "unknown"
 
@@ -48,21 +48,29 @@ def _resolved_rows(path: Path) -> list[dict] | None:
 
 
 def tcia_visits(layout: DatasetLayout) -> dict[str, TciaVisitSource]:
-    """Every visit of every resolved TCIA manifest, by visit key (the first manifest naming it wins)."""
-    by_visit: dict[str, list[dict]] = {}
-    where: dict[str, tuple[Path, str, Path]] = {}
-    for m in manifests(layout.tcia_root):
-        name = manifest_name(m)
+    """Every visit of every resolved TCIA manifest, by visit key. A study whose series come in
+    several manifests is one visit (its label is the study register's): its zips are those of
+    every manifest, each series once (the first manifest's copy)."""
+    by_visit: dict[str, dict[str, Path]] = {}
+    first: dict[str, dict] = {}
+    where: dict[str, list[tuple[Path, Path]]] = {}
+    try:
+        files = manifest_files(layout.tcia_root)
+    except TciaManifestError:
+        files = {manifest_name(m): m for m in manifests(layout.tcia_root)}
+    for name, m in files.items():
         res = layout.tcia_resolved_path(name)
-        rows = _resolved_rows(res)
-        for r in rows or ():
-            if r["visit"] not in where:
-                where[r["visit"]] = (m, name, res)
-            if where[r["visit"]][1] == name:
-                by_visit.setdefault(r["visit"], []).append(r)
-    return {v: TciaVisitSource(where[v][0], where[v][2], rows[0]["PatientID"], rows[0]["session_label"],
-                               tuple(layout.tcia_series_zip(where[v][1], r["SeriesInstanceUID"]) for r in rows))
-            for v, rows in by_visit.items()}
+        for r in _resolved_rows(res) or ():
+            v = r["visit"]
+            first.setdefault(v, r)
+            if (m, res) not in where.setdefault(v, []):
+                where[v].append((m, res))
+            by_visit.setdefault(v, {}).setdefault(r["SeriesInstanceUID"],
+                                                 layout.tcia_series_zip(name, r["SeriesInstanceUID"]))
+    return {v: TciaVisitSource(where[v][0][0], where[v][0][1], first[v]["PatientID"], first[v]["session_label"],
+                               tuple(zips[u] for u in sorted(zips)), tuple(m for m, _ in where[v]),
+                               tuple(r for _, r in where[v]))
+            for v, zips in by_visit.items()}
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,10 @@ class VisitSource:
     @property
     def project_files(self) -> dict[str, list[Path]] | None:
         """Files kept as XNAT project resources (a TCIA visit: its manifest and resolved CSV)."""
-        return {"TCIA": [self.tcia.manifest, self.tcia.resolved]} if self.tcia else None
+        if not self.tcia:
+            return None
+        return {"TCIA": [*(self.tcia.manifests or (self.tcia.manifest,)),
+                         *(self.tcia.resolved_files or (self.tcia.resolved,))]}
 
     def missing_zips(self) -> list[Path]:
         return [z for z in self.tcia.zips if not z.is_file()] if self.tcia else []

@@ -7,6 +7,7 @@ from .bids import bids_session
 from .dicomnode import dicom_node_study
 from .ingest import organized_dicoms, raw_dicoms
 from .publish import datalad_dataset, visit_catalog, xnat_session
+from .share import deidentified_dicoms
 from .tcia import tcia_series
 
 ARCHIVE_CHAIN = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
@@ -14,6 +15,7 @@ INDEX_ASSETS = [datalad_dataset, visit_catalog]
 LOCAL_CHAIN = ARCHIVE_CHAIN + INDEX_ASSETS
 CHAIN_ASSETS = LOCAL_CHAIN + [xnat_session]
 BIDS_ASSETS = [bids_session]
+SHARE_ASSETS = [deidentified_dicoms]  # off unless deid.enabled in global_config.json
 CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 
 # one run per visit: every step of the chain, from the raw dump on. Whether a step has work is
@@ -22,7 +24,7 @@ CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 # sensors leave them out of the runs they request (chain_selection, read at each tick)
 visit_chain_job = define_asset_job(
     "visit_chain",
-    selection=AssetSelection.assets(*CHAIN_ASSETS, *BIDS_ASSETS),
+    selection=AssetSelection.assets(*CHAIN_ASSETS, *BIDS_ASSETS, *SHARE_ASSETS),
     description="Run the whole chain for one visit (started by the downloads sensor).",
 )
 
@@ -32,7 +34,7 @@ visit_chain_job = define_asset_job(
 # visit_chain it would stop every dump visit's run launched without a selection
 dicom_node_visit_job = define_asset_job(
     "dicom_node_visit",
-    selection=AssetSelection.assets(dicom_node_study, *CHAIN_ASSETS, *BIDS_ASSETS),
+    selection=AssetSelection.assets(dicom_node_study, *CHAIN_ASSETS, *BIDS_ASSETS, *SHARE_ASSETS),
     description="Fetch a visit's study from the DICOM node, then run the chain (started by the dicom_node_sensor).",
 )
 
@@ -40,10 +42,10 @@ tcia_job = define_asset_job("tcia_download", selection=[tcia_series],
                             description="Download and group the series of one TCIA manifest.")
 
 
-def chain_selection(*, xnat: bool, bids: bool, dicom_node: bool = False) -> list[AssetKey]:
+def chain_selection(*, xnat: bool, bids: bool, dicom_node: bool = False, share: bool = False) -> list[AssetKey]:
     """The assets of a visit's run that have work: the local chain, XNAT when one is configured,
-    BIDS when the dataset root has a dcm2bids config; the fetch of its study first for a run the
-    DICOM node's sensor requests."""
+    BIDS when the dataset root has a dcm2bids config, the shared copy when deid is on; the fetch
+    of its study first for a run the DICOM node's sensor requests."""
     assets = (([dicom_node_study] if dicom_node else []) + LOCAL_CHAIN + ([xnat_session] if xnat else [])
-              + (BIDS_ASSETS if bids else []))
+              + (BIDS_ASSETS if bids else []) + (SHARE_ASSETS if share else []))
     return [a.key for a in assets]

@@ -19,6 +19,7 @@ from dagster import AssetKey, AssetObservation, MetadataValue
 from dagster._core.definitions.data_version import DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG
 
 from ..core.bids import CONVERTER_VERSION
+from ..core.deid import PROFILE_EDITION, PROFILE_SHA256
 from ..core.versions import dump_version
 
 # the output format version of each stage of the visit chain
@@ -32,6 +33,9 @@ CODE_VERSIONS = {
     "visit_catalog": "1",     # the visit's entry of catalog/index.html
     "xnat_session": "1",      # what is sent to XNAT: labels, scans, files, METADATA resource
     "bids_session": CONVERTER_VERSION,  # bids/sub-*/ses-*/ (core.bids bumps it)
+    # share/<pseudonym>/<session>/: the table of the standard is part of the code (another edition
+    # or copy: stale); the options and the key are in its data version
+    "deidentified_dicoms": f"1-{PROFILE_EDITION}-{PROFILE_SHA256[:8]}",
 }
 
 DOWNLOADS = AssetKey("downloads")

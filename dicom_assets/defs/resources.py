@@ -7,7 +7,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ..core.dataset import Dataset
-from ..core.tcia import DEFAULT_API_VERSION, PUBLIC_SERVERS, NbiaClient, TciaManifest, manifest_server
+from ..core.tcia import DEFAULT_API_VERSION, PUBLIC_SERVERS, NbiaClient, TciaManifest, manifest_servers
 from ..core.xnat import XnatAuthError, XnatError, classify_error
 from ..settings import current
 
@@ -101,27 +101,41 @@ class TciaResource(ConfigurableResource):
     """The NBIA servers that serve TCIA's series, and how to use their REST API.
 
     A ``.tcia`` manifest names its server (``downloadServerUrl``): its series are asked there,
-    if it is one of ``servers``; a CSV export names none and goes to the first of ``servers``.
-    Fields left unset are read from the environment when a step uses them (``TCIA_SERVERS``,
-    ``TCIA_API_VERSION``)."""
+    if it is one of ``servers`` (one of TCIA's retired hosts: at TCIA's public servers); a CSV
+    export names none and goes to each of ``servers`` in turn. Fields left unset are read from
+    the environment when a step uses them (``TCIA_SERVERS``, ``TCIA_API_VERSION``,
+    ``TCIA_RETRY_WINDOW``)."""
 
     servers: list[str] | None = Field(default=None,
                                       description="NBIA servers manifests may name; the first is the default "
                                                   "(default: TCIA_SERVERS, comma-separated, else TCIA's public ones)")
     api_version: str | None = Field(default=None,
-                                                    description="NBIA REST API version: v4 (tcia_utils') or v1 "
-                                                                "(the Data Retriever's) (default: TCIA_API_VERSION, "
-                                                                f"else {DEFAULT_API_VERSION})")
+                                    description="NBIA REST API version: v4 (tcia_utils') or v1 (the Data "
+                                                f"Retriever's) (default: TCIA_API_VERSION, else {DEFAULT_API_VERSION})")
     workers: int = Field(default=2, description="series downloaded in parallel")
-    retries: int = Field(default=4, description="retries of a failing series, with exponential backoff")
+    retries: int = Field(default=4, description="retries of a series that fails (a 500, a cut-off stream, a zip "
+                                                "that does not verify), with exponential backoff")
     backoff: float = Field(default=1.0, description="seconds before the first retry")
+    retry_window: float | None = Field(default=None,
+                                       description="seconds a request is retried while the server is away "
+                                                   "(default: TCIA_RETRY_WINDOW)")
+    public_servers: list[str] | None = Field(default=None,
+                                             description="where a manifest naming one of TCIA's retired hosts "
+                                                         "(public., services.) is asked (default: TCIA's public "
+                                                         "servers; a mirror's)")
+    max_backoff: float = Field(default=60.0, description="the longest wait between two attempts (unless the "
+                                                         "server's Retry-After asks for more)")
 
     def allowed_servers(self) -> list[str]:
         return list(self.servers or current().tcia_servers or PUBLIC_SERVERS)
 
-    def client(self, manifest: TciaManifest) -> NbiaClient:
-        version = self.api_version or current().tcia_api_version
+    def clients(self, manifest: TciaManifest) -> list[NbiaClient]:
+        """One client per server the manifest's series are asked at, in order."""
+        settings = current()
+        version = self.api_version or settings.tcia_api_version
         if version not in ("v4", "v1"):
             raise ValueError(f"TciaResource.api_version must be v4 or v1, not {version!r}")
-        return NbiaClient(manifest_server(manifest, self.allowed_servers()), version, retries=self.retries,
-                          backoff=self.backoff)
+        window = settings.tcia_retry_window if self.retry_window is None else self.retry_window
+        return [NbiaClient(s, version, retries=self.retries, backoff=self.backoff, retry_window=window,
+                           max_backoff=self.max_backoff) for s in manifest_servers(manifest, self.allowed_servers(),
+                                                                   self.public_servers or PUBLIC_SERVERS)]

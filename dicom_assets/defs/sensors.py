@@ -2,10 +2,12 @@
 ``downloads/tcia/``, each starting the visit chain for the visits it finds (the DICOM node's
 sensor is built in dicomnode.py, with the assets it runs)."""
 
+import csv
 import json
+import time
 from pathlib import Path
 
-from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import DagsterRunStatus, RunRequest, RunsFilter, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
 from ..core.dataset import Dataset
 from ..core.downloads import read_dicom_dir_map, signature
@@ -13,7 +15,7 @@ from ..core.downloads_state import DownloadsState, SensorLimits, StateDamaged, c
 from ..core.errors import DicomAssetsError
 from ..core.fsutil import printable
 from ..core.layout import DatasetLayout
-from ..core.tcia import manifest_name, manifests, read_resolved
+from ..core.tcia import TciaManifestError, manifest_files, read_resolved
 from ..settings import current as current_settings
 from .dicomnode import build_dicom_node_sensor
 from .jobs import chain_selection, dicom_node_visit_job, tcia_job, visit_chain_job
@@ -32,7 +34,17 @@ def run_selection(layout: DatasetLayout, *, dicom_node: bool = False) -> list:
     node's runs, the fetch of the study first). Read at every tick, so setting either later takes
     effect without reloading the code location."""
     return chain_selection(xnat=current_settings().xnat_configured, bids=layout.dcm2bids_config_path.is_file(),
-                           dicom_node=dicom_node)
+                           dicom_node=dicom_node, share=_share_on(layout))
+
+
+def _share_on(layout: DatasetLayout) -> bool:
+    """deid.enabled in the dataset's config (a config that does not load: off, the runs say why)."""
+    from ..core.config import load_config
+
+    try:
+        return load_config(layout.config_path).deid.enabled
+    except DicomAssetsError:
+        return False
 
 
 def node_run_selection(layout: DatasetLayout) -> list:
@@ -135,16 +147,58 @@ def build_downloads_sensor(job, minimum_interval_seconds: int = 10, settings: Se
     return downloads_sensor
 
 
+def _series_failed(layout: DatasetLayout, name: str) -> bool:
+    """Whether the manifest's last run left series that could not be downloaded (an outage, a
+    poisoned series): worth asking again. A refused manifest (unreadable, unknown series) is not."""
+    try:
+        with layout.tcia_series_table_path(name).open(newline="") as fh:
+            return any(row.get("status") == "failed" for row in csv.DictReader(fh))
+    except OSError:
+        return False
+
+
+def tcia_retries(context: SensorEvaluationContext, layout: DatasetLayout, submitted: dict, retried: dict,
+                 settings) -> list[RunRequest]:
+    """Manifest runs that failed on series (an outage outlasting the run's retries, a series that
+    kept failing) are requested again ``tcia_retry_failed_every`` seconds after they ended, at
+    most ``tcia_retry_failed_times`` times per manifest version: a maintenance window ends in
+    the visits arriving, with no click. One query of the instance per tick."""
+    if settings.tcia_retry_failed_times <= 0:
+        return []
+    now = time.time()
+    records = context.instance.get_run_records(
+        RunsFilter(job_name=tcia_job.name, statuses=[DagsterRunStatus.FAILURE]), limit=200)
+    requests, seen = [], set()
+    for rec in records:
+        name = rec.dagster_run.tags.get("dagster/partition")
+        if name in seen or name not in submitted:
+            continue
+        seen.add(name)
+        key = f"{name}:{submitted[name]}"
+        n = retried.get(key, 0)
+        if n >= settings.tcia_retry_failed_times or (rec.end_time or now) > now - settings.tcia_retry_failed_every:
+            continue
+        latest = context.instance.get_run_records(RunsFilter(job_name=tcia_job.name,
+                                                             tags={"dagster/partition": name}), limit=1)
+        if not latest or latest[0].dagster_run.run_id != rec.dagster_run.run_id or not _series_failed(layout, name):
+            continue
+        retried[key] = n + 1
+        requests.append(RunRequest(run_key=f"tcia:{key}:retry{n + 1}", partition_key=name, job_name=tcia_job.name,
+                                   tags={"dicom_assets/tcia_retry": str(n + 1)}))
+    return requests
+
+
 def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, chain_job_name: str):
-    """New stable manifests -> tcia_download runs; new resolved visits -> chain runs."""
+    """New stable manifests -> tcia_download runs; new resolved visits -> chain runs; manifests
+    whose run failed on series -> tcia_download runs again, later."""
     try:
         lay = dataset.open().layout
-    except DicomAssetsError as exc:
+        files = manifest_files(lay.tcia_root)
+    except (DicomAssetsError, TciaManifestError) as exc:
         return SkipReason(f"dataset not usable: {exc}")
-    pending, submitted, resolved = load_cursor(context.cursor, "pending", "submitted", "resolved")
+    pending, submitted, resolved, retried = load_cursor(context.cursor, "pending", "submitted", "resolved", "retried")
     new_pending, requests, new_manifests, new_visits = {}, [], [], []
-    for m in manifests(lay.tcia_root):
-        name = manifest_name(m)
+    for name, m in files.items():
         token = signature(m).token()
         if submitted.get(name) != token:
             if pending.get(name) != token:
@@ -165,7 +219,9 @@ def evaluate_tcia(context: SensorEvaluationContext, dataset: DatasetResource, ch
             requests.append(RunRequest(run_key=f"tcia:{name}/{visit}:{rtoken}", partition_key=visit,
                                        job_name=chain_job_name, tags={VISIT_TAG: visit},
                                        asset_selection=run_selection(lay)))
-    cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "resolved": resolved}, sort_keys=True)
+    requests.extend(tcia_retries(context, lay, submitted, retried, current_settings()))
+    cursor_out = json.dumps({"pending": new_pending, "submitted": submitted, "resolved": resolved,
+                             "retried": retried}, sort_keys=True)
     if not requests:
         return SensorResult(skip_reason=SkipReason(
             f"{len(new_pending)} manifest(s) not yet stable" if new_pending else "no new TCIA manifest or visit"),

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from .nbia_server import RELEASES
 from .samples import ensure_samples
 
 
@@ -41,8 +42,9 @@ def cmd_nbia_server(args) -> int:
     from .nbia_server import NbiaTestServer, build_collection, manifest_text
 
     collection = build_collection(_samples(args), {"TCIA-A": 1, "TCIA-B": 3})
-    with NbiaTestServer(series=collection, host=args.host, port=args.port) as server:
-        print(f"NBIA test server: {server.server_url} (API {server.api('v4')}, {len(collection)} series)",
+    with NbiaTestServer(series=collection, host=args.host, port=args.port, release=args.release) as server:
+        print(f"NBIA test server: {server.server_url} (API {server.api('v4')}, NBIA of {args.release}, "
+              f"{len(collection)} series)",
               file=sys.stderr, flush=True)
         if args.manifest_out:
             out = Path(args.manifest_out)
@@ -92,7 +94,7 @@ def cmd_orthanc_node(args) -> int:
 
 #: what the workers of `cluster` get from this process's environment (the steps they run need them)
 WORKER_PASS = ("XNAT_HOST", "XNAT_USER", "XNAT_PASSWORD", "XNAT_VERIFY", "TCIA_SERVERS", "TCIA_API_VERSION",
-               "ORTHANC_URL", "ORTHANC_USER", "ORTHANC_PASSWORD")
+               "ORTHANC_URL", "ORTHANC_USER", "ORTHANC_PASSWORD", "DICOM_ASSETS_DEID_KEY", "DICOM_ASSETS_DEID_MAP")
 
 
 def cmd_cluster(args) -> int:
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     n = sub.add_parser("nbia-server", help="run the NBIA-compatible (TCIA) test server on loopback")
     n.add_argument("--host", default="127.0.0.1")
     n.add_argument("--port", type=int, default=8089)
+    n.add_argument("--release", default="2025-11", choices=sorted(RELEASES),
+                   help="the NBIA deployed: 2025-11 (today's), 2025-04 (no IncludeMD5), 2025-03 (v4 getSeries "
+                        "only), 9.0 (the last release tag: no v4)")
     n.add_argument("--manifest-out", help="write a .tcia manifest of the served series here (as TCIA's portal "
                    "writes it, downloadServerUrl naming this server; set TCIA_SERVERS to allow it)")
     n.set_defaults(fn=cmd_nbia_server)

@@ -8,7 +8,18 @@ Each behaviour follows an NBIA class of ``CBIIT/NBIA-TCIA``
 (``software/nbia-api/src/gov/nih/nci/nbia/restAPI/``), named where it is implemented:
 
 - ``/nbia-api/services/v1/`` and ``/nbia-api/services/v4/``: ``getSeries``, ``getImage``,
-  ``getImageWithMD5Hash``. v4 answers 400 to a query parameter it does not know; v1 ignores it.
+  ``getImageWithMD5Hash``, ``getDCMImage``. v4 answers 400 to a query parameter it does not
+  know; v1 ignores it.
+- ``release``: which NBIA is deployed, as its v4 classes were added (``git log`` of
+  ``restAPI/v4/``): ``"2025-11"`` (the default: ``V4_getImage`` takes ``IncludeMD5``, commit
+  6a85f7d1), ``"2025-04"`` (v4's image endpoints, commit 452287fd, ``getImage`` without
+  ``IncludeMD5``), ``"2025-03"`` (v4 ``getSeries`` only, commit 344209fa), ``"9.0"`` (the last
+  release tag, 2024-04: no v4 at all). An endpoint a release lacks answers 404, the container's
+  page.
+- ``getDCMImage`` (``V1_getDCMImage`` / ``V4_getDCMImage``, what the Data Retriever's CLI
+  asks): the images under NBIA's new names (``ImageDAO2Impl.setNewFileNames``, e.g.
+  ``1-001.dcm``), ``md5hashes.csv`` when ``MD5Verification`` equals "true" in any case, then the
+  series' annotation files (their stored base names, no md5) when ``IncludeAnnotation`` does.
 - ``getSeries``: a JSON array; nothing at all (200, empty body) when no public series matches.
 - ``getImage``: a streamed zip (chunked, no length): ``LICENSE`` first, then the images named
   ``00000001.dcm``, ``00000002.dcm``, ... (their original names with ``NewFileNames=Yes``); v4
@@ -51,6 +62,7 @@ import io
 import json
 import socket
 import threading
+import time
 import urllib.parse
 import zipfile
 from dataclasses import dataclass, field
@@ -69,11 +81,20 @@ V4_PARAMS = {
                   "ManufacturerModelName", "Manufacturer", "SeriesInstanceUID"},
     "getImage": {"SeriesInstanceUID", "NewFileNames", "IncludeMD5"},
     "getImageWithMD5Hash": {"SeriesInstanceUID"},
+    "getDCMImage": {"SeriesInstanceUID", "IncludeAnnotation", "MD5Verification"},
+}
+# the v4 endpoints of each NBIA deployed, and the parameters its V4_getImage allows
+RELEASES = {
+    "2025-11": ({"getSeries", "getImage", "getImageWithMD5Hash", "getDCMImage"},
+                {"SeriesInstanceUID", "NewFileNames", "IncludeMD5"}),
+    "2025-04": ({"getSeries", "getImage", "getImageWithMD5Hash", "getDCMImage"}, {"SeriesInstanceUID", "NewFileNames"}),
+    "2025-03": ({"getSeries"}, set()),
+    "9.0": (set(), set()),
 }
 # their @Produces: V4_getImage and V4_getImageWithMD5Hash APPLICATION_OCTET_STREAM; V4_getSeries
 # {APPLICATION_XML, APPLICATION_JSON, TEXT_HTML, text/csv}
 V4_PRODUCES = {"getSeries": "application/xml", "getImage": "application/octet-stream",
-               "getImageWithMD5Hash": "application/octet-stream"}
+               "getImageWithMD5Hash": "application/octet-stream", "getDCMImage": "application/octet-stream"}
 NOT_PROCESSED = "Server was not able to process your request"  # getData.formatResponse's 500
 ERROR_PAGE = ("<!doctype html><html lang=\"en\"><head><title>HTTP Status {code} - {reason}</title></head>"
               "<body><h1>HTTP Status {code} - {reason}</h1><hr class=\"line\" /><p><b>Type</b> Status Report</p>"
@@ -85,6 +106,7 @@ class Series:
     info: dict
     files: dict[str, bytes]  # original file name -> bytes, in image order
     public: bool = True
+    annotations: dict[str, bytes] = field(default_factory=dict)  # annotation file name -> bytes (no md5 in NBIA)
 
     def images(self, new_file_names: bool = False) -> list[tuple[str, bytes]]:
         # V1_getImage / V4_getImage: String.format("%08d", ++counter) + the stored file's extension
@@ -96,21 +118,25 @@ class Series:
 
 
 def build_collection(samples, patients: dict[str, int], *, collection: str = "DEMO-TCIA", seed: int = 0,
-                     series_per_study: int = 2, files_per_series: int = 3) -> dict[str, Series]:
+                     series_per_study: int = 2, files_per_series: int = 3, series_uids=None,
+                     first_day: date = date(2020, 1, 6)) -> dict[str, Series]:
     """Series of real DICOM files: ``patients`` maps a PatientID to its number of studies.
+    ``series_uids`` (an iterable) gives the SeriesInstanceUIDs to use, in order (a real
+    manifest's, say); by default they are made up.
 
     Studies of a patient get increasing dates, so their XNAT labels are known in advance:
     the first study ``<PatientID>``, then ``<PatientID>_01``, ...
     """
     lib = [t for t in series_library(samples, slices=files_per_series) if t.number in (3, 4, 5)]
     out: dict[str, Series] = {}
+    given = iter(series_uids) if series_uids is not None else None
     for patient, n_studies in sorted(patients.items()):
         for k in range(n_studies):
             study_uid = _uid(collection, patient, k, seed)
-            day = date(2020, 1, 6) + timedelta(days=30 * k)
+            day = first_day + timedelta(days=30 * k)
             for s in range(series_per_study):
                 tpl = lib[s % len(lib)]
-                series_uid = _uid(collection, patient, k, s, seed)
+                series_uid = next(given) if given is not None else _uid(collection, patient, k, s, seed)
                 files = {}
                 for i, src in enumerate(tpl.sources[:files_per_series]):
                     files[f"1-{i + 1:03d}.dcm"] = rewrite_dicom(
@@ -171,6 +197,9 @@ class NbiaTestServer:
     corrupt_next: dict[str, int] = field(default_factory=dict)
     deny_image: set[str] = field(default_factory=set)
     pause: dict[str, threading.Event] = field(default_factory=dict)
+    release: str = "2025-11"
+    outage_until: float = 0.0
+    outage_retry_after: str | None = None
     requests: list[tuple[str, str, dict]] = field(default_factory=list)  # (version, endpoint, query)
 
     def __post_init__(self):
@@ -194,16 +223,22 @@ class NbiaTestServer:
                 query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
                 with server.lock:
                     server.requests.append((version, endpoint, query))
-                if endpoint not in V4_PARAMS:
+                    down = time.monotonic() < server.outage_until
+                if down:  # the proxy's maintenance page
+                    return self._page(503, {"Retry-After": server.outage_retry_after}
+                                      if server.outage_retry_after else None)
+                endpoints, get_image = RELEASES[server.release]
+                if endpoint not in V4_PARAMS or (version == "v4" and endpoint not in endpoints):
                     return self._page(404)
                 if version == "v4":  # V4_getSeries / V4_getImage / V4_getImageWithMD5Hash: allowedParams
-                    unknown = [p for p in query if p not in V4_PARAMS[endpoint]]
+                    allowed = get_image if endpoint == "getImage" else V4_PARAMS[endpoint]
+                    unknown = [p for p in query if p not in allowed]
                     if unknown:
                         # the message lists a Java Set.of, whose order varies between JVM runs (sorted
                         # here); the answer sets no type, so JAX-RS takes the method's @Produces:
                         # application/octet-stream for the zips, the first of getSeries' list (XML)
                         return self._send(400, (f"Invalid query parameter: '{unknown[0]}'. Allowed parameters are: "
-                                                f"[{', '.join(sorted(V4_PARAMS[endpoint]))}]").encode(),
+                                                f"[{', '.join(sorted(allowed))}]").encode(),
                                           V4_PRODUCES[endpoint])
                 if endpoint == "getSeries":
                     return self._get_series(version, query)
@@ -249,10 +284,16 @@ class NbiaTestServer:
                 if fault:
                     code, html = fault
                     return self._page(code) if html else self._send(code, NOT_PROCESSED.encode(), "text/plain")
+                notes: dict[str, bytes] = {}
                 if endpoint == "getImage":  # V1_getImage / V4_getImage
                     license_first = True
                     with_md5 = version == "v4" and (query.get("IncludeMD5") or "").lower() == "yes"
                     new_names = (query.get("NewFileNames") or "").lower() == "yes"
+                elif endpoint == "getDCMImage":  # V1_getDCMImage / V4_getDCMImage: NBIA's names, then annotations
+                    license_first, new_names = False, True
+                    with_md5 = (query.get("MD5Verification") or "").lower() == "true"
+                    if (query.get("IncludeAnnotation") or "").lower() == "true":
+                        notes = s.annotations
                 else:  # V1_getImageWithMD5Hash / V4_getImageWithMD5Hash
                     license_first, with_md5, new_names = False, True, False
                 images = s.images(new_names)
@@ -292,6 +333,8 @@ class NbiaTestServer:
                             w.writerow(["Filename", "MD5Hash"])
                             w.writerows(sorted(hashes.items(), reverse=True))
                             zf.writestr("md5hashes.csv", out.getvalue())
+                        for name, data in notes.items():  # getAnnotations: after the list, in no md5
+                            zf.writestr(name, data)
                     raw.finish()
                 except _CutOff:
                     self.close_connection = True
@@ -301,14 +344,17 @@ class NbiaTestServer:
                     except OSError:
                         pass
 
-            def _page(self, code: int):
+            def _page(self, code: int, headers: dict | None = None):
                 reason = self.responses.get(code, ("Error",))[0]
-                return self._send(code, ERROR_PAGE.format(code=code, reason=reason).encode(), "text/html;charset=utf-8")
+                return self._send(code, ERROR_PAGE.format(code=code, reason=reason).encode(), "text/html;charset=utf-8",
+                                  headers)
 
-            def _send(self, code, body: bytes, ctype: str | None):
+            def _send(self, code, body: bytes, ctype: str | None, headers: dict | None = None):
                 self.send_response(code)
                 if ctype:
                     self.send_header("Content-Type", ctype)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -329,6 +375,12 @@ class NbiaTestServer:
 
     def api(self, version: str = "v4") -> str:
         return f"{self.server_url}{API}/{version}"
+
+    def outage(self, seconds: float, retry_after: int | str | None = None) -> None:
+        """Every request answers 503 for ``seconds`` (with ``Retry-After`` when given)."""
+        with self.lock:
+            self.outage_until = time.monotonic() + seconds
+            self.outage_retry_after = None if retry_after is None else str(retry_after)
 
     def fail(self, uid: str, times: int = 1, status: int = 500, html: bool = True) -> None:
         with self.lock:

@@ -14,6 +14,12 @@ BUSY = "Session processing may already be in progress"
 # PrearcSessionArchiver.MODALITY_MOD (checkForConflicts, under the site preference
 # preventCrossModalityMerge, on by default): the session's data type differs from the existing one's
 MODALITY_MOD = "Invalid modification of session modality"
+# MergePrearcToArchiveSession.anonymizeSession's ArchivingException: the project's script failed
+ANON_FAILED = "Anonymization failed for prearcSession"
+# PrearcSessionArchiver.UID_MOD (checkForConflicts): the upload's StudyInstanceUID differs from the session's
+UID_MOD = "Invalid modification of session UID"
+# PrearcSessionArchiver.SUBJECT_MOD (checkForConflicts): the session exists under another subject
+SUBJECT_MOD = "Invalid modification of session subject"
 
 IN_PROGRESS = ("RECEIVING", "RECEIVING_INTERRUPT", "BUILDING", "QUEUED_BUILDING", "QUEUED_ARCHIVING", "ARCHIVING",
                "_RECEIVING", "_BUILDING", "_ARCHIVING", "QUEUED_DELETING", "DELETING", "_DELETING")
@@ -132,6 +138,25 @@ def _named_conflict(reasons: list[str], project: str, label: str, answer: str) -
             "different modalities (an MR visit into a CT session, say). Nothing of this upload was archived; the "
             "client removed its prearchive row: give the visit another session label, or ask the XNAT admin to "
             "merge it by hand or to turn preventCrossModalityMerge off")
+    uid = next((r for r in reasons if UID_MOD in r), None)
+    if uid:
+        return XnatError(
+            f"XNAT refused to merge this upload into session {label} of project {project}: the session it holds "
+            f"has another StudyInstanceUID than the upload ({answer}; XNAT says: {uid.strip()}). XNAT compares the "
+            "upload's UID as it arrived with the session's as archived (PrearcSessionArchiver.checkForConflicts "
+            "runs before the project's anonymization script): when that script rewrites UIDs (hashUID) they always "
+            "differ, and XNAT refuses every merge into the session unless its session merging setting allows a UID "
+            "change (sessionmerging_uid_mod, off by default). Nothing of this upload was archived; the client "
+            "removed its prearchive row: ask the XNAT admin to allow UID changes in merges for the project, or "
+            "remove the session in XNAT and re-run to send the visit whole")
+    subject = next((r for r in reasons if SUBJECT_MOD in r), None)
+    if subject:
+        return XnatError(
+            f"XNAT refused to archive this upload into session {label} of project {project}: XNAT holds a session "
+            f"{label} there under another subject ({answer}; XNAT says: {subject.strip()}). Another upload archived "
+            "it after the client looked; labels are unique per project. Nothing of this upload was archived; the "
+            "client removed its prearchive row. A re-run finds that session and names its subject: change "
+            "session_label_pattern or rename the session in XNAT")
     return None
 
 
@@ -159,12 +184,22 @@ def refused_import(session, project: str, label: str, tag: str, before: dict[str
     # XNAT's own reason, read before the rows go: LockAndSync writes the conflict's message to the
     # row's log (PrearcUtils.log), served at <row>/logs/last (PrearcSessionResource)
     reasons = [row_log(session, url) for url, r in rows.items() if r.get("status") == "CONFLICT"]
+    # LockAndSync logs a failure that is no conflict too (the row goes to ERROR)
+    errors = [row_log(session, url) for url, r in rows.items() if r.get("status") == "ERROR"]
     # a row left RECEIVING holds what XNAT read before it stopped: the request is over, nothing
     # more arrives in it, and XNAT's session rebuilder would archive it as a partial session
     clean_after_failure(session, project, label, tag, before, log, statuses=LEFTOVER + ("RECEIVING",))
+    answer = f"HTTP {http_status(exc) or '4xx'}"
+    anon = next((r.strip() for r in errors if ANON_FAILED in r), None)
+    if anon:
+        return XnatError(
+            f"XNAT failed to archive {label} into project {project}: the project's anonymization script, which XNAT "
+            f"runs as it archives a session (MergePrearcToArchiveSession.anonymizeSession), failed on these files "
+            f"({answer}; XNAT says: {anon}). Nothing of this upload was archived; the client removed its prearchive "
+            f"row. Ask the XNAT admin to repair the script (/data/projects/{project}/config/anon/projects/{project}), "
+            "then re-run")
     if not reasons:
         return None
-    answer = f"HTTP {http_status(exc) or '4xx'}"
     named = _named_conflict(reasons, project, label, answer)
     if named is not None:
         return named

@@ -99,6 +99,43 @@ def find_session(session, project: str, label: str) -> dict | None:
             "uid": fields.get("UID") or ""}
 
 
+def find_subject(session, project: str, label: str) -> dict | None:
+    """The subject row of ``label`` in ``project``, matched case-insensitively as XNAT's archiver
+    matches it (XnatSubjectdata.GetSubjectByProjectIdentifierCaseInsensitive), or None."""
+    return next((s for s in rows(session, f"/data/projects/{project}/subjects")
+                 if str(s.get("label") or "").lower() == label.lower()), None)
+
+
+def remove_empty_subject(session, project: str, label: str, busy_statuses: tuple[str, ...]) -> str:
+    """After XNAT refused an archive: the subject ``label``, which did not exist before this
+    upload, is removed when it is empty, and what was done is said (for the error's message).
+    XNAT creates the subject before it checks for conflicts (PrearcSessionArchiver.call:
+    fixSubject -> getOrCreateSubject saves it, then checkForConflicts refuses), so a refused
+    upload leaves an empty subject. It is left when it holds a session, or when a prearchive row
+    of the project names it in ``busy_statuses`` (another upload archiving into it right now)."""
+    subj = find_subject(session, project, label)
+    if subj is None:
+        return ""
+    if rows(session, f"/data/projects/{project}/subjects/{subj['ID']}/experiments"):
+        return ""  # another upload filed a session under it meanwhile: it is that upload's now
+    others = [r for r in rows(session, f"/data/prearchive/projects/{project}")
+              if str(r.get("subject") or "").lower() == label.lower() and r.get("status") in busy_statuses]
+    made = (f"XNAT had created subject {label} in project {project} for this upload before it refused the archive "
+            "(PrearcSessionArchiver.fixSubject runs before checkForConflicts)")
+    if others:
+        return (f"{made}; the client left it, empty, because another upload is archiving into it "
+                f"({others[0].get('status')})")
+    try:
+        session.delete(f"/data/projects/{project}/subjects/{subj['ID']}")
+    except Exception as exc:  # the refusal is the error to report; this is said in it
+        status = http_status(exc)
+        return (f"{made}; the client could not remove it ({status or type(exc).__name__}"
+                f"{': ' + response_text(exc) if response_text(exc) else ''}), so project {project} now holds an "
+                f"empty subject {label}: remove it in XNAT (deleting a subject needs the project owner role), or "
+                "leave it: a re-run files the visit under it")
+    return f"{made}; the client removed that empty subject, so a re-run starts from what XNAT held before"
+
+
 #: the scan resources XNAT's importer fills (CatalogBuilder: primary imaging SOP classes in
 #: ``DICOM``, the rest in ``secondary`` under separateSecondaryDicomOnArchive, the default)
 IMPORTED_RESOURCES = ("DICOM", "secondary")

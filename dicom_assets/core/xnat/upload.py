@@ -4,10 +4,11 @@ verifies, sends again what did not arrive, and reports what XNAT holds."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import XnatBusyError, XnatError, classify_error, http_status, in_doubt
+from .anon import WHERE, AnonScripts, describe_rejects, read_anon_scripts
+from .errors import XnatBusyError, XnatError, XnatTransientError, classify_error, http_status, in_doubt
 from .files import (
     UploadFile,
     expected_names,
@@ -23,6 +24,8 @@ from .filters import SeriesFilters, series_import_filters
 from .labels import MAX_LABEL, clean_label
 from .plan import FAIL, NOTHING, Action, Existing, Visit, plan
 from .prearchive import (
+    IN_PROGRESS,
+    LEFTOVER,
     clean_after_failure,
     post_import,
     prearchive_rows,
@@ -36,9 +39,11 @@ from .remote import (
     dicom_names,
     ensure_project,
     find_session,
+    find_subject,
     foreign_names,
     held_names,
     missing_names,
+    remove_empty_subject,
     session_names,
 )
 
@@ -180,6 +185,8 @@ class _VisitUpload:
     poll_seconds: float
     pending_path: Path | None
     _filters: list[SeriesFilters] = field(default_factory=list)  # read from XNAT once, when a file is missing
+    _anon: list[AnonScripts] = field(default_factory=list)  # the same for its anonymization scripts
+    new_subject: bool = False  # the visit's subject was not in XNAT when this upload first sent
 
     def __post_init__(self) -> None:
         self.xsubject, self.xlabel = clean_label(self.subject), clean_label(self.session_label)
@@ -208,6 +215,32 @@ class _VisitUpload:
             return set(), set()
         dropped = {n for n in absent if self.filters().drops(self.by_name[n])}
         return dropped, absent - dropped
+
+    def anon(self) -> AnonScripts:
+        if not self._anon:
+            self._anon.append(read_anon_scripts(self.session, self.project))
+        return self._anon[0]
+
+    def rejected(self, missing: set[str]) -> set[str]:
+        """The missing files an anonymization script's ``reject`` drops for certain (the client
+        evaluated its condition on their headers): sending them again is pointless."""
+        if not missing:
+            return set()
+        certain, _maybe = self.anon().explain([self.by_name[n] for n in sorted(missing)])
+        return set().union(*certain.values()) if certain else set()
+
+    def rejected_on_import(self, batch: list[UploadFile], before: dict) -> None:
+        """An empty answer to an import of files the site-wide script rejects, every one: XNAT
+        deleted each as it arrived, left the row it had made for them (RECEIVING, empty) and
+        answered no URI (DicomZipImporter.call). That row is removed and the step fails naming the
+        script, instead of waiting on the row."""
+        names = {f.arcname for f in batch}
+        certain, _maybe = self.anon().explain(batch)
+        if set().union(*(n for r, n in certain.items() if r.scope == "site-wide")) != names:
+            return
+        clean_after_failure(self.session, self.project, self.xlabel, self.tag, before, self.log,
+                            statuses=LEFTOVER + ("RECEIVING",))
+        raise self.incomplete(names, "")
 
     def summary(self, names: set[str]) -> str:
         return series_summary(names, self.files)
@@ -259,6 +292,8 @@ class _VisitUpload:
         finally:
             zpath.unlink(missing_ok=True)
         if answer is not None and "/archive/" not in answer:
+            if not answer:
+                self.rejected_on_import(batch, before)
             unarchived_answer(self.session, self.project, self.xlabel, self.tag, before, batch, answer,
                               self.wait_seconds, self.poll_seconds, self.log)
         self.result.files_sent += len(batch)
@@ -291,13 +326,35 @@ class _VisitUpload:
                  "the answer was lost; the session is checked for files that did not arrive")
 
     def incomplete(self, missing: set[str], why: str) -> XnatError:
+        certain, maybe = self.anon().explain([self.by_name[n] for n in sorted(missing)])
+        if certain or maybe:
+            return self.anonymized_away(missing, certain, maybe, why)
+        unread = "; ".join(self.anon().unknown)
         return XnatError(
             f"XNAT session {self.xlabel} in project {self.project} is incomplete: {len(missing)} of this visit's "
             f"{len(self.files)} files are missing ({self.summary(missing)}), and XNAT's series import filter does not "
             f"explain them ({self._filters[0].describe() if self._filters else 'not read'}). An upload was cut short "
             "(a connection that broke, or an import XNAT stopped) and XNAT archived the files it had received; the "
-            f"client sent the missing ones again (overwrite=append): {why}. Nothing was recorded as filtered. A "
-            "re-run with xnat_duplicate_policy 'append' sends only the missing files")
+            f"client sent the missing ones again (overwrite=append): {why}. Nothing was recorded as filtered"
+            + (f" ({unread})" if unread else "") + ". A re-run with xnat_duplicate_policy 'append' sends only the "
+            "missing files")
+
+    def anonymized_away(self, missing: set[str], certain: dict, maybe: dict, why: str) -> XnatError:
+        """The error for files XNAT's anonymization dropped: which statement of which script
+        (site-wide or the project's) rejects which series."""
+        explained = set().union(*certain.values(), *maybe.values())
+        rest = missing - explained
+        return XnatError(
+            f"XNAT session {self.xlabel} in project {self.project} is incomplete: {len(missing)} of this visit's "
+            f"{len(self.files)} files are missing, and XNAT's anonymization dropped them: "
+            f"{describe_rejects(certain, maybe, self.summary)}. {WHERE}. "
+            + ("The client does not send again the files a script rejects (XNAT would reject them again)" if certain
+               else "The client sent them again once, and XNAT dropped them again")
+            + (f"; {len(rest)} other files are missing for no reason the client can name ({self.summary(rest)}; "
+               f"{why})" if rest else "")
+            + ". Nothing was recorded as filtered. Exclude those series (exclude_series), or ask the XNAT admin to "
+            "change the script; until then each run of this visit fails here"
+            + (", sending nothing again" if certain else ", sending them once more"))
 
     # --- the steps ---------------------------------------------------------------------------
     def decide(self) -> tuple[Action, dict | None, dict[str, set[str]]]:
@@ -314,7 +371,13 @@ class _VisitUpload:
         self.result.subject = exp["subject"]
         self.result.filtered = sorted(filtered)
         pending = frozenset(read_pending(self.pending_path, project=self.project, label=self.xlabel, log=self.log))
-        return plan(state, self._visit(state.missing), pending, self.policy), exp, have
+        rejected = self.rejected(set(state.missing))
+        if rejected:  # an anonymization script drops them: planned as if present, reported after
+            state = replace(state, missing=state.missing - rejected)
+        action = plan(state, self._visit(state.missing), pending, self.policy)
+        if rejected and action.status == "already_archived":
+            raise self.incomplete(rejected, "the session holds everything else")
+        return action, exp, have
 
     def _visit(self, missing) -> Visit:
         return Visit(self.project, self.xsubject, self.xlabel, self.tag, len(self.files),
@@ -330,13 +393,17 @@ class _VisitUpload:
         filtered, missing = self.explain(missing_names(self.want, have))
         if not missing:
             return exp, have, filtered
-        # not explained by XNAT's filter: files that never arrived (XNAT archived a partial
-        # session); they are sent again, only them, asking XNAT to merge
-        self.log(f"XNAT's session {self.xlabel} lacks {len(missing)} of the files sent ({self.summary(missing)}), "
+        # not explained by XNAT's filter: files an anonymization script rejected (never sent
+        # again), or files that never arrived (XNAT archived a partial session), sent again, only
+        # them, asking XNAT to merge
+        resend = missing - self.rejected(missing)
+        if not resend:
+            raise self.incomplete(missing, "")
+        self.log(f"XNAT's session {self.xlabel} lacks {len(resend)} of the files sent ({self.summary(resend)}), "
                  f"which its series import filter does not explain ({self.filters().describe()}): sending them "
                  "again (overwrite=append)")
         try:
-            self.send([f for f in self.files if f.arcname in missing], "append")
+            self.send([f for f in self.files if f.arcname in resend], "append")
         except XnatBusyError:
             raise  # named, and retried: the missing files are sent once the workflow ended
         except XnatError as exc:
@@ -381,9 +448,30 @@ class _VisitUpload:
         if self.pending_path is not None:
             write_pending(self.pending_path, project=self.project, subject=self.xsubject, label=self.xlabel,
                           tag=self.tag, files=self.files)
-        self.send(to_send, action.overwrite)
+        self.new_subject = self.new_subject or find_subject(self.session, self.project, self.xsubject) is None
+        try:
+            self.send(to_send, action.overwrite)
+        except Exception as exc:
+            self.refused(exc)
+            raise
         exp, have, filtered = self.verify()
         return self.finish(exp, have, filtered)
+
+    def refused(self, exc: Exception) -> None:
+        """After XNAT refused or failed the archive: the subject it created for this upload before
+        refusing (fixSubject runs first) is removed when empty, and the error raised says so."""
+        if not self.new_subject or in_doubt(exc) or http_status(exc) == 401 or isinstance(exc, XnatTransientError):
+            return  # nothing refused for good (retried, or a login to renew): the subject may still be used
+        try:
+            note = remove_empty_subject(self.session, self.project, self.xsubject, IN_PROGRESS)
+        except Exception as again:  # the refusal is the error to report
+            note = (f"the client could not check whether XNAT left an empty subject {self.xsubject} "
+                    f"({http_status(again) or type(again).__name__})")
+        if not note:
+            return
+        self.log(note)
+        err = exc if isinstance(exc, XnatError) else classify_error(exc, self.server)
+        raise type(err)(f"{err}. {note}") from None
 
     def finish(self, exp: dict, have: dict[str, set[str]], filtered: set[str]) -> UploadResult:
         result = self.result

@@ -10,8 +10,12 @@ below names the XNAT class (``NrgXnat/xnat-web``) it was read from; no XNAT code
   staged in the prearchive (``GradualDicomImporter``: a RECEIVING row per project +
   StudyInstanceUID + session label, joined when such a row is RECEIVING/READY/ERROR/CONFLICT),
   filtered by the site-wide and the project's series import filters (``set_series_import_filter``;
-  ``series_import_filter`` is a shortcut for a site-wide blacklist) and optionally anonymized
-  (``site_anonymization``); with
+  ``series_import_filter`` is a shortcut for a site-wide blacklist) and run through the site-wide
+  anonymization script when one is enabled (``set_anon_script``; ``site_anonymization`` is XNAT's
+  default script; a ``reject`` drops the file silently); a project's script runs when the session
+  is archived (its rejected files are deleted from the session, an error fails the archive; the
+  scripts are DicomEdit 6, the subset in ``dicomedit.py``, served at ``/data/config/anon/script``
+  and ``/data/projects/<id>/config/anon/projects/<id>``); with
   ``dest=/archive`` the row goes ARCHIVING and is archived within the request, whatever the
   project's prearchive code (``DicomZipImporter.determiningDestination``; ``PrearcSessionArchiver``,
   ``MergePrearcToArchiveSession``, ``MergeSessionsA``): labels cleaned, subject matched
@@ -81,9 +85,10 @@ Start by hand: ``dicom-assets-testing xnat-server --port 8080 --user admin`` (pa
 """
 
 
-from .importer import SeriesSeen, hash_uid, parse_upload_zip, zip_stream_entries
+from .dicomedit import hash_uid, run_script
+from .importer import SeriesSeen, parse_upload_zip, zip_stream_entries
 from .server import XnatTestServer, serve_forever
 from .state import SeriesImportFilter
 
-__all__ = ["SeriesImportFilter", "SeriesSeen", "XnatTestServer", "hash_uid", "parse_upload_zip", "serve_forever",
+__all__ = ["SeriesImportFilter", "SeriesSeen", "XnatTestServer", "hash_uid", "parse_upload_zip", "run_script", "serve_forever",
            "zip_stream_entries"]

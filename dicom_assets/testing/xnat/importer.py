@@ -8,13 +8,11 @@ repository); no XNAT code is copied and nothing here comes from the client
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import struct
 import threading
 import time
-import uuid
 import zipfile
 import zlib
 from collections import defaultdict
@@ -24,6 +22,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import UID_dictionary
 
+from .dicomedit import REJECTED, ScriptError, run_script
 from .state import (
     ARCHIVE_FAILED,
     BUSY,
@@ -164,11 +163,13 @@ class Importer:
     ``XnatTestServer``)."""
 
     # ---------------------------------------------------------------- importing
-    def receive(self, project: str, subject: str, name: str, files: list[tuple[str, bytes, object]]) -> PrearchiveEntry:
+    def receive(self, project: str, subject: str, name: str, files: list[tuple[str, bytes, object]],
+                store: bool = True) -> PrearchiveEntry:
         """GradualDicomImporter: put each file into the prearchive row of (project,
         StudyInstanceUID, session label), joining a RECEIVING/READY/ERROR/CONFLICT row
         (PrearcDatabase.eitherGetOrCreateSession) or opening a new one (new timestamp) whose
-        AUTOARCHIVE is the project's prearchive code (GradualDicomImporter.shouldAutoArchive)."""
+        AUTOARCHIVE is the project's prearchive code (GradualDicomImporter.shouldAutoArchive).
+        ``store`` False: the row only (its files were rejected after it was made)."""
         tag = str(files[0][2].get("StudyInstanceUID", "") or "")  # none: an empty tag, as XNAT
         with self.lock:
             row = next((e for e in self.prearchive.values() if e.project == project and e.tag == tag
@@ -181,9 +182,7 @@ class Importer:
             row.status, row.lastmod = "RECEIVING", _now()
             self._receiving.add(row.key)
         try:
-            for fname, data, ds in files:
-                if self.site_anonymization:
-                    data = _anonymize(data, project, row.subject or subject, row.name)
+            for fname, data, ds in files if store else ():
                 number = str(ds.get("SeriesNumber", "") or "0")  # Restructurer.determineScanSubdir
                 with self.lock:
                     # GradualDicomImporter.getSafeFile: the uploaded name is kept (rename=false);
@@ -203,15 +202,23 @@ class Importer:
 
     def archive(self, row: PrearchiveEntry, *, subject: str | None, label: str | None, allow_merge: bool,
                 override: bool, overwrite_files: bool) -> Experiment:
-        """PrearcSessionArchiver.call + MergePrearcToArchiveSession (MergeSessionsA) + MergeCatCatalog.
+        """PrearcSessionArchiver.call + MergePrearcToArchiveSession (MergeSessionsA) + MergeCatCatalog,
+        in XNAT's order: the label is fixed and the existing session looked up; a merge into a
+        session with an open workflow is refused (preventConcurrentArchiving); the subject is
+        found or *created* (fixSubject -> getOrCreateSubject, saved at once: it stays when a
+        later step refuses the archive); the session is validated; checkForConflicts runs
+        (PRE_EXISTS, MODALITY_MOD, SUBJECT_MOD, UID_MOD, on the session as built in the
+        prearchive, before any project script); the project's anonymization script runs
+        (MergePrearcToArchiveSession.getPostAnonSession); files the session holds are refused
+        (MergeSessionsA.checkForConflict); the files are stored.
 
         The caller decides ``allow_merge`` (allowSessionMerge), ``override`` (overrideExceptions)
         and ``overwrite_files`` as its XNAT class does (see the import service and the archive
         service below). A session of the same label in the project is merged into only when
-        ``allow_merge`` (PrearcSessionArchiver.checkForConflicts: PRE_EXISTS, 409); files it
-        already holds are refused unless ``override or overwrite_files`` (the archiver passes
-        that to MergePrearcToArchiveSession; MergeSessionsA.checkForConflict: the same path is
-        HAS_FILES, the same SOPInstanceUID under another name CAT_ENTRY_MATCH, both 409)."""
+        ``allow_merge`` (PRE_EXISTS, 409); files it already holds are refused unless
+        ``override or overwrite_files`` (the archiver passes that to MergePrearcToArchiveSession;
+        MergeSessionsA.checkForConflict: the same path is HAS_FILES, the same SOPInstanceUID
+        under another name CAT_ENTRY_MATCH, both 409)."""
         if not row.tag:
             # DICOMSessionBuilder: no StudyInstanceUID, no session to build (NoUniqueSessionException);
             # the importer took the files (GradualDicomImporter does not require it), the build fails
@@ -220,78 +227,126 @@ class Importer:
             proj = self.projects[row.project]
             # fixSessionLabel / fixSubject: labels are cleaned (cleanValue)
             label = clean_value(label or row.name)
-            subject_label = clean_value(subject or row.subject or "")
-            if not subject_label:
-                raise _HttpError(400, "Unable to identify subject.")
+            existing = proj.experiment(label)  # retrieveExistingExpt: project + label
+            # PrearcSessionArchiver.preventConcurrentArchiving (unless overrideExceptions, i.e.
+            # overwrite=delete): an open workflow on the session (WorkflowUtils.getOpenWorkflows:
+            # a pipeline or a container run on archive, or a stale "In Progress") refuses the merge
+            busy = self.open_workflows.get(existing.id) if existing is not None else None
+            if busy and not override:
+                raise _HttpError(409, f"{BUSY}: {busy[0]}.  Concurrent modification is discouraged.")
+            subj = self._fix_subject(proj, clean_value(subject or row.subject or ""))
             if len(label) > MAX_STRING:
                 # PrearcSessionArchiver.validateSession: src.validate() (XFTValidator maxLength)
                 # fails, thrown on as a ServerException (500)
                 raise _HttpError(500, f"Must Be Less Than {MAX_STRING} Characters : Current Length ({len(label)})")
-            replace = override or overwrite_files
-            existing = proj.experiment(label)  # retrieveExistingExpt: project + label
-            subj = proj.subject_ci(subject_label)
-            if existing is not None:  # checkForConflicts
-                if not allow_merge:
-                    raise _HttpError(409, PRE_EXISTS)
-                # PrearcSessionArchiver.preventConcurrentArchiving (unless overrideExceptions, i.e.
-                # overwrite=delete): an open workflow on the session (WorkflowUtils.getOpenWorkflows:
-                # a pipeline or a container run on archive, or a stale "In Progress") refuses the merge
-                busy = self.open_workflows.get(existing.id)
-                if busy and not override:
-                    raise _HttpError(409, f"{BUSY}: {busy[0]}.  Concurrent modification is discouraged.")
-                if subj is None or existing.subject_id != subj.id:
-                    raise _HttpError(409, f"{SUBJECT_MOD}: {existing.label} Already Exists for another Subject")
-            hashing = row.project in self.uid_hashing_projects
-            tag = hash_uid(row.tag) if hashing and row.tag else row.tag
-            if existing is not None and existing.uid and tag and existing.uid != tag and not override:
-                raise _HttpError(409, UID_MOD)
-            parsed = []
-            for (_subdir, fname), data in sorted(row.files.items()):
-                if hashing:  # the project's script, applied as the session is archived
-                    data = _hash_uids(data)
-                ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-                parsed.append((fname, data, ds))
-            ids = self._scan_ids(parsed, existing)
+            parsed = [(fname, data, pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True))
+                      for (_subdir, fname), data in sorted(row.files.items())]
             xsi_type = session_xsi_type(parsed, self.separate_secondary)
-            if existing is not None and self.prevent_cross_modality_merge and existing.xsi_type != xsi_type:
-                raise _HttpError(409, MODALITY_MOD)  # PrearcSessionArchiver.checkForConflicts
-            if existing is not None and not replace:  # MergeSessionsA.checkForConflict
-                why = None
-                for fname, _data, ds in parsed:
-                    scan = existing.scans.get(ids[_series_uid(ds)])
-                    if scan is None:
-                        continue
-                    held = {n for res in scan.resources.values() for n in res}
-                    if fname in held:  # FileUtils.FindFirstMatch: the same path: HAS_FILES wins
-                        why = HAS_FILES
-                        break
-                    if str(ds.SOPInstanceUID) in {scan.sop_uids.get(n) for n in held}:
-                        why = CAT_ENTRY_MATCH  # SessionOverwriteCheck: a catalog entry of that UID
-                if why:
-                    raise _HttpError(409, why)
-            if subj is None:
-                subj = proj.subjects[subject_label] = Subject(self._next_id("S"), subject_label, proj.id)
+            if existing is not None:
+                self._check_for_conflicts(existing, subj, row.tag, xsi_type, allow_merge, override)
+            parsed = self._project_anonymization(row, parsed, subj.label, label)
+            ids = self._scan_ids(parsed, existing)
+            if existing is not None and not (override or overwrite_files):
+                self._check_file_conflicts(existing, parsed, ids)
             exp = existing
             if exp is None:
+                tag = _study_uid(parsed[0][2]) or row.tag  # the session rebuilt after the project script
                 exp = subj.experiments[label] = Experiment(self._next_id("E"), label, proj.id, subj.id, uid=tag,
                                                            xsi_type=xsi_type)
-            folder = self.storage / proj.id / subj.label / label
-            for fname, data, ds in parsed:
-                scan_id = ids[_series_uid(ds)]
-                scan = exp.scans.get(scan_id)
-                if scan is None:
-                    scan = exp.scans[scan_id] = Scan(scan_id, str(ds.get("SeriesDescription", "") or ""),
-                                                     str(ds.get("Modality", "") or ""), _series_uid(ds))
-                exp.date = exp.date or str(ds.get("StudyDate", "") or "")
-                # CatalogBuilder: primary imaging SOP classes to DICOM, the rest to secondary
-                label = resource_label(str(ds.get("SOPClassUID", "") or ""), self.separate_secondary)
-                path = folder / "SCANS" / scan_id / label / fname
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-                scan.resources.setdefault(label, {})[fname] = str(path)
-                scan.sop_uids[fname] = str(ds.SOPInstanceUID)
+            self._store(exp, subj, parsed, ids)
             self.prearchive.pop(row.key, None)
             return exp
+
+    def _fix_subject(self, proj, subject_label: str) -> Subject:
+        """PrearcSessionArchiver.fixSubject -> getOrCreateSubject: the subject matched
+        case-insensitively (retrieveMatchingSubject), else created and saved in the project
+        right away, before any conflict is checked: a refused archive leaves it, empty."""
+        if not subject_label:
+            raise _HttpError(400, "Unable to identify subject.")
+        subj = proj.subject_ci(subject_label)
+        if subj is None:
+            subj = proj.subjects[subject_label] = Subject(self._next_id("S"), subject_label, proj.id)
+        return subj
+
+    def _check_for_conflicts(self, existing: Experiment, subj: Subject, uid: str, xsi_type: str,
+                             allow_merge: bool, override: bool) -> None:
+        """PrearcSessionArchiver.checkForConflicts, in its order (409 each): no merge allowed
+        (PRE_EXISTS); another data type under preventCrossModalityMerge (MODALITY_MOD); another
+        subject (SUBJECT_MOD); another StudyInstanceUID unless overrideExceptions or the
+        project's session merging setting allows it (UID_MOD; SessionMergingConfigMapper
+        .getUidModSetting, false by default). ``uid`` is the session's as built in the
+        prearchive: a project script's hashUID has not run yet."""
+        if not allow_merge:
+            raise _HttpError(409, PRE_EXISTS)
+        if self.prevent_cross_modality_merge and existing.xsi_type != xsi_type:
+            raise _HttpError(409, MODALITY_MOD)
+        if existing.subject_id != subj.id:
+            raise _HttpError(409, f"{SUBJECT_MOD}: {existing.label} Already Exists for another Subject")
+        if existing.uid and uid and existing.uid != uid and not override:
+            raise _HttpError(409, UID_MOD)
+
+    @staticmethod
+    def _check_file_conflicts(existing: Experiment, parsed: list, ids: dict[str, str]) -> None:
+        """MergeSessionsA.checkForConflict: a file the session holds under the same path is
+        HAS_FILES (FileUtils.FindFirstMatch: it wins), one of the same SOPInstanceUID under another
+        name CAT_ENTRY_MATCH (SessionOverwriteCheck: a catalog entry of that UID)."""
+        why = None
+        for fname, _data, ds in parsed:
+            scan = existing.scans.get(ids[_series_uid(ds)])
+            if scan is None:
+                continue
+            held = {n for res in scan.resources.values() for n in res}
+            if fname in held:
+                raise _HttpError(409, HAS_FILES)
+            if str(ds.SOPInstanceUID) in {scan.sop_uids.get(n) for n in held}:
+                why = CAT_ENTRY_MATCH
+        if why:
+            raise _HttpError(409, why)
+
+    def _project_anonymization(self, row: PrearchiveEntry, parsed: list, subject: str, label: str) -> list:
+        """MergePrearcToArchiveSession.anonymizeSession: the project's script, when enabled
+        (ProjectAnonymizer), runs on every file of the session (PrearcSessionAnonymizer with
+        ignoreRejections false; the project, the subject's label and the session label as its
+        variables). A script error fails the archive (ArchivingException "Anonymization failed
+        for prearcSession at ..."); rejected files are deleted from the session
+        (MergeUtils.deleteRejectedFiles) and the rest is archived; the session is then rebuilt
+        from the anonymized files (getPostAnonSession), which fails when none is left."""
+        script = self.anon_script(row.project)
+        if script is None:
+            return parsed
+        out = []
+        for fname, data, _ds in parsed:
+            full = pydicom.dcmread(io.BytesIO(data), force=True)
+            try:
+                outcome = run_script(script, full, row.project, subject, label)
+            except ScriptError:
+                raise _HttpError(500, f"Anonymization failed for prearcSession at {row.key}") from None
+            if outcome == REJECTED:
+                continue
+            data = _dataset_bytes(full)
+            out.append((fname, data, pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)))
+        if not out:
+            raise _HttpError(500, f"Something went wrong: I anonymized the data in {row.key} but something failed "
+                                  "during the session rebuild.")
+        return out
+
+    def _store(self, exp: Experiment, subj: Subject, parsed: list, ids: dict[str, str]) -> None:
+        """The files into their scans (created as needed) and resources."""
+        folder = self.storage / exp.project / subj.label / exp.label
+        for fname, data, ds in parsed:
+            scan_id = ids[_series_uid(ds)]
+            scan = exp.scans.get(scan_id)
+            if scan is None:
+                scan = exp.scans[scan_id] = Scan(scan_id, str(ds.get("SeriesDescription", "") or ""),
+                                                 str(ds.get("Modality", "") or ""), _series_uid(ds))
+            exp.date = exp.date or str(ds.get("StudyDate", "") or "")
+            # CatalogBuilder: primary imaging SOP classes to DICOM, the rest to secondary
+            resource = resource_label(str(ds.get("SOPClassUID", "") or ""), self.separate_secondary)
+            path = folder / "SCANS" / scan_id / resource / fname
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            scan.resources.setdefault(resource, {})[fname] = str(path)
+            scan.sop_uids[fname] = str(ds.SOPInstanceUID)
 
     @staticmethod
     def _scan_ids(parsed: list, existing: Experiment | None) -> dict[str, str]:
@@ -385,36 +440,16 @@ def _series_uid(ds) -> str:
     return str(ds.get("SeriesInstanceUID", "") or "")
 
 
-def hash_uid(uid: str) -> str:
-    """DicomEdit's ``hashUID``, as a project's anonymization script calls it: a UID replaced by
-    one under ``2.25.`` derived from a digest of it (the same UID gives the same new one; the
-    digest DicomEdit uses is not modelled, only that it is deterministic)."""
-    return "2.25." + str(uuid.UUID(bytes=hashlib.md5(uid.encode()).digest()).int)
+def _study_uid(ds) -> str:
+    return str(ds.get("StudyInstanceUID", "") or "")
 
 
-def _hash_uids(data: bytes) -> bytes:
-    """A project anonymization script ``(0020,000D) := hashUID[(0020,000D)]`` and the same for
-    (0020,000E) and (0008,0018) (PrearcSessionAnonymizer, at archive time); the file name the
-    upload gave is kept (GradualDicomImporter.getSafeFile)."""
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        if keyword in ds:
-            setattr(ds, keyword, hash_uid(str(getattr(ds, keyword))))
+def _dataset_bytes(ds) -> bytes:
+    """A data set as its anonymized file (the file meta's SOPInstanceUID following the data set's,
+    as dcm4che writes it back); the file name the upload gave is kept
+    (GradualDicomImporter.getSafeFile)."""
     if getattr(ds, "file_meta", None) is not None and "SOPInstanceUID" in ds:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    out = io.BytesIO()
-    ds.save_as(out)
-    return out.getvalue()
-
-
-def _anonymize(data: bytes, project: str, subject: str, session: str) -> bytes:
-    """XNAT's default site-wide anonymization script (DefaultAnonUtils; applied by
-    GradualDicomImporter on receipt): (0008,1030) := project, (0010,0010) := subject,
-    (0010,0020) := session."""
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    ds.StudyDescription = project
-    ds.PatientName = subject
-    ds.PatientID = session
     out = io.BytesIO()
     ds.save_as(out)
     return out.getvalue()
@@ -544,8 +579,12 @@ class ImportHandlers:
             raise _HttpError(400, f"Project {project!r} does not exist or the user may not upload to it")
         files, refused = self._read_entries(q, parse_upload_zip(body))
         if not files:
+            if self._site_rejected:
+                # GradualDicomImporter made (or joined) the row before the site-wide script rejected
+                # the file (eitherGetOrCreateSession comes first): it stays RECEIVING, empty
+                x.receive(project, *self._import_labels(q, self._site_rejected), self._site_rejected, store=False)
             # DicomZipImporter.call: no session and a kept refusal: that refusal; nothing at all
-            # (empty zip, everything filtered): an empty answer
+            # (empty zip, everything filtered or rejected): an empty answer
             if refused:
                 raise _HttpError(400, refused)
             return self._send(200, "")
@@ -659,11 +698,19 @@ class ImportHandlers:
                        if f is not None and f.enabled]
         storage_error = faults and x._take_fault("/data/services/import", ("storage_error",)) is not None
         files, refused = [], None
+        site_script = x.anon_script(None)
+        self._site_rejected = []
         for fname, data, ds, why in entries:
             if ds is not None and not all(f.includes(ds) for f in filters):
                 continue
             if why is None and storage_error and len(files) >= x.storage_error_after:
                 why = f"unable to read DICOM object {fname}"  # the write's ServerException, caught
+            if why is None and site_script is not None:
+                kept, ds_kept, why = self._site_anonymization(site_script, q, fname, data, ds)
+                if kept is None:
+                    self._site_rejected.append((fname, data, ds))
+                    continue  # rejected: deleted, and the import goes on (returnEmptyList)
+                data, ds = kept, ds_kept
             if why is None:
                 files.append((fname, data, ds))
                 continue
@@ -674,6 +721,27 @@ class ImportHandlers:
                 self._stage_for_import(q, files)
             raise _HttpError(400, why)
         return files, refused
+
+    @staticmethod
+    def _site_anonymization(script: str, q: dict, fname: str, data: bytes, ds) -> tuple:
+        """GradualDicomImporter.call, once the file is written: the site-wide script, when enabled
+        (DefaultAnonUtils.isSiteWideScriptEnabled and the configuration's status), runs on it
+        with the row's project, subject and folder name (MizerService.anonymize). A reject
+        deletes the file and the import goes on: ``(None, None, None)``, the file dropped
+        silently like a filtered one. An error (AnonymizationResultError, or any failure) is
+        handleAnonymizationError's ServerException, which the importer's catch-all turns into
+        ``ClientException("unable to read DICOM object <name>")``: a refusal, dropped under
+        Ignore-Unparsable. Otherwise the anonymized file and its header."""
+        full = pydicom.dcmread(io.BytesIO(data), force=True)
+        subject, name = ImportHandlers._import_labels(q, [(fname, data, ds)])
+        try:
+            outcome = run_script(script, full, q.get("project") or "", subject, name)
+        except ScriptError:
+            return data, ds, f"unable to read DICOM object {fname}"
+        if outcome == REJECTED:
+            return None, None, None
+        data = _dataset_bytes(full)
+        return data, pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True), None
 
     @staticmethod
     def _import_labels(q: dict, files: list) -> tuple[str, str]:

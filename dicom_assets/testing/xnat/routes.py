@@ -222,9 +222,23 @@ class Routes:
         return self._subject_answer(subj, m.group(1), _rest(m, 2), method, q, body)
 
     def _subject_answer(self, subj: Subject | None, asked: str, rest: list[str], method, q, body) -> None:
-        """A subject the user may read (else 404), or what its experiments' URIs below it answer."""
+        """A subject the user may read (else 404), or what its experiments' URIs below it answer.
+        DELETE as SubjectResource.handleDelete does it (SecureResource.deleteItem,
+        XnatSubjectdata.delete): 404 "Unable to find the specified subject." when not found;
+        deleting needs the delete right on the project's data (owners: ROLE_ACTIONS; a member
+        is refused, 403); the subject goes with its sessions."""
         if subj is None:
+            if method == "DELETE":
+                raise _HttpError(404, "Unable to find the specified subject.")
             raise _HttpError(404, f"Subject {asked} not found")
+        if not rest and method == "DELETE":
+            if self.xnat.role(subj.project, self.user) not in ROLE_ACTIONS["delete"]:
+                raise _HttpError(403, f"User {self.user} may not delete subject {subj.label}")
+            p = self.xnat.projects[subj.project]
+            for e in list(subj.experiments.values()):
+                self.xnat.open_workflows.pop(e.id, None)
+            p.subjects.pop(subj.label, None)
+            return self._send(200, "")
         if not rest:
             return self._send(200, self._subject_item(subj))
         return self._experiments(method, subj, rest, q, body)
@@ -317,9 +331,11 @@ class Routes:
         (``Permissions.canRead(user, "xnat:subjectData/project", id)``) 403; a site-wide
         configuration needs no right. The configuration comes as a table (tool, path, project,
         user, create_date, reason, contents, unversioned, version, status); ``contents=true`` gives
-        the contents alone, 404 when disabled. Only the series import filters are kept here
-        (tool ``seriesImportFilter``, path ``config``: DicomFilterService); anything else is
-        "Couldn't find config ..." (404)."""
+        the contents alone, 404 when disabled. Kept here: the series import filters (tool
+        ``seriesImportFilter``, path ``config``: DicomFilterService) and the anonymization scripts
+        (tool ``anon``: path ``script`` site-wide; a project's is stored under ``/projects/<id>``,
+        which ConfigResource.fixAnonPath finds for the URI path ``projects/<id>``); anything else
+        is "Couldn't find config ..." (404)."""
         x = self.xnat
         with x.lock:
             if pid is not None:
@@ -328,19 +344,32 @@ class Routes:
                     raise _HttpError(404, f"The requested project {pid} does not exist.")
                 if not p.data_readable_by(self.user):
                     raise _HttpError(403, f"User {self.user} can not access project {pid}")
-            f = x.series_filters.get(pid or "") if (tool, cpath) == ("seriesImportFilter", "config") else None
-            if f is None:
+            found = self._stored_config(pid, tool, cpath)
+            if found is None:
                 raise _HttpError(404, f"Couldn't find config for user {self.user} and project {pid} on tool [{tool}] "
                                       f"path [{cpath}]")
-            status = "enabled" if f.enabled else "disabled"
+            path, contents, enabled = found
             if q.get("contents", "").lower() == "true" and q.get("meta", "").lower() != "true":
-                if not f.enabled:
+                if not enabled:
                     raise _HttpError(404, f"Config not found for user {self.user} and project {pid} on tool [{tool}] "
                                           f"path [{cpath}]")
-                return self._send(200, f.contents())
+                return self._send(200, contents)
             return self._send(200, _result_set([{
-                "tool": tool, "path": cpath, "project": pid, "user": "admin", "create_date": _now(),
-                "reason": "", "contents": f.contents(), "unversioned": "false", "version": "1", "status": status}]))
+                "tool": tool, "path": path, "project": pid, "user": "admin", "create_date": _now(),
+                "reason": "", "contents": contents, "unversioned": "false", "version": "1",
+                "status": "enabled" if enabled else "disabled"}]))
+
+    def _stored_config(self, pid: str | None, tool: str, cpath: str) -> tuple[str, str, bool] | None:
+        """(stored path, contents, enabled) of a configuration this server keeps, or None."""
+        x = self.xnat
+        if (tool, cpath) == ("seriesImportFilter", "config"):
+            f = x.series_filters.get(pid or "")
+            return (cpath, f.contents(), f.enabled) if f is not None else None
+        if tool == "anon" and cpath == ("script" if pid is None else f"projects/{pid}"):
+            cfg = x.anon_scripts.get(pid or "")
+            path = "script" if pid is None else f"/projects/{pid}"
+            return (path, cfg.contents, cfg.enabled) if cfg is not None else None
+        return None
 
     def _prearchive_code(self, method: str, pid: str, value: list[str]) -> None:
         """/data/projects/<id>/prearchive_code[/<code>] as ProjectResource answers it (NrgXnat/xnat

@@ -177,6 +177,26 @@ class PrearchiveEntry:
 
 
 @dataclass
+class AnonScriptConfig:
+    """An anonymization script as XNAT keeps it: a configuration of tool ``anon``
+    (DicomEdit.ToolName), path ``script`` for the site-wide one and ``/projects/<id>`` for a
+    project's (DicomEdit.buildScriptPath; ConfigResource.fixAnonPath serves the latter at
+    ``/data/projects/<id>/config/anon/projects/<id>``), with its status: the site-wide script
+    runs on import when enabled (GradualDicomImporter, DefaultAnonUtils.isSiteWideScriptEnabled;
+    the site preference enableSitewideAnonymizationScript sets that status,
+    AnonymizationHandlerMethod), a project's on archive when enabled
+    (ProjectAnonymizer.isEnabled). The contents are DicomEdit 6 (``dicomedit.py``)."""
+
+    contents: str
+    enabled: bool = True
+
+    def row(self, tool: str, path: str, project: str | None) -> dict:
+        return {"tool": tool, "path": path, "project": project, "user": "admin", "create_date": _now(),
+                "reason": "", "contents": self.contents, "unversioned": "false", "version": "1",
+                "status": "enabled" if self.enabled else "disabled"}
+
+
+@dataclass
 class SeriesImportFilter:
     """A series import filter as XNAT keeps it: a configuration of tool ``seriesImportFilter``,
     path ``config``, site-wide or per project (``DicomFilterService``; NrgXnat/dicomtools), whose
@@ -334,13 +354,11 @@ class XnatState:
         self.series_filters: dict[str, SeriesImportFilter] = {}
         self.drop_fraction = 0.5  # drop_mid_stream: the share of the body that arrives
         self.storage_error_after = 0  # storage_error: the files stored before the write fails
-        self.site_anonymization = False  # XNAT's default site-wide script (PatientID := session)
+        # the anonymization scripts (tool anon): "" the site-wide one, else a project's (set_anon_script)
+        self.anon_scripts: dict[str, AnonScriptConfig] = {}
         # the site preference separateSecondaryDicomOnArchive (true by default since XNAT 1.9.1):
         # files of a SOP class that is not primary imaging land in resource "secondary"
         self.separate_secondary = True
-        # projects whose anonymization script rewrites the study, series and instance UIDs
-        # (hashUID) when a session is archived
-        self.uid_hashing_projects: set[str] = set()
         # experiment ID -> names of the workflows open on it (open_workflow, close_workflows)
         self.open_workflows: dict[str, list[str]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) seen, for tests
@@ -395,6 +413,35 @@ class XnatState:
         with self.lock:
             f = self.series_filters[project or ""] = SeriesImportFilter(patterns, mode, enabled)
             return f
+
+    def set_anon_script(self, script: str | None, project: str | None = None, enabled: bool = True) -> None:
+        """The site-wide (``project`` None) or a project's anonymization script, as an admin sets
+        it (Administer > Site Administration > Anonymization, or the project's settings: a
+        configuration of tool ``anon``, AnonScriptConfig); None removes it."""
+        with self.lock:
+            if script is None:
+                self.anon_scripts.pop(project or "", None)
+            else:
+                self.anon_scripts[project or ""] = AnonScriptConfig(script, enabled)
+
+    def anon_script(self, project: str | None) -> str | None:
+        """The script XNAT runs for ``project`` (None: the site-wide one), when enabled."""
+        with self.lock:
+            cfg = self.anon_scripts.get(project or "")
+            return cfg.contents if cfg is not None and cfg.enabled else None
+
+    @property
+    def site_anonymization(self) -> bool:
+        """Shortcut: XNAT's default site-wide script (``id.das``: StudyDescription := project,
+        PatientName := subject, PatientID := session) switched on."""
+        cfg = self.anon_scripts.get("")
+        return cfg is not None and cfg.enabled
+
+    @site_anonymization.setter
+    def site_anonymization(self, on: bool) -> None:
+        from .dicomedit import DEFAULT_SITE_SCRIPT
+
+        self.set_anon_script(DEFAULT_SITE_SCRIPT if on else None)
 
     @property
     def series_import_filter(self) -> str | None:
