@@ -151,14 +151,13 @@ def _statements(script: str) -> list[str]:
     return out
 
 
+# a string literal (kept whole, escapes included) or a ``//`` comment to the end of the line
+_STRING_OR_COMMENT = re.compile(r'("(?:\\.|[^"\\])*")|//.*')
+
+
 def _strip_comment(line: str) -> str:
-    quoted = False
-    for i, ch in enumerate(line):
-        if ch == '"' and (i == 0 or line[i - 1] != "\\"):
-            quoted = not quoted
-        elif not quoted and line.startswith("//", i):
-            return line[:i]
-    return line
+    """The statement without its ``//`` comment; ``//`` inside a string literal is text."""
+    return _STRING_OR_COMMENT.sub(lambda m: m.group(1) or "", line)
 
 
 def run_script(script: str, ds, project: str, subject: str, session: str) -> str | None:
