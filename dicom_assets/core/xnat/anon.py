@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import http_status
 from .files import UploadFile
+from .filters import enabled_configs
 
 _TAG = re.compile(r"\(([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)")
 _STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
@@ -137,23 +137,9 @@ def read_anon_scripts(session, project: str) -> AnonScripts:
     one at import, GradualDicomImporter; the project's at archive, ProjectAnonymizer)."""
     out = AnonScripts()
     assigned: set[int] = set()
-    for scope, uri in (("site-wide", "/data/config/anon/script"),
-                       (f"project {project}", f"/data/projects/{project}/config/anon/projects/{project}")):
-        try:
-            resp = session.get(uri, query={"format": "json"}, accepted_status=[200, 404])
-            if resp.status_code == 404:
-                continue
-            rows = resp.json()["ResultSet"]["Result"]
-        except Exception as exc:
-            if http_status(exc) == 404:  # none: answered as Restlet's HTML status page
-                continue
-            out.unknown.append(f"the {scope} anonymization script, which the client could not read "
-                               f"({http_status(exc) or type(exc).__name__})")
-            continue
-        row = rows[0] if rows else {}
-        if str(row.get("status") or "").lower() != "enabled":
-            continue
-        out.rules.extend(parse_rejects(scope, str(row.get("contents") or ""), assigned))
+    for scope, contents in enabled_configs(session, project, "anon/script", "anonymization script", out.unknown,
+                                           project_path=f"anon/projects/{project}"):
+        out.rules.extend(parse_rejects(scope, contents, assigned))
     return out
 
 

@@ -112,6 +112,34 @@ def parse_series_filter(scope: str, contents: str) -> SeriesFilter:
     return SeriesFilter(scope, mode, patterns, text)
 
 
+def enabled_configs(session, project: str, site_path: str, what: str, unknown: list[str],
+                    project_path: str | None = None) -> list[tuple[str, str]]:
+    """(scope, contents) of the site-wide and the project's configuration of one XNAT tool, as its
+    configuration service (ConfigResource) serves them: ``/data/config/<site_path>`` to any user,
+    ``/data/projects/<id>/config/<project_path>`` (default: ``site_path``) to those who read the
+    project's data, 404 when there is none (as Restlet's HTML status page, which xnatpy
+    refuses). Only an ``enabled`` one is returned; one the client cannot read is named in
+    ``unknown`` (``what`` says what it is)."""
+    out = []
+    for scope, uri in (("site-wide", f"/data/config/{site_path}"),
+                       (f"project {project}", f"/data/projects/{project}/config/{project_path or site_path}")):
+        try:
+            resp = session.get(uri, query={"format": "json"}, accepted_status=[200, 404])
+            if resp.status_code == 404:
+                continue
+            rows = resp.json()["ResultSet"]["Result"]
+        except Exception as exc:
+            if http_status(exc) == 404:
+                continue
+            unknown.append(f"the {scope} {what}, which the client could not read "
+                           f"({http_status(exc) or type(exc).__name__})")
+            continue
+        row = rows[0] if rows else {}
+        if str(row.get("status") or "").lower() == "enabled":
+            out.append((scope, str(row.get("contents") or "")))
+    return out
+
+
 def series_import_filters(session, project: str) -> SeriesFilters:
     """The series import filters XNAT applies to uploads into ``project``: the site-wide one and
     the project's (GradualDicomImporter drops an object unless both include it), each read from
@@ -121,24 +149,9 @@ def series_import_filters(session, project: str) -> SeriesFilters:
     ``enabled`` does not apply. A filter the client cannot read or evaluate is listed in
     ``unknown``: it explains nothing."""
     out = SeriesFilters()
-    for scope, uri in (("site-wide", "/data/config/seriesImportFilter/config"),
-                       (f"project {project}", f"/data/projects/{project}/config/seriesImportFilter/config")):
+    for scope, contents in enabled_configs(session, project, "seriesImportFilter/config", "filter", out.unknown):
         try:
-            resp = session.get(uri, query={"format": "json"}, accepted_status=[200, 404])
-            if resp.status_code == 404:
-                continue
-            rows = resp.json()["ResultSet"]["Result"]
-        except Exception as exc:
-            if http_status(exc) == 404:  # none: answered as Restlet's HTML status page, which xnatpy refuses
-                continue
-            out.unknown.append(f"the {scope} filter, which the client could not read "
-                               f"({http_status(exc) or type(exc).__name__})")
-            continue
-        row = rows[0] if rows else {}
-        if str(row.get("status") or "").lower() != "enabled":
-            continue
-        try:
-            out.filters.append(parse_series_filter(scope, str(row.get("contents") or "")))
+            out.filters.append(parse_series_filter(scope, contents))
         except ValueError as exc:
             out.unknown.append(str(exc))
     return out

@@ -118,45 +118,50 @@ def post_import(session, zpath: Path, *, project: str, subject: str, label: str,
     return (resp.text or "").strip()
 
 
+#: XNAT's refusals named by the client: (the marker in XNAT's reason, the error class, what the
+#: message says before XNAT's own words, what it says after them). ``{label}``, ``{project}``,
+#: ``{answer}`` and ``{said}`` (XNAT's reason) are filled in.
+_NAMED_REFUSALS = (
+    (BUSY, XnatBusyError,
+     "XNAT session {label} in project {project} is busy: XNAT refused to merge into it while a workflow is open on "
+     "it",
+     "A pipeline or a container run on archive works on the session, or a workflow it left 'In Progress' was never "
+     "closed (an admin closes it on the session's History page). Nothing of this upload was archived; the client "
+     "removed its prearchive row"),
+    (MODALITY_MOD, XnatError,
+     "XNAT refused to merge this upload into session {label} of project {project}: the upload builds a session of "
+     "another modality than the one XNAT holds",
+     "XNAT's site preference preventCrossModalityMerge (on by default) forbids merging sessions of different "
+     "modalities (an MR visit into a CT session, say). Nothing of this upload was archived; the client removed its "
+     "prearchive row: give the visit another session label, or ask the XNAT admin to merge it by hand or to turn "
+     "preventCrossModalityMerge off"),
+    (UID_MOD, XnatError,
+     "XNAT refused to merge this upload into session {label} of project {project}: the session it holds has another "
+     "StudyInstanceUID than the upload",
+     "XNAT compares the upload's UID as it arrived with the session's as archived "
+     "(PrearcSessionArchiver.checkForConflicts runs before the project's anonymization script): when that script "
+     "rewrites UIDs (hashUID) they always differ, and XNAT refuses every merge into the session unless its session "
+     "merging setting allows a UID change (sessionmerging_uid_mod, off by default). Nothing of this upload was "
+     "archived; the client removed its prearchive row: ask the XNAT admin to allow UID changes in merges for the "
+     "project, or remove the session in XNAT and re-run to send the visit whole"),
+    (SUBJECT_MOD, XnatError,
+     "XNAT refused to archive this upload into session {label} of project {project}: XNAT holds a session {label} "
+     "there under another subject",
+     "Another upload archived it after the client looked; labels are unique per project. Nothing of this upload "
+     "was archived; the client removed its prearchive row. A re-run finds that session and names its subject: "
+     "change session_label_pattern or rename the session in XNAT"),
+)
+
+
 def _named_conflict(reasons: list[str], project: str, label: str, answer: str) -> XnatError | None:
-    """A refusal XNAT gives for a reason of its own, named: a busy session (a workflow open on it)
-    or a merge across modalities (preventCrossModalityMerge); None for the others."""
-    busy = next((r for r in reasons if BUSY in r), None)
-    if busy:
-        return XnatBusyError(
-            f"XNAT session {label} in project {project} is busy: XNAT refused to merge into it while a workflow "
-            f"is open on it ({answer}; XNAT says: {busy.strip()}). A pipeline or a container run on archive "
-            "works on the session, or a workflow it left 'In Progress' was never closed (an admin closes it on "
-            "the session's History page). Nothing of this upload was archived; the client removed its "
-            "prearchive row")
-    modality = next((r for r in reasons if MODALITY_MOD in r), None)
-    if modality:
-        return XnatError(
-            f"XNAT refused to merge this upload into session {label} of project {project}: the upload builds a "
-            f"session of another modality than the one XNAT holds ({answer}; XNAT says: {modality.strip()}). "
-            "XNAT's site preference preventCrossModalityMerge (on by default) forbids merging sessions of "
-            "different modalities (an MR visit into a CT session, say). Nothing of this upload was archived; the "
-            "client removed its prearchive row: give the visit another session label, or ask the XNAT admin to "
-            "merge it by hand or to turn preventCrossModalityMerge off")
-    uid = next((r for r in reasons if UID_MOD in r), None)
-    if uid:
-        return XnatError(
-            f"XNAT refused to merge this upload into session {label} of project {project}: the session it holds "
-            f"has another StudyInstanceUID than the upload ({answer}; XNAT says: {uid.strip()}). XNAT compares the "
-            "upload's UID as it arrived with the session's as archived (PrearcSessionArchiver.checkForConflicts "
-            "runs before the project's anonymization script): when that script rewrites UIDs (hashUID) they always "
-            "differ, and XNAT refuses every merge into the session unless its session merging setting allows a UID "
-            "change (sessionmerging_uid_mod, off by default). Nothing of this upload was archived; the client "
-            "removed its prearchive row: ask the XNAT admin to allow UID changes in merges for the project, or "
-            "remove the session in XNAT and re-run to send the visit whole")
-    subject = next((r for r in reasons if SUBJECT_MOD in r), None)
-    if subject:
-        return XnatError(
-            f"XNAT refused to archive this upload into session {label} of project {project}: XNAT holds a session "
-            f"{label} there under another subject ({answer}; XNAT says: {subject.strip()}). Another upload archived "
-            "it after the client looked; labels are unique per project. Nothing of this upload was archived; the "
-            "client removed its prearchive row. A re-run finds that session and names its subject: change "
-            "session_label_pattern or rename the session in XNAT")
+    """A refusal XNAT gives for a reason of its own, named (:data:`_NAMED_REFUSALS`: a busy
+    session, a merge across modalities, a UID change, a label another subject holds); None for
+    the others."""
+    for marker, error, before, after in _NAMED_REFUSALS:
+        said = next((r for r in reasons if marker in r), None)
+        if said:
+            head = before.format(label=label, project=project)
+            return error(f"{head} ({answer}; XNAT says: {said.strip()}). {after}")
     return None
 
 
