@@ -67,9 +67,8 @@ def tcia_visits(layout: DatasetLayout) -> dict[str, TciaVisitSource]:
                 where[v].append((m, res))
             by_visit.setdefault(v, {}).setdefault(r["SeriesInstanceUID"],
                                                  layout.tcia_series_zip(name, r["SeriesInstanceUID"]))
-    return {v: TciaVisitSource(where[v][0][0], where[v][0][1], first[v]["PatientID"], first[v]["session_label"],
-                               tuple(zips[u] for u in sorted(zips)), tuple(m for m, _ in where[v]),
-                               tuple(r for _, r in where[v]))
+    return {v: TciaVisitSource(tuple(m for m, _ in where[v]), tuple(r for _, r in where[v]), first[v]["PatientID"],
+                               first[v]["session_label"], tuple(zips[u] for u in sorted(zips)))
             for v, zips in by_visit.items()}
 
 
@@ -89,8 +88,7 @@ class VisitSource:
         """Files kept as XNAT project resources (a TCIA visit: its manifest and resolved CSV)."""
         if not self.tcia:
             return None
-        return {"TCIA": [*(self.tcia.manifests or (self.tcia.manifest,)),
-                         *(self.tcia.resolved_files or (self.tcia.resolved,))]}
+        return {"TCIA": [*self.tcia.manifests, *self.tcia.resolved_files]}
 
     def missing_zips(self) -> list[Path]:
         return [z for z in self.tcia.zips if not z.is_file()] if self.tcia else []

@@ -198,12 +198,11 @@ def write_series_table(path: Path, results: list[SeriesResult], visits: list[Tci
 
 @dataclass(frozen=True)
 class TciaVisitSource:
-    """A TCIA visit's manifest(s), resolved CSV(s), labels and series zips (see core.sources)."""
+    """A TCIA visit's manifests and resolved CSVs (every manifest holding series of it, the first
+    first), labels and series zips (see core.sources)."""
 
-    manifest: Path
-    resolved: Path
+    manifests: tuple[Path, ...]
+    resolved_files: tuple[Path, ...]
     patient_id: str
     session_label: str
     zips: tuple[Path, ...]
-    manifests: tuple[Path, ...] = ()  # every manifest that holds series of the visit (the first is ``manifest``)
-    resolved_files: tuple[Path, ...] = ()
