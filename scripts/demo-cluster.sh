@@ -5,23 +5,11 @@
 # and HOME), and `dagster dev` with deploy/dagster.celery.yaml: every step of the demo's visits
 # runs on the workers, with no click. Ctrl-C stops everything.
 set -euo pipefail
-VENV=${VENV:?}; DEMO_ROOT=${DEMO_ROOT:?}; HOST=${HOST:-127.0.0.1}; PORT=${PORT:-3000}; XNAT_PORT=${XNAT_PORT:-8088}; NBIA_PORT=${NBIA_PORT:-8089}
-ORTHANC_HTTP_PORT=${ORTHANC_HTTP_PORT:-8042}; ORTHANC_DICOM_PORT=${ORTHANC_DICOM_PORT:-4242}; WORKERS=${WORKERS:-2}
+WORKERS=${WORKERS:-2}
+DAGSTER_YAML=deploy/dagster.celery.yaml
+# shellcheck source=scripts/demo-servers.sh
+. "$(dirname "$0")/demo-servers.sh"
 CLUSTER_DIR="$(dirname "$DEMO_ROOT")/cluster"
-"$VENV/bin/dicom-assets" demo-data "$DEMO_ROOT"
-mkdir -p "$DAGSTER_HOME" && cp deploy/dagster.celery.yaml "$DAGSTER_HOME/dagster.yaml"
-export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
-export XNAT_PASSWORD="${XNAT_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
-"$VENV/bin/dicom-assets-testing" xnat-server --port "$XNAT_PORT" --user "$XNAT_USER" &
-XNAT_PID=$!
-export TCIA_SERVERS="http://127.0.0.1:$NBIA_PORT"
-"$VENV/bin/dicom-assets-testing" nbia-server --port "$NBIA_PORT" --manifest-out "$DEMO_ROOT/downloads/tcia/demo-basket.tcia" &
-NBIA_PID=$!
-export ORTHANC_URL="http://127.0.0.1:$ORTHANC_HTTP_PORT" ORTHANC_USER=demo
-export ORTHANC_PASSWORD="${ORTHANC_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
-"$VENV/bin/dicom-assets-testing" orthanc-node --workdir "$(dirname "$DEMO_ROOT")/orthanc" --http-port "$ORTHANC_HTTP_PORT" \
-  --dicom-port "$ORTHANC_DICOM_PORT" --user "$ORTHANC_USER" --push QPN_004/ses-01 &
-ORTHANC_PID=$!
 # Redis, PostgreSQL and the workers (they get the XNAT, TCIA and Orthanc variables above); the
 # daemon's environment (DAGSTER_PG_*, DICOM_ASSETS_EXECUTOR=celery, the broker URL) comes back in a file
 rm -f "$CLUSTER_DIR/daemon.env"

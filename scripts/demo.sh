@@ -4,25 +4,8 @@
 # dropped into downloads/tcia/), a real Orthanc as the DICOM node (a visit pushed to it with
 # storescu), and `dagster dev` (webserver + daemon). Ctrl-C stops everything.
 set -euo pipefail
-VENV=${VENV:?}; DEMO_ROOT=${DEMO_ROOT:?}; HOST=${HOST:-127.0.0.1}; PORT=${PORT:-3000}; XNAT_PORT=${XNAT_PORT:-8088}; NBIA_PORT=${NBIA_PORT:-8089}
-ORTHANC_HTTP_PORT=${ORTHANC_HTTP_PORT:-8042}; ORTHANC_DICOM_PORT=${ORTHANC_DICOM_PORT:-4242}
-"$VENV/bin/dicom-assets" demo-data "$DEMO_ROOT"
-mkdir -p "$DAGSTER_HOME" && cp "${DAGSTER_YAML:-dagster.yaml}" "$DAGSTER_HOME/dagster.yaml"
-export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
-# a demo password, kept in the environment only; set XNAT_PASSWORD yourself to choose it
-export XNAT_PASSWORD="${XNAT_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
-"$VENV/bin/dicom-assets-testing" xnat-server --port "$XNAT_PORT" --user "$XNAT_USER" &
-XNAT_PID=$!
-# the demo manifest names this server (downloadServerUrl); TCIA_SERVERS allows it instead of TCIA's public ones
-export TCIA_SERVERS="http://127.0.0.1:$NBIA_PORT"
-"$VENV/bin/dicom-assets-testing" nbia-server --port "$NBIA_PORT" --manifest-out "$DEMO_ROOT/downloads/tcia/demo-basket.tcia" &
-NBIA_PID=$!
-# the DICOM node: a real Orthanc (AE title DANODE); the demo's "scanner" pushes QPN_004 ses-01 to it with storescu
-export ORTHANC_URL="http://127.0.0.1:$ORTHANC_HTTP_PORT" ORTHANC_USER=demo
-export ORTHANC_PASSWORD="${ORTHANC_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
-"$VENV/bin/dicom-assets-testing" orthanc-node --workdir "$(dirname "$DEMO_ROOT")/orthanc" --http-port "$ORTHANC_HTTP_PORT" \
-  --dicom-port "$ORTHANC_DICOM_PORT" --user "$ORTHANC_USER" --push QPN_004/ses-01 &
-ORTHANC_PID=$!
+# shellcheck source=scripts/demo-servers.sh
+. "$(dirname "$0")/demo-servers.sh"
 trap 'kill $XNAT_PID $NBIA_PID $ORTHANC_PID 2>/dev/null || true' EXIT
 echo "XNAT test server: $XNAT_HOST (user $XNAT_USER)"
 echo "TCIA (NBIA) test server: $TCIA_SERVERS"
