@@ -435,3 +435,62 @@ def test_a_helper_that_fails_has_its_share_read_here(samples, t1_sources, tmp_pa
     monkeypatch.setattr(org, "_HELPER", helper)
     many = organize_visit("P1_ses-01", raw, tmp_path / "d2" / "P1", RULES, workers=2)
     assert many.records == one.records
+
+
+# ------------------------------------------------------------ annotation files (TCIA)
+def _with_annotations(t1_sources, tmp_path):
+    raw = tmp_path / "raw"
+    for i, src in enumerate(t1_sources[:2]):
+        write(raw, f"1.2.3.4.3/1-{i:03d}.dcm", rewrite_dicom(src, **ident(i)))
+    write(raw, "1.2.3.4.3/069.xml", b"<LidcReadMessage/>\n")
+    write(raw, "1.2.3.4.3/md5hashes.csv", b"filename,md5\n")
+    return raw, {"1.2.3.4.3/069.xml": "1.2.3.4.3/069.xml"}
+
+
+def test_annotation_files_go_beside_the_flat_folder_never_into_it(t1_sources, tmp_path):
+    from dicom_assets.core.organize import read_annotations, read_kept
+    from dicom_assets.core.tarball import annotation_members
+
+    raw, notes = _with_annotations(t1_sources, tmp_path)
+    dest, notes_dir, report = tmp_path / "dicom", tmp_path / "annotations", tmp_path / "report.tsv"
+    result = organize_visit("v", raw, dest, RULES, report_path=report, annotations=notes, annotations_dir=notes_dir)
+    rec = by_source(result)
+    assert rec["1.2.3.4.3/069.xml"].decision == "annotation"
+    assert rec["1.2.3.4.3/md5hashes.csv"].reason == "not_dicom"  # what the source did not name stays excluded
+    assert len(read_kept(report)) == 2 and all(p.suffix == ".dcm" for p in dest.iterdir())
+    assert read_annotations(report) == ["1.2.3.4.3/069.xml"]
+    assert (notes_dir / "1.2.3.4.3" / "069.xml").is_symlink()
+    assert (notes_dir / "1.2.3.4.3" / "069.xml").read_bytes() == b"<LidcReadMessage/>\n"
+    assert annotation_members(notes_dir, read_annotations(report)) == [
+        (notes_dir / "1.2.3.4.3" / "069.xml", "annotations/1.2.3.4.3/069.xml")]
+    # a re-run whose source names none: the folder goes, the file is excluded as what it is
+    result = organize_visit("v", raw, dest, RULES, report_path=report, annotations={}, annotations_dir=notes_dir)
+    assert not notes_dir.exists() and by_source(result)["1.2.3.4.3/069.xml"].reason == "not_dicom"
+    assert annotation_members(notes_dir, read_annotations(report)) == []
+
+
+@pytest.mark.faults
+def test_annotation_folder_that_disagrees_with_the_report_is_named(t1_sources, tmp_path):
+    from dicom_assets.core.errors import OrganizedFolderError
+    from dicom_assets.core.organize import read_annotations
+    from dicom_assets.core.tarball import annotation_members
+
+    raw, notes = _with_annotations(t1_sources, tmp_path)
+    dest, notes_dir, report = tmp_path / "dicom", tmp_path / "annotations", tmp_path / "report.tsv"
+    organize_visit("v", raw, dest, RULES, report_path=report, annotations=notes, annotations_dir=notes_dir)
+    listed = read_annotations(report)
+    (notes_dir / "1.2.3.4.3" / "stray.xml").write_bytes(b"x")  # e.g. a crash between the two swaps
+    with pytest.raises(OrganizedFolderError, match="does not list.*stray.xml"):
+        annotation_members(notes_dir, listed)
+    (notes_dir / "1.2.3.4.3" / "stray.xml").unlink()
+    (raw / "1.2.3.4.3" / "069.xml").unlink()  # the link now dangles
+    with pytest.raises(OrganizedFolderError, match="broken link"):
+        annotation_members(notes_dir, listed)
+    # a source naming a file the dump lacks, or an unsafe place, is refused before anything moves
+    with pytest.raises(OrganizedFolderError, match="not in the raw dump"):
+        organize_visit("v", raw, dest, RULES, report_path=report, annotations=notes, annotations_dir=notes_dir)
+    write(raw, "1.2.3.4.3/069.xml", b"<x/>")
+    with pytest.raises(OrganizedFolderError, match="not a safe path"):
+        organize_visit("v", raw, dest, RULES, report_path=report, annotations={"1.2.3.4.3/069.xml": "../069.xml"},
+                       annotations_dir=notes_dir)
+    assert read_annotations(report) == listed  # the failed runs left the report as it was

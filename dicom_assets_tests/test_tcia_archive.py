@@ -22,7 +22,7 @@ from dicom_assets.core.tcia import (
     read_studies,
     retry_after_seconds,
 )
-from dicom_assets.testing.nbia_server import NbiaTestServer, build_collection, manifest_text
+from dicom_assets.testing.nbia_server import NbiaTestServer, build_collection, lidc_annotation, manifest_text
 
 from .helpers import Ticker
 from .test_tcia import failure_of, fresh, materialize_manifest, write_manifest
@@ -330,3 +330,91 @@ def test_participants_colliding_across_manifests_are_refused_naming_both(demo_ro
         assert materialize_manifest(instance, resources(demo_root, nbia), "a").success
         message, _ = failure_of(materialize_manifest(instance, resources(demo_root, nbia), "b"))
     assert "'TCGA-02-0001' and 'TCGA-020-001' both normalize" in message
+
+
+# -------------------------------------------------------------- annotations (point 5)
+@pytest.mark.slow
+def test_annotations_ride_with_the_visit_into_tarball_datalad_and_xnat(demo_root, samples, instance, tmp_path):
+    """Every real manifest says includeAnnotation=true: the annotation files NBIA sends with a
+    series are in the visit's tarball (and its metadata), its DataLad dataset (retrievable from
+    the tarball) and its XNAT session (resource ANNOTATIONS), never among its DICOMs."""
+    import hashlib
+    import subprocess
+    import tarfile
+
+    from dagster import materialize
+
+    from dicom_assets.core.dataset import Dataset
+    from dicom_assets.core.ids import parse_visit_key
+    from dicom_assets.definitions import CHAIN_ASSETS
+    from dicom_assets.defs.resources import XnatResource
+    from dicom_assets.testing.xnat import XnatTestServer
+
+    from .helpers import metadata_of
+    from .test_datalad import datalad
+
+    coll = build_collection(samples, {"LIDC-IDRI-0001": 1}, collection="LIDC-IDRI")
+    uids = sorted(coll)
+    for k, uid in enumerate(uids):  # one name in both series: kept apart by series
+        coll[uid].annotations = {"069.xml": lidc_annotation(uid, k)}
+    coll[uids[0]].annotations["readme.txt"] = b"two readers\n"
+    xsrv = XnatTestServer(samples.xnat_schemas, "admin", "pw", storage=tmp_path / "xnat").start()
+    try:
+        with NbiaTestServer(series=coll) as nbia:
+            write_manifest(demo_root / "downloads" / "tcia", "lidc.tcia", manifest_text(uids, nbia.server_url))
+            res = {**resources(demo_root, nbia), "xnat": XnatResource(server=xsrv.url, user="admin", password="pw")}
+            assert materialize_manifest(instance, res, "lidc").success
+            (visit,) = {r["visit"] for r in read_resolved(demo_root / "downloads" / "tcia" / "lidc" / "resolved.csv")}
+            instance.add_dynamic_partitions("visits", [visit])
+            result = materialize(CHAIN_ASSETS, partition_key=visit, resources=res, instance=instance)
+            assert result.success
+            again = materialize(CHAIN_ASSETS, partition_key=visit, resources=res, instance=instance)
+    finally:
+        xsrv.stop()
+    expect = {f"{uid}/{name}": data for uid in uids for name, data in coll[uid].annotations.items()}
+    ds = Dataset.open(demo_root)
+    lay, v = ds.layout, parse_visit_key(visit)
+    # organize: the annotations beside the flat DICOM folder, which holds DICOMs only
+    notes_dir = lay.annotations_dir(v)
+    assert {p.relative_to(notes_dir).as_posix(): p.read_bytes() for p in notes_dir.rglob("*") if p.is_file()} == expect
+    assert all(p.suffix == ".dcm" for p in lay.dicom_dir(v).iterdir())
+    with lay.organize_report_path(v).open(newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert sorted(r["dest"] for r in rows if r["decision"] == "annotation") == sorted(expect)
+    # not "not_dicom": NBIA said what they are (its md5 list and licence are what is left out)
+    assert {r["source"].rsplit("/", 1)[1] for r in rows if r["decision"] == "excluded"} <= {"md5hashes.csv", "LICENSE"}
+    organized = metadata_of(result, "organized_dicoms")
+    assert organized["annotations"] == len(expect)
+    # the tarball: GNU tar reads them back, dated by the visit's latest DICOM time
+    tar = lay.tarball_path(ds.study, v)
+    listing = subprocess.run(["tar", "-tf", str(tar)], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(n for n in listing if "/annotations/" in n) == sorted(f"{visit}/annotations/{k}" for k in expect)
+    with tarfile.open(tar) as tf:
+        members = {m.name: m for m in tf.getmembers() if m.isfile()}
+        dicom_times = {m.mtime for n, m in members.items() if n.endswith(".dcm")}
+        for k, data in expect.items():
+            m = members[f"{visit}/annotations/{k}"]
+            assert tf.extractfile(m).read() == data
+            assert (m.mtime, m.mode, m.uname) == (max(dicom_times), 0o644, "root")
+    # a re-run writes the same bytes
+    assert metadata_of(again, "visit_tarball")["sha256"] == metadata_of(result, "visit_tarball")["sha256"]
+    # the metadata: listed apart from the DICOMs, with their md5
+    tj = json.loads(lay.metadata_tarball_path(ds.study, v).read_text())
+    assert {a["path"]: a["md5"] for a in tj["annotations"]} == {
+        f"{visit}/annotations/{k}": hashlib.md5(d).hexdigest() for k, d in expect.items()}
+    assert tj["members"] == tj["dicoms"] + len(expect)
+    dj = json.loads(lay.metadata_dicoms_path(ds.study, v).read_text())
+    assert not [d for d in dj if "/annotations/" in d["path"]]
+    # DataLad: a clone gets them out of the tarball, like the DICOMs
+    clone = tmp_path / "clone"
+    datalad("clone", str(lay.datalad_dir(ds.study, v)), str(clone), cwd=tmp_path)
+    paths = [f"{visit}/annotations/{k}" for k in sorted(expect)]
+    datalad("get", *paths, cwd=clone)
+    assert {p: (clone / p).read_bytes() for p in paths} == {f"{visit}/annotations/{k}": d for k, d in expect.items()}
+    assert metadata_of(result, "datalad_dataset")["annotation_files"] == len(expect)
+    assert f"Annotation files: {len(expect)}" in lay.catalog_page_path.read_text()
+    # XNAT: the session's resource ANNOTATIONS, by series
+    label = metadata_of(result, "xnat_session")["session_label"]
+    exp = xsrv.projects["QPN_DEMO"].subjects["LIDC-IDRI-0001"].experiments[label]
+    assert {n: Path(p).read_bytes() for n, p in exp.resources["ANNOTATIONS"].items()} == expect
+    assert metadata_of(again, "xnat_session")["session_resources"] == {"METADATA": 2, "ANNOTATIONS": len(expect)}

@@ -68,12 +68,14 @@ def render(entries: list[dict]) -> str:
             f"<tr><td>{_e(s.get('SeriesNumber'))}</td><td>{_e(s.get('SeriesDescription'))}</td>"
             f"<td>{_e(s.get('ProtocolName'))}</td><td>{_e(s.get('Modality'))}</td><td>{_e(s.get('files'))}</td></tr>"
             for s in e.get("series", []))
+        notes = (f"<p>Annotation files: {_e(e['annotation_files'])}, in <code>{_e(e['visit'])}/annotations/"
+                 "&lt;SeriesInstanceUID&gt;/</code></p>" if e.get("annotation_files") else "")
         sections.append(
             f"<section id='{_e(e['visit'])}'><h2>{_e(e['visit'])}</h2>"
             f"<p class='muted'>DataLad dataset <code>{_e(e.get('dataset_id'))}</code> at version "
             f"<code>{_e(e.get('version'))}</code>, updated {_e(e.get('updated'))}</p>"
             f"<p>Clone: <code>datalad clone '{_e(e.get('clone_url'))}' {_e(e['visit'])}</code></p>"
-            f"<p>Tarball: <code>{_e(e.get('tarball_url'))}</code></p>"
+            f"<p>Tarball: <code>{_e(e.get('tarball_url'))}</code></p>{notes}"
             "<table><tr><th>SeriesNumber</th><th>SeriesDescription</th><th>ProtocolName</th><th>Modality</th>"
             f"<th>DICOMs</th></tr>{series}</table></section>")
     title = f"dicom-assets catalog: {', '.join(s for s in studies if s) or 'no visit yet'}"

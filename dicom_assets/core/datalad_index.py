@@ -101,6 +101,7 @@ class IndexResult:
     series: list[dict]
     # seconds per step (create, record, deposit) and the share spent in git-annex processes
     timings: dict = field(default_factory=dict)
+    annotations: int = 0  # annotation files indexed beside the DICOMs (a TCIA visit's)
 
 
 def tool_env() -> dict[str, str]:
@@ -160,6 +161,17 @@ def members_from_metadata(dicoms: list[dict]) -> list[Member]:
         tags[SERIES_FIELD] = series_label(rec.get("SeriesNumber"), rec.get("SeriesDescription"))
         out.append(Member(path, rec["md5"], int(rec["size"]), tags))
     return out
+
+
+#: the "series" (git-annex metadata field) of a visit's annotation files
+ANNOTATIONS_SERIES = "annotations"
+
+
+def annotation_members(records: list[dict]) -> list[Member]:
+    """The tarball's annotation files (``annotations`` of its metadata) as dataset files, under
+    the same path as in the tarball and retrievable from it like the DICOMs."""
+    return [Member(m.path, m.md5, m.size, {SERIES_FIELD: ANNOTATIONS_SERIES})
+            for m in members_from_metadata([{**r, "SeriesNumber": None} for r in records])]
 
 
 def store_urls(store_base_url: str, study: str, visit: str) -> tuple[str, str]:
@@ -273,18 +285,23 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
         raise DataladError(f"writer {writer!r}: expected one of {', '.join(WRITERS)} ({WRITER_ENV})")
     env = tool_env()
     dataset_path = Path(dataset_path)
-    members = members_from_metadata(dicoms_meta)
+    dicoms = members_from_metadata(dicoms_meta)
+    notes = annotation_members(tarball_meta.get("annotations") or [])
+    what = f"{len(dicoms)} DICOMs" + (f" and {len(notes)} annotation files" if notes else "")
+    members = dicoms + notes
     size, md5 = int(tarball_meta["size"]), tarball_meta["md5"]
     tar_key = tarball_key(size, md5)
     local_base = Path(store_dir).parent.resolve().as_uri()
     tar_url, clone_url = store_urls(store_base_url or local_base, study, visit)
     tar_path = tarball_meta.get("dspath") or dataset_tarball_path(tarball_name(visit))
     source = {"visit": visit, "tarball_key": tar_key, "tarball_path": tar_path, "tarball_url": tar_url, "clone_url": clone_url,
-              "files": len(members), "sha256": tarball_meta.get("sha256"), "series": _series(members)}
+              "files": len(dicoms), "sha256": tarball_meta.get("sha256"), "series": _series(dicoms)}
+    if notes:  # only a visit with annotation files says so (the source of every other visit is unchanged)
+        source["annotation_files"] = len(notes)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    message = f"Index {visit}: {len(members)} DICOMs in {tar_key}"
+    message = f"Index {visit}: {what} in {tar_key}"
     recover_dir(dataset_path)  # a swap cut short by a crash: the old dataset back (its history kept)
     if not (dataset_path / ".datalad" / "config").is_file():
         # built aside and renamed: a crash never leaves a half-made dataset in place
@@ -305,7 +322,7 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
         changed = True
     else:
         runner = _Runner(dataset_path, env, timings)
-        message = f"Re-index {visit}: {len(members)} DICOMs in {tar_key}"
+        message = f"Re-index {visit}: {what} in {tar_key}"
         if writer == "direct":
             # an interrupted update leaves the index behind HEAD: put it back (no filter needed)
             runner.run("git", *NO_FILTER, "read-tree", "--reset", "-u", "HEAD")
@@ -337,9 +354,9 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
             register_in_superdataset(dataset_path, env, timings)
         timings["superdataset"] = time.perf_counter() - t2
     return IndexResult(
-        path=dataset_path, dataset_id=dataset_id, commit=commit, changed=changed, files=len(members),
+        path=dataset_path, dataset_id=dataset_id, commit=commit, changed=changed, files=len(dicoms),
         tarball_key=tar_key, tarball_url=tar_url, clone_url=clone_url, deposit=deposited,
-        series=source["series"], timings=timings,
+        series=source["series"], timings=timings, annotations=len(notes),
     )
 
 

@@ -583,6 +583,20 @@ _EXTRACTORS = {
 }
 
 
+def item_folders(items: list[DownloadItem]) -> list[tuple[DownloadItem, str]]:
+    """Each download of a visit with the sub-folder of the raw folder it is extracted into, in
+    extraction order (by name; a clash of safe names gets ``_`` appended)."""
+    used: set[str] = set()
+    out = []
+    for item in sorted(items, key=lambda i: i.name):
+        folder = safe_folder_name(item.stem)
+        while folder in used:
+            folder += "_"
+        used.add(folder)
+        out.append((item, folder))
+    return out
+
+
 def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits = ExtractLimits()) -> ExtractReport:
     """Extract the downloads of one visit into target (each item in its own sub-folder).
 
@@ -596,12 +610,7 @@ def extract_visit(items: list[DownloadItem], target: Path, limits: ExtractLimits
     staging.mkdir()
     report = ExtractReport(target=str(target))
     try:
-        used: set[str] = set()
-        for item in sorted(items, key=lambda i: i.name):
-            folder = safe_folder_name(item.stem)
-            while folder in used:
-                folder += "_"
-            used.add(folder)
+        for item, folder in item_folders(items):
             rep = ItemReport(item=shown(str(item.path)), kind=item.kind, folder=folder)
             out = staging / folder
             out.mkdir()

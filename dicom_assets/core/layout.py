@@ -34,6 +34,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       scratch/state/downloads-<id>.sqlite                    the downloads sensor's settled state (SQLite, WAL)
       scratch/raw_dicoms/<session>/<participant>/            the visit's dumps extracted, messy inside (nipoppy's convention)
       dicom/<session>/<participant>/                         flat list of the visit's validated DICOMs (a BIDS converter's input)
+      annotations/<session>/<participant>/                   files a source sends beside a series' images (TCIA's annotation XML), as <SeriesInstanceUID>/<name>
       store/                                                 tarballs and DataLad deposits, served at datalad_store_url
       store/<study>/                                         the study's visit tarballs and deposits
       store/<study>/<visit>_dicom.tar                        reproducible visit tarball
@@ -286,6 +287,11 @@ class DatasetLayout:
     @layout_path("dicom/<session>/<participant>/", "flat list of the visit's validated DICOMs (a BIDS converter's input)")
     def dicom_dir(self, visit: Visit) -> Path:
         return self.root / "dicom" / visit.session / visit.participant
+
+    @layout_path("annotations/<session>/<participant>/",
+                 "files a source sends beside a series' images (TCIA's annotation XML), as <SeriesInstanceUID>/<name>")
+    def annotations_dir(self, visit: Visit) -> Path:
+        return self.root / "annotations" / visit.session / visit.participant
 
     @property
     @layout_path("store/", "tarballs and DataLad deposits, served at datalad_store_url")

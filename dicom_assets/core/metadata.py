@@ -111,6 +111,7 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                      tool_version: str) -> VisitMetadata:
     """Read the tarball once: per-member md5/size/tags and the whole file's md5/sha256."""
     dicoms: list[dict] = []
+    others: list[dict] = []
     names: set[str] = set()
     members = 0
     latest = 0
@@ -145,8 +146,9 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
                             tags = read_tags(head, io.BytesIO(data) if len(data) > len(head) else None)
                     except Exception:  # a DICOM whose header cannot be parsed: still listed
                         tags = {k: None for k in KEYWORDS}
-                if tags is None:
-                    continue  # a non-DICOM member is counted but not described
+                if tags is None:  # a non-DICOM member (a TCIA annotation file): listed apart
+                    others.append({"path": name, "md5": hashlib.md5(data).hexdigest(), "size": msize})
+                    continue
                 rec = {"path": name, "md5": hashlib.md5(data).hexdigest(), "size": msize}
                 rec.update({k: tags.get(k) for k in DICOM_FIELDS})
                 dicoms.append(rec)
@@ -179,6 +181,8 @@ def describe_tarball(tar_path: Path, *, visit: str, study: str, participant: str
         "tool": "dicom-assets",
         "tool_version": tool_version,
     }
+    if others:  # only a tarball holding other files than DICOMs has the key
+        tarball["annotations"] = sorted(others, key=lambda r: r["path"])
     return VisitMetadata(tarball, dicoms, names)
 
 

@@ -47,6 +47,10 @@ def dest_name(sop_uid: str) -> str:
     return f"{safe}.dcm"
 
 
+#: the decision (and reason) of a file its source names an annotation of a series (TCIA's
+#: radiologist XML, sent by NBIA beside the series' images): not a DICOM and not excluded, it is
+#: laid out in the visit's annotations folder, beside the flat DICOM folder, never in it
+ANNOTATION = "annotation"
 MAX_CELL = 1000  # a longer tag value (a corrupt length swallowing the file) is cut in the report
 
 
@@ -81,7 +85,11 @@ class OrganizeResult:
 
     @property
     def excluded(self) -> list[FileRecord]:
-        return [r for r in self.records if r.decision != KEPT]
+        return [r for r in self.records if r.decision not in (KEPT, ANNOTATION)]
+
+    @property
+    def annotations(self) -> list[FileRecord]:
+        return [r for r in self.records if r.decision == ANNOTATION]
 
     def counts(self) -> dict[str, int]:
         c = Counter(r.reason for r in self.records)
@@ -106,7 +114,7 @@ class OrganizeResult:
     def series(self) -> list[SeriesSummary]:
         out: dict[str | None, SeriesSummary] = {}
         for r in self.records:
-            if r.series_instance_uid is None and r.decision != KEPT:
+            if (r.series_instance_uid is None and r.decision != KEPT) or r.decision == ANNOTATION:
                 continue
             s = out.get(r.series_instance_uid)
             if s is None:
@@ -193,8 +201,34 @@ def read_all(files: list[tuple[Path, str]], workers: int | None = None) -> list[
     return out
 
 
-def classify_tree(source_dir: Path, rules: Rules, workers: int | None = None) -> list[FileRecord]:
-    """Classify every file under source_dir; duplicates resolved in sorted path order."""
+def _annotation_records(files: list[tuple[Path, str]], annotations: dict[str, str],
+                        source_dir: Path) -> list[FileRecord]:
+    """The records of the files ``annotations`` names (raw path -> path in the annotations
+    folder); one it names that the raw tree lacks is an error naming it, never left out."""
+    found = {rel: path for path, rel in files if rel in annotations}
+    missing = sorted(set(annotations) - set(found))
+    if missing:
+        raise OrganizedFolderError(f"{printable(source_dir / missing[0], controls=False)}: an annotation file its "
+                                   f"source lists is not in the raw dump ({len(missing)} missing); materialize "
+                                   "raw_dicoms again")
+    records = []
+    for rel in sorted(found):
+        dest = annotations[rel]
+        parts = dest.split("/")
+        if dest.startswith("/") or any(p in ("", ".", "..") for p in parts) or printable(dest, controls=False) != dest:
+            raise OrganizedFolderError(f"{printable(dest)!r}: not a safe path in the annotations folder")
+        rec = FileRecord(source=rel, size=found[rel].stat().st_size, decision=ANNOTATION, reason=ANNOTATION,
+                         detail=f"annotation file its source lists; kept as annotations/{dest}", dest=dest)
+        records.append(rec)
+    return records
+
+
+def classify_tree(source_dir: Path, rules: Rules, workers: int | None = None,
+                  annotations: dict[str, str] | None = None) -> list[FileRecord]:
+    """Classify every file under source_dir; duplicates resolved in sorted path order.
+
+    ``annotations`` (raw path -> path in the annotations folder): files the visit's source names
+    annotations (a TCIA series' annotation files); they are not read as DICOM."""
     records: list[FileRecord] = []
     by_sop: dict[str, FileRecord] = {}
     md5_cache: dict[str, str] = {}
@@ -202,6 +236,9 @@ def classify_tree(source_dir: Path, rules: Rules, workers: int | None = None) ->
     files = walk_files(source_dir, errors)
     for rel, why in errors:  # nothing found is left out of the records
         records.append(FileRecord(source=rel, size=0).exclude("unreadable", why))
+    if annotations:
+        records.extend(_annotation_records(files, annotations, source_dir))
+        files = [(p, rel) for p, rel in files if rel not in annotations]
     # DICOMDIR files need no special case: their SOP class is a non-image one
     for (path, _rel), rec in zip(files, read_all(files, workers)):
         rec = apply_rules(rec, rules)
@@ -223,25 +260,65 @@ def classify_tree(source_dir: Path, rules: Rules, workers: int | None = None) ->
     return records
 
 
+def _link_or_copy(src: Path, out: Path, final_dir: Path, mode: str) -> None:
+    """``out`` (in a staging folder that becomes ``final_dir``) as a relative link to ``src``
+    (links stay valid when the dataset root moves) or a copy of it."""
+    if mode == "copy":
+        shutil.copy2(src, out)
+    elif os.path.islink(src):  # a link inside the dump (never a folder: the walk does not follow those)
+        os.symlink(os.path.relpath(src.resolve(), final_dir), out)
+    else:
+        os.symlink(os.path.relpath(src, final_dir), out)
+
+
+def _stage_annotations(result: OrganizeResult, source_dir: Path, annotations_dir: Path) -> Path | None:
+    """The annotations folder built aside (its files under their paths), or None for none."""
+    notes = result.annotations
+    if not notes:
+        return None
+    annotations_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_sibling(annotations_dir)
+    staging.mkdir()
+    try:
+        for rec in notes:
+            out = staging / rec.dest
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(source_dir / rec.source, out, (annotations_dir / rec.dest).parent, result.mode)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
 def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, mode: str = "symlink",
-                   report_path: Path | None = None, workers: int | None = None) -> OrganizeResult:
+                   report_path: Path | None = None, workers: int | None = None, *,
+                   annotations: dict[str, str] | None = None,
+                   annotations_dir: Path | None = None) -> OrganizeResult:
     """Classify source_dir and lay out the kept files flat in dest_dir (atomically).
 
-    ``workers``: processes reading headers for a large visit (default: :func:`organize_workers`)."""
+    ``workers``: processes reading headers for a large visit (default: :func:`organize_workers`).
+    ``annotations`` (raw path -> path under ``annotations_dir``): the files the visit's source
+    names annotations, laid out (same ``mode``) in ``annotations_dir``, swapped in before the
+    DICOM folder; a visit without any has no annotations folder (an old one is removed)."""
     if mode not in ("symlink", "copy"):
         raise ValueError(f"organize mode must be 'symlink' or 'copy', not {mode!r}")
     if not source_dir.is_dir():
         raise FileNotFoundError(f"{source_dir}: the raw DICOM folder of visit {visit} does not exist; "
                                 "materialize raw_dicoms first")
     result = OrganizeResult(visit, str(source_dir), str(dest_dir), mode)
-    result.records = classify_tree(source_dir, rules, workers)
+    result.records = classify_tree(source_dir, rules, workers, annotations)
+    if result.annotations and annotations_dir is None:
+        raise ValueError("annotations given without annotations_dir")
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = temp_sibling(dest_dir)
     staging.mkdir()
+    notes_staging = None
     # links are relative to where they will finally live, so the dataset root can move; the
     # relative path of source_dir is computed once (os.path.relpath is lexical: same result)
     rel_source = os.path.relpath(source_dir, dest_dir)
     try:
+        if annotations_dir is not None:
+            notes_staging = _stage_annotations(result, source_dir, annotations_dir)
         used: set[str] = set()
         for rec in result.kept:
             name = base = dest_name(rec.sop_instance_uid)
@@ -253,25 +330,35 @@ def organize_visit(visit: str, source_dir: Path, dest_dir: Path, rules: Rules, m
             rec.dest = name
             src = source_dir / rec.source
             out = staging / name
-            if mode == "symlink":
-                if os.path.islink(src):  # a link inside the dump (never a folder: the walk does not follow those)
-                    os.symlink(os.path.relpath(src.resolve(), dest_dir), out)
-                else:
-                    os.symlink(f"{rel_source}/{rec.source}", out)
+            if mode == "symlink" and not os.path.islink(src):
+                os.symlink(f"{rel_source}/{rec.source}", out)  # the common case, without a relpath per file
             else:
-                shutil.copy2(src, out)
+                _link_or_copy(src, out, dest_dir, mode)
         if report_path is None:
-            swap_dir(staging, dest_dir)
+            _swap_both(notes_staging, annotations_dir, staging, dest_dir)
         else:
             # the report is written (to a temporary file) first: if it cannot be, the previous
             # dicom/ folder and report stay as they were; it replaces the old one after the swap
             with atomic_write(report_path, newline="", encoding="utf-8") as fh:
                 _write_rows(fh, result)
-                swap_dir(staging, dest_dir)
+                _swap_both(notes_staging, annotations_dir, staging, dest_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if notes_staging is not None:
+            shutil.rmtree(notes_staging, ignore_errors=True)
         raise
     return result
+
+
+def _swap_both(notes_staging: Path | None, annotations_dir: Path | None, staging: Path, dest_dir: Path) -> None:
+    """The annotations folder first, then the DICOM folder. A crash between the two leaves new
+    annotations beside the old DICOM folder and old report: the archive steps compare both
+    folders with the report and name the difference, never archive a mixture silently."""
+    if notes_staging is not None:
+        swap_dir(notes_staging, annotations_dir)
+    elif annotations_dir is not None and (annotations_dir.exists() or annotations_dir.is_symlink()):
+        shutil.rmtree(annotations_dir)  # the visit has none now (a re-run without them)
+    swap_dir(staging, dest_dir)
 
 
 REPORT_COLUMNS = ("source", "decision", "reason", "detail", "series_number", "series_description",
@@ -304,9 +391,7 @@ def write_report(result: OrganizeResult, path: Path) -> None:
         _write_rows(fh, result)
 
 
-def read_kept(path: Path) -> list[str]:
-    """The flat names of the files an organize report says were kept (its ``dest`` column):
-    the list the archive steps check the organized folder against."""
+def _report_rows(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
@@ -317,7 +402,19 @@ def read_kept(path: Path) -> list[str]:
                                   "materialize organized_dicoms again") from None
     if rows and not {"decision", "dest"} <= set(rows[0]):
         raise OrganizedFolderError(f"{path}: not an organize report (no decision/dest columns)")
-    return sorted(r["dest"] for r in rows if r["decision"] == KEPT)
+    return rows
+
+
+def read_kept(path: Path) -> list[str]:
+    """The flat names of the files an organize report says were kept (its ``dest`` column):
+    the list the archive steps check the organized folder against."""
+    return sorted(r["dest"] for r in _report_rows(path) if r["decision"] == KEPT)
+
+
+def read_annotations(path: Path) -> list[str]:
+    """The paths (in the visit's annotations folder) of the files an organize report says are
+    annotations: what the archive steps check that folder against."""
+    return sorted(r["dest"] for r in _report_rows(path) if r["decision"] == ANNOTATION)
 
 
 def series_rows(result: OrganizeResult) -> list[dict]:

@@ -21,10 +21,19 @@ from pathlib import Path
 from .dataset import Dataset
 from .dicomnode import node_zips
 from .downloads import DownloadItem, items_for_visit, read_dicom_dir_map
+from .extract import item_folders
 from .fsutil import NO_FILE, file_token
 from .ids import Visit, parse_visit_key
 from .layout import DatasetLayout
-from .tcia import TciaManifestError, TciaVisitSource, manifest_files, manifest_name, manifests, read_resolved
+from .tcia import (
+    TciaManifestError,
+    TciaVisitSource,
+    annotation_files,
+    manifest_files,
+    manifest_name,
+    manifests,
+    read_resolved,
+)
 
 DUMP, TCIA, UNKNOWN = "dump", "tcia", "unknown"
 
@@ -89,6 +98,19 @@ class VisitSource:
         if not self.tcia:
             return None
         return {"TCIA": [*self.tcia.manifests, *self.tcia.resolved_files]}
+
+    def annotations(self, dataset: Dataset) -> dict[str, str]:
+        """The visit's annotation files: path in the raw folder -> path in its annotations folder
+        (``<SeriesInstanceUID>/<name>``). A TCIA visit's are those NBIA sent with each series (the
+        series record lists them; each zip is extracted into its own sub-folder); other visits
+        have none."""
+        if self.tcia is None:
+            return {}
+        out = {}
+        for item, folder in item_folders(self.dumps(dataset, present_only=False)):
+            for name in annotation_files(item.path):
+                out[f"{folder}/{name}"] = f"{item.path.stem}/{name}"
+        return out
 
     def missing_zips(self) -> list[Path]:
         return [z for z in self.tcia.zips if not z.is_file()] if self.tcia else []

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from queue import Queue
 
+from .dicomscan import walk_files
 from .errors import OrganizedFolderError, TarballError
 from .fasttags import DATE_TAGS_END, parse_tags, read_tags
 from .fsutil import BackgroundDigests, printable, temp_sibling
@@ -380,3 +381,29 @@ def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[
                                        "the organize report: " + "; ".join(parts)
                                        + "; materialize organized_dicoms again")
     return out
+
+
+#: where a visit's annotation files go in its tarball (and its DataLad dataset):
+#: ``<visit>/annotations/<SeriesInstanceUID>/<name>``, beside the flat DICOMs
+ANNOTATIONS_ARC = "annotations"
+
+
+def annotation_members(notes_dir: Path, expected: list[str]) -> list[tuple[Path, str]]:
+    """The visit's annotation files as (path, name in the tarball), checked against the paths
+    the organize report lists (``expected``): a missing, extra or unreadable file is an
+    :class:`OrganizedFolderError` naming it, never a tarball without it."""
+    errors: list[tuple[str, str]] = []
+    present = notes_dir.is_dir()
+    files = walk_files(notes_dir, errors) if present else []
+    if errors:
+        rel, why = errors[0]
+        raise OrganizedFolderError(f"{printable(notes_dir / rel, controls=False)}: {why} in the annotations folder; "
+                                   "materialize organized_dicoms again")
+    found = {rel: path for path, rel in files}
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        what = (f"{len(missing)} annotation file(s) the organize report lists are missing (first {missing[0]!r})"
+                if missing else f"{len(extra)} file(s) the organize report does not list (first {extra[0]!r})")
+        raise OrganizedFolderError(f"{printable(notes_dir, controls=False)}: {what}; materialize organized_dicoms "
+                                   "again")
+    return [(found[rel], f"{ANNOTATIONS_ARC}/{rel}") for rel in sorted(found)]

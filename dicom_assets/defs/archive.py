@@ -21,8 +21,8 @@ from .. import __version__
 from ..core.curation import update_visit_status
 from ..core.errors import DicomAssetsError
 from ..core.metadata import describe_tarball, write_metadata
-from ..core.organize import read_kept
-from ..core.tarball import organized_files, write_tarball
+from ..core.organize import read_annotations, read_kept
+from ..core.tarball import annotation_members, organized_files, write_tarball
 from .cluster import CPU_QUEUE
 from .ingest import organized_dicoms
 from .partitions import organized_dir_of, visit_asset, visit_of
@@ -37,7 +37,8 @@ from .ui import path, table
     deps=[organized_dicoms],
     description=(
         "`store/<study>/<visit>_dicom.tar`: a byte-for-byte reproducible TAR of the visit's organized "
-        "DICOMs (sorted, root/root, 0644, mtimes from each DICOM's StudyDate/StudyTime in UTC)."
+        "DICOMs (sorted, root/root, 0644, mtimes from each DICOM's StudyDate/StudyTime in UTC), and its "
+        "annotation files under `annotations/<SeriesInstanceUID>/` (mtime: the latest DICOM time)."
     ),
 )
 def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> MaterializeResult:
@@ -53,11 +54,14 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
         files = organized_files(src, expected=kept)
         if not files:
             raise Failure(f"{src}: no organized DICOM to archive for {visit.key}")
-        result = write_tarball(files, dest, visit.key)
+        # and the annotation files (a TCIA series'), under annotations/ in the tarball
+        notes = annotation_members(lay.annotations_dir(visit), read_annotations(lay.organize_report_path(visit)))
+        result = write_tarball(files + notes, dest, visit.key)
     except DicomAssetsError as exc:
         raise Failure(str(exc)) from None
-    if result.members != len(kept):
-        raise Failure(f"{dest}: {result.members} members written but the organize report lists {len(kept)} kept files")
+    if result.members != len(kept) + len(notes):
+        raise Failure(f"{dest}: {result.members} members written but the organize report lists {len(kept)} kept "
+                      f"files and {len(notes)} annotation files")
     context.log.info(f"{dest}: {result.members} members, {result.size} bytes, sha256 {result.sha256}")
     update_visit_status(ds, visit)
     return MaterializeResult(data_version=DataVersion(result.sha256), metadata={
@@ -66,6 +70,7 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
         "members": result.members,
         "sha256": result.sha256,
         "members_without_dicom_time": result.members - result.dicoms_with_time,
+        "annotation_files": len(notes),
     })
 
 

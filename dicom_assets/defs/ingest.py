@@ -172,7 +172,8 @@ def _organize_checks(result, policy: str) -> list[AssetCheckResult]:
     description=(
         "Every file of the raw dump classified (kept, or excluded with a reason) from its header "
         "alone; the kept DICOMs laid out flat in `dicom/<session>/<participant>/` as "
-        "`<SOPInstanceUID>.dcm` (relative symlinks by default). Report: `logs/organize/<visit>_files.tsv`. "
+        "`<SOPInstanceUID>.dcm` (relative symlinks by default); a TCIA series' annotation files in "
+        "`annotations/<session>/<participant>/<SeriesInstanceUID>/`. Report: `logs/organize/<visit>_files.tsv`. "
         "Metadata: counts per reason, series table, excluded files, QC montage."
     ),
     check_specs=[
@@ -193,7 +194,9 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
     report_path = lay.organize_report_path(visit)
     try:
         result = organize_visit(visit.key, lay.raw_dir(visit), lay.dicom_dir(visit), rules, cfg.organize_mode,
-                                report_path=report_path, workers=current_settings().organize_workers)
+                                report_path=report_path, workers=current_settings().organize_workers,
+                                annotations=visit_source(ds, visit).annotations(ds),
+                                annotations_dir=lay.annotations_dir(visit))
     except (FileNotFoundError, DicomAssetsError) as exc:
         raise Failure(str(exc)) from None
     counts = result.counts()
@@ -220,6 +223,15 @@ def organized_dicoms(context: AssetExecutionContext, dataset: DatasetResource) -
         "path": path(lay.dicom_dir(visit)),
         "report": path(report_path),
     }
+    notes = result.annotations
+    if notes:
+        context.log.info(f"{visit.key}: {len(notes)} annotation file(s) in {lay.annotations_dir(visit)}")
+        metadata["annotations"] = len(notes)
+        metadata["annotation_files"] = table(
+            [{"file": r.dest, "bytes": r.size} for r in notes[:200]],
+            [("file", "string", "<SeriesInstanceUID>/<name> in the visit's annotations folder"),
+             ("bytes", "int", "size")])
+        metadata["annotations_path"] = path(lay.annotations_dir(visit))
     if montage.path is not None:
         metadata["qc_montage_png"] = path(montage.path)
     return MaterializeResult(metadata=metadata, check_results=_organize_checks(result, cfg.mixed_visit_policy),

@@ -18,7 +18,10 @@ from dagster import (
 from ..core.catalog import update_catalog
 from ..core.curation import update_visit_status
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
+from ..core.errors import DicomAssetsError
+from ..core.organize import read_annotations
 from ..core.sources import visit_source
+from ..core.tarball import annotation_members
 from ..core.versions import xnat_version
 from ..core.xnat import (
     XnatAuthError,
@@ -38,6 +41,9 @@ from .ingest import organized_dicoms
 from .partitions import not_applicable, visit_asset, visit_of
 from .resources import DatasetResource, XnatResource
 from .ui import path, table
+
+#: the session resource of a TCIA visit's annotation files (LIDC-IDRI's radiologist XML, ...)
+ANNOTATIONS_RESOURCE = "ANNOTATIONS"
 
 
 @visit_asset(
@@ -80,6 +86,7 @@ def datalad_dataset(context: AssetExecutionContext, dataset: DatasetResource) ->
         "version": res.commit,
         "changed": res.changed,
         "files": res.files,
+        "annotation_files": res.annotations,
         "tarball_key": res.tarball_key,
         "clone": MetadataValue.md(f"```\ndatalad clone '{res.clone_url}' {visit.key}\n```"),
         "deposit": MetadataValue.json(res.deposit),
@@ -127,7 +134,7 @@ def visit_catalog(context: AssetExecutionContext, dataset: DatasetResource) -> M
         "participant, session label from `session_label_pattern`; excluded series are not sent; re-runs do "
         "not duplicate (compared by the `<SOPInstanceUID>.dcm` names of each scan's DICOM resource); labels are "
         "cleaned as XNAT cleans them (mapping in `logs/xnat/<visit>.json`); the metadata JSON files are attached "
-        "as resource `METADATA`."
+        "as resource `METADATA`, a TCIA visit's annotation files as resource `ANNOTATIONS` (`<SeriesInstanceUID>/<name>`)."
     ),
 )
 def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat: XnatResource):
@@ -153,12 +160,18 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
             known_filtered = frozenset(json.loads(marker.read_text()).get("filtered_by_xnat") or ())
         except (ValueError, AttributeError):
             context.log.warning(f"{marker}: unreadable; earlier filtered files are not known")
+    try:  # a TCIA visit's annotation files, as the session resource ANNOTATIONS (<series>/<name>)
+        notes = annotation_members(lay.annotations_dir(visit), read_annotations(lay.organize_report_path(visit)))
+    except DicomAssetsError as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    resources = {ANNOTATIONS_RESOURCE: [(p, arc.split("/", 1)[1]) for p, arc in notes]} if notes else {}
     try:
         with xnat.connect() as session:
             result = upload_visit(
                 session, server=xnat.url, project=cfg.xnat_project, subject=subject, project_files=project_files,
                 session_label=label, files=files, excluded=excluded,
                 metadata_files=[lay.metadata_tarball_path(ds.study, visit), dj],
+                session_resources=resources,
                 policy=cfg.xnat_duplicate_policy, workdir=lay.xnat_upload_dir, log=context.log.info,
                 known_filtered=known_filtered,
                 # what is being sent, beside the marker: a retry completes its own unfinished upload
@@ -209,6 +222,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
             "filtered_by_xnat": len(result.filtered),
             "warnings": MetadataValue.json(result.warnings),
             "excluded_series_files": len(excluded),
+            "session_resources": MetadataValue.json(result.resources),
             "marker": path(marker),
         },
         check_results=[AssetCheckResult(check_name="scans_match_series", passed=complete,

@@ -41,7 +41,7 @@ def cmd_nbia_server(args) -> int:
     from ..core.fsutil import atomic_write
     from .nbia_server import NbiaTestServer, build_collection, manifest_text
 
-    collection = build_collection(_samples(args), {"TCIA-A": 1, "TCIA-B": 3})
+    collection = build_collection(_samples(args), {"TCIA-A": 1, "TCIA-B": 3}, annotated=True)
     with NbiaTestServer(series=collection, host=args.host, port=args.port, release=args.release) as server:
         print(f"NBIA test server: {server.server_url} (API {server.api('v4')}, NBIA of {args.release}, "
               f"{len(collection)} series)",

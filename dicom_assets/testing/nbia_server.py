@@ -117,15 +117,26 @@ class Series:
         return out
 
 
+def lidc_annotation(series_uid: str, reader: int) -> bytes:
+    """An annotation file as LIDC-IDRI's are (a radiologist's reading as XML, which NBIA keeps in
+    its annotation store and sends after ``md5hashes.csv``), shortened; its bytes differ per series."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<LidcReadMessage uid="1.3.6.1.4.1.14519.5.2.1.6279.{reader}">\n'
+            f'<ResponseHeader><SeriesInstanceUid>{series_uid}</SeriesInstanceUid></ResponseHeader>\n'
+            f'<readingSession><servicingRadiologistID>{reader}</servicingRadiologistID></readingSession>\n'
+            '</LidcReadMessage>\n').encode()
+
+
 def build_collection(samples, patients: dict[str, int], *, collection: str = "DEMO-TCIA", seed: int = 0,
                      series_per_study: int = 2, files_per_series: int = 3, series_uids=None,
-                     first_day: date = date(2020, 1, 6)) -> dict[str, Series]:
+                     first_day: date = date(2020, 1, 6), annotated: bool = False) -> dict[str, Series]:
     """Series of real DICOM files: ``patients`` maps a PatientID to its number of studies.
     ``series_uids`` (an iterable) gives the SeriesInstanceUIDs to use, in order (a real
     manifest's, say); by default they are made up.
 
     Studies of a patient get increasing dates, so their XNAT labels are known in advance:
     the first study ``<PatientID>``, then ``<PatientID>_01``, ...
+
+    ``annotated``: the first series of each study has an annotation file (:func:`lidc_annotation`).
     """
     lib = [t for t in series_library(samples, slices=files_per_series) if t.number in (3, 4, 5)]
     out: dict[str, Series] = {}
@@ -151,7 +162,7 @@ def build_collection(samples, patients: dict[str, int], *, collection: str = "DE
                     "ImageCount": len(files), "FileSize": sum(len(b) for b in files.values()),
                     "LicenseName": "Creative Commons Attribution 4.0 International License",
                     "LicenseURI": "https://creativecommons.org/licenses/by/4.0/",
-                }, files)
+                }, files, annotations={"069.xml": lidc_annotation(series_uid, s)} if annotated and s == 0 else {})
     return out
 
 

@@ -37,7 +37,15 @@ The package: :mod:`.manifest` (manifest files, names, the servers a manifest may
 verified), :mod:`.visits` (grouping, the study register, the resolved CSV).
 """
 
-from .download import LICENSE_ENTRY, MD5_HEADER, MD5_LIST, SeriesResult, download_series, verify_zip
+from .download import (
+    LICENSE_ENTRY,
+    MD5_HEADER,
+    MD5_LIST,
+    SeriesResult,
+    annotation_files,
+    download_series,
+    verify_zip,
+)
 from .manifest import (
     MANIFEST_SUFFIXES,
     PUBLIC_SERVERS,
@@ -71,7 +79,8 @@ from .visits import (
 __all__ = [
     "API_PATH", "API_VERSIONS", "DEFAULT_API_VERSION", "LICENSE_ENTRY", "MANIFEST_SUFFIXES", "MD5_HEADER", "MD5_LIST",
     "PUBLIC_SERVERS", "RESOLVED_COLUMNS", "RETIRED_HOSTS", "SERVLET_PATH", "Assignment", "NbiaClient", "SeriesResult",
-    "TciaDownloadError", "TciaManifest", "TciaManifestError", "TciaVisit", "TciaVisitSource", "assign_visits",
+    "TciaDownloadError", "TciaManifest", "TciaManifestError", "TciaVisit", "TciaVisitSource", "annotation_files",
+    "assign_visits",
     "download_series", "group_visits", "manifest_files", "manifest_name", "manifest_servers", "manifests",
     "normalize_server", "parse_manifest", "read_resolved", "read_studies", "register_visits", "retry_after_seconds",
     "server_of", "verify_zip", "write_resolved", "write_series_table",

@@ -185,6 +185,20 @@ def _from_info(info: dict) -> dict:
             "StudyDate": re.sub(r"[^0-9]", "", str(info.get("StudyDate") or ""))[:8]}
 
 
+def annotation_files(zpath: Path) -> list[str]:
+    """The annotation files of a downloaded series zip, as its record (``<uid>.json``, written
+    once the zip was verified) lists them: the members NBIA sent after ``md5hashes.csv``."""
+    rec = DatasetLayout.tcia_series_files(Path(zpath).parent, Path(zpath).stem)[1]
+    try:
+        names = json.loads(rec.read_text()).get("annotation_files") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        raise TciaDownloadError(f"{rec}: the series record cannot be read ({exc}); materialize tcia_series of "
+                                "its manifest again") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise TciaDownloadError(f"{rec}: 'annotation_files' is not a list of names")
+    return names
+
+
 def _cached(zpath: Path, rec: Path) -> SeriesResult | None:
     if not (zpath.is_file() and rec.is_file()):
         return None

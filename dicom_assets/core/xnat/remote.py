@@ -176,11 +176,14 @@ def foreign_names(want: set[str], have: dict[str, set[str]]) -> set[str]:
     return held_names(have) - set(want)
 
 
-def attach_files(owner, label: str, paths: list[Path]) -> None:
-    """Upload files into a resource folder of a project or an experiment (created when missing)."""
+def attach_files(owner, label: str, paths: list[Path] | list[tuple[Path, str]]) -> None:
+    """Upload files into a resource folder of a project or an experiment (created when missing):
+    each under its own name, or (file, path in the resource) for a file in a sub-folder (XNAT's
+    FileList takes the rest of the URL as the path)."""
     resource = owner.resources.get(label) if label in owner.resources else owner.create_resource(label)
     for f in paths:
-        resource.upload(str(f), Path(f).name, overwrite=True)
+        src, name = f if isinstance(f, tuple) else (f, Path(f).name)
+        resource.upload(str(src), name, overwrite=True)
 
 
 def attach_project_files(session, server, project, project_files, result, log) -> None:

@@ -63,18 +63,22 @@ class UploadResult:
     filtered: list[str] = field(default_factory=list)  # file names XNAT did not keep (its import filter)
     warnings: list[str] = field(default_factory=list)
     held: dict[str, set[str]] = field(default_factory=dict)  # XNAT scan ID -> the names it holds
+    resources: dict[str, int] = field(default_factory=dict)  # session resource label -> files attached
 
 
 def upload_visit(session, *, server: str, project: str, subject: str, session_label: str,
                  files: list[UploadFile], excluded: list[dict], metadata_files: list[Path],
                  policy: str = "fail", workdir: Path | None = None, log=lambda m: None,
-                 project_files: dict[str, list[Path]] | None = None, known_filtered: frozenset[str] = frozenset(),
+                 project_files: dict[str, list[Path]] | None = None,
+                 session_resources: dict[str, list[tuple[Path, str]]] | None = None,
+                 known_filtered: frozenset[str] = frozenset(),
                  wait_seconds: float = 900.0, poll_seconds: float = 2.0,
                  pending_path: Path | None = None, reconnect=None) -> UploadResult:
     """Send one visit to XNAT, duplicate-safe; raises XnatError subclasses with clear messages.
 
     ``project_files`` (resource label -> files) are attached to the project after the session
-    (a refusal is a warning). A file the session lacks is "filtered by XNAT" only when XNAT's
+    (a refusal is a warning); ``session_resources`` (resource label -> (file, path in the
+    resource)) to the session, beside ``METADATA`` (a TCIA visit's annotation files). A file the session lacks is "filtered by XNAT" only when XNAT's
     series import filter, as the client reads it from XNAT, drops it; any other missing file is
     missing: sent again, and the step fails if it still does not arrive. ``known_filtered``: the
     names an earlier upload recorded as filtered; they are checked against the filter again,
@@ -88,7 +92,8 @@ def upload_visit(session, *, server: str, project: str, subject: str, session_la
     whatever ``policy`` says. A session holding any file outside the record is someone else's
     data: ``policy`` decides."""
     upload = _VisitUpload(session, server=server, project=project, subject=subject, session_label=session_label,
-                          files=files, excluded=excluded, metadata_files=metadata_files, policy=policy,
+                          files=files, excluded=excluded, metadata_files=metadata_files,
+                          session_resources=session_resources or {}, policy=policy,
                           workdir=workdir, log=log, known_filtered=known_filtered, wait_seconds=wait_seconds,
                           poll_seconds=poll_seconds, pending_path=pending_path)
     fresh = None
@@ -177,6 +182,7 @@ class _VisitUpload:
     files: list[UploadFile]
     excluded: list[dict]
     metadata_files: list[Path]
+    session_resources: dict[str, list[tuple[Path, str]]]
     policy: str
     workdir: Path | None
     log: object
@@ -418,8 +424,22 @@ class _VisitUpload:
         self.log(f"{self.xlabel} is complete in XNAT after sending the missing files again")
         return exp, have, filtered
 
+    def attach_resources(self, exp: dict) -> None:
+        """The session's resources (METADATA, a TCIA visit's ANNOTATIONS), overwritten: a re-run
+        leaves the same files under the same paths, and brings a session archived before them
+        up to date."""
+        resources = {"METADATA": [(f, Path(f).name) for f in self.metadata_files], **self.session_resources}
+        experiment = None
+        for label, entries in resources.items():
+            if entries:
+                experiment = experiment or self.session.create_object(f"/data/experiments/{exp['id']}")
+                attach_files(experiment, label, entries)
+                self.result.resources[label] = len(entries)
+
     def unchanged(self, action: Action, exp: dict, have: dict[str, set[str]]) -> UploadResult:
         result = self.result
+        if action.status == "already_archived":  # this visit's session: its resources kept current
+            self.attach_resources(exp)
         if not result.files_sent:  # a pass after a new login keeps what the first one did
             result.status = action.status
         result.session_uri = exp["uri"]
@@ -480,9 +500,7 @@ class _VisitUpload:
             self.log(f"XNAT filed {self.xlabel} under its existing subject {result.subject} (subjects match "
                      "case-insensitively)")
             result.labels["subject"]["xnat"] = result.subject
-        if self.metadata_files:
-            attach_files(self.session.create_object(f"/data/experiments/{exp['id']}"), "METADATA",
-                         self.metadata_files)
+        self.attach_resources(exp)
         result.filtered = sorted(filtered)
         if result.filtered:
             self.log(f"XNAT's series import filter dropped {len(result.filtered)} of the files sent for {self.xlabel} "

@@ -574,12 +574,17 @@ class Routes:
             if files is None:
                 raise _HttpError(404, f"Resource {label} not found")
             return self._send(200, _result_set([
-                {"Name": n, "Size": str(Path(p).stat().st_size), "URI": f"{uri}/resources/{label}/files/{n}"}
+                {"Name": n.rsplit("/", 1)[-1], "Size": str(Path(p).stat().st_size),
+                 "URI": f"{uri}/resources/{label}/files/{n}"}
                 for n, p in sorted(files.items())]))
-        if len(rest) == 4 and rest[2] == "files":
-            name = rest[3]
+        if len(rest) >= 4 and rest[2] == "files":
+            # FileList (xnat-web restlet/resources/files) takes the rest of the URL as the file's
+            # path in the resource: a file may sit in sub-folders (annotations/<series>/<name>)
+            name = "/".join(rest[3:])
+            if any(part in ("", ".", "..") for part in rest[3:]):
+                raise _HttpError(400, f"Invalid file path {name}")
             if method in ("PUT", "POST"):
-                (folder / label).mkdir(parents=True, exist_ok=True)
+                (folder / label / name).parent.mkdir(parents=True, exist_ok=True)
                 data = body
                 ctype = self.headers.get("Content-Type", "")
                 if ctype.startswith("multipart/form-data"):
