@@ -350,7 +350,10 @@ def test_annotations_ride_with_the_visit_into_tarball_datalad_and_xnat(demo_root
     from dicom_assets.defs.resources import XnatResource
     from dicom_assets.testing.xnat import XnatTestServer
 
+    import jsonschema
+
     from .helpers import metadata_of
+    from .test_archive import schema
     from .test_datalad import datalad
 
     coll = build_collection(samples, {"LIDC-IDRI-0001": 1}, collection="LIDC-IDRI")
@@ -403,6 +406,7 @@ def test_annotations_ride_with_the_visit_into_tarball_datalad_and_xnat(demo_root
     assert {a["path"]: a["md5"] for a in tj["annotations"]} == {
         f"{visit}/annotations/{k}": hashlib.md5(d).hexdigest() for k, d in expect.items()}
     assert tj["members"] == tj["dicoms"] + len(expect)
+    jsonschema.validate(tj, schema("metadata_tarball"))
     dj = json.loads(lay.metadata_dicoms_path(ds.study, v).read_text())
     assert not [d for d in dj if "/annotations/" in d["path"]]
     # DataLad: a clone gets them out of the tarball, like the DICOMs
