@@ -163,7 +163,7 @@ def tcia_retries(context: SensorEvaluationContext, layout: DatasetLayout, submit
     kept failing) are requested again ``tcia_retry_failed_every`` seconds after they ended, at
     most ``tcia_retry_failed_times`` times per manifest version: a maintenance window ends in
     the visits arriving, with no click. One query of the instance per tick."""
-    if settings.tcia_retry_failed_times <= 0:
+    if settings.tcia_retry_failed_times <= 0 or not submitted:  # no manifest run yet: nothing to ask
         return []
     now = time.time()
     records = context.instance.get_run_records(
