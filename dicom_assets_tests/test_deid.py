@@ -296,13 +296,19 @@ def _materialize(instance, root, selection=None):
 
     from dicom_assets.defs.ingest import downloads, organized_dicoms, raw_dicoms
     from dicom_assets.defs.resources import DatasetResource
-    from dicom_assets.defs.share import deidentified_dicoms
+    from dicom_assets.defs.share import deid_profile, deidentified_dicoms, deidentified_tarball
 
     if VISIT not in instance.get_dynamic_partitions("visits"):
         instance.add_dynamic_partitions("visits", [VISIT])
-    return materialize([downloads, raw_dicoms, organized_dicoms, deidentified_dicoms], partition_key=VISIT,
+    return materialize([downloads, deid_profile, raw_dicoms, organized_dicoms, deidentified_dicoms,
+                        deidentified_tarball], partition_key=VISIT,
                        resources={"dataset": DatasetResource(root=str(root))}, instance=instance,
                        selection=selection, raise_on_error=False)
+
+
+def _shared_tarball(root: Path, key: bytes = KEY) -> Path:
+    pseudo = deid.pseudonym(key, PATIENT)
+    return root / "share" / pseudo / f"{pseudo}_ses-01_dicom.tar"
 
 
 def test_asset_and_its_blocking_check_in_dagster(share_root, instance, tmp_path):
@@ -337,7 +343,7 @@ def test_asset_and_its_blocking_check_in_dagster(share_root, instance, tmp_path)
     assert not evaluation.passed
     paths = {r.data["path"] for r in evaluation.metadata["hit_paths"].value.records}
     assert "Manufacturer" in paths
-    assert not folder.exists()
+    assert not folder.exists() and not _shared_tarball(share_root).exists()  # share/ holds only checked copies
 
 
 def test_off_by_default_nothing_shared(demo_root, instance, monkeypatch):
@@ -376,3 +382,100 @@ def test_the_config_the_key_and_the_runs_the_sensor_requests(demo_root, monkeypa
     cfg = json.loads(lay.config_path.read_text())
     lay.config_path.write_text(json.dumps({**cfg, "deid": {"enabled": True}}))
     assert "deidentified_dicoms" in {k.to_user_string() for k in run_selection(lay)}
+
+
+@pytest.mark.slow
+def test_the_shared_tarball_is_reproducible_and_names_no_one(share_root, instance, monkeypatch):
+    """``deidentified_tarball``: the shared folder as a TAR written like the visit tarball (mtimes
+    from the copies' shifted dates), the same bytes from the same key, nothing in common with
+    another key's, and its metadata names neither the pseudonym nor the participant."""
+    import tarfile
+
+    from dicom_assets.core.tarball import parse_da_tm
+
+    from .helpers import metadata_of
+
+    result = _materialize(instance, share_root)
+    assert result.success
+    tar = _shared_tarball(share_root)
+    folder = tar.parent / "ses-01"
+    data = tar.read_bytes()
+    meta = metadata_of(result, "deidentified_tarball")
+    files = sorted(folder.iterdir())
+    assert meta["size"] == len(data) and meta["md5"] == hashlib.md5(data).hexdigest()
+    assert meta["members"] == len(files) == metadata_of(result, "deidentified_dicoms")["files_kept"]
+    pseudo = deid.pseudonym(KEY, PATIENT)
+    shown = json.dumps({k: str(v) for k, v in meta.items()})
+    assert pseudo not in shown and PATIENT not in shown and KEY.decode() not in shown
+
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+        assert [m.name for m in members] == [f"{pseudo}_ses-01"] + [f"{pseudo}_ses-01/{p.name}" for p in files]
+        for m, p in zip(members[1:], files):
+            assert tf.extractfile(m).read() == p.read_bytes()
+            ds = dcmread(p, stop_before_pixels=True)
+            assert m.mtime == parse_da_tm(ds.StudyDate, ds.StudyTime)  # the shifted date, not the source's
+            assert (m.uid, m.gid, m.uname, m.mode) == (0, 0, "root", 0o644)
+    source = dcmread(next((share_root / "dicom" / "ses-01" / "QPN001").iterdir()), stop_before_pixels=True)
+    assert members[1].mtime < parse_da_tm(source.StudyDate, source.StudyTime) - 364 * 86400
+
+    # made again from nothing with the same key: the same bytes
+    import shutil
+    shutil.rmtree(share_root / "share")
+    assert _materialize(instance, share_root, selection=["deidentified_dicoms", "deidentified_tarball"]).success
+    assert tar.read_bytes() == data
+    # another key: another pseudonym, and no member name in common
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", OTHER_KEY.decode())
+    assert _materialize(instance, share_root, selection=["deidentified_dicoms", "deidentified_tarball"]).success
+    other = _shared_tarball(share_root, OTHER_KEY)
+    with tarfile.open(tar) as a, tarfile.open(other) as b:
+        assert not set(a.getnames()) & set(b.getnames())
+
+
+@pytest.mark.slow
+def test_changed_options_or_key_show_the_copy_stale(share_root, instance, monkeypatch):
+    """The options, the safe list and the key are configuration, not code: ``deid_profile`` is
+    observed (by the downloads sensor's tick) with their version, and the UI shows every copy
+    made before as stale, naming it; a run made with the new profile is fresh again."""
+    from dicom_assets.definitions import downloads_sensor
+    from dicom_assets.defs.lineage import observed_version
+    from dicom_assets.defs.resources import DatasetResource
+    from dicom_assets.defs.share import DEID_PROFILE
+
+    from .helpers import Ticker
+    from .test_lineage import ui
+
+    ticker = Ticker(instance, downloads_sensor, {"dataset": DatasetResource(root=str(share_root))})
+    assert _materialize(instance, share_root).success
+    ticker.tick()  # the sensor sees the profile it was made with: nothing to observe
+    with ui(instance) as view:
+        assert view("deidentified_dicoms")["status"] == view("deidentified_tarball")["status"] == "FRESH"
+    first = observed_version(instance, DEID_PROFILE)  # recorded by the run, with what it used
+    assert first and first.startswith("deid-")
+
+    cfg_path = share_root / "global_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["deid"]["options"] = [o for o in deid.DEFAULT_OPTIONS if o != "clean_descriptors"]
+    cfg_path.write_text(json.dumps(cfg))
+    ticker.tick()
+    assert observed_version(instance, DEID_PROFILE) != first
+    with ui(instance) as view:
+        copy_ = view("deidentified_dicoms")
+        assert copy_["status"] == "STALE" and copy_["causes"] == [("deid_profile", "has a new data version", None)]
+
+    # the options changed back and the copy made again before any tick: the run itself records
+    # the profile it used, so the UI shows it fresh at once (and the next tick observes nothing)
+    cfg["deid"]["options"] = list(deid.DEFAULT_OPTIONS)
+    cfg_path.write_text(json.dumps(cfg))
+    assert _materialize(instance, share_root, selection=["deidentified_dicoms", "deidentified_tarball"]).success
+    assert observed_version(instance, DEID_PROFILE) == first
+    with ui(instance) as view:
+        assert view("deidentified_dicoms")["status"] == view("deidentified_tarball")["status"] == "FRESH"
+    assert not [e for e in ticker.tick().asset_events or [] if e.asset_key.to_user_string() == "deid_profile"]
+
+    # another key: stale too (its fingerprint is in the version, never the key)
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", OTHER_KEY.decode())
+    events = [e for e in ticker.tick().asset_events if e.asset_key.to_user_string() == "deid_profile"]
+    assert len(events) == 1 and KEY.decode() not in str(events[0]) and OTHER_KEY.decode() not in str(events[0])
+    with ui(instance) as view:
+        assert view("deidentified_dicoms")["status"] == "STALE"

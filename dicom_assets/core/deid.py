@@ -185,6 +185,15 @@ def key_fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"dicom-assets deid key fingerprint\0" + key).hexdigest()[:12]
 
 
+def share_version(profile: Profile, safe_private: tuple[SafePrivate, ...], fingerprint: str) -> str:
+    """One version of all that decides a shared copy besides its source: the table (edition,
+    sha256), the options, the safe list and the key (by its fingerprint). Another value: every
+    copy made before is stale."""
+    safe = sorted((s.group, s.creator, s.element) for s in safe_private)
+    text = json.dumps([profile.version, safe, fingerprint])
+    return "deid-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def pseudonym(key: bytes, participant: str) -> str:
     """The participant's keyed pseudonym: letters and digits (a participant id of the layout)."""
     return "S" + _digest(key, "participant", participant).hex()[:12].upper()
