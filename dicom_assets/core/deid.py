@@ -82,6 +82,7 @@ DUMMY = "ANONYMIZED"
 _BULK = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # pixel data: not text, not searched
 _WELL_KNOWN_UID = "1.2.840.10008."
 _NEW_UID = re.compile(r"2\.25\.\d+")
+MIN_UID_TEXT = 20  # a source UID this long (and of 5 parts or more) is also searched inside text and bytes
 
 
 class DeidError(DicomAssetsError):
@@ -581,7 +582,9 @@ def _scan(ds: Dataset, prefix: str, idents: dict[str, Identifier], uids: dict[st
 
 @dataclass(frozen=True)
 class Needles:
-    """The identifiers prepared for scanning: UIDs compared whole, the rest searched in text."""
+    """The identifiers prepared for scanning: UIDs compared whole in UI elements, the rest searched
+    in text; a UID of :data:`MIN_UID_TEXT` characters or more is searched in text too (the bytes of
+    a safe-listed private attribute, a description), where no short number can match it."""
 
     idents: dict[str, Identifier]
     uids: dict[str, Identifier]
@@ -591,6 +594,7 @@ class Needles:
     def of(cls, identifiers: dict[str, Identifier]) -> Needles:
         uids = {k: v for k, v in identifiers.items() if re.fullmatch(r"[0-9.]+", k) and "." in k}
         idents = searchable({k: v for k, v in identifiers.items() if k not in uids})
+        idents.update({k: v for k, v in uids.items() if len(k) >= MIN_UID_TEXT and k.count(".") >= 4})
         return cls(idents, uids, terms_pattern(idents))
 
 
@@ -674,7 +678,10 @@ def deidentify_files(files: list[Path], dest: Path, ctx: Context, identifiers: d
     dest.mkdir(parents=True)
     for path in sorted(files, key=lambda p: p.name):
         try:
-            ds = dcmread(path)
+            try:
+                ds = dcmread(path)
+            except InvalidDicomError:  # no preamble or no file meta (organize keeps those): read as it is
+                ds = dcmread(path, force=True)
         except (InvalidDicomError, OSError, ValueError) as exc:
             res.excluded.append((path.name, f"not readable as DICOM: {exc}"))
             continue
