@@ -224,6 +224,20 @@ class SafePrivate:
     element: int
 
 
+#: Siemens private attributes dcm2niix reads to rebuild what was acquired: the CSA Image Header
+#: (mosaic layout, diffusion direction and b-value, slice normal, phase encoding direction) and
+#: the MR header's mosaic, diffusion and slice-timing elements. Without them a mosaic stays a
+#: mosaic and a DWI loses its gradients. A safe list a site may start from (core.config's
+#: ``deid.safe_private`` form); none of them holds an identifying value in the samples (the leak
+#: check reads their bytes), but they are the site's to declare. The CSA Series Header (the
+#: Phoenix protocol, which names reference images by UID) is left out.
+DCM2NIIX_SIEMENS_SAFE_PRIVATE = (
+    {"group": "0029", "creator": "SIEMENS CSA HEADER", "element": "10"},
+    *({"group": "0019", "creator": "SIEMENS MR HEADER", "element": e}
+      for e in ("08", "09", "0A", "0B", "0C", "0D", "0E", "27", "28", "29")),
+)
+
+
 @dataclass
 class Context:
     """What de-identifying one participant's files needs."""
@@ -304,8 +318,11 @@ def _clean(elem: DataElement, ctx: Context) -> None:
         else:
             elem.value = elem.empty_value
     elif elem.VR in _TEXT_VRS:
+        # a value that was nothing but identifying values becomes a dummy, not empty: an attribute
+        # of Type 1 (Structure Set Label holding the Study ID) must keep a value
         pattern = ctx.scrub_pattern()
-        _set(elem, [scrub_text(v, pattern) for v in _values(elem)] or [""])
+        dummy = _DUMMY_TEXT.get(elem.VR, DUMMY) or DUMMY
+        _set(elem, [scrub_text(v, pattern) or dummy for v in _values(elem)] or [""])
     elif elem.VR not in ("TM", "SQ") and elem.VR not in _NUMBER_VRS:
         elem.value = elem.empty_value
 
