@@ -479,3 +479,47 @@ def test_changed_options_or_key_show_the_copy_stale(share_root, instance, monkey
     assert len(events) == 1 and KEY.decode() not in str(events[0]) and OTHER_KEY.decode() not in str(events[0])
     with ui(instance) as view:
         assert view("deidentified_dicoms")["status"] == "STALE"
+
+
+def _demo_key() -> str:
+    """The demo key scripts/demo-servers.sh sets when DICOM_ASSETS_DEID_KEY is unset."""
+    import re
+
+    script = (Path(__file__).parents[1] / "scripts" / "demo-servers.sh").read_text()
+    return re.search(r'DICOM_ASSETS_DEID_KEY="\$\{DICOM_ASSETS_DEID_KEY:-([^}]+)\}"', script).group(1)
+
+
+@pytest.mark.slow
+def test_the_demo_run_shares_the_visit(samples, tmp_path, instance, monkeypatch):
+    """``make demo``'s dataset (``dicom-assets demo-data``: deid on) with the demo key: the run the
+    downloads sensor requests succeeds, and the visit's copy and tarball are in share/, checked."""
+    from dicom_assets.core.ids import Visit
+    from dicom_assets.core.layout import DatasetLayout
+    from dicom_assets.definitions import build_definitions
+    from dicom_assets.defs.sensors import run_selection
+    from dicom_assets.testing.demo import build_demo_dataset
+
+    from .helpers import checks_of
+
+    key = _demo_key()
+    assert "DEMO" in key and len(key) >= deid.MIN_KEY_CHARS
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", key)
+    monkeypatch.setenv("DICOM_ASSETS_DEID_MAP", str(tmp_path / "pseudonyms.tsv"))
+    monkeypatch.delenv("XNAT_HOST", raising=False)
+    root = build_demo_dataset(tmp_path / "dataset", samples, share=True)
+    lay = DatasetLayout(root)
+    selection = run_selection(lay)
+    assert {"deidentified_dicoms", "deidentified_tarball"} <= {k.to_user_string() for k in selection}
+    instance.add_dynamic_partitions("visits", [VISIT])
+    job = build_definitions(str(root)).resolve_job_def("visit_chain")
+    result = job.execute_in_process(partition_key=VISIT, instance=instance, asset_selection=selection)
+    assert result.success
+    assert checks_of(result)["no_identifying_value"] is True
+    pseudo = deid.pseudonym(key.encode(), PATIENT)
+    assert (root / "share" / pseudo / f"{pseudo}_ses-01_dicom.tar").is_file()
+    copies = list((root / "share" / pseudo / "ses-01").iterdir())
+    assert len(copies) == len(list(lay.dicom_dir(Visit(PATIENT, "ses-01")).iterdir()))
+    # the Siemens safe list of the demo kept what dcm2niix needs, and nothing else private
+    kept = {f"({e.tag.group:04X},{e.tag.element & 0xFF:02X})" for p in copies for e in dcmread(p) if e.tag.is_private
+            and e.tag.element >= 0x1000}
+    assert kept and kept <= {f"({s['group']},{s['element']})" for s in deid.DCM2NIIX_SIEMENS_SAFE_PRIVATE}
