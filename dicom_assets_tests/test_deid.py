@@ -201,6 +201,18 @@ def test_safe_private_keeps_only_the_safe_list(planted_dir, tmp_path):
     assert private == {0x00330010: PRIVATE_CREATOR, 0x00331012: "0.5"}
 
 
+def test_a_source_uid_inside_a_safe_listed_attribute_is_caught(planted_dir, tmp_path):
+    """A safe-listed private attribute is kept whole: a UID of the source in its bytes (as Siemens'
+    Phoenix protocol names reference images) is searched as text, and found."""
+    ds = dcmread(planted_dir / "CT_small.dcm")
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    block.add_new(0x13, "OB", b'tReferenceImage0 = "' + str(ds.StudyInstanceUID).encode() + b'"\n')
+    ds.save_as(tmp_path / "ct.dcm")
+    safe = (deid.SafePrivate(PRIVATE_GROUP, PRIVATE_CREATOR, 0x13),)
+    _, hits, _ = _run([tmp_path / "ct.dcm"], tmp_path / "out", safe=safe)
+    assert [h.path for h in hits] == ["(0033,1013)"] and hits[0].source.endswith("UID")
+
+
 def test_same_key_same_bytes_other_key_nothing_in_common(planted_dir, tmp_path):
     files = sorted(planted_dir.glob("*.dcm"))
     _run(files, tmp_path / "a")
