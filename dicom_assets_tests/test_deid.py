@@ -535,3 +535,27 @@ def test_the_demo_run_shares_the_visit(samples, tmp_path, instance, monkeypatch)
     kept = {f"({e.tag.group:04X},{e.tag.element & 0xFF:02X})" for p in copies for e in dcmread(p) if e.tag.is_private
             and e.tag.element >= 0x1000}
     assert kept and kept <= {f"({s['group']},{s['element']})" for s in deid.DCM2NIIX_SIEMENS_SAFE_PRIVATE}
+
+
+def test_observe_deid_profile_gives_the_version_of_the_config_and_key(share_root, instance, monkeypatch):
+    """*Observe* on ``deid_profile`` (the UI's button runs this job): the version of the options,
+    safe list and key in use, never the key; ``off`` while deid is off."""
+    from dagster import Definitions
+
+    from dicom_assets.defs.lineage import observed_version
+    from dicom_assets.defs.resources import DatasetResource
+    from dicom_assets.defs.share import DEID_PROFILE, deid_profile
+
+    def observe(root):
+        defs = Definitions(assets=[deid_profile], resources={"dataset": DatasetResource(root=str(root))})
+        job = defs.resolve_implicit_global_asset_job_def()
+        assert job.execute_in_process(instance=instance, asset_selection=[DEID_PROFILE]).success
+        return observed_version(instance, DEID_PROFILE)
+
+    expected = deid.share_version(deid.load_profile(), (), deid.key_fingerprint(KEY))
+    assert observe(share_root) == expected and KEY.decode() not in expected
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", OTHER_KEY.decode())
+    assert observe(share_root) == deid.share_version(deid.load_profile(), (), deid.key_fingerprint(OTHER_KEY))
+    cfg_path = share_root / "global_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "deid": {"enabled": False}}))
+    assert observe(share_root) == "off"
