@@ -47,7 +47,7 @@ def cmd_demo_data(args) -> int:
             print(f"{root}: exists and is not empty; refusing to write into it", file=sys.stderr)
             return 2
         shutil.rmtree(root)
-    build_demo_dataset(root, _samples(args), seed=args.seed, slices=args.slices)
+    build_demo_dataset(root, _samples(args), seed=args.seed, slices=args.slices, share=not args.no_share)
     print(root)
     return 0
 
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--slices", type=int, default=8, help="slices per volume series")
     d.add_argument("--force", action="store_true", help="rebuild an existing root")
+    d.add_argument("--no-share", action="store_true",
+                   help="leave the de-identified copy (deid in global_config.json) off; it is on in the demo")
     d.set_defaults(fn=cmd_demo_data)
     c = sub.add_parser("corpus", help="build a large visit for benchmarks")
     c.add_argument("out")

@@ -20,6 +20,7 @@ from .defs.jobs import (  # noqa: F401 - the asset lists, re-exported for tests 
 )
 from .defs.resources import DatasetResource, TciaResource, XnatResource, default_dataset_root
 from .defs.sensors import dicom_node_sensor, downloads_sensor, tcia_sensor
+from .defs.share import deid_profile
 from .defs.tcia import tcia_series
 
 
@@ -44,7 +45,7 @@ def default_executor():
 def build_definitions(root: str | None = None) -> Definitions:
     return Definitions(
         executor=default_executor(),
-        assets=[downloads, dicom_node_study] + CHAIN_ASSETS + BIDS_ASSETS + SHARE_ASSETS + [tcia_series],
+        assets=[downloads, dicom_node_study, deid_profile] + CHAIN_ASSETS + BIDS_ASSETS + SHARE_ASSETS + [tcia_series],
         asset_checks=CHAIN_CHECKS,
         jobs=[visit_chain_job, dicom_node_visit_job, tcia_job, dicom_node_retrieve],
         sensors=[downloads_sensor, tcia_sensor, dicom_node_sensor],

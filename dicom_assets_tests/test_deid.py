@@ -201,6 +201,18 @@ def test_safe_private_keeps_only_the_safe_list(planted_dir, tmp_path):
     assert private == {0x00330010: PRIVATE_CREATOR, 0x00331012: "0.5"}
 
 
+def test_a_source_uid_inside_a_safe_listed_attribute_is_caught(planted_dir, tmp_path):
+    """A safe-listed private attribute is kept whole: a UID of the source in its bytes (as Siemens'
+    Phoenix protocol names reference images) is searched as text, and found."""
+    ds = dcmread(planted_dir / "CT_small.dcm")
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    block.add_new(0x13, "OB", b'tReferenceImage0 = "' + str(ds.StudyInstanceUID).encode() + b'"\n')
+    ds.save_as(tmp_path / "ct.dcm")
+    safe = (deid.SafePrivate(PRIVATE_GROUP, PRIVATE_CREATOR, 0x13),)
+    _, hits, _ = _run([tmp_path / "ct.dcm"], tmp_path / "out", safe=safe)
+    assert [h.path for h in hits] == ["(0033,1013)"] and hits[0].source.endswith("UID")
+
+
 def test_same_key_same_bytes_other_key_nothing_in_common(planted_dir, tmp_path):
     files = sorted(planted_dir.glob("*.dcm"))
     _run(files, tmp_path / "a")
@@ -296,13 +308,19 @@ def _materialize(instance, root, selection=None):
 
     from dicom_assets.defs.ingest import downloads, organized_dicoms, raw_dicoms
     from dicom_assets.defs.resources import DatasetResource
-    from dicom_assets.defs.share import deidentified_dicoms
+    from dicom_assets.defs.share import deid_profile, deidentified_dicoms, deidentified_tarball
 
     if VISIT not in instance.get_dynamic_partitions("visits"):
         instance.add_dynamic_partitions("visits", [VISIT])
-    return materialize([downloads, raw_dicoms, organized_dicoms, deidentified_dicoms], partition_key=VISIT,
+    return materialize([downloads, deid_profile, raw_dicoms, organized_dicoms, deidentified_dicoms,
+                        deidentified_tarball], partition_key=VISIT,
                        resources={"dataset": DatasetResource(root=str(root))}, instance=instance,
                        selection=selection, raise_on_error=False)
+
+
+def _shared_tarball(root: Path, key: bytes = KEY) -> Path:
+    pseudo = deid.pseudonym(key, PATIENT)
+    return root / "share" / pseudo / f"{pseudo}_ses-01_dicom.tar"
 
 
 def test_asset_and_its_blocking_check_in_dagster(share_root, instance, tmp_path):
@@ -337,7 +355,7 @@ def test_asset_and_its_blocking_check_in_dagster(share_root, instance, tmp_path)
     assert not evaluation.passed
     paths = {r.data["path"] for r in evaluation.metadata["hit_paths"].value.records}
     assert "Manufacturer" in paths
-    assert not folder.exists()
+    assert not folder.exists() and not _shared_tarball(share_root).exists()  # share/ holds only checked copies
 
 
 def test_off_by_default_nothing_shared(demo_root, instance, monkeypatch):
@@ -376,3 +394,168 @@ def test_the_config_the_key_and_the_runs_the_sensor_requests(demo_root, monkeypa
     cfg = json.loads(lay.config_path.read_text())
     lay.config_path.write_text(json.dumps({**cfg, "deid": {"enabled": True}}))
     assert "deidentified_dicoms" in {k.to_user_string() for k in run_selection(lay)}
+
+
+@pytest.mark.slow
+def test_the_shared_tarball_is_reproducible_and_names_no_one(share_root, instance, monkeypatch):
+    """``deidentified_tarball``: the shared folder as a TAR written like the visit tarball (mtimes
+    from the copies' shifted dates), the same bytes from the same key, nothing in common with
+    another key's, and its metadata names neither the pseudonym nor the participant."""
+    import tarfile
+
+    from dicom_assets.core.tarball import parse_da_tm
+
+    from .helpers import metadata_of
+
+    result = _materialize(instance, share_root)
+    assert result.success
+    tar = _shared_tarball(share_root)
+    folder = tar.parent / "ses-01"
+    data = tar.read_bytes()
+    meta = metadata_of(result, "deidentified_tarball")
+    files = sorted(folder.iterdir())
+    assert meta["size"] == len(data) and meta["md5"] == hashlib.md5(data).hexdigest()
+    assert meta["members"] == len(files) == metadata_of(result, "deidentified_dicoms")["files_kept"]
+    pseudo = deid.pseudonym(KEY, PATIENT)
+    shown = json.dumps({k: str(v) for k, v in meta.items()})
+    assert pseudo not in shown and PATIENT not in shown and KEY.decode() not in shown
+
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+        assert [m.name for m in members] == [f"{pseudo}_ses-01"] + [f"{pseudo}_ses-01/{p.name}" for p in files]
+        for m, p in zip(members[1:], files):
+            assert tf.extractfile(m).read() == p.read_bytes()
+            ds = dcmread(p, stop_before_pixels=True)
+            assert m.mtime == parse_da_tm(ds.StudyDate, ds.StudyTime)  # the shifted date, not the source's
+            assert (m.uid, m.gid, m.uname, m.mode) == (0, 0, "root", 0o644)
+    source = dcmread(next((share_root / "dicom" / "ses-01" / "QPN001").iterdir()), stop_before_pixels=True)
+    assert members[1].mtime < parse_da_tm(source.StudyDate, source.StudyTime) - 364 * 86400
+
+    # made again from nothing with the same key: the same bytes
+    import shutil
+    shutil.rmtree(share_root / "share")
+    assert _materialize(instance, share_root, selection=["deidentified_dicoms", "deidentified_tarball"]).success
+    assert tar.read_bytes() == data
+    # another key: another pseudonym, and no member name in common
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", OTHER_KEY.decode())
+    assert _materialize(instance, share_root, selection=["deidentified_dicoms", "deidentified_tarball"]).success
+    other = _shared_tarball(share_root, OTHER_KEY)
+    with tarfile.open(tar) as a, tarfile.open(other) as b:
+        assert not set(a.getnames()) & set(b.getnames())
+
+
+@pytest.mark.slow
+def test_changed_options_or_key_show_the_copy_stale(share_root, instance, monkeypatch):
+    """The options, the safe list and the key are configuration, not code: ``deid_profile`` is
+    observed (by the downloads sensor's tick) with their version, and the UI shows every copy
+    made before as stale, naming it; a run made with the new profile is fresh again."""
+    from dicom_assets.definitions import downloads_sensor
+    from dicom_assets.defs.lineage import observed_version
+    from dicom_assets.defs.resources import DatasetResource
+    from dicom_assets.defs.share import DEID_PROFILE
+
+    from .helpers import Ticker
+    from .test_lineage import ui
+
+    ticker = Ticker(instance, downloads_sensor, {"dataset": DatasetResource(root=str(share_root))})
+    assert _materialize(instance, share_root).success
+    ticker.tick()  # the sensor sees the profile it was made with: nothing to observe
+    with ui(instance) as view:
+        assert view("deidentified_dicoms")["status"] == view("deidentified_tarball")["status"] == "FRESH"
+    first = observed_version(instance, DEID_PROFILE)  # recorded by the run, with what it used
+    assert first and first.startswith("deid-")
+
+    cfg_path = share_root / "global_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["deid"]["options"] = [o for o in deid.DEFAULT_OPTIONS if o != "clean_descriptors"]
+    cfg_path.write_text(json.dumps(cfg))
+    ticker.tick()
+    assert observed_version(instance, DEID_PROFILE) != first
+    with ui(instance) as view:
+        copy_ = view("deidentified_dicoms")
+        assert copy_["status"] == "STALE" and copy_["causes"] == [("deid_profile", "has a new data version", None)]
+
+    # the options changed back and the copy made again before any tick: the run itself records
+    # the profile it used, so the UI shows it fresh at once (and the next tick observes nothing)
+    cfg["deid"]["options"] = list(deid.DEFAULT_OPTIONS)
+    cfg_path.write_text(json.dumps(cfg))
+    assert _materialize(instance, share_root, selection=["deidentified_dicoms", "deidentified_tarball"]).success
+    assert observed_version(instance, DEID_PROFILE) == first
+    with ui(instance) as view:
+        assert view("deidentified_dicoms")["status"] == view("deidentified_tarball")["status"] == "FRESH"
+    assert not [e for e in ticker.tick().asset_events or [] if e.asset_key.to_user_string() == "deid_profile"]
+
+    # another key: stale too (its fingerprint is in the version, never the key)
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", OTHER_KEY.decode())
+    events = [e for e in ticker.tick().asset_events if e.asset_key.to_user_string() == "deid_profile"]
+    assert len(events) == 1 and KEY.decode() not in str(events[0]) and OTHER_KEY.decode() not in str(events[0])
+    with ui(instance) as view:
+        assert view("deidentified_dicoms")["status"] == "STALE"
+
+
+def _demo_key() -> str:
+    """The demo key scripts/demo-servers.sh sets when DICOM_ASSETS_DEID_KEY is unset."""
+    import re
+
+    script = (Path(__file__).parents[1] / "scripts" / "demo-servers.sh").read_text()
+    return re.search(r'DICOM_ASSETS_DEID_KEY="\$\{DICOM_ASSETS_DEID_KEY:-([^}]+)\}"', script).group(1)
+
+
+@pytest.mark.slow
+def test_the_demo_run_shares_the_visit(samples, tmp_path, instance, monkeypatch):
+    """``make demo``'s dataset (``dicom-assets demo-data``: deid on) with the demo key: the run the
+    downloads sensor requests succeeds, and the visit's copy and tarball are in share/, checked."""
+    from dicom_assets.core.ids import Visit
+    from dicom_assets.core.layout import DatasetLayout
+    from dicom_assets.definitions import build_definitions
+    from dicom_assets.defs.sensors import run_selection
+    from dicom_assets.testing.demo import build_demo_dataset
+
+    from .helpers import checks_of
+
+    key = _demo_key()
+    assert "DEMO" in key and len(key) >= deid.MIN_KEY_CHARS
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", key)
+    monkeypatch.setenv("DICOM_ASSETS_DEID_MAP", str(tmp_path / "pseudonyms.tsv"))
+    monkeypatch.delenv("XNAT_HOST", raising=False)
+    root = build_demo_dataset(tmp_path / "dataset", samples, share=True)
+    lay = DatasetLayout(root)
+    selection = run_selection(lay)
+    assert {"deidentified_dicoms", "deidentified_tarball"} <= {k.to_user_string() for k in selection}
+    instance.add_dynamic_partitions("visits", [VISIT])
+    job = build_definitions(str(root)).resolve_job_def("visit_chain")
+    result = job.execute_in_process(partition_key=VISIT, instance=instance, asset_selection=selection)
+    assert result.success
+    assert checks_of(result)["no_identifying_value"] is True
+    pseudo = deid.pseudonym(key.encode(), PATIENT)
+    assert (root / "share" / pseudo / f"{pseudo}_ses-01_dicom.tar").is_file()
+    copies = list((root / "share" / pseudo / "ses-01").iterdir())
+    assert len(copies) == len(list(lay.dicom_dir(Visit(PATIENT, "ses-01")).iterdir()))
+    # the Siemens safe list of the demo kept what dcm2niix needs, and nothing else private
+    kept = {f"({e.tag.group:04X},{e.tag.element & 0xFF:02X})" for p in copies for e in dcmread(p) if e.tag.is_private
+            and e.tag.element >= 0x1000}
+    assert kept and kept <= {f"({s['group']},{s['element']})" for s in deid.DCM2NIIX_SIEMENS_SAFE_PRIVATE}
+
+
+def test_observe_deid_profile_gives_the_version_of_the_config_and_key(share_root, instance, monkeypatch):
+    """*Observe* on ``deid_profile`` (the UI's button runs this job): the version of the options,
+    safe list and key in use, never the key; ``off`` while deid is off."""
+    from dagster import Definitions
+
+    from dicom_assets.defs.lineage import observed_version
+    from dicom_assets.defs.resources import DatasetResource
+    from dicom_assets.defs.share import DEID_PROFILE, deid_profile
+
+    def observe(root):
+        defs = Definitions(assets=[deid_profile], resources={"dataset": DatasetResource(root=str(root))})
+        job = defs.resolve_implicit_global_asset_job_def()
+        assert job.execute_in_process(instance=instance, asset_selection=[DEID_PROFILE]).success
+        return observed_version(instance, DEID_PROFILE)
+
+    expected = deid.share_version(deid.load_profile(), (), deid.key_fingerprint(KEY))
+    assert observe(share_root) == expected and KEY.decode() not in expected
+    monkeypatch.setenv("DICOM_ASSETS_DEID_KEY", OTHER_KEY.decode())
+    assert observe(share_root) == deid.share_version(deid.load_profile(), (), deid.key_fingerprint(OTHER_KEY))
+    cfg_path = share_root / "global_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "deid": {"enabled": False}}))
+    assert observe(share_root) == "off"

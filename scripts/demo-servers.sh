@@ -7,6 +7,11 @@ VENV=${VENV:?}; DEMO_ROOT=${DEMO_ROOT:?}; HOST=${HOST:-127.0.0.1}; PORT=${PORT:-
 ORTHANC_HTTP_PORT=${ORTHANC_HTTP_PORT:-8042}; ORTHANC_DICOM_PORT=${ORTHANC_DICOM_PORT:-4242}
 "$VENV/bin/dicom-assets" demo-data "$DEMO_ROOT"
 mkdir -p "$DAGSTER_HOME" && cp "${DAGSTER_YAML:-dagster.yaml}" "$DAGSTER_HOME/dagster.yaml"
+# the demo shares each visit de-identified (deid is on in its global_config.json): a DEMO key, the same on
+# every run so the demo's pseudonyms stay put, and never for real data (a site sets its own secret, and
+# keeps it out of the repo); the pseudonym map beside the demo root, outside share/
+export DICOM_ASSETS_DEID_KEY="${DICOM_ASSETS_DEID_KEY:-dicom-assets-DEMO-key-never-for-real-data}"
+export DICOM_ASSETS_DEID_MAP="${DICOM_ASSETS_DEID_MAP:-$(dirname "$DEMO_ROOT")/pseudonyms.tsv}"
 export XNAT_HOST="http://127.0.0.1:$XNAT_PORT" XNAT_USER=demo XNAT_VERIFY=true
 # a demo password, kept in the environment only; set XNAT_PASSWORD yourself to choose it
 export XNAT_PASSWORD="${XNAT_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"

@@ -10,6 +10,8 @@
 #   dcmtk     DICOM network tools (storescu pushes as a scanner console; storescp for the bench)
 #   p7zip-full  7z, which DataLad's legacy archive remote (datalad-archives) needs; the
 #               archivist remote used by default reads tarballs natively
+#   dicom3tools  dciodvfy, the IOD checker the de-identified copy is held to: no error in a copy
+#               that its source did not have (dicom_assets_tests/test_deid_tools.py)
 set -uo pipefail
 need=()
 command -v git >/dev/null 2>&1 || need+=(git)
@@ -19,6 +21,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v 7z >/dev/null 2>&1 || need+=(p7zip-full)
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 ((${#need[@]})) || exit 0
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "installing system packages: ${need[*]}" >&2

@@ -82,6 +82,7 @@ DUMMY = "ANONYMIZED"
 _BULK = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # pixel data: not text, not searched
 _WELL_KNOWN_UID = "1.2.840.10008."
 _NEW_UID = re.compile(r"2\.25\.\d+")
+MIN_UID_TEXT = 20  # a source UID this long (and of 5 parts or more) is also searched inside text and bytes
 
 
 class DeidError(DicomAssetsError):
@@ -185,6 +186,15 @@ def key_fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"dicom-assets deid key fingerprint\0" + key).hexdigest()[:12]
 
 
+def share_version(profile: Profile, safe_private: tuple[SafePrivate, ...], fingerprint: str) -> str:
+    """One version of all that decides a shared copy besides its source: the table (edition,
+    sha256), the options, the safe list and the key (by its fingerprint). Another value: every
+    copy made before is stale."""
+    safe = sorted((s.group, s.creator, s.element) for s in safe_private)
+    text = json.dumps([profile.version, safe, fingerprint])
+    return "deid-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def pseudonym(key: bytes, participant: str) -> str:
     """The participant's keyed pseudonym: letters and digits (a participant id of the layout)."""
     return "S" + _digest(key, "participant", participant).hex()[:12].upper()
@@ -212,6 +222,20 @@ class SafePrivate:
     group: int
     creator: str
     element: int
+
+
+#: Siemens private attributes dcm2niix reads to rebuild what was acquired: the CSA Image Header
+#: (mosaic layout, diffusion direction and b-value, slice normal, phase encoding direction) and
+#: the MR header's mosaic, diffusion and slice-timing elements. Without them a mosaic stays a
+#: mosaic and a DWI loses its gradients. A safe list a site may start from (core.config's
+#: ``deid.safe_private`` form); none of them holds an identifying value in the samples (the leak
+#: check reads their bytes), but they are the site's to declare. The CSA Series Header (the
+#: Phoenix protocol, which names reference images by UID) is left out.
+DCM2NIIX_SIEMENS_SAFE_PRIVATE = (
+    {"group": "0029", "creator": "SIEMENS CSA HEADER", "element": "10"},
+    *({"group": "0019", "creator": "SIEMENS MR HEADER", "element": e}
+      for e in ("08", "09", "0A", "0B", "0C", "0D", "0E", "27", "28", "29")),
+)
 
 
 @dataclass
@@ -294,8 +318,11 @@ def _clean(elem: DataElement, ctx: Context) -> None:
         else:
             elem.value = elem.empty_value
     elif elem.VR in _TEXT_VRS:
+        # a value that was nothing but identifying values becomes a dummy, not empty: an attribute
+        # of Type 1 (Structure Set Label holding the Study ID) must keep a value
         pattern = ctx.scrub_pattern()
-        _set(elem, [scrub_text(v, pattern) for v in _values(elem)] or [""])
+        dummy = _DUMMY_TEXT.get(elem.VR, DUMMY) or DUMMY
+        _set(elem, [scrub_text(v, pattern) or dummy for v in _values(elem)] or [""])
     elif elem.VR not in ("TM", "SQ") and elem.VR not in _NUMBER_VRS:
         elem.value = elem.empty_value
 
@@ -572,7 +599,9 @@ def _scan(ds: Dataset, prefix: str, idents: dict[str, Identifier], uids: dict[st
 
 @dataclass(frozen=True)
 class Needles:
-    """The identifiers prepared for scanning: UIDs compared whole, the rest searched in text."""
+    """The identifiers prepared for scanning: UIDs compared whole in UI elements, the rest searched
+    in text; a UID of :data:`MIN_UID_TEXT` characters or more is searched in text too (the bytes of
+    a safe-listed private attribute, a description), where no short number can match it."""
 
     idents: dict[str, Identifier]
     uids: dict[str, Identifier]
@@ -582,6 +611,7 @@ class Needles:
     def of(cls, identifiers: dict[str, Identifier]) -> Needles:
         uids = {k: v for k, v in identifiers.items() if re.fullmatch(r"[0-9.]+", k) and "." in k}
         idents = searchable({k: v for k, v in identifiers.items() if k not in uids})
+        idents.update({k: v for k, v in uids.items() if len(k) >= MIN_UID_TEXT and k.count(".") >= 4})
         return cls(idents, uids, terms_pattern(idents))
 
 
@@ -665,7 +695,10 @@ def deidentify_files(files: list[Path], dest: Path, ctx: Context, identifiers: d
     dest.mkdir(parents=True)
     for path in sorted(files, key=lambda p: p.name):
         try:
-            ds = dcmread(path)
+            try:
+                ds = dcmread(path)
+            except InvalidDicomError:  # no preamble or no file meta (organize keeps those): read as it is
+                ds = dcmread(path, force=True)
         except (InvalidDicomError, OSError, ValueError) as exc:
             res.excluded.append((path.name, f"not readable as DICOM: {exc}"))
             continue

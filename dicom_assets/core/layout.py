@@ -65,6 +65,7 @@ dicom_assets_tests/test_layout_docs.py fails when they drift):
       share/                                                 de-identified copies for sharing, by pseudonym (nothing here names a participant)
       share/<pseudonym>/<session>/                           a visit de-identified (PS3.15 Annex E), leak-checked
       share/<pseudonym>/<session>/<newuid>.dcm               one de-identified DICOM, named by its new SOPInstanceUID
+      share/<pseudonym>/<pseudonym>_<session>_dicom.tar      the de-identified visit as a reproducible TAR (as the visit tarball), top folder <pseudonym>_<session>/
       logs/                                                  per-visit reports of the chain's steps
       logs/organize/<visit>_files.tsv                        every file of the dump: kept or excluded, and why
       logs/extract/<visit>.json                              what raw_dicoms extracted from each dump
@@ -436,6 +437,11 @@ class DatasetLayout:
     def share_file(self, pseudonym: str, session: str, new_uid: str) -> Path:
         return self.share_dir(pseudonym, session) / f"{new_uid}.dcm"
 
+    @layout_path("share/<pseudonym>/<pseudonym>_<session>_dicom.tar",
+                 "the de-identified visit as a reproducible TAR (as the visit tarball), top folder <pseudonym>_<session>/")
+    def share_tarball_path(self, pseudonym: str, session: str) -> Path:
+        return self.share_root / pseudonym / share_tarball_name(pseudonym, session)
+
     # --- logs ---------------------------------------------------------------------------
     @property
     @layout_path("logs/", "per-visit reports of the chain's steps")
@@ -479,6 +485,11 @@ class DatasetLayout:
 
 
 # --- inside a visit's DataLad dataset (paths relative to the dataset, not to the root) -------
+
+def share_tarball_name(pseudonym: str, session: str) -> str:
+    """The shared copy's tarball file name: the visit tarball's, with the pseudonym for the participant."""
+    return f"{pseudonym}_{session}_dicom.tar"
+
 
 def tarball_name(visit_key: str) -> str:
     """The visit tarball's file name: in ``store/<study>/`` and in the visit's DataLad dataset."""

@@ -162,6 +162,7 @@ class TarballResult:
     members: int
     dicoms_with_time: int
     content_time: int  # latest DICOM time of the visit (UTC epoch seconds)
+    md5: str | None = None  # only when asked for (``write_tarball(md5=True)``), from the same pass
 
 
 def _unreadable(src: Path, exc: OSError, when: str) -> TarballError:
@@ -216,12 +217,12 @@ class _Writer:
     per file. One read of each file's bytes, then one write. (The metadata pass needs no pool:
     its reads give fresh bytes, and its two md5, not its reads, bound it.)"""
 
-    def __init__(self, fd: int, buffers: int = 4) -> None:
+    def __init__(self, fd: int, buffers: int = 4, algorithms: tuple[str, ...] = ("sha256",)) -> None:
         self.fd = fd
         self._free: Queue = Queue()
         for _ in range(buffers):
             self._free.put(bytearray(_CHUNK))
-        self._digests = BackgroundDigests("sha256")  # handed over per buffer, by _flush
+        self._digests = BackgroundDigests(*algorithms)  # handed over per buffer, by _flush
         self._buf = self._free.get()
         self._used = 0
 
@@ -288,14 +289,17 @@ class _Writer:
         finally:
             os.close(src)
 
-    def close(self) -> str:
+    def close(self) -> list[str]:
+        """The digests (hex) of the bytes written, in the order of ``algorithms``."""
         self._buf = None
-        return self._digests.close()[0]
+        return self._digests.close()
 
 
-def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_after: int | None = None) -> TarballResult:
+def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, md5: bool = False,
+                  fail_after: int | None = None) -> TarballResult:
     """Write the reproducible tarball of files (source path, path under ``top``) to dest.
 
+    ``md5``: its md5 too, hashed from the same bytes as its sha256 (no second read).
     ``fail_after`` raises after that many members (a test hook simulating a crash).
     """
     members = sorted(scan_members(files), key=lambda m: m.arcname)
@@ -305,10 +309,10 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
     for stray in dest.parent.glob(f".{dest.name}.tmp-*"):
         stray.unlink(missing_ok=True)
     tmp = temp_sibling(dest)  # written with writev, fsynced, renamed below (not atomic_write: the dir fsync)
-    writer = None  # md5 comes with the metadata pass, which reads it anyway
+    writer = None  # the visit tarball's md5 comes with the metadata pass, which reads it anyway
     try:
         with open(tmp, "wb", buffering=0) as out:
-            writer = _Writer(out.fileno())
+            writer = _Writer(out.fileno(), algorithms=("sha256", "md5") if md5 else ("sha256",))
             writer.emit(member_headers(top.rstrip("/") + "/", 0, latest, 0o755, b"5"))
             for i, m in enumerate(members):
                 if fail_after is not None and i == fail_after:
@@ -319,7 +323,7 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
             end += -(writer.total + end) % RECORD
             writer.emit(bytes(end))
             os.fsync(out.fileno())
-        sha256 = writer.close()
+        digests = writer.close()
         total = writer.total
         os.replace(tmp, dest)
         dir_fd = os.open(dest.parent, os.O_RDONLY)
@@ -332,7 +336,8 @@ def write_tarball(files: list[tuple[Path, str]], dest: Path, top: str, *, fail_a
             writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return TarballResult(str(dest), total, sha256, len(members), len(times), latest)
+    return TarballResult(str(dest), total, digests[0], len(members), len(times), latest,
+                         digests[1] if md5 else None)
 
 
 def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[tuple[Path, str]]:

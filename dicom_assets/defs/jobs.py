@@ -7,7 +7,7 @@ from .bids import bids_session
 from .dicomnode import dicom_node_study
 from .ingest import organized_dicoms, raw_dicoms
 from .publish import datalad_dataset, visit_catalog, xnat_session
-from .share import deidentified_dicoms
+from .share import deidentified_dicoms, deidentified_tarball
 from .tcia import tcia_series
 
 ARCHIVE_CHAIN = [raw_dicoms, organized_dicoms, visit_tarball, visit_metadata]
@@ -15,7 +15,7 @@ INDEX_ASSETS = [datalad_dataset, visit_catalog]
 LOCAL_CHAIN = ARCHIVE_CHAIN + INDEX_ASSETS
 CHAIN_ASSETS = LOCAL_CHAIN + [xnat_session]
 BIDS_ASSETS = [bids_session]
-SHARE_ASSETS = [deidentified_dicoms]  # off unless deid.enabled in global_config.json
+SHARE_ASSETS = [deidentified_dicoms, deidentified_tarball]  # off unless deid.enabled in global_config.json
 CHAIN_CHECKS: list = []  # checks live on the assets (check_specs)
 
 # one run per visit: every step of the chain, from the raw dump on. Whether a step has work is

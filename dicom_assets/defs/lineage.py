@@ -10,7 +10,7 @@ writes the same bytes keeps the version. The tarball's bytes are a contract
 Data versions (``MaterializeResult(data_version=...)``) are computed in ``core/versions.py``.
 """
 
-from dagster import AssetKey, AssetObservation, MetadataValue
+from dagster import AssetKey, AssetObservation, AssetRecordsFilter, MetadataValue
 
 # A private module, on purpose: the downloads partitions are observed by the sensors (not by an
 # observable source asset's function, whose ObserveResult(data_version=...) is the public way),
@@ -36,6 +36,7 @@ CODE_VERSIONS = {
     # share/<pseudonym>/<session>/: the table of the standard is part of the code (another edition
     # or copy: stale); the options and the key are in its data version
     "deidentified_dicoms": f"1-{PROFILE_EDITION}-{PROFILE_SHA256[:8]}",
+    "deidentified_tarball": "1",  # share/<pseudonym>/<pseudonym>_<session>_dicom.tar, byte for byte
 }
 
 DOWNLOADS = AssetKey("downloads")
@@ -51,3 +52,19 @@ def dump_observation(visit: str, items: list[tuple[str, str]], source: str) -> A
         metadata={"dumps": MetadataValue.json([{"path": rel, "signature": tok} for rel, tok in items]),
                   "observed_by": source},
     )
+
+
+def version_observation(key: AssetKey, version: str, metadata: dict) -> AssetObservation:
+    """An observation of the unpartitioned source asset ``key`` with data version ``version`` (a
+    sensor's ``asset_events``, or stored by a step with ``report_runless_asset_event``)."""
+    return AssetObservation(asset_key=key, metadata=metadata,
+                            tags={DATA_VERSION_TAG: version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"})
+
+
+def observed_version(instance, key: AssetKey) -> str | None:
+    """The data version of the latest observation of ``key`` (None: never observed)."""
+    records = instance.fetch_observations(AssetRecordsFilter(asset_key=key), limit=1).records
+    if not records:
+        return None
+    version = records[0].asset_observation.data_version
+    return version if isinstance(version, str) or version is None else version.value

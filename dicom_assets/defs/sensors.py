@@ -22,6 +22,7 @@ from .jobs import chain_selection, dicom_node_visit_job, tcia_job, visit_chain_j
 from .lineage import dump_observation
 from .partitions import VISITS_PARTITION_NAME, sensor_default_status, visits_partitions
 from .resources import DatasetResource
+from .share import profile_observation
 from .tcia import TCIA_PARTITION_NAME, tcia_manifests
 
 VISIT_TAG = "dicom_assets/visit"
@@ -96,6 +97,9 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     if out.dropped:
         context.log.info(printable(f"{len(out.dropped)} pending download(s) vanished before they were taken, dropped: "
                                    + ", ".join(out.dropped[:5]) + (" ..." if len(out.dropped) > 5 else "")))
+    # deid_profile observed when the options, safe list or key changed: the copies made before show stale
+    profile_event = profile_observation(ds, context.instance, "downloads_sensor")
+    profile_events = [profile_event] if profile_event is not None else []
     selection = run_selection(lay) if out.taken else None
     run_requests = [RunRequest(run_key=f"{t.rel}:{t.token}", partition_key=t.visit, asset_selection=selection,
                                tags={VISIT_TAG: t.visit, DOWNLOAD_TAG: t.rel}) for t in out.taken]
@@ -109,7 +113,7 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
             reason.append(f"{out.problems} download(s) not taken: {out.first_problem}"
                           + (f" (and {out.problems - 1} more, in the sensor's log)" if out.problems > 1 else ""))
         return SensorResult(skip_reason=SkipReason(printable("; ".join(reason)) or "no new complete download"),
-                            cursor=cursor)
+                            cursor=cursor, asset_events=profile_events)
     # every visit of the batch is asked for: the daemon adds those missing (one look-up per key,
     # which it does anyway), so a partition deleted in the UI comes back with its re-delivered dump
     new_keys = sorted({r.partition_key for r in run_requests})
@@ -123,7 +127,8 @@ def evaluate_downloads(context: SensorEvaluationContext, dataset: DatasetResourc
     return SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[visits_partitions.build_add_request(new_keys)] if new_keys else [],
-        asset_events=[dump_observation(v, items, "downloads_sensor") for v, items in observed.items() if items],
+        asset_events=profile_events + [dump_observation(v, items, "downloads_sensor")
+                                       for v, items in observed.items() if items],
         cursor=cursor,
     )
 

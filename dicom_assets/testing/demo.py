@@ -24,7 +24,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from ..core.config import GlobalConfig, write_config
+from ..core.config import DeidConfig, GlobalConfig, write_config
+from ..core.deid import DCM2NIIX_SIEMENS_SAFE_PRIVATE
 from ..core.fsutil import tree_digests
 from ..core.layout import DatasetLayout
 from .samples import Samples
@@ -301,13 +302,16 @@ _FORMS = {("QPN_001", "ses-01"): "zip", ("QPN_002", "ses-01"): "tgz", ("QPN_003"
           ("QPN_001", "ses-02"): "zip", ("QPN_002", "ses-02"): "tar", ("QPN_003", "ses-02"): "zip"}
 
 
-def demo_config() -> GlobalConfig:
+def demo_config(share: bool = False) -> GlobalConfig:
+    """The demo's config; ``share``: with the de-identified copy on (``deid``, the default options and
+    the Siemens safe list dcm2niix needs), as ``dicom-assets demo-data`` builds it for ``make demo``."""
     return GlobalConfig(
         dataset_name="qpn-demo",
         study_id="QPN",
         sessions=DEMO_SESSIONS,
         xnat_project="QPN_DEMO",
         exclude_series=("Localizers", "AAHEAD", "MoCoSeries"),
+        deid=DeidConfig(enabled=True, safe_private=DCM2NIIX_SIEMENS_SAFE_PRIVATE) if share else DeidConfig(),
     )
 
 
@@ -348,16 +352,17 @@ def build_demo_dataset(
     participants: tuple[str, ...] = DEMO_PARTICIPANTS,
     extra_manifest_participants: tuple[str, ...] = ("QPN_004",),
     bids_config: bool = True,
+    share: bool = False,
 ) -> Path:
     """A dataset root: config, manifest, and one scanner dump per participant x session, and
-    the dcm2bids config of its series (``bids_config``).
+    the dcm2bids config of its series (``bids_config``); ``share``: deid on (:func:`demo_config`).
 
     ``QPN_004`` is in the manifest with no download yet, as on a real site.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     lay = DatasetLayout(root)
-    cfg = demo_config()
+    cfg = demo_config(share)
     write_config(lay.config_path, cfg)
     if bids_config:
         write_dcm2bids_config(root)
