@@ -342,6 +342,7 @@ def test_annotations_ride_with_the_visit_into_tarball_datalad_and_xnat(demo_root
     import subprocess
     import tarfile
 
+    import jsonschema
     from dagster import materialize
 
     from dicom_assets.core.dataset import Dataset
@@ -349,8 +350,6 @@ def test_annotations_ride_with_the_visit_into_tarball_datalad_and_xnat(demo_root
     from dicom_assets.definitions import CHAIN_ASSETS
     from dicom_assets.defs.resources import XnatResource
     from dicom_assets.testing.xnat import XnatTestServer
-
-    import jsonschema
 
     from .helpers import metadata_of
     from .test_archive import schema
