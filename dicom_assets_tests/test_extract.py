@@ -463,6 +463,24 @@ def test_a_member_named_dot_holding_data_is_refused(tmp_path, kind):
         run(item, kind, tmp_path / "out")
 
 
+@pytest.mark.faults
+@pytest.mark.parametrize("data", [b"", b"hidden data"], ids=["no-bytes", "bytes"])
+def test_a_zip_member_with_an_empty_name_is_named_not_a_crash(tmp_path, data):
+    """zipfile reads an empty member name from a crafted directory, and its ZipInfo.is_dir raises
+    IndexError on it (found by test_fuzz_extract): an empty name is the archive's root, like '.'."""
+    item = tmp_path / "QPN_001.zip"
+    with zipfile.ZipFile(item, "w") as zf:  # a ZipInfo: writestr of a bare "" fails in zipfile itself
+        zf.writestr("a.dcm", b"A")
+        zf.writestr(zipfile.ZipInfo("", (2020, 1, 1, 0, 0, 0)), data)
+    with zipfile.ZipFile(item) as zf:
+        assert "" in zf.namelist()  # the crafted member really is there
+    if data:
+        with pytest.raises(UnsafeArchiveError, match="names the archive's root but holds 11 bytes"):
+            run(item, "zip", tmp_path / "out")
+    else:
+        assert run(item, "zip", tmp_path / "out").files == 1
+
+
 @pytest.mark.parametrize("members", [{}, {"series1/": b"", "series1/sub/": b""}], ids=["empty", "folders-only"])
 def test_an_empty_zip_is_a_named_refusal_not_an_empty_visit(tmp_path, members):
     item = make_zip(tmp_path / "QPN_001.zip", members)

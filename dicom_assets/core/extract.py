@@ -225,6 +225,12 @@ def _zip_declared_count(path: Path) -> int | None:
     return None if not endrec else endrec[zipfile._ECD_ENTRIES_TOTAL]
 
 
+def _zip_is_dir(info: zipfile.ZipInfo) -> bool:
+    """``ZipInfo.is_dir`` for any name: a member with an empty name (which zipfile reads from a
+    crafted directory) makes ``is_dir`` raise IndexError; it names no folder."""
+    return info.filename.endswith("/")
+
+
 def _zip_member_refusal(info: zipfile.ZipInfo, rel: PurePosixPath | None, archive: str,
                         limits: ExtractLimits) -> str | None:
     """Why one member refuses the whole zip (checked for every member before anything is written)."""
@@ -235,11 +241,11 @@ def _zip_member_refusal(info: zipfile.ZipInfo, rel: PurePosixPath | None, archiv
     if stat.S_ISLNK(info.external_attr >> 16):
         return f"{archive}: member {info.filename!r} is a symbolic link; refusing the archive"
     if rel is None:
-        if not info.is_dir() and info.file_size:
+        if not _zip_is_dir(info) and info.file_size:
             return (f"{archive}: member {info.filename!r} names the archive's root but holds {info.file_size} "
                     "bytes, which have no file name to be written to; refusing the archive")
         return None
-    if info.is_dir():
+    if _zip_is_dir(info):
         if info.file_size or info.CRC:  # the CRC of nothing is 0
             return (f"{archive}: member {info.filename!r} is named like a folder but holds {info.file_size} bytes; "
                     "refusing the archive")
@@ -272,14 +278,14 @@ def _zip_plan(zf: zipfile.ZipFile, path: Path, archive: str, limits: ExtractLimi
             raise UnsafeArchiveError(refusal)
         if rel is None:
             continue
-        names.claim(rel, "folder" if info.is_dir() else "file", info.filename)
+        names.claim(rel, "folder" if _zip_is_dir(info) else "file", info.filename)
         plan.append((info, rel))
     return plan
 
 
 def _zip_write(zf: zipfile.ZipFile, plan, out: Path, archive: str, budget: _Budget, rep: ItemReport) -> None:
     for info, rel in plan:
-        if info.is_dir():
+        if _zip_is_dir(info):
             try:
                 (out / rel).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
