@@ -16,7 +16,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DICOM_ASSETS_CACHE ?= $(CURDIR)/.cache
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: demo demo-cluster test check lint setup samples bench bench-celery clean
+.PHONY: demo demo-cluster test check lint setup samples bench bench-celery bench-deid clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dicom-assets needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -56,6 +56,15 @@ bench: samples
 # the cluster profile against one machine (issue 28): bench/celery.py
 bench-celery: samples
 	$(VENV)/bin/python bench/celery.py $(BENCH_ARGS)
+
+# de-identification against pydicom/deid, dicognito and Orthanc (issue 29): bench/deid.py; the two
+# PyPI tools come from the optional extra `bench` (pyproject.toml), never the main dependencies
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
+	@touch $@
+
+bench-deid: samples $(VENV)/.bench-installed
+	$(VENV)/bin/python bench/deid.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .demo-cluster $(DAGSTER_HOME) .pytest_cache

@@ -288,6 +288,26 @@ def test_no_module_left_invalid_by_a_combined_code(pydicom_files, tmp_path):
     assert out.ReferencedStudySequence[0].ReferencedSOPInstanceUID == deid.remap_uid(KEY, ref.ReferencedSOPInstanceUID)
 
 
+def test_kept_attributes_keep_their_source_bytes(pydicom_files, tmp_path):
+    """An attribute kept as it is (K, or not in the table) is written as the source wrote it,
+    never decoded and re-encoded (pydicom's decoding was half of the time, bench/deid.py): an IS
+    padded in front keeps its padding; what the profile removes goes, undecoded."""
+    ds = dcmread(pydicom_files / "MR_small.dcm")
+    ds.SeriesNumber = "7"
+    ds.StudyDescription = "Leakyfamily study"  # X
+    ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True).add_new(0x10, "LO", "Leakyfamily")
+    ds.save_as(tmp_path / "src.dcm")
+    raw = (tmp_path / "src.dcm").read_bytes()
+    element = b"\x20\x00\x11\x00IS\x02\x007 "
+    assert raw.count(element) == 1
+    (tmp_path / "src.dcm").write_bytes(raw.replace(element, element[:-2] + b" 7"))
+    res, hits, _ = _run([tmp_path / "src.dcm"], tmp_path / "out", profile=deid.load_profile(()))
+    assert hits == [] and len(res.kept) == 1
+    out = dcmread(tmp_path / "out" / res.kept[0][1])
+    assert out.get_item(0x00200011).value == b" 7" and out.SeriesNumber == 7
+    assert "StudyDescription" not in out and not [e for e in out if e.tag.is_private]
+
+
 # --------------------------------------------------------------------------- in Dagster
 @pytest.fixture
 def share_root(demo_root, monkeypatch, tmp_path):
