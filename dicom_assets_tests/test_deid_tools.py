@@ -78,6 +78,34 @@ def test_dciodvfy_reports_no_error_the_source_did_not_have(samples, tmp_path):
     assert after <= before
 
 
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian dicom3tools) is not installed; scripts/system-deps.sh "
+                                             "installs it")
+def test_a_clinical_trial_subject_module_stays_valid(samples, tmp_path):
+    """Table E.1-1 removes the ethics committee's approval number (X) and replaces its name (D);
+    the name may be present only with the number (PS3.3 C.7.1.3), so it goes too (bench/deid.py
+    found dciodvfy's "present when condition unsatisfied" on every planted file)."""
+    import pydicom
+
+    src = sorted(sample_corpus(samples).values(), key=len)[-1][0]
+    ds = pydicom.dcmread(src)
+    ds.ClinicalTrialSponsorName, ds.ClinicalTrialProtocolID = "ACME Pharma", "PROT-7"
+    ds.ClinicalTrialProtocolName, ds.ClinicalTrialSiteID, ds.ClinicalTrialSiteName = "Trial", "S1", "Site"
+    ds.ClinicalTrialSubjectID = "SUBJ-0042"
+    ds.ClinicalTrialProtocolEthicsCommitteeName = "Riverside IRB"
+    ds.ClinicalTrialProtocolEthicsCommitteeApprovalNumber = "IRB-2024-117"
+    planted = tmp_path / "planted.dcm"
+    ds.save_as(planted)
+    profile = deid.load_profile()
+    ctx = deid.Context(key=KEY, participant="P1", profile=profile)
+    res = deid.deidentify_files([planted], tmp_path / "out", ctx, deid.visit_identifiers([planted], profile))
+    out = tmp_path / "out" / res.kept[0][1]
+    copy = pydicom.dcmread(out)
+    assert "ClinicalTrialProtocolEthicsCommitteeApprovalNumber" not in copy
+    assert "ClinicalTrialProtocolEthicsCommitteeName" not in copy
+    assert copy.ClinicalTrialSponsorName  # the module's Type 1 attributes stay, with a dummy
+    assert not dciodvfy_errors(out) - dciodvfy_errors(planted)
+
+
 # --------------------------------------------------------------------------- dcm2niix and BIDS sidecars
 def dcm2niix(folder: Path, out: Path) -> dict[str, Path]:
     """dcm2niix (the PyPI wheel's, as core/bids.py runs it) on ``folder``: NIfTI and JSON sidecars

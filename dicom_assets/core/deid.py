@@ -395,6 +395,22 @@ def deidentify_dataset(ds: Dataset, ctx: Context) -> None:
         if not _apply(ds[tag], action, ctx):
             del ds[tag]
     _drop_orphan_overlays(ds)
+    _drop_unconditioned(ds)
+
+
+#: Type 1C attributes that may be present only with another (PS3.3), where Table E.1-1 removes
+#: the condition (X) but replaces the dependent (D): once the condition is gone, the dependent
+#: goes too, as the module requires. C.7.1.3 Clinical Trial Subject Module: Clinical Trial
+#: Protocol Ethics Committee Name (0012,0081) is "Required if Clinical Trial Protocol Ethics
+#: Committee Approval Number (0012,0082) is present" (dciodvfy: "Attribute present when
+#: condition unsatisfied"; bench/deid.py found it, Orthanc has the same error).
+PRESENT_ONLY_WITH = {0x00120081: 0x00120082}
+
+
+def _drop_unconditioned(ds: Dataset) -> None:
+    for dependent, condition in PRESENT_ONLY_WITH.items():
+        if dependent in ds and condition not in ds:
+            del ds[dependent]
 
 
 def _drop_orphan_overlays(ds: Dataset) -> None:
