@@ -79,11 +79,14 @@ def dagster_dev(pristine_demo, samples, tmp_path_factory):
         yield {"url": url, "root": root, "home": home, "log": log, "xnat": xnat}
     finally:
         xnat.stop()
-        os.killpg(proc.pid, signal.SIGTERM)
+        # SIGINT, as Ctrl-C: `dagster dev` stops its webserver and daemon then (on SIGTERM it
+        # waited out the whole minute, every run); SIGKILL to the group if it does not
+        os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copy(log, ARTIFACTS / "dagster-dev.log")
 
