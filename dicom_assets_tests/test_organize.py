@@ -461,12 +461,12 @@ def test_annotation_files_go_beside_the_flat_folder_never_into_it(t1_sources, tm
     assert read_annotations(report) == ["1.2.3.4.3/069.xml"]
     assert (notes_dir / "1.2.3.4.3" / "069.xml").is_symlink()
     assert (notes_dir / "1.2.3.4.3" / "069.xml").read_bytes() == b"<LidcReadMessage/>\n"
-    assert annotation_members(notes_dir, read_annotations(report)) == [
+    assert annotation_members(notes_dir, report) == [
         (notes_dir / "1.2.3.4.3" / "069.xml", "annotations/1.2.3.4.3/069.xml")]
     # a re-run whose source names none: the folder goes, the file is excluded as what it is
     result = organize_visit("v", raw, dest, RULES, report_path=report, annotations={}, annotations_dir=notes_dir)
     assert not notes_dir.exists() and by_source(result)["1.2.3.4.3/069.xml"].reason == "not_dicom"
-    assert annotation_members(notes_dir, read_annotations(report)) == []
+    assert annotation_members(notes_dir, report) == []
 
 
 @pytest.mark.faults
@@ -479,13 +479,14 @@ def test_annotation_folder_that_disagrees_with_the_report_is_named(t1_sources, t
     dest, notes_dir, report = tmp_path / "dicom", tmp_path / "annotations", tmp_path / "report.tsv"
     organize_visit("v", raw, dest, RULES, report_path=report, annotations=notes, annotations_dir=notes_dir)
     listed = read_annotations(report)
+    assert listed == ["1.2.3.4.3/069.xml"]
     (notes_dir / "1.2.3.4.3" / "stray.xml").write_bytes(b"x")  # e.g. a crash between the two swaps
     with pytest.raises(OrganizedFolderError, match="does not list.*stray.xml"):
-        annotation_members(notes_dir, listed)
+        annotation_members(notes_dir, report)
     (notes_dir / "1.2.3.4.3" / "stray.xml").unlink()
     (raw / "1.2.3.4.3" / "069.xml").unlink()  # the link now dangles
     with pytest.raises(OrganizedFolderError, match="broken link"):
-        annotation_members(notes_dir, listed)
+        annotation_members(notes_dir, report)
     # a source naming a file the dump lacks, or an unsafe place, is refused before anything moves
     with pytest.raises(OrganizedFolderError, match="not in the raw dump"):
         organize_visit("v", raw, dest, RULES, report_path=report, annotations=notes, annotations_dir=notes_dir)

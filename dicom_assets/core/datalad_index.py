@@ -167,7 +167,7 @@ def members_from_metadata(dicoms: list[dict]) -> list[Member]:
 ANNOTATIONS_SERIES = "annotations"
 
 
-def annotation_members(records: list[dict]) -> list[Member]:
+def members_of_annotations(records: list[dict]) -> list[Member]:
     """The tarball's annotation files (``annotations`` of its metadata) as dataset files, under
     the same path as in the tarball and retrievable from it like the DICOMs."""
     return [Member(m.path, m.md5, m.size, {SERIES_FIELD: ANNOTATIONS_SERIES})
@@ -286,7 +286,7 @@ def index_visit(dataset_path: Path, *, visit: str, study: str, tarball_meta: dic
     env = tool_env()
     dataset_path = Path(dataset_path)
     dicoms = members_from_metadata(dicoms_meta)
-    notes = annotation_members(tarball_meta.get("annotations") or [])
+    notes = members_of_annotations(tarball_meta.get("annotations") or [])
     what = f"{len(dicoms)} DICOMs" + (f" and {len(notes)} annotation files" if notes else "")
     members = dicoms + notes
     size, md5 = int(tarball_meta["size"]), tarball_meta["md5"]

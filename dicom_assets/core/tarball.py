@@ -32,6 +32,7 @@ from .dicomscan import walk_files
 from .errors import OrganizedFolderError, TarballError
 from .fasttags import DATE_TAGS_END, parse_tags, read_tags
 from .fsutil import BackgroundDigests, printable, temp_sibling
+from .organize import read_annotations
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -393,10 +394,11 @@ def organized_files(dicom_dir: Path, expected: list[str] | None = None) -> list[
 ANNOTATIONS_ARC = "annotations"
 
 
-def annotation_members(notes_dir: Path, expected: list[str]) -> list[tuple[Path, str]]:
+def annotation_members(notes_dir: Path, report_path: Path) -> list[tuple[Path, str]]:
     """The visit's annotation files as (path, name in the tarball), checked against the paths
-    the organize report lists (``expected``): a missing, extra or unreadable file is an
+    the organize report (``report_path``) lists: a missing, extra or unreadable file is an
     :class:`OrganizedFolderError` naming it, never a tarball without it."""
+    expected = read_annotations(report_path)
     errors: list[tuple[str, str]] = []
     present = notes_dir.is_dir()
     files = walk_files(notes_dir, errors) if present else []

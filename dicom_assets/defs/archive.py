@@ -21,7 +21,7 @@ from .. import __version__
 from ..core.curation import update_visit_status
 from ..core.errors import DicomAssetsError
 from ..core.metadata import describe_tarball, write_metadata
-from ..core.organize import read_annotations, read_kept
+from ..core.organize import read_kept
 from ..core.tarball import annotation_members, organized_files, write_tarball
 from .cluster import CPU_QUEUE
 from .ingest import organized_dicoms
@@ -55,7 +55,7 @@ def visit_tarball(context: AssetExecutionContext, dataset: DatasetResource) -> M
         if not files:
             raise Failure(f"{src}: no organized DICOM to archive for {visit.key}")
         # and the annotation files (a TCIA series'), under annotations/ in the tarball
-        notes = annotation_members(lay.annotations_dir(visit), read_annotations(lay.organize_report_path(visit)))
+        notes = annotation_members(lay.annotations_dir(visit), lay.organize_report_path(visit))
         result = write_tarball(files + notes, dest, visit.key)
     except DicomAssetsError as exc:
         raise Failure(str(exc)) from None

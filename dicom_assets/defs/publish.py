@@ -19,7 +19,6 @@ from ..core.catalog import update_catalog
 from ..core.curation import update_visit_status
 from ..core.datalad_index import DataladError, catalog_entry, index_visit
 from ..core.errors import DicomAssetsError
-from ..core.organize import read_annotations
 from ..core.sources import visit_source
 from ..core.tarball import annotation_members
 from ..core.versions import xnat_version
@@ -161,7 +160,7 @@ def xnat_session(context: AssetExecutionContext, dataset: DatasetResource, xnat:
         except (ValueError, AttributeError):
             context.log.warning(f"{marker}: unreadable; earlier filtered files are not known")
     try:  # a TCIA visit's annotation files, as the session resource ANNOTATIONS (<series>/<name>)
-        notes = annotation_members(lay.annotations_dir(visit), read_annotations(lay.organize_report_path(visit)))
+        notes = annotation_members(lay.annotations_dir(visit), lay.organize_report_path(visit))
     except DicomAssetsError as exc:
         raise Failure(str(exc), allow_retries=False) from None
     resources = {ANNOTATIONS_RESOURCE: [(p, arc.split("/", 1)[1]) for p, arc in notes]} if notes else {}
